@@ -8,4 +8,7 @@ require (
 	github.com/stretchr/testify v1.12.1
 )
 
-require go.yaml.in/yaml/v3 v3.0.5 // indirect
+require (
+	github.com/coreos/go-iptables v0.8.0 // indirect
+	go.yaml.in/yaml/v3 v3.0.5 // indirect
+)

@@ -1,0 +1,102 @@
+package firewall_test
+
+import (
+	"errors"
+	"net/netip"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/f2b-shim/f2b-shim/internal/firewall"
+	"github.com/f2b-shim/f2b-shim/internal/firewall/fwtest"
+	"github.com/f2b-shim/f2b-shim/policy"
+)
+
+const chain = "mail-remote-f2b-imap"
+
+func op(t *testing.T, line string) policy.Operation {
+	t.Helper()
+	c, err := policy.ParseCommand(line)
+	require.NoError(t, err)
+	o, err := policy.Authorize(policy.Default(), c, policy.Context{Client: netip.MustParseAddr("192.0.2.10")})
+	require.NoError(t, err)
+	return o
+}
+
+func TestApplyFollowsFail2bansLifeCycle(t *testing.T) {
+	const hook = "iptables -w -I INPUT -p tcp -m multiport --dports 143,993 -j " + chain
+	steps := []struct {
+		name string
+		line string
+		want firewall.Outcome
+	}{
+		{"a missing return rule checks false", "iptables -w -C " + chain + " -j RETURN", firewall.CheckFalse},
+		{"the chain is created", "iptables -w -N " + chain, firewall.Applied},
+		{"creating it again changes nothing", "iptables -w -N " + chain, firewall.Unchanged},
+		{"the return rule is appended", "iptables -w -A " + chain + " -j RETURN", firewall.Applied},
+		{"appending it again adds no duplicate", "iptables -w -A " + chain + " -j RETURN", firewall.Unchanged},
+		{"a missing hook checks false", "iptables -w -C INPUT -p tcp -m multiport --dports 143,993 -j " + chain, firewall.CheckFalse},
+		{"the 0.11 listing check is false before the hook", "iptables -n -L INPUT | grep -q '" + chain + `[ \t]'`, firewall.CheckFalse},
+		{"the hook is inserted", hook, firewall.Applied},
+		{"a second hook is not added", hook, firewall.Unchanged},
+		{"the 0.11 listing check is true after the hook", "iptables -n -L INPUT | grep -q '" + chain + `[ \t]'`, firewall.CheckTrue},
+		{"a ban is inserted", "iptables -w -I " + chain + " 1 -s 203.0.113.45 -j REJECT --reject-with icmp-port-unreachable", firewall.Applied},
+		{"a duplicate ban changes nothing", "iptables -w -I " + chain + " 1 -s 203.0.113.45 -j REJECT", firewall.Unchanged},
+		{"the ban checks true", "iptables -w -C " + chain + " -s 203.0.113.45 -j REJECT", firewall.CheckTrue},
+		{"another address checks false", "iptables -w -C " + chain + " -s 203.0.113.46 -j REJECT", firewall.CheckFalse},
+		{"unbanning an absent address succeeds unchanged", "iptables -w -D " + chain + " -s 203.0.113.46 -j REJECT", firewall.Unchanged},
+		{"the ban is removed", "iptables -w -D " + chain + " -s 203.0.113.45 -j REJECT", firewall.Applied},
+		{"the hook is removed", "iptables -w -D INPUT -p tcp -m multiport --dports 143,993 -j " + chain, firewall.Applied},
+		{"removing it again succeeds unchanged", "iptables -w -D INPUT -p tcp -m multiport --dports 143,993 -j " + chain, firewall.Unchanged},
+		{"the chain is flushed", "iptables -w -F " + chain, firewall.Applied},
+		{"the chain is deleted", "iptables -w -X " + chain, firewall.Applied},
+		{"flushing an absent chain succeeds unchanged", "iptables -w -F " + chain, firewall.Unchanged},
+		{"deleting an absent chain succeeds unchanged", "iptables -w -X " + chain, firewall.Unchanged},
+		{"unhooking with the chain gone succeeds unchanged", "iptables -w -D INPUT -p tcp --dport 143 -j " + chain, firewall.Unchanged},
+		{"checking a hook with the chain gone is false", "iptables -w -C INPUT -p tcp --dport 143 -j " + chain, firewall.CheckFalse},
+	}
+	fake := fwtest.New()
+	for _, s := range steps {
+		t.Run(s.name, func(t *testing.T) {
+			got, err := firewall.Apply(fake, op(t, s.line), 100)
+			require.NoError(t, err)
+			assert.Equal(t, s.want, got)
+		})
+	}
+	assert.Equal(t, "-P INPUT ACCEPT\n-P FORWARD ACCEPT\n-P OUTPUT ACCEPT\n", fake.Dump(), "stop leaves nothing behind")
+}
+
+func TestApplyRefusesBansPastTheLimit(t *testing.T) {
+	fake := fwtest.New()
+	for _, l := range []string{"iptables -N " + chain, "iptables -A " + chain + " -j RETURN",
+		"iptables -I " + chain + " 1 -s 203.0.113.1 -j DROP", "iptables -I " + chain + " 1 -s 203.0.113.2 -j DROP"} {
+		_, err := firewall.Apply(fake, op(t, l), 2)
+		require.NoError(t, err)
+	}
+	t.Run("a third ban is refused", func(t *testing.T) {
+		_, err := firewall.Apply(fake, op(t, "iptables -I "+chain+" 1 -s 203.0.113.3 -j DROP"), 2)
+		assert.ErrorIs(t, err, firewall.ErrBanLimit)
+	})
+	t.Run("a duplicate of a ban in place still succeeds", func(t *testing.T) {
+		got, err := firewall.Apply(fake, op(t, "iptables -I "+chain+" 1 -s 203.0.113.2 -j DROP"), 2)
+		require.NoError(t, err)
+		assert.Equal(t, firewall.Unchanged, got)
+	})
+	t.Run("an unban still works", func(t *testing.T) {
+		got, err := firewall.Apply(fake, op(t, "iptables -D "+chain+" -s 203.0.113.1 -j DROP"), 2)
+		require.NoError(t, err)
+		assert.Equal(t, firewall.Applied, got)
+	})
+}
+
+func TestApplyPassesFirewallErrorsOn(t *testing.T) {
+	fake := fwtest.New()
+	boom := errors.New("iptables exploded")
+	fake.Fail["NewChain"] = boom
+	_, err := firewall.Apply(fake, op(t, "iptables -N "+chain), 10)
+	assert.ErrorIs(t, err, boom)
+
+	_, err = firewall.Apply(fwtest.New(), op(t, "iptables -I "+chain+" 1 -s 203.0.113.1 -j DROP"), 10)
+	assert.Error(t, err, "a ban into a missing chain fails, as in iptables")
+}

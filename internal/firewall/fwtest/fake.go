@@ -1,0 +1,211 @@
+// Package fwtest provides Fake, an in-memory firewall.Table that behaves
+// like iptables' filter table where the shim relies on it (errors for a
+// missing chain, a duplicate chain, a missing rule, a chain still in use)
+// and records every call, for unit tests.
+package fwtest
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+)
+
+// Fake is an in-memory filter table. The zero value is not usable; call New.
+type Fake struct {
+	chains map[string][]string // chain -> rule specs joined by spaces, in order
+	// Calls records every call, e.g. "Insert mail-remote-f2b-x 1 -s 1.2.3.4/32 -j DROP".
+	Calls []string
+	// Fail, when set, makes the named method fail, e.g. Fail["Insert"].
+	Fail map[string]error
+}
+
+var builtins = []string{"INPUT", "FORWARD", "OUTPUT"}
+
+// New returns a Fake holding only the built-in chains.
+func New() *Fake {
+	f := &Fake{chains: map[string][]string{}, Fail: map[string]error{}}
+	for _, c := range builtins {
+		f.chains[c] = nil
+	}
+	return f
+}
+
+func (f *Fake) call(method string, args ...string) error {
+	f.Calls = append(f.Calls, strings.TrimSpace(method+" "+strings.Join(args, " ")))
+	return f.Fail[method]
+}
+
+// ChainExists implements firewall.Table.
+func (f *Fake) ChainExists(chain string) (bool, error) {
+	if err := f.call("ChainExists", chain); err != nil {
+		return false, err
+	}
+	_, ok := f.chains[chain]
+	return ok, nil
+}
+
+// NewChain implements firewall.Table.
+func (f *Fake) NewChain(chain string) error {
+	if err := f.call("NewChain", chain); err != nil {
+		return err
+	}
+	if _, ok := f.chains[chain]; ok {
+		return fmt.Errorf("chain %s already exists", chain)
+	}
+	f.chains[chain] = nil
+	return nil
+}
+
+// FlushChain implements firewall.Table.
+func (f *Fake) FlushChain(chain string) error {
+	if err := f.call("FlushChain", chain); err != nil {
+		return err
+	}
+	if _, ok := f.chains[chain]; !ok {
+		return fmt.Errorf("no chain %s", chain)
+	}
+	f.chains[chain] = nil
+	return nil
+}
+
+// DeleteChain implements firewall.Table.
+func (f *Fake) DeleteChain(chain string) error {
+	if err := f.call("DeleteChain", chain); err != nil {
+		return err
+	}
+	rules, ok := f.chains[chain]
+	switch {
+	case !ok:
+		return fmt.Errorf("no chain %s", chain)
+	case len(rules) > 0:
+		return fmt.Errorf("chain %s is not empty", chain)
+	case f.referenced(chain):
+		return fmt.Errorf("chain %s is still referenced", chain)
+	}
+	delete(f.chains, chain)
+	return nil
+}
+
+func (f *Fake) referenced(chain string) bool {
+	for _, rules := range f.chains {
+		for _, r := range rules {
+			if strings.HasSuffix(r, "-j "+chain) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// Exists implements firewall.Table. Like "iptables -C", it answers false
+// for a missing chain but fails for a jump to a missing chain.
+func (f *Fake) Exists(chain string, spec ...string) (bool, error) {
+	if err := f.call("Exists", append([]string{chain}, spec...)...); err != nil {
+		return false, err
+	}
+	if err := f.checkJump(spec); err != nil {
+		return false, err
+	}
+	return slices.Contains(f.chains[chain], strings.Join(spec, " ")), nil
+}
+
+func (f *Fake) checkJump(spec []string) error {
+	if i := slices.Index(spec, "-j"); i >= 0 && i+1 < len(spec) {
+		target := spec[i+1]
+		if _, ok := f.chains[target]; !ok && !slices.Contains([]string{"DROP", "REJECT", "RETURN", "ACCEPT"}, target) {
+			return fmt.Errorf("couldn't load target %s", target)
+		}
+	}
+	return nil
+}
+
+// Insert implements firewall.Table.
+func (f *Fake) Insert(chain string, pos int, spec ...string) error {
+	if err := f.call("Insert", append([]string{chain, fmt.Sprint(pos)}, spec...)...); err != nil {
+		return err
+	}
+	rules, ok := f.chains[chain]
+	if !ok {
+		return fmt.Errorf("no chain %s", chain)
+	}
+	if err := f.checkJump(spec); err != nil {
+		return err
+	}
+	if pos < 1 || pos > len(rules)+1 {
+		return fmt.Errorf("index of insertion too big")
+	}
+	f.chains[chain] = slices.Insert(rules, pos-1, strings.Join(spec, " "))
+	return nil
+}
+
+// Append implements firewall.Table.
+func (f *Fake) Append(chain string, spec ...string) error {
+	if err := f.call("Append", append([]string{chain}, spec...)...); err != nil {
+		return err
+	}
+	if _, ok := f.chains[chain]; !ok {
+		return fmt.Errorf("no chain %s", chain)
+	}
+	f.chains[chain] = append(f.chains[chain], strings.Join(spec, " "))
+	return nil
+}
+
+// Delete implements firewall.Table.
+func (f *Fake) Delete(chain string, spec ...string) error {
+	if err := f.call("Delete", append([]string{chain}, spec...)...); err != nil {
+		return err
+	}
+	rules := f.chains[chain]
+	i := slices.Index(rules, strings.Join(spec, " "))
+	if i < 0 {
+		return fmt.Errorf("bad rule (does a matching rule exist in that chain?)")
+	}
+	f.chains[chain] = slices.Delete(rules, i, i+1)
+	return nil
+}
+
+// List implements firewall.Table, in "iptables -S CHAIN" form.
+func (f *Fake) List(chain string) ([]string, error) {
+	if err := f.call("List", chain); err != nil {
+		return nil, err
+	}
+	rules, ok := f.chains[chain]
+	if !ok {
+		return nil, fmt.Errorf("no chain %s", chain)
+	}
+	out := []string{"-N " + chain}
+	if slices.Contains(builtins, chain) {
+		out[0] = "-P " + chain + " ACCEPT"
+	}
+	for _, r := range rules {
+		out = append(out, "-A "+chain+" "+r)
+	}
+	return out, nil
+}
+
+// Dump is the whole table in "iptables -S" order: built-in chains first,
+// then user chains sorted, then every chain's rules.
+func (f *Fake) Dump() string {
+	var names []string
+	for c := range f.chains {
+		if !slices.Contains(builtins, c) {
+			names = append(names, c)
+		}
+	}
+	slices.Sort(names)
+	names = append(slices.Clone(builtins), names...)
+	var lines []string
+	for _, c := range names {
+		if slices.Contains(builtins, c) {
+			lines = append(lines, "-P "+c+" ACCEPT")
+		} else {
+			lines = append(lines, "-N "+c)
+		}
+	}
+	for _, c := range names {
+		for _, r := range f.chains[c] {
+			lines = append(lines, "-A "+c+" "+r)
+		}
+	}
+	return strings.Join(lines, "\n") + "\n"
+}

@@ -1,0 +1,139 @@
+package firewall
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/coreos/go-iptables/iptables"
+
+	"github.com/f2b-shim/f2b-shim/policy"
+)
+
+// systemDirs is where iptables is looked for. The caller's PATH is never
+// used, so nobody can slip another "iptables" in front of the real one.
+var systemDirs = []string{"/usr/sbin", "/sbin", "/usr/bin", "/bin"}
+
+// Binary returns the absolute path of the iptables binary for the family
+// and the policy's iptables_backend ("auto", "nft" or "legacy").
+func Binary(fam policy.Family, backend string) (string, error) {
+	name := fam.Binary()
+	if backend == "nft" || backend == "legacy" {
+		name += "-" + backend
+	}
+	for _, dir := range systemDirs {
+		p := filepath.Join(dir, name)
+		if st, err := os.Stat(p); err == nil && st.Mode().IsRegular() {
+			return p, nil
+		}
+	}
+	return "", fmt.Errorf("%s not found in %s; install the iptables package, or set iptables_backend in the policy", name, strings.Join(systemDirs, ", "))
+}
+
+// CommandError is a failed iptables call, with what the audit log needs.
+type CommandError struct {
+	Status int
+	Stderr string
+	err    error
+}
+
+func (e *CommandError) Error() string {
+	msg := strings.TrimSpace(e.Stderr)
+	if msg == "" {
+		msg = e.err.Error()
+	}
+	if e.Status == 4 {
+		// iptables-legacy exits 4 when it gave up waiting for the xtables lock.
+		msg += " (the xtables lock is held by another program)"
+	}
+	return fmt.Sprintf("iptables exited with status %d: %s", e.Status, msg)
+}
+
+func (e *CommandError) Unwrap() error { return e.err }
+
+// IPTables is the real Table, for the filter table of one family.
+type IPTables struct {
+	ipt *iptables.IPTables
+}
+
+// Open returns the real Table for a family and backend. wait bounds each
+// iptables call's wait for the xtables lock ("--wait N").
+func Open(fam policy.Family, backend string, wait time.Duration) (*IPTables, error) {
+	path, err := Binary(fam, backend)
+	if err != nil {
+		return nil, err
+	}
+	proto := iptables.ProtocolIPv4
+	if fam == policy.IPv6 {
+		proto = iptables.ProtocolIPv6
+	}
+	secs := max(1, int(math.Ceil(wait.Seconds())))
+	ipt, err := iptables.New(iptables.IPFamily(proto), iptables.Path(path), iptables.Timeout(secs))
+	if err != nil {
+		return nil, fmt.Errorf("cannot run %s: %v", path, err)
+	}
+	return &IPTables{ipt: ipt}, nil
+}
+
+// wrap turns go-iptables' error into a CommandError with iptables' own
+// stderr, which go-iptables keeps only inside its message.
+func wrap(err error) error {
+	var e *iptables.Error
+	if !errors.As(err, &e) {
+		return err
+	}
+	msg := e.Error()
+	if _, after, ok := strings.Cut(msg, fmt.Sprintf("exit status %d: ", e.ExitStatus())); ok {
+		msg = after
+	}
+	return &CommandError{Status: e.ExitStatus(), Stderr: msg, err: err}
+}
+
+const table = policy.Table
+
+// ChainExists implements Table.
+func (t *IPTables) ChainExists(chain string) (bool, error) {
+	ok, err := t.ipt.ChainExists(table, chain)
+	return ok, wrap(err)
+}
+
+// NewChain implements Table.
+func (t *IPTables) NewChain(chain string) error { return wrap(t.ipt.NewChain(table, chain)) }
+
+// FlushChain implements Table. go-iptables' ClearChain creates a missing
+// chain; Apply only calls this for a chain it has seen.
+func (t *IPTables) FlushChain(chain string) error { return wrap(t.ipt.ClearChain(table, chain)) }
+
+// DeleteChain implements Table.
+func (t *IPTables) DeleteChain(chain string) error { return wrap(t.ipt.DeleteChain(table, chain)) }
+
+// Exists implements Table.
+func (t *IPTables) Exists(chain string, spec ...string) (bool, error) {
+	ok, err := t.ipt.Exists(table, chain, spec...)
+	return ok, wrap(err)
+}
+
+// Insert implements Table.
+func (t *IPTables) Insert(chain string, pos int, spec ...string) error {
+	return wrap(t.ipt.Insert(table, chain, pos, spec...))
+}
+
+// Append implements Table.
+func (t *IPTables) Append(chain string, spec ...string) error {
+	return wrap(t.ipt.Append(table, chain, spec...))
+}
+
+// Delete implements Table.
+func (t *IPTables) Delete(chain string, spec ...string) error {
+	return wrap(t.ipt.Delete(table, chain, spec...))
+}
+
+// List implements Table.
+func (t *IPTables) List(chain string) ([]string, error) {
+	rules, err := t.ipt.List(table, chain)
+	return rules, wrap(err)
+}
