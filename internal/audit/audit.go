@@ -42,8 +42,9 @@ type Record struct {
 type Op struct {
 	Kind      string `json:"kind"`
 	Family    string `json:"family"`
+	// Chain is always the ban chain; Parent is set for hooks.
 	Chain     string `json:"chain"`
-	Jump      string `json:"jump,omitempty"`
+	Parent    string `json:"parent,omitempty"`
 	Proto     string `json:"proto,omitempty"`
 	Match     string `json:"match,omitempty"`
 	Ports     string `json:"ports,omitempty"`

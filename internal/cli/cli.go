@@ -1,0 +1,216 @@
+// Package cli is f2b-shim's command line: the forced command that sshd
+// runs, and the admin subcommands. It wires the pure policy package to the
+// side-effect packages (audit, lock, firewall) and owns the exit codes.
+package cli
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/netip"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/f2b-shim/f2b-shim/internal/firewall"
+	"github.com/f2b-shim/f2b-shim/policy"
+)
+
+// Exit codes. They are documented in the README and in "f2b-shim help";
+// fail2ban logs any non-zero code as an action error.
+const (
+	ExitOK         = 0 // done, or a check is true
+	ExitCheckFalse = 1 // a check is false, as with "iptables -C"
+	ExitUsage      = 2 // the admin's command line is wrong
+	ExitDenied     = 3 // the policy refused the request; nothing was changed
+	ExitFirewall   = 4 // iptables or the lock failed; see the audit log
+	ExitSetup      = 5 // the policy file or the audit log is unusable; nothing was changed
+)
+
+// Env is what the shim reads from its environment, and nothing more.
+type Env struct {
+	// OriginalCommand is SSH_ORIGINAL_COMMAND; HasCommand tells whether
+	// it was set at all (it is not for an interactive login).
+	OriginalCommand string
+	HasCommand      bool
+	// SSHConnection is SSH_CONNECTION: "client-ip client-port server-ip server-port".
+	SSHConnection string
+}
+
+// EnvFrom picks the shim's variables out of an environment list.
+func EnvFrom(environ []string) Env {
+	var e Env
+	for _, kv := range environ {
+		k, v, _ := strings.Cut(kv, "=")
+		switch k {
+		case "SSH_ORIGINAL_COMMAND":
+			e.OriginalCommand, e.HasCommand = v, true
+		case "SSH_CONNECTION":
+			e.SSHConnection = v
+		}
+	}
+	return e
+}
+
+// Deps are the side effects, injected so that tests can replace them.
+type Deps struct {
+	// LoadPolicy reads and checks a policy file.
+	LoadPolicy func(path string) (*policy.Policy, error)
+	// OpenTable opens the filter table of a family.
+	OpenTable func(fam policy.Family, backend string, wait time.Duration) (firewall.Table, error)
+	// LocalAddrs lists the proxy's own addresses, which are never banned.
+	LocalAddrs func() ([]netip.Addr, error)
+	Now        func() time.Time
+}
+
+const usage = `f2b-shim: the forced command that lets a fail2ban host manage its own ban chains on this proxy
+
+Usage:
+  f2b-shim [--policy FILE]                   run as sshd's command= (reads SSH_ORIGINAL_COMMAND)
+  f2b-shim check [--policy FILE] 'COMMAND'   show how COMMAND parses and whether the policy allows it
+  f2b-shim version                           print the version
+  f2b-shim help                              print this text
+
+Examples:
+  restrict,command="/usr/local/sbin/f2b-shim --policy /etc/f2b-shim/policy.toml" ssh-ed25519 AAAA... fail2ban@mail
+  f2b-shim check 'iptables -w -I mail-remote-f2b-imap 1 -s 203.0.113.45 -j REJECT'
+
+Exit status:
+  0 done, or a check is true     3 denied by the policy
+  1 a check is false             4 the firewall (iptables or the lock) failed
+  2 usage error                  5 the policy file or the audit log is unusable
+`
+
+// Run is the whole program: main only calls it and exits with its result.
+func Run(args []string, env Env, stdout, stderr io.Writer, deps Deps) int {
+	if len(args) > 0 {
+		switch args[0] {
+		case "check":
+			return runCheck(args[1:], env, stdout, stderr, deps)
+		case "version":
+			if len(args) > 1 {
+				return usageError(stderr, "version takes no arguments")
+			}
+			fmt.Fprintln(stdout, "f2b-shim", Version())
+			return ExitOK
+		case "help", "-h", "-help", "--help":
+			fmt.Fprint(stdout, usage)
+			return ExitOK
+		}
+	}
+	fs := newFlagSet("f2b-shim")
+	policyPath := fs.String("policy", "", "policy file (TOML)")
+	if err := fs.Parse(args); err != nil {
+		return usageError(stderr, err.Error())
+	}
+	if fs.NArg() > 0 {
+		return usageError(stderr, fmt.Sprintf("unknown subcommand %q", fs.Arg(0)))
+	}
+	return runForced(*policyPath, env, stderr, deps)
+}
+
+func newFlagSet(name string) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(io.Discard) // errors are reported once, by usageError
+	return fs
+}
+
+func usageError(stderr io.Writer, msg string) int {
+	fmt.Fprintf(stderr, "f2b-shim: %s\nf2b-shim: hint: run \"f2b-shim help\" for usage\n", msg)
+	return ExitUsage
+}
+
+// loadPolicy returns the built-in policy when no file is named.
+func loadPolicy(path string, deps Deps) (*policy.Policy, error) {
+	if path == "" {
+		return policy.Default(), nil
+	}
+	return deps.LoadPolicy(path)
+}
+
+// parseSSHConnection takes the client's address and port from SSH_CONNECTION.
+func parseSSHConnection(s string) (netip.Addr, int) {
+	f := strings.Fields(s)
+	if len(f) != 4 {
+		return netip.Addr{}, 0
+	}
+	a, err := netip.ParseAddr(f[0])
+	if err != nil {
+		return netip.Addr{}, 0
+	}
+	port, _ := strconv.Atoi(f[1])
+	return a.WithZone(""), port
+}
+
+// decide parses and authorizes a command line.
+func decide(pol *policy.Policy, line string, ctx policy.Context) (policy.Operation, error) {
+	c, err := policy.ParseCommand(line)
+	if err != nil {
+		return policy.Operation{}, err
+	}
+	return policy.Authorize(pol, c, ctx)
+}
+
+func runCheck(args []string, env Env, stdout, stderr io.Writer, deps Deps) int {
+	fs := newFlagSet("check")
+	policyPath := fs.String("policy", "", "policy file (TOML)")
+	if err := fs.Parse(args); err != nil {
+		return usageError(stderr, err.Error())
+	}
+	if fs.NArg() != 1 {
+		return usageError(stderr, "check takes exactly one COMMAND, quoted as one argument")
+	}
+	pol, err := loadPolicy(*policyPath, deps)
+	if err != nil {
+		fmt.Fprintf(stderr, "f2b-shim: policy: %v\n", err)
+		return ExitSetup
+	}
+	ctx := policy.Context{}
+	ctx.Client, _ = parseSSHConnection(env.SSHConnection)
+	if addrs, err := deps.LocalAddrs(); err == nil {
+		ctx.LocalAddrs = addrs
+	}
+	line := fs.Arg(0)
+	fmt.Fprintf(stdout, "command:   %s\n", strconv.Quote(line))
+	op, err := decide(pol, line, ctx)
+	if err != nil {
+		fmt.Fprintf(stdout, "decision:  denied: %v\n", err)
+		return ExitDenied
+	}
+	fmt.Fprintf(stdout, "operation: %s\n", describe(op))
+	fmt.Fprintf(stdout, "canonical: %s\n", op.CommandLine())
+	fmt.Fprintf(stdout, "decision:  allowed by policy %q (nothing was changed)\n", pol.Name)
+	return ExitOK
+}
+
+// describe is a one-line summary of an operation for people.
+func describe(op policy.Operation) string {
+	s := fmt.Sprintf("%s %s chain=%s", op.Kind, op.Family, op.BanChain())
+	if op.Jump != "" {
+		s += fmt.Sprintf(" parent=%s", op.Chain)
+	}
+	if op.Proto != "" {
+		s += fmt.Sprintf(" proto=%s match=%s", op.Proto, op.Match)
+	}
+	if len(op.Ports) > 0 {
+		ports := make([]string, len(op.Ports))
+		for i, p := range op.Ports {
+			ports[i] = p.String()
+		}
+		s += " ports=" + strings.Join(ports, ",")
+	}
+	if op.Source.IsValid() {
+		s += fmt.Sprintf(" source=%s target=%q", op.Source, op.Target)
+	}
+	return s
+}
+
+// errorStatus digs iptables' exit status and stderr out of an error.
+func errorStatus(err error) (int, string) {
+	var ce *firewall.CommandError
+	if errors.As(err, &ce) {
+		return ce.Status, ce.Stderr
+	}
+	return 0, ""
+}

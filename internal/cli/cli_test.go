@@ -1,0 +1,232 @@
+package cli
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/f2b-shim/f2b-shim/internal/audit"
+	"github.com/f2b-shim/f2b-shim/internal/firewall"
+	"github.com/f2b-shim/f2b-shim/internal/firewall/fwtest"
+	"github.com/f2b-shim/f2b-shim/policy"
+)
+
+const chain = "mail-remote-f2b-imap"
+
+// harness runs the CLI against one fake table per family and a policy
+// whose files live in a temp dir.
+type harness struct {
+	t      *testing.T
+	pol    *policy.Policy
+	tables map[policy.Family]*fwtest.Fake
+	deps   Deps
+}
+
+func newHarness(t *testing.T) *harness {
+	dir := t.TempDir()
+	h := &harness{t: t, pol: policy.Default(), tables: map[policy.Family]*fwtest.Fake{policy.IPv4: fwtest.New(), policy.IPv6: fwtest.New()}}
+	h.pol.AuditLog = filepath.Join(dir, "log", "audit.jsonl")
+	h.pol.StateDir = filepath.Join(dir, "state")
+	h.deps = Deps{
+		LoadPolicy: func(string) (*policy.Policy, error) { return h.pol, nil },
+		OpenTable: func(fam policy.Family, _ string, _ time.Duration) (firewall.Table, error) {
+			return h.tables[fam], nil
+		},
+		LocalAddrs: func() ([]netip.Addr, error) { return []netip.Addr{netip.MustParseAddr("192.0.2.7")}, nil },
+		Now:        time.Now,
+	}
+	return h
+}
+
+// forced runs the shim as sshd would, with SSH_ORIGINAL_COMMAND = line.
+func (h *harness) forced(line string) (int, string) {
+	var stdout, stderr bytes.Buffer
+	env := Env{OriginalCommand: line, HasCommand: true, SSHConnection: "192.0.2.10 50022 192.0.2.7 22"}
+	code := Run([]string{"--policy", "/etc/f2b-shim/policy.toml"}, env, &stdout, &stderr, h.deps)
+	assert.Empty(h.t, stdout.String(), "the forced command prints nothing on stdout")
+	return code, stderr.String()
+}
+
+func (h *harness) records() []audit.Record {
+	data, err := os.ReadFile(h.pol.AuditLog)
+	require.NoError(h.t, err)
+	var out []audit.Record
+	for _, line := range strings.Split(strings.TrimSuffix(string(data), "\n"), "\n") {
+		var r audit.Record
+		require.NoError(h.t, json.Unmarshal([]byte(line), &r), line)
+		out = append(out, r)
+	}
+	return out
+}
+
+func TestForcedCommand(t *testing.T) {
+	h := newHarness(t)
+	steps := []struct {
+		name, line string
+		code       int
+		stderr     string
+		result     string
+	}{
+		{"the chain is created", "iptables -w -N " + chain, ExitOK, "", "applied"},
+		{"a repeated start changes nothing", "iptables -w -N " + chain, ExitOK, "", "unchanged"},
+		{"a missing return rule checks false", "iptables -w -C " + chain + " -j RETURN", ExitCheckFalse, "", "check-false"},
+		{"the return rule is added", "iptables -w -A " + chain + " -j RETURN", ExitOK, "", "applied"},
+		{"a ban is applied", "iptables -w -I " + chain + " 1 -s 203.0.113.45 -j REJECT --reject-with icmp-port-unreachable", ExitOK, "", "applied"},
+		{"a ban of the ssh client is denied", "iptables -w -I " + chain + " 1 -s 192.0.2.10 -j DROP", ExitDenied, `f2b-shim: denied: address "192.0.2.10/32" overlaps`, "denied"},
+		{"a ban of the proxy itself is denied", "iptables -w -I " + chain + " 1 -s 192.0.2.7 -j DROP", ExitDenied, "never banned", "denied"},
+		{"a foreign chain is denied", "iptables -w -F INPUT", ExitDenied, `f2b-shim: denied: chain "INPUT" is outside the allowed prefix "mail-remote-f2b-"`, "denied"},
+		{"a ban into a missing v6 chain fails in the firewall", "ip6tables -w -I " + chain + " 1 -s 2001:db8::45 -j DROP", ExitFirewall, "f2b-shim: firewall:", "failed"},
+	}
+	for i, s := range steps {
+		t.Run(s.name, func(t *testing.T) {
+			code, stderr := h.forced(s.line)
+			assert.Equal(t, s.code, code, stderr)
+			if s.stderr == "" {
+				assert.Empty(t, stderr)
+			} else {
+				assert.Contains(t, stderr, s.stderr)
+				assert.Equal(t, 1, strings.Count(stderr, "\n"), "one line on stderr: %q", stderr)
+			}
+			recs := h.records()
+			require.Len(t, recs, i+1, "one audit line per invocation")
+			r := recs[i]
+			assert.Equal(t, s.line, string(r.Command))
+			assert.Equal(t, s.result, r.Result)
+			assert.Equal(t, s.code, r.Exit)
+			assert.Equal(t, "192.0.2.10", r.ClientIP)
+			assert.Equal(t, 50022, r.ClientPort)
+			assert.Equal(t, "default", r.Policy)
+			if s.code == ExitDenied {
+				assert.Equal(t, audit.Deny, r.Decision)
+				assert.NotEmpty(t, r.Reason)
+			} else {
+				assert.Equal(t, audit.Allow, r.Decision)
+				require.NotNil(t, r.Op)
+				assert.Equal(t, chain, r.Op.Chain)
+			}
+		})
+	}
+	assert.Equal(t, "-P INPUT ACCEPT\n-P FORWARD ACCEPT\n-P OUTPUT ACCEPT\n-N "+chain+"\n-A "+chain+" -s 203.0.113.45/32 -j REJECT --reject-with icmp-port-unreachable\n-A "+chain+" -j RETURN\n",
+		h.tables[policy.IPv4].Dump())
+}
+
+func TestInteractiveLoginIsDenied(t *testing.T) {
+	h := newHarness(t)
+	var stdout, stderr bytes.Buffer
+	code := Run([]string{"--policy", "p.toml"}, Env{SSHConnection: "192.0.2.10 1 192.0.2.7 22"}, &stdout, &stderr, h.deps)
+	assert.Equal(t, ExitDenied, code)
+	assert.Contains(t, stderr.String(), "an interactive login is not allowed")
+	recs := h.records()
+	require.Len(t, recs, 1)
+	assert.Equal(t, "interactive login", string(recs[0].Reason))
+}
+
+func TestNothingIsAppliedWithoutAnAuditLog(t *testing.T) {
+	h := newHarness(t)
+	blocker := filepath.Join(t.TempDir(), "not-a-dir")
+	require.NoError(t, os.WriteFile(blocker, nil, 0o600))
+	h.pol.AuditLog = filepath.Join(blocker, "audit.jsonl")
+	code, stderr := h.forced("iptables -w -N " + chain)
+	assert.Equal(t, ExitSetup, code)
+	assert.Contains(t, stderr, "cannot write the audit log")
+	assert.Empty(t, h.tables[policy.IPv4].Calls, "the firewall was not touched")
+}
+
+func TestAFirewallErrorIsAudited(t *testing.T) {
+	h := newHarness(t)
+	h.tables[policy.IPv4].Fail["ChainExists"] = &firewall.CommandError{Status: 4, Stderr: "Another app is currently holding the xtables lock."}
+	code, stderr := h.forced("iptables -w -N " + chain)
+	assert.Equal(t, ExitFirewall, code)
+	assert.Contains(t, stderr, "xtables lock")
+	r := h.records()[0]
+	assert.Equal(t, 4, r.IptablesStatus)
+	assert.Contains(t, string(r.IptablesStderr), "xtables lock")
+	assert.Equal(t, "failed", r.Result)
+}
+
+func TestABrokenPolicyChangesNothing(t *testing.T) {
+	h := newHarness(t)
+	h.deps.LoadPolicy = func(string) (*policy.Policy, error) { return nil, errors.New("unknown key") }
+	code, stderr := h.forced("iptables -w -N " + chain)
+	assert.Equal(t, ExitSetup, code)
+	assert.Contains(t, stderr, "f2b-shim: policy: unknown key")
+	assert.Empty(t, h.tables[policy.IPv4].Calls)
+}
+
+func TestAdminSubcommands(t *testing.T) {
+	h := newHarness(t)
+	tests := []struct {
+		name   string
+		args   []string
+		code   int
+		stdout string
+		stderr string
+	}{
+		{"check shows an allowed ban", []string{"check", "iptables -w -I " + chain + " 1 -s 203.0.113.45 -j DROP"}, ExitOK, "decision:  allowed", ""},
+		{"check shows the canonical form", []string{"check", "iptables -I " + chain + " -s 203.0.113.45 -j DROP"}, ExitOK, "canonical: iptables -w -I " + chain + " 1 -s 203.0.113.45/32 -j DROP", ""},
+		{"check shows a denial", []string{"check", "iptables -P INPUT ACCEPT"}, ExitDenied, `decision:  denied: option "-P" is not allowed`, ""},
+		{"check without a command is a usage error", []string{"check"}, ExitUsage, "", "exactly one COMMAND"},
+		{"an unknown flag is a usage error", []string{"--polcy", "x"}, ExitUsage, "", "flag provided but not defined"},
+		{"an unknown subcommand is a usage error", []string{"frobnicate"}, ExitUsage, "", `unknown subcommand "frobnicate"`},
+		{"version prints the version", []string{"version"}, ExitOK, "f2b-shim ", ""},
+		{"help prints usage", []string{"help"}, ExitOK, "Exit status:", ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var stdout, stderr bytes.Buffer
+			code := Run(tt.args, Env{}, &stdout, &stderr, h.deps)
+			assert.Equal(t, tt.code, code)
+			assert.Contains(t, stdout.String(), tt.stdout)
+			assert.Contains(t, stderr.String(), tt.stderr)
+		})
+	}
+	for _, f := range h.tables {
+		assert.Empty(t, f.Calls, "admin subcommands never touch the firewall")
+	}
+}
+
+func TestLoadPolicyFileRefusesUnsafeFiles(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name string, mode os.FileMode) string {
+		p := filepath.Join(dir, name)
+		require.NoError(t, os.WriteFile(p, []byte("name = \"mx\"\n"), 0o600))
+		require.NoError(t, os.Chmod(p, mode))
+		return p
+	}
+	if os.Getuid() != 0 {
+		t.Skip("the owner checks need root, to create a root-owned file and one owned by another user")
+	}
+	t.Run("a root-owned 0644 file is read", func(t *testing.T) {
+		pol, err := LoadPolicyFile(write("ok.toml", 0o644))
+		require.NoError(t, err)
+		assert.Equal(t, "mx", pol.Name)
+	})
+	t.Run("a group-writable file is refused", func(t *testing.T) {
+		_, err := LoadPolicyFile(write("g.toml", 0o664))
+		require.Error(t, err)
+		assert.Contains(t, err.Error(), "chmod go-w")
+	})
+	t.Run("a world-writable file is refused", func(t *testing.T) {
+		_, err := LoadPolicyFile(write("o.toml", 0o602))
+		assert.ErrorContains(t, err, "writable by group or others")
+	})
+	t.Run("a file owned by another user is refused", func(t *testing.T) {
+		p := write("nobody.toml", 0o644)
+		require.NoError(t, os.Chown(p, 65534, 65534))
+		_, err := LoadPolicyFile(p)
+		assert.ErrorContains(t, err, "not root; run: chown root:")
+	})
+	t.Run("a missing file is an error", func(t *testing.T) {
+		_, err := LoadPolicyFile(filepath.Join(dir, "missing.toml"))
+		assert.Error(t, err)
+	})
+}

@@ -1,0 +1,133 @@
+package cli
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/f2b-shim/f2b-shim/internal/audit"
+	"github.com/f2b-shim/f2b-shim/internal/firewall"
+	"github.com/f2b-shim/f2b-shim/internal/lock"
+	"github.com/f2b-shim/f2b-shim/policy"
+)
+
+// lockName is the host-wide lock file in state_dir.
+const lockName = "lock"
+
+// runForced serves one request from the mail host. The order is the
+// safety argument: judge the whole request, make sure it can be audited,
+// take the lock, act, then write the one audit line.
+func runForced(policyPath string, env Env, stderr io.Writer, deps Deps) int {
+	start := deps.Now()
+	pol, err := loadPolicy(policyPath, deps)
+	if err != nil {
+		// Without a policy there is no audit_log to write to; sshd's own
+		// log still has the login, and fail2ban logs this line.
+		fmt.Fprintf(stderr, "f2b-shim: policy: %v\nf2b-shim: hint: nothing was changed; fix the policy file on the proxy\n", err)
+		return ExitSetup
+	}
+	rec := audit.Record{Time: start.UTC(), Policy: pol.Name}
+	client, port := parseSSHConnection(env.SSHConnection)
+	if client.IsValid() {
+		rec.ClientIP, rec.ClientPort = client.String(), port
+	}
+	rec.SetCommand(env.OriginalCommand)
+
+	log, err := audit.Open(pol.AuditLog)
+	if err != nil {
+		fmt.Fprintf(stderr, "f2b-shim: denied: cannot write the audit log %q: %v\nf2b-shim: hint: nothing was changed; make the audit log's directory writable and its filesystem not full\n", pol.AuditLog, err)
+		return ExitSetup
+	}
+	defer log.Close()
+
+	finish := func(code int, result string, msg string) int {
+		rec.Exit, rec.Result = code, result
+		rec.DurationMS = float64(deps.Now().Sub(start).Microseconds()) / 1000
+		if msg != "" {
+			fmt.Fprintf(stderr, "f2b-shim: %s\n", msg)
+		}
+		if err := log.Write(rec); err != nil {
+			fmt.Fprintf(stderr, "f2b-shim: cannot write the audit log %q: %v\n", pol.AuditLog, err)
+			return ExitSetup
+		}
+		return code
+	}
+
+	if !env.HasCommand {
+		rec.Decision, rec.Reason = audit.Deny, "interactive login"
+		return finish(ExitDenied, "denied", "denied: this key only runs fail2ban's iptables commands; an interactive login is not allowed")
+	}
+	ctx := policy.Context{Client: client}
+	if ctx.LocalAddrs, err = deps.LocalAddrs(); err != nil {
+		// Without the proxy's own addresses a ban could cut the proxy off
+		// from itself; refuse rather than guess.
+		rec.Decision, rec.Reason = audit.Deny, audit.Text("cannot list local addresses: "+err.Error())
+		return finish(ExitSetup, "denied", fmt.Sprintf("denied: cannot list this proxy's addresses: %v", err))
+	}
+	op, err := decide(pol, env.OriginalCommand, ctx)
+	if err != nil {
+		rec.Decision, rec.Reason = audit.Deny, audit.Text(err.Error())
+		return finish(ExitDenied, "denied", "denied: "+err.Error())
+	}
+	rec.Decision, rec.Op = audit.Allow, opRecord(op)
+
+	outcome, err := apply(pol, op, start, deps)
+	if err != nil {
+		status, stderrText := errorStatus(err)
+		rec.IptablesStatus = status
+		rec.SetStderr(stderrText)
+		rec.Reason = audit.Text(err.Error())
+		if errors.Is(err, firewall.ErrBanLimit) {
+			return finish(ExitDenied, "denied", "denied: "+err.Error())
+		}
+		return finish(ExitFirewall, "failed", "firewall: "+err.Error())
+	}
+	code := ExitOK
+	if outcome == firewall.CheckFalse {
+		code = ExitCheckFalse
+	}
+	return finish(code, outcome.String(), "")
+}
+
+// apply takes the host-wide lock and carries out op, all within
+// lock_timeout of the start: fail2ban kills an action after 60 s.
+func apply(pol *policy.Policy, op policy.Operation, start time.Time, deps Deps) (firewall.Outcome, error) {
+	deadline := start.Add(pol.LockTimeout)
+	l, err := lock.Acquire(pol.StateDir, lockName, deadline)
+	if err != nil {
+		return 0, err
+	}
+	defer l.Release()
+	wait := max(deadline.Sub(deps.Now()), time.Second)
+	t, err := deps.OpenTable(op.Family, pol.IptablesBackend, wait)
+	if err != nil {
+		return 0, err
+	}
+	return firewall.Apply(t, op, pol.MaxBansPerChain)
+}
+
+func opRecord(op policy.Operation) *audit.Op {
+	r := &audit.Op{
+		Kind:      op.Kind.String(),
+		Family:    op.Family.String(),
+		Chain:     string(op.BanChain()),
+		Canonical: op.CommandLine(),
+	}
+	if op.Jump != "" {
+		r.Parent = string(op.Chain)
+	}
+	if op.Proto != "" {
+		r.Proto, r.Match = op.Proto, op.Match.String()
+	}
+	for i, p := range op.Ports {
+		if i > 0 {
+			r.Ports += ","
+		}
+		r.Ports += p.String()
+	}
+	if op.Source.IsValid() {
+		r.Source, r.Target = op.Source.String(), op.Target.String()
+	}
+	return r
+}
