@@ -5,7 +5,6 @@ import "strings"
 // Table is the only iptables table the shim ever touches.
 const Table = "filter"
 
-
 // RuleSpec is the rule as iptables arguments after "-I/-D/-C CHAIN", built
 // from typed values only: no word of the client's text is passed through.
 // It is nil for the kinds that name a chain but no rule.

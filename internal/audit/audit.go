@@ -40,8 +40,8 @@ type Record struct {
 
 // Op is the typed operation, as the policy understood it.
 type Op struct {
-	Kind      string `json:"kind"`
-	Family    string `json:"family"`
+	Kind   string `json:"kind"`
+	Family string `json:"family"`
 	// Chain is always the ban chain; Parent is set for hooks.
 	Chain     string `json:"chain"`
 	Parent    string `json:"parent,omitempty"`
