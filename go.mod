@@ -2,13 +2,14 @@ module github.com/f2b-shim/f2b-shim
 
 go 1.26.8
 
+// What the shim itself runs on.
 require (
-	github.com/BurntSushi/toml v1.6.0
-	github.com/google/shlex v0.0.0-20191202100458-e7afc7fbc510
-	github.com/stretchr/testify v1.12.1
+	github.com/BurntSushi/toml v1.6.0 // the policy file
+	github.com/coreos/go-iptables v0.8.0 // applying changes to iptables
+	github.com/google/shlex v0.0.0-20191202100458-e7afc7fbc510 // splitting SSH_ORIGINAL_COMMAND into words
 )
 
-require (
-	github.com/coreos/go-iptables v0.8.0 // indirect
-	go.yaml.in/yaml/v3 v3.0.5 // indirect
-)
+// Test-only.
+require github.com/stretchr/testify v1.12.1
+
+require go.yaml.in/yaml/v3 v3.0.5 // indirect

@@ -267,3 +267,20 @@ func BenchmarkParseAndAuthorize(b *testing.B) {
 		})
 	}
 }
+
+// TestWireFormsOfTheExampleActions checks the exact lines that the shipped
+// action files make ssh send, after the mail host's shell has removed its
+// own quoting (fail2ban runs actions with sh -c).
+func TestWireFormsOfTheExampleActions(t *testing.T) {
+	for _, line := range []string{
+		// proxy-iptables-0.11.conf's actioncheck: the pipeline is quoted
+		// locally with double quotes, so ssh sends it whole.
+		"iptables -w -n -L INPUT | grep -q 'mail-remote-f2b-dovecot[ \\t]'",
+		"ip6tables -w -n -L INPUT | grep -q 'mail-remote-f2b-dovecot[ \\t]'",
+		// proxy-iptables.conf's actionstart hook for one protocol.
+		"iptables -w -I INPUT -p tcp -m multiport --dports pop3,pop3s,imap,imaps,sieve -j mail-remote-f2b-dovecot",
+	} {
+		_, err := decide(t, line)
+		assert.NoError(t, err, line)
+	}
+}

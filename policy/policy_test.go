@@ -2,6 +2,7 @@ package policy
 
 import (
 	"net/netip"
+	"os"
 	"testing"
 	"time"
 
@@ -83,4 +84,13 @@ iptables_backend = "legacy"
 			assert.Contains(t, err.Error(), tt.want)
 		})
 	}
+}
+
+func TestExamplePolicyParses(t *testing.T) {
+	data, err := os.ReadFile("../examples/policy.toml")
+	require.NoError(t, err)
+	pol, err := Parse(data)
+	require.NoError(t, err)
+	assert.Equal(t, "mail1", pol.Name)
+	assert.Equal(t, []netip.Prefix{netip.MustParsePrefix("198.51.100.0/24")}, pol.NeverBan)
 }

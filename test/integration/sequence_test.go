@@ -1,0 +1,202 @@
+package integration
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/f2b-shim/f2b-shim/test/nstest"
+)
+
+const chain = "mail-remote-f2b-imap"
+
+var backends = []string{"nft", "legacy"}
+
+// setup makes a namespace and a policy for one backend, with the audit
+// log and state in a temp dir.
+func setup(t *testing.T, backend string, extra string) (*nstest.Netns, string, string) {
+	nstest.RequireRoot(t, "iptables-"+backend)
+	dir := t.TempDir()
+	audit := filepath.Join(dir, "audit.jsonl")
+	pol := nstest.WritePolicy(t, dir, fmt.Sprintf("name = \"it-%s\"\naudit_log = %q\nstate_dir = %q\niptables_backend = %q\n%s",
+		backend, audit, filepath.Join(dir, "state"), backend, extra))
+	return nstest.NewNetns(t), pol, audit
+}
+
+func auditLines(t *testing.T, path string) []map[string]any {
+	f, err := os.Open(path)
+	require.NoError(t, err)
+	defer f.Close()
+	var out []map[string]any
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		var m map[string]any
+		require.NoError(t, json.Unmarshal(sc.Bytes(), &m), "audit line %q", sc.Text())
+		out = append(out, m)
+	}
+	require.NoError(t, sc.Err())
+	return out
+}
+
+const policyLines = "-P INPUT ACCEPT\n-P FORWARD ACCEPT\n-P OUTPUT ACCEPT\n"
+
+// TestFail2banActionSequence plays what fail2ban 1.0's proxy action sends
+// over a jail's life, and checks the real firewall after each phase.
+func TestFail2banActionSequence(t *testing.T) {
+	for _, backend := range backends {
+		t.Run(backend, func(t *testing.T) {
+			ns, pol, audit := setup(t, backend, "")
+			calls, denials := 0, 0
+			shimRun := func(line string) nstest.Result {
+				calls++
+				return ns.Shim(t, shim, pol, line)
+			}
+			run := func(line string, want int) {
+				t.Helper()
+				r := shimRun(line)
+				require.Equal(t, want, r.Code, "%s\nstderr: %s", line, r.Stderr)
+			}
+			hook4 := "-p tcp -m multiport --dports 143,993 -j " + chain
+			start := func(bin string) {
+				// fail2ban's actionstart: { -C return } || { -N || true; -A return }, then { -C hook } || -I hook.
+				if shimRun(bin+" -w -C "+chain+" -j RETURN").Code != 0 {
+					run(bin+" -w -N "+chain, 0)
+					run(bin+" -w -A "+chain+" -j RETURN", 0)
+				}
+				if shimRun(bin+" -w -C INPUT "+hook4).Code != 0 {
+					run(bin+" -w -I INPUT "+hook4, 0)
+				}
+			}
+
+			t.Run("start", func(t *testing.T) {
+				run("iptables -w -C "+chain+" -j RETURN", 1)
+				start("iptables")
+				start("ip6tables")
+			})
+			t.Run("repeated start adds nothing", func(t *testing.T) {
+				start("iptables")
+				run("iptables -w -N "+chain, 0)
+				run("iptables -w -A "+chain+" -j RETURN", 0)
+				run("iptables -w -I INPUT "+hook4, 0)
+				run("iptables --wait=5 -C INPUT "+hook4, 0)
+				run("iptables -w -n -L INPUT | grep -q '"+chain+`[ \t]'`, 0)
+			})
+			t.Run("bans, a duplicate ban and the checks", func(t *testing.T) {
+				run("iptables -w -I "+chain+" 1 -s 203.0.113.45 -j REJECT --reject-with icmp-port-unreachable", 0)
+				run("iptables -w -I "+chain+" 1 -s 198.51.100.0/24 -j DROP", 0)
+				run("iptables -w -I "+chain+" 1 -s 203.0.113.45 -j REJECT --reject-with icmp-port-unreachable", 0)
+				run("iptables -w -C "+chain+" -s 203.0.113.45 -j REJECT --reject-with icmp-port-unreachable", 0)
+				run("iptables -w -C "+chain+" -s 203.0.113.45 -j REJECT", 0)
+				run("iptables -w -C "+chain+" -s 203.0.113.46 -j REJECT", 1)
+				run("iptables -w -D "+chain+" -s 203.0.113.46 -j REJECT --reject-with icmp-port-unreachable", 0)
+				run("ip6tables -w -I "+chain+" 1 -s 2001:db8:45::1 -j REJECT --reject-with icmp6-port-unreachable", 0)
+				run("ip6tables -w -I "+chain+" 1 -s 2001:db8:45::1 -j REJECT --reject-with icmp6-port-unreachable", 0)
+				run("ip6tables -w -C "+chain+" -s 2001:db8:45::1 -j REJECT --reject-with icmp6-port-unreachable", 0)
+			})
+			t.Run("the firewall holds exactly the chain, the hook and the bans", func(t *testing.T) {
+				assert.Equal(t, policyLines+
+					"-N "+chain+"\n"+
+					"-A INPUT -p tcp -m multiport --dports 143,993 -j "+chain+"\n"+
+					"-A "+chain+" -s 198.51.100.0/24 -j DROP\n"+
+					"-A "+chain+" -s 203.0.113.45/32 -j REJECT --reject-with icmp-port-unreachable\n"+
+					"-A "+chain+" -j RETURN\n", ns.Rules(t, "iptables", backend))
+				assert.Equal(t, policyLines+
+					"-N "+chain+"\n"+
+					"-A INPUT -p tcp -m multiport --dports 143,993 -j "+chain+"\n"+
+					"-A "+chain+" -s 2001:db8:45::1/128 -j REJECT --reject-with icmp6-port-unreachable\n"+
+					"-A "+chain+" -j RETURN\n", ns.Rules(t, "ip6tables", backend))
+			})
+			t.Run("denials leave every table unchanged", func(t *testing.T) {
+				before := ns.Save(t, backend)
+				for _, line := range []string{
+					"iptables -F INPUT",
+					"iptables -w -X",
+					"iptables -t nat -N " + chain,
+					"iptables -P INPUT DROP",
+					"iptables -I " + chain + " 1 -s 0.0.0.0/0 -j DROP",
+					"iptables -I " + chain + " 1 -s 203.0.113.9 -j ACCEPT",
+					"iptables -I " + chain + " 1 -s 192.0.2.10 -j DROP",
+					"iptables -I INPUT -p tcp -j ACCEPT",
+					"iptables -N " + chain + "x; iptables -F INPUT",
+					"iptables -n -L INPUT | sh",
+					"id",
+				} {
+					r := shimRun(line)
+					denials++
+					assert.Equal(t, 3, r.Code, line)
+					assert.True(t, strings.HasPrefix(r.Stderr, "f2b-shim: denied: "), "%s: %q", line, r.Stderr)
+				}
+				assert.Equal(t, before, ns.Save(t, backend))
+			})
+			t.Run("stop removes everything", func(t *testing.T) {
+				for _, bin := range []string{"iptables", "ip6tables"} {
+					run(bin+" -w -D INPUT "+hook4, 0)
+					run(bin+" -w -F "+chain, 0)
+					run(bin+" -w -X "+chain, 0)
+					run(bin+" -w -X "+chain, 0) // a second stop is harmless
+					run(bin+" -w -n -L INPUT | grep -q '"+chain+`[ \t]'`, 1)
+				}
+				assert.Equal(t, policyLines, ns.Rules(t, "iptables", backend))
+				assert.Equal(t, policyLines, ns.Rules(t, "ip6tables", backend))
+			})
+			t.Run("every invocation left one audit line", func(t *testing.T) {
+				lines := auditLines(t, audit)
+				assert.Equal(t, calls, len(lines))
+				denied := 0
+				for _, l := range lines {
+					if l["decision"] == "deny" {
+						denied++
+					}
+				}
+				assert.Equal(t, denials, denied)
+			})
+		})
+	}
+}
+
+// TestParallelBans starts 100 shims at once, each banning another address.
+// The host-wide lock must keep every rule and every audit line.
+func TestParallelBans(t *testing.T) {
+	for _, backend := range backends {
+		t.Run(backend, func(t *testing.T) {
+			ns, pol, audit := setup(t, backend, "")
+			require.Equal(t, 0, ns.Shim(t, shim, pol, "iptables -w -N "+chain).Code)
+			require.NoError(t, os.Remove(audit))
+			const n = 100
+			codes := make([]int, n)
+			var wg sync.WaitGroup
+			for i := range n {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					r := ns.Shim(t, shim, pol, fmt.Sprintf("iptables -w -I %s 1 -s 198.51.100.%d -j DROP", chain, i+1))
+					codes[i] = r.Code
+				}()
+			}
+			wg.Wait()
+			for i, c := range codes {
+				assert.Equal(t, 0, c, "ban %d", i+1)
+			}
+			rules := strings.Split(strings.TrimSpace(ns.MustRun(t, "iptables-"+backend, "-S", chain)), "\n")
+			assert.Len(t, rules, n+1, "the -N line and one rule per ban")
+			seen := map[string]bool{}
+			for _, r := range rules[1:] {
+				assert.False(t, seen[r], "duplicate rule %q", r)
+				seen[r] = true
+			}
+			lines := auditLines(t, audit)
+			assert.Len(t, lines, n)
+			for _, l := range lines {
+				assert.Equal(t, "applied", l["result"])
+			}
+		})
+	}
+}

@@ -1,0 +1,156 @@
+// Package nstest runs the real f2b-shim binary against real iptables in
+// network namespaces that each test creates and deletes, so that no test
+// ever touches the host's own firewall.
+package nstest
+
+import (
+	"bytes"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+)
+
+// RequireEnv is the variable that turns a skip into a failure. .ci/run
+// sets it, so that CI never counts a skipped system test as passed.
+const RequireEnv = "F2B_SHIM_REQUIRE_SYSTEM_TESTS"
+
+// RequireRoot skips the test unless it runs as root with the tools it
+// needs, and fails it instead when RequireEnv is set.
+func RequireRoot(t testing.TB, tools ...string) {
+	t.Helper()
+	var missing []string
+	if os.Geteuid() != 0 {
+		missing = append(missing, "root")
+	}
+	for _, tool := range append([]string{"ip"}, tools...) {
+		if _, err := exec.LookPath(tool); err != nil {
+			missing = append(missing, tool)
+		}
+	}
+	if len(missing) == 0 {
+		return
+	}
+	msg := fmt.Sprintf("system test needs %s (run .ci/run, or go test as root)", strings.Join(missing, ", "))
+	if os.Getenv(RequireEnv) != "" {
+		t.Fatal(msg)
+	}
+	t.Skip(msg)
+}
+
+// BuildShim builds the f2b-shim binary into dir and returns its path.
+func BuildShim(dir string) (string, error) {
+	_, self, _, _ := runtime.Caller(0)
+	root := filepath.Join(filepath.Dir(self), "..", "..")
+	out := filepath.Join(dir, "f2b-shim")
+	cmd := exec.Command("go", "build", "-trimpath", "-o", out, "./cmd/f2b-shim")
+	cmd.Dir = root
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("go build: %v\n%s", err, b)
+	}
+	return out, nil
+}
+
+// Netns is a network namespace that lives as long as the test.
+type Netns struct {
+	Name string
+}
+
+// NewNetns creates a namespace with loopback up and deletes it when the
+// test ends, pass or fail.
+func NewNetns(t testing.TB) *Netns {
+	t.Helper()
+	b := make([]byte, 4)
+	_, _ = rand.Read(b)
+	ns := &Netns{Name: "f2bt-" + hex.EncodeToString(b)}
+	out, err := exec.Command("ip", "netns", "add", ns.Name).CombinedOutput()
+	require.NoError(t, err, "ip netns add: %s", out)
+	t.Cleanup(func() {
+		if out, err := exec.Command("ip", "netns", "del", ns.Name).CombinedOutput(); err != nil {
+			t.Errorf("ip netns del %s: %v: %s", ns.Name, err, out)
+		}
+	})
+	ns.MustRun(t, "ip", "link", "set", "lo", "up")
+	return ns
+}
+
+// Command returns a command that runs inside the namespace.
+func (ns *Netns) Command(name string, args ...string) *exec.Cmd {
+	return exec.Command("ip", append([]string{"netns", "exec", ns.Name, name}, args...)...)
+}
+
+// MustRun runs a command in the namespace and returns its stdout.
+func (ns *Netns) MustRun(t testing.TB, name string, args ...string) string {
+	t.Helper()
+	var stdout, stderr bytes.Buffer
+	cmd := ns.Command(name, args...)
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	require.NoError(t, cmd.Run(), "%s %v: %s", name, args, stderr.String())
+	return stdout.String()
+}
+
+// Result is how a run of the shim ended.
+type Result struct {
+	Code           int
+	Stdout, Stderr string
+}
+
+// Shim runs the shim binary in the namespace as sshd would: with
+// SSH_ORIGINAL_COMMAND and SSH_CONNECTION set.
+func (ns *Netns) Shim(t testing.TB, bin, policyPath, line string) Result {
+	t.Helper()
+	var stdout, stderr bytes.Buffer
+	cmd := ns.Command(bin, "--policy", policyPath)
+	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "SSH_ORIGINAL_COMMAND=" + line, "SSH_CONNECTION=192.0.2.10 50022 192.0.2.7 22"}
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else {
+		require.NoError(t, err)
+	}
+	return Result{Code: code, Stdout: stdout.String(), Stderr: stderr.String()}
+}
+
+// Save is every table of both families, as the given backend's
+// iptables-save prints them, minus the comment lines with timestamps.
+func (ns *Netns) Save(t testing.TB, backend string) string {
+	t.Helper()
+	var all []string
+	for _, bin := range []string{"iptables", "ip6tables"} {
+		name := bin + "-save"
+		if backend == "nft" || backend == "legacy" {
+			name = bin + "-" + backend + "-save"
+		}
+		for _, line := range strings.Split(ns.MustRun(t, name), "\n") {
+			if !strings.HasPrefix(line, "#") {
+				all = append(all, line)
+			}
+		}
+	}
+	return strings.Join(all, "\n")
+}
+
+// Rules is "iptables -S" (or ip6tables) of the filter table for a backend.
+func (ns *Netns) Rules(t testing.TB, fam, backend string) string {
+	t.Helper()
+	return ns.MustRun(t, fam+"-"+backend, "-S")
+}
+
+// WritePolicy writes a root-owned 0644 policy file with the given TOML
+// and returns its path.
+func WritePolicy(t testing.TB, dir, toml string) string {
+	t.Helper()
+	p := filepath.Join(dir, "policy.toml")
+	require.NoError(t, os.WriteFile(p, []byte(toml), 0o644))
+	return p
+}
