@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/signal"
 	"runtime/debug"
 	"syscall"
 	"time"
@@ -96,6 +97,14 @@ func localAddrs() ([]netip.Addr, error) {
 		}
 	}
 	return out, nil
+}
+
+// KeepRunningWhenTheClientLeaves makes the shim finish its work and write
+// its audit line even if the ssh client disconnects: sshd then sends
+// SIGHUP, and writing to the dead channel would raise SIGPIPE. fail2ban's
+// own timeout uses SIGTERM/SIGKILL, which still stop the shim.
+func KeepRunningWhenTheClientLeaves() {
+	signal.Ignore(syscall.SIGHUP, syscall.SIGPIPE)
 }
 
 // safePath is the only PATH the shim's children see.

@@ -5,8 +5,6 @@ package nstest
 
 import (
 	"bytes"
-	"crypto/rand"
-	"encoding/hex"
 	"fmt"
 	"os"
 	"os/exec"
@@ -16,6 +14,8 @@ import (
 	"testing"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/f2b-shim/f2b-shim/test/netns"
 )
 
 // RequireEnv is the variable that turns a skip into a failure. .ci/run
@@ -61,40 +61,29 @@ func BuildShim(dir string) (string, error) {
 
 // Netns is a network namespace that lives as long as the test.
 type Netns struct {
-	Name string
+	*netns.NS
 }
 
 // NewNetns creates a namespace with loopback up and deletes it when the
 // test ends, pass or fail.
 func NewNetns(t testing.TB) *Netns {
 	t.Helper()
-	b := make([]byte, 4)
-	_, _ = rand.Read(b)
-	ns := &Netns{Name: "f2bt-" + hex.EncodeToString(b)}
-	out, err := exec.Command("ip", "netns", "add", ns.Name).CombinedOutput()
-	require.NoError(t, err, "ip netns add: %s", out)
+	ns, err := netns.Add(netns.UniqueName(""))
+	require.NoError(t, err)
 	t.Cleanup(func() {
-		if out, err := exec.Command("ip", "netns", "del", ns.Name).CombinedOutput(); err != nil {
-			t.Errorf("ip netns del %s: %v: %s", ns.Name, err, out)
+		if err := ns.Delete(); err != nil {
+			t.Error(err)
 		}
 	})
-	ns.MustRun(t, "ip", "link", "set", "lo", "up")
-	return ns
-}
-
-// Command returns a command that runs inside the namespace.
-func (ns *Netns) Command(name string, args ...string) *exec.Cmd {
-	return exec.Command("ip", append([]string{"netns", "exec", ns.Name, name}, args...)...)
+	return &Netns{NS: ns}
 }
 
 // MustRun runs a command in the namespace and returns its stdout.
 func (ns *Netns) MustRun(t testing.TB, name string, args ...string) string {
 	t.Helper()
-	var stdout, stderr bytes.Buffer
-	cmd := ns.Command(name, args...)
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	require.NoError(t, cmd.Run(), "%s %v: %s", name, args, stderr.String())
-	return stdout.String()
+	out, err := ns.Run(name, args...)
+	require.NoError(t, err)
+	return out
 }
 
 // Result is how a run of the shim ended.

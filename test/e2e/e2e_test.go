@@ -1,0 +1,163 @@
+// Package e2e drives the whole flow with the real programs: fail2ban 1.0
+// on the mail host runs examples/proxy-iptables.conf, which runs ssh,
+// which reaches real sshd on the proxy, which starts f2b-shim as the key's
+// forced command, and the attacker is refused at the proxy.
+package e2e
+
+import (
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/f2b-shim/f2b-shim/test/e2e/lab"
+	"github.com/f2b-shim/f2b-shim/test/nstest"
+)
+
+// banWait bounds how long fail2ban may take to ban; the figure measured
+// is logged, not asserted (this machine is shared and noisy).
+const banWait = 30 * time.Second
+
+func TestFail2banBansAtTheProxy(t *testing.T) {
+	nstest.RequireRoot(t, "sshd", "ssh", "fail2ban-client", "socat", "iptables")
+	bin, err := nstest.BuildShim(t.TempDir())
+	require.NoError(t, err)
+	l, err := lab.Up(bin, t.TempDir())
+	require.NoError(t, err)
+	t.Cleanup(l.Down)
+	t.Cleanup(func() {
+		if t.Failed() {
+			for _, f := range []string{"fail2ban.log", "sshd.log", "audit.jsonl"} {
+				t.Logf("--- %s\n%s", f, l.Log(f))
+			}
+		}
+	})
+	ban4 := lab.BanRule(lab.AttackerV4)
+	ban6 := lab.BanRule(lab.AttackerV6)
+
+	t.Run("1 the attacker reaches the mail host through the proxy", func(t *testing.T) {
+		require.NoError(t, l.StartFail2ban())
+		require.NoError(t, l.Connect(false))
+		require.NoError(t, l.Connect(true))
+	})
+	t.Run("2 after maxretry failures the proxy bans the attacker", func(t *testing.T) {
+		require.NoError(t, l.FailLogins(lab.AttackerV4, 3))
+		took, err := l.WaitRule("iptables", ban4, true, banWait)
+		require.NoError(t, err)
+		t.Logf("ban in the proxy's firewall %s after the third failure", took.Round(time.Millisecond))
+		assert.Contains(t, l.Rules("iptables"), "-A INPUT -p tcp -m multiport --dports 143,993 -j "+lab.Chain)
+		assert.Error(t, l.Connect(false), "a banned attacker is refused")
+	})
+	t.Run("3 unbanip removes the rule and the attacker gets through", func(t *testing.T) {
+		_, err := l.Fail2ban("set", lab.Jail, "unbanip", lab.AttackerV4)
+		require.NoError(t, err)
+		_, err = l.WaitRule("iptables", ban4, false, banWait)
+		require.NoError(t, err)
+		assert.NoError(t, l.Connect(false))
+	})
+	t.Run("4 banip works, and an IPv6 attacker is banned with ip6tables", func(t *testing.T) {
+		_, err := l.Fail2ban("set", lab.Jail, "banip", lab.AttackerV4)
+		require.NoError(t, err)
+		_, err = l.WaitRule("iptables", ban4, true, banWait)
+		require.NoError(t, err)
+		assert.Error(t, l.Connect(false))
+
+		require.NoError(t, l.Connect(true), "IPv6 is not banned yet")
+		_, err = l.Fail2ban("set", lab.Jail, "banip", lab.AttackerV6)
+		require.NoError(t, err)
+		_, err = l.WaitRule("ip6tables", ban6, true, banWait)
+		require.NoError(t, err)
+		assert.Error(t, l.Connect(true))
+	})
+	t.Run("5 stopping fail2ban clears the proxy, starting it restores the bans", func(t *testing.T) {
+		require.NoError(t, l.StopFail2ban())
+		for _, bin := range []string{"iptables", "ip6tables"} {
+			assert.NotContains(t, l.Rules(bin), lab.Chain, bin)
+		}
+		require.NoError(t, l.Connect(false))
+
+		require.NoError(t, l.StartFail2ban())
+		_, err := l.WaitRule("iptables", ban4, true, banWait)
+		require.NoError(t, err)
+		_, err = l.WaitRule("ip6tables", ban6, true, banWait)
+		require.NoError(t, err)
+		assert.Error(t, l.Connect(false))
+	})
+	t.Run("6 fail2ban's log shows no action errors in the normal flow", func(t *testing.T) {
+		log := l.Log("fail2ban.log")
+		require.Contains(t, log, "Ban "+lab.AttackerV4, "the log is fail2ban's")
+		for _, line := range strings.Split(log, "\n") {
+			assert.NotContains(t, line, " ERROR ", "fail2ban logged an error")
+		}
+	})
+	t.Run("7 the key runs nothing else, and the audit log shows the denials", func(t *testing.T) {
+		before := l.Rules("iptables") + l.Rules("ip6tables")
+		noMux := []string{"-o", "ControlPath=none"}
+		attacks := []struct {
+			name string
+			run  func() (int, string)
+			// want is a part of what the client sees, where it sees anything.
+			want string
+		}{
+			{"id", func() (int, string) { return l.SSH(append(noMux, "f2b-proxy", "id")...) }, `program "id" is not allowed`},
+			{"iptables -F INPUT", func() (int, string) { return l.SSH(append(noMux, "f2b-proxy", "iptables -F INPUT")...) }, `chain "INPUT" is outside the allowed prefix`},
+			{"an interactive login", func() (int, string) { return l.SSH(append(noMux, "f2b-proxy")...) }, "an interactive login is not allowed"},
+			{"an interactive login with a forced pty", func() (int, string) { return l.SSH(append(noMux, "-tt", "f2b-proxy")...) }, ""},
+			{"a shell pipeline", func() (int, string) {
+				return l.SSH(append(noMux, "f2b-proxy", "iptables -w -N "+lab.Chain+"x; cat /etc/shadow")...)
+			}, "denied"},
+			{"scp", func() (int, string) {
+				return l.MailCommand("scp", "-F", l.Dir+"/ssh_config", "-o", "ControlPath=none", "-O", "/etc/hostname", "f2b-proxy:/tmp/f2b-shim-e2e")
+			}, ""},
+			{"sftp", func() (int, string) {
+				return l.MailCommand("sftp", "-F", l.Dir+"/ssh_config", "-o", "ControlPath=none", "-b", "/dev/null", "f2b-proxy")
+			}, ""},
+			{"remote port forwarding", func() (int, string) {
+				return l.SSH(append(noMux, "-o", "ClearAllForwardings=no", "-o", "ExitOnForwardFailure=yes",
+					"-R", "127.0.0.1:10143:127.0.0.1:22", "f2b-proxy", "iptables -w -C "+lab.Chain+" -j RETURN")...)
+			}, "remote port forwarding failed"},
+			{"local port forwarding", func() (int, string) {
+				// The client may listen locally; the proxy must refuse to
+				// carry the connection, so no greeting comes through.
+				fwd := l.Mail.Command("ssh", append(noMux, "-F", l.Dir+"/ssh_config", "-o", "ClearAllForwardings=no",
+					"-N", "-L", "127.0.0.1:10143:"+lab.MailV4+":143", "f2b-proxy")...)
+				require.NoError(t, fwd.Start())
+				defer func() { _ = fwd.Process.Kill(); _ = fwd.Wait() }()
+				var out string
+				for range 20 {
+					o, err := l.Mail.Run("socat", "-T1", "-u", "TCP4:127.0.0.1:10143,connect-timeout=1", "STDOUT")
+					if err == nil && o != "" {
+						return 0, o
+					}
+					out = o
+					time.Sleep(100 * time.Millisecond)
+				}
+				return 1, out
+			}, ""},
+		}
+		for _, a := range attacks {
+			code, out := a.run()
+			assert.NotEqual(t, 0, code, "%s succeeded: %s", a.name, out)
+			assert.Contains(t, out, a.want, a.name)
+		}
+		_, err := os.Stat("/tmp/f2b-shim-e2e")
+		assert.True(t, os.IsNotExist(err), "scp wrote a file on the proxy")
+		assert.Equal(t, before, l.Rules("iptables")+l.Rules("ip6tables"), "the attacks changed the firewall")
+
+		recs, err := l.Audit()
+		require.NoError(t, err)
+		denied := map[string]bool{}
+		for _, r := range recs {
+			if r["decision"] == "deny" {
+				denied[r["command"].(string)] = true
+			}
+		}
+		for _, cmd := range []string{"id", "iptables -F INPUT", "", "internal-sftp"} {
+			assert.True(t, denied[cmd], "the audit log shows the denial of %q; denied: %v", cmd, denied)
+		}
+		assert.True(t, denied["scp -t /tmp/f2b-shim-e2e"], "scp's denial is audited; denied: %v", denied)
+	})
+}

@@ -1,0 +1,483 @@
+// Package lab brings up the three test hosts of the end-to-end test and
+// the demo, each in its own network namespace:
+//
+//	attacker 203.0.113.45        proxy 203.0.113.1 | 192.0.2.7         mail 192.0.2.10
+//	         2001:db8:203::45 --       2001:db8:203::1 | 2001:db8:192::7 -- 2001:db8:192::10
+//
+// The proxy runs real OpenSSH sshd (with f2b-shim as the key's forced
+// command) and socat forwarding IMAP to the mail host; the mail host runs
+// a tiny IMAP greeter and real fail2ban with examples/proxy-iptables.conf.
+// Every config, key, socket, pid file and log lives in Dir.
+package lab
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/f2b-shim/f2b-shim/test/netns"
+)
+
+// Addresses of the lab hosts, all from the documentation ranges.
+const (
+	AttackerV4 = "203.0.113.45"
+	AttackerV6 = "2001:db8:203::45"
+	ProxyOutV4 = "203.0.113.1"
+	ProxyOutV6 = "2001:db8:203::1"
+	ProxyInV4  = "192.0.2.7"
+	MailV4     = "192.0.2.10"
+	SSHPort    = "2222" // sshd's port inside the proxy's namespace
+	IMAPPort   = "143"
+	Jail       = "imap"
+	Chain      = "mail-remote-f2b-imap"
+)
+
+// Lab is a running set of test hosts.
+type Lab struct {
+	Dir string
+	// sockDir holds ssh's ControlPath sockets: a Unix socket path must fit
+	// in 108 bytes, which a test's temp dir can exceed.
+	sockDir               string
+	Shim                  string
+	Attacker, Proxy, Mail *netns.NS
+	procs                 []*exec.Cmd
+	f2bRunning            bool
+}
+
+// RepoRoot is the f2b-shim checkout this package lives in.
+func RepoRoot() string {
+	_, self, _, _ := runtime.Caller(0)
+	return filepath.Clean(filepath.Join(filepath.Dir(self), "..", "..", ".."))
+}
+
+// Up builds the hosts. shim is the f2b-shim binary; dir is an empty
+// directory for the lab's files. On error, whatever was made is removed.
+func Up(shim, dir string) (l *Lab, err error) {
+	l = &Lab{Dir: dir, Shim: shim}
+	defer func() {
+		if err != nil {
+			l.Down()
+			l = nil
+		}
+	}()
+	for _, step := range []func() error{l.network, l.proxyFiles, l.startProxy, l.startMailService, l.mailFiles} {
+		if err := step(); err != nil {
+			return l, err
+		}
+	}
+	return l, nil
+}
+
+func (l *Lab) path(name string) string { return filepath.Join(l.Dir, name) }
+
+func (l *Lab) network() error {
+	tag := netns.UniqueName("")
+	var err error
+	for _, h := range []struct {
+		p    **netns.NS
+		role string
+	}{{&l.Attacker, "att"}, {&l.Proxy, "pxy"}, {&l.Mail, "mail"}} {
+		if *h.p, err = netns.Add(tag + "-" + h.role); err != nil {
+			return err
+		}
+	}
+	// The veth pairs are created inside the namespaces, never on the host.
+	cmds := [][]string{
+		{l.Attacker.Name, "ip", "link", "add", "att0", "type", "veth", "peer", "name", "pxa0", "netns", l.Proxy.Name},
+		{l.Proxy.Name, "ip", "link", "add", "pxm0", "type", "veth", "peer", "name", "mail0", "netns", l.Mail.Name},
+		{l.Attacker.Name, "ip", "addr", "add", AttackerV4 + "/24", "dev", "att0"},
+		{l.Attacker.Name, "ip", "addr", "add", AttackerV6 + "/64", "dev", "att0", "nodad"},
+		{l.Proxy.Name, "ip", "addr", "add", ProxyOutV4 + "/24", "dev", "pxa0"},
+		{l.Proxy.Name, "ip", "addr", "add", ProxyOutV6 + "/64", "dev", "pxa0", "nodad"},
+		{l.Proxy.Name, "ip", "addr", "add", ProxyInV4 + "/24", "dev", "pxm0"},
+		{l.Proxy.Name, "ip", "addr", "add", "2001:db8:192::7/64", "dev", "pxm0", "nodad"},
+		{l.Mail.Name, "ip", "addr", "add", MailV4 + "/24", "dev", "mail0"},
+		{l.Mail.Name, "ip", "addr", "add", "2001:db8:192::10/64", "dev", "mail0", "nodad"},
+		{l.Attacker.Name, "ip", "link", "set", "att0", "up"},
+		{l.Proxy.Name, "ip", "link", "set", "pxa0", "up"},
+		{l.Proxy.Name, "ip", "link", "set", "pxm0", "up"},
+		{l.Mail.Name, "ip", "link", "set", "mail0", "up"},
+	}
+	byName := map[string]*netns.NS{l.Attacker.Name: l.Attacker, l.Proxy.Name: l.Proxy, l.Mail.Name: l.Mail}
+	for _, c := range cmds {
+		if _, err := byName[c[0]].Run(c[1], c[2:]...); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (l *Lab) write(name, content string, mode os.FileMode) error {
+	return os.WriteFile(l.path(name), []byte(content), mode)
+}
+
+func (l *Lab) keygen(name string) error {
+	out, err := exec.Command("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", l.path(name)).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("ssh-keygen: %v: %s", err, out)
+	}
+	return nil
+}
+
+// proxyFiles writes the proxy's sshd config, host key, authorized_keys
+// and f2b-shim policy.
+func (l *Lab) proxyFiles() error {
+	if err := os.MkdirAll("/run/sshd", 0o755); err != nil { // sshd's privilege-separation directory
+		return err
+	}
+	for _, k := range []string{"ssh_host_ed25519_key", "id_ed25519"} {
+		if err := l.keygen(k); err != nil {
+			return err
+		}
+	}
+	pub, err := os.ReadFile(l.path("id_ed25519.pub"))
+	if err != nil {
+		return err
+	}
+	hostPub, err := os.ReadFile(l.path("ssh_host_ed25519_key.pub"))
+	if err != nil {
+		return err
+	}
+	// The line from examples/ssh/authorized_keys, with this lab's paths.
+	keyLine := fmt.Sprintf("restrict,from=%q,command=\"%s --policy %s\" %s", MailV4, l.Shim, l.path("policy.toml"), pub)
+	sshd := strings.Join([]string{
+		"Port " + SSHPort,
+		"ListenAddress " + ProxyInV4,
+		"HostKey " + l.path("ssh_host_ed25519_key"),
+		"PidFile " + l.path("sshd.pid"),
+		"AuthorizedKeysFile " + l.path("authorized_keys"),
+		"StrictModes no", // the temp dir is not where sshd expects key files
+		"UsePAM no",
+		"PasswordAuthentication no",
+		"KbdInteractiveAuthentication no",
+		"PermitRootLogin forced-commands-only",
+		"Subsystem sftp internal-sftp",
+		"LogLevel VERBOSE",
+	}, "\n") + "\n"
+	policy := fmt.Sprintf("name = \"lab\"\naudit_log = %q\nstate_dir = %q\n", l.path("audit.jsonl"), l.path("state"))
+	return errors.Join(
+		l.write("authorized_keys", keyLine, 0o600),
+		l.write("sshd_config", sshd, 0o600),
+		l.write("policy.toml", policy, 0o644),
+		l.write("known_hosts", fmt.Sprintf("[%s]:%s %s", ProxyInV4, SSHPort, hostPub), 0o644),
+	)
+}
+
+// start runs a long-lived program in a namespace, logging to Dir/<log>.
+func (l *Lab) start(ns *netns.NS, log string, name string, args ...string) error {
+	f, err := os.Create(l.path(log))
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	cmd := ns.Command(name, args...)
+	cmd.Stdout, cmd.Stderr = f, f
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	l.procs = append(l.procs, cmd)
+	return nil
+}
+
+func (l *Lab) startProxy() error {
+	if err := l.start(l.Proxy, "sshd.log", "/usr/sbin/sshd", "-D", "-e", "-f", l.path("sshd_config")); err != nil {
+		return err
+	}
+	// socat stands in for the reverse proxy: IMAP from the attacker's side
+	// goes on to the mail host.
+	if err := l.start(l.Proxy, "socat4.log", "socat", "TCP4-LISTEN:"+IMAPPort+",bind="+ProxyOutV4+",fork,reuseaddr", "TCP4:"+MailV4+":"+IMAPPort); err != nil {
+		return err
+	}
+	if err := l.start(l.Proxy, "socat6.log", "socat", "TCP6-LISTEN:"+IMAPPort+",bind=["+ProxyOutV6+"],fork,reuseaddr,ipv6only=1", "TCP4:"+MailV4+":"+IMAPPort); err != nil {
+		return err
+	}
+	var lastErr error
+	if err := waitFor(10*time.Second, func() bool {
+		out, err := l.Mail.Run("socat", "-T1", "-u", "TCP4:"+ProxyInV4+":"+SSHPort+",connect-timeout=1", "STDOUT")
+		lastErr = err
+		return strings.HasPrefix(out, "SSH-")
+	}); err != nil {
+		return fmt.Errorf("sshd on the proxy does not answer (%v): %v\n%s", lastErr, err, l.Log("sshd.log"))
+	}
+	return nil
+}
+
+func (l *Lab) startMailService() error {
+	if err := l.start(l.Mail, "imapd.log", "socat", "TCP4-LISTEN:"+IMAPPort+",bind="+MailV4+",fork,reuseaddr", "SYSTEM:echo OK IMAP ready"); err != nil {
+		return err
+	}
+	var lastErr error
+	if err := waitFor(10*time.Second, func() bool { lastErr = l.Connect(false); return lastErr == nil }); err != nil {
+		return fmt.Errorf("the attacker cannot reach the mail host through the proxy (%v): %v", lastErr, err)
+	}
+	return nil
+}
+
+// mailFiles writes fail2ban's config dir: fail2ban.conf, a jail on
+// Dir/mail.log, a filter, and action.d with the repository's
+// examples/proxy-iptables.conf itself (a link, not a copy) and the
+// iptables.conf it builds on. The mail host's ssh_config is
+// examples/ssh/ssh_config with this lab's host, user and paths.
+func (l *Lab) mailFiles() error {
+	f2b := l.path("fail2ban")
+	for _, d := range []string{"action.d", "filter.d", "jail.d"} {
+		if err := os.MkdirAll(filepath.Join(f2b, d), 0o755); err != nil {
+			return err
+		}
+	}
+	links := map[string]string{
+		filepath.Join(RepoRoot(), "examples", "proxy-iptables.conf"): filepath.Join(f2b, "action.d", "proxy-iptables.conf"),
+		"/etc/fail2ban/action.d/iptables.conf":                       filepath.Join(f2b, "action.d", "iptables.conf"),
+	}
+	for from, to := range links {
+		if err := os.Symlink(from, to); err != nil {
+			return err
+		}
+	}
+	example, err := os.ReadFile(filepath.Join(RepoRoot(), "examples", "ssh", "ssh_config"))
+	if err != nil {
+		return err
+	}
+	if l.sockDir, err = os.MkdirTemp("", netns.Prefix); err != nil {
+		return err
+	}
+	sshConfig := strings.NewReplacer(
+		"HostName proxy.example.net", "HostName "+ProxyInV4+"\n    Port "+SSHPort,
+		"User f2b-shim", "User root",
+		"/etc/fail2ban/f2b-shim/", l.Dir+"/",
+		"/run/fail2ban/", l.sockDir+"/",
+	).Replace(string(example))
+	conf := fmt.Sprintf(`[Definition]
+loglevel = INFO
+logtarget = %s
+socket = %s
+pidfile = %s
+dbfile = %s
+`, l.path("fail2ban.log"), l.path("fail2ban.sock"), l.path("fail2ban.pid"), l.path("fail2ban.sqlite3"))
+	jail := fmt.Sprintf(`[DEFAULT]
+backend = polling
+[%s]
+enabled = true
+filter = lab-imap
+logpath = %s
+maxretry = 3
+findtime = 10m
+bantime = 1h
+action = proxy-iptables[name=%s, port="imap,imaps", protocol=tcp, ssh_config="%s", ssh_key="%s"]
+`, Jail, l.path("mail.log"), Jail, l.path("ssh_config"), l.path("id_ed25519"))
+	filter := "[Definition]\nfailregex = imap-login: auth failed, rip=<HOST>\n"
+	return errors.Join(
+		l.write("ssh_config", sshConfig, 0o644),
+		l.write("mail.log", "", 0o644),
+		os.WriteFile(filepath.Join(f2b, "fail2ban.conf"), []byte(conf), 0o644),
+		os.WriteFile(filepath.Join(f2b, "jail.conf"), []byte(jail), 0o644),
+		os.WriteFile(filepath.Join(f2b, "filter.d", "lab-imap.conf"), []byte(filter), 0o644),
+	)
+}
+
+// Fail2ban runs fail2ban-client with the lab's config on the mail host.
+func (l *Lab) Fail2ban(args ...string) (string, error) {
+	return l.Mail.Run("fail2ban-client", append([]string{"-c", l.path("fail2ban")}, args...)...)
+}
+
+// StartFail2ban starts fail2ban-server on the mail host and waits until
+// the jail answers.
+func (l *Lab) StartFail2ban() error {
+	if _, err := l.Fail2ban("start"); err != nil {
+		return err
+	}
+	l.f2bRunning = true
+	return waitFor(20*time.Second, func() bool {
+		_, err := l.Fail2ban("status", Jail)
+		return err == nil
+	})
+}
+
+// StopFail2ban stops fail2ban, which runs the action's actionstop.
+func (l *Lab) StopFail2ban() error {
+	_, err := l.Fail2ban("stop")
+	if err == nil {
+		l.f2bRunning = false
+		err = waitFor(20*time.Second, func() bool { return !alive(l.path("fail2ban.pid")) })
+	}
+	return err
+}
+
+// FailLogins appends n failed logins from ip to the mail log.
+func (l *Lab) FailLogins(ip string, n int) error {
+	f, err := os.OpenFile(l.path("mail.log"), os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	for range n {
+		if _, err := fmt.Fprintf(f, "%s imap-login: auth failed, rip=%s\n", time.Now().Format("2006-01-02 15:04:05"), ip); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Connect opens an IMAP connection from the attacker through the proxy and
+// expects the mail host's greeting.
+func (l *Lab) Connect(v6 bool) error {
+	addr := "TCP4:" + ProxyOutV4 + ":" + IMAPPort
+	if v6 {
+		addr = "TCP6:[" + ProxyOutV6 + "]:" + IMAPPort
+	}
+	out, err := l.Attacker.Run("socat", "-T2", "-u", addr+",connect-timeout=2", "STDOUT")
+	if err != nil {
+		return err
+	}
+	if !strings.Contains(out, "OK IMAP ready") {
+		return fmt.Errorf("no IMAP greeting, got %q", out)
+	}
+	return nil
+}
+
+// Rules is the proxy's "iptables -S" (or ip6tables) of the filter table.
+func (l *Lab) Rules(bin string) string {
+	out, err := l.Proxy.Run(bin, "-S")
+	if err != nil {
+		return err.Error()
+	}
+	return out
+}
+
+// BanRule is the rule f2b-shim puts in place for a ban of one address.
+func BanRule(ip string) string {
+	a := netip.MustParseAddr(ip)
+	return fmt.Sprintf("-A %s -s %s -j REJECT", Chain, netip.PrefixFrom(a, a.BitLen()))
+}
+
+// WaitRule waits until the proxy's firewall does (or does not) hold a
+// line containing want, and returns how long that took.
+func (l *Lab) WaitRule(bin, want string, present bool, timeout time.Duration) (time.Duration, error) {
+	start := time.Now()
+	err := waitFor(timeout, func() bool { return strings.Contains(l.Rules(bin), want) == present })
+	if err != nil {
+		return 0, fmt.Errorf("after %s the proxy's %s rules still %s %q:\n%s", timeout, bin, map[bool]string{true: "lack", false: "hold"}[present], want, l.Rules(bin))
+	}
+	return time.Since(start), nil
+}
+
+// SSH runs ssh from the mail host with the lab's ssh_config and key, as
+// fail2ban's action does, and returns its exit code and output.
+func (l *Lab) SSH(args ...string) (int, string) {
+	cmd := l.Mail.Command("ssh", append([]string{"-F", l.path("ssh_config"), "-i", l.path("id_ed25519")}, args...)...)
+	return exitCode(cmd)
+}
+
+// MailCommand runs any program on the mail host, e.g. scp or sftp.
+func (l *Lab) MailCommand(name string, args ...string) (int, string) {
+	return exitCode(l.Mail.Command(name, args...))
+}
+
+func exitCode(cmd *exec.Cmd) (int, string) {
+	cmd.Stdin = nil
+	out, err := cmd.CombinedOutput()
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		return ee.ExitCode(), string(out)
+	}
+	if err != nil {
+		return -1, err.Error()
+	}
+	return 0, string(out)
+}
+
+// Audit reads the proxy's f2b-shim audit log.
+func (l *Lab) Audit() ([]map[string]any, error) {
+	f, err := os.Open(l.path("audit.jsonl"))
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var out []map[string]any
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		var m map[string]any
+		if err := json.Unmarshal(sc.Bytes(), &m); err != nil {
+			return nil, fmt.Errorf("audit line %q: %v", sc.Text(), err)
+		}
+		out = append(out, m)
+	}
+	return out, sc.Err()
+}
+
+// Log returns one of the lab's log files, e.g. "fail2ban.log".
+func (l *Lab) Log(name string) string {
+	b, _ := os.ReadFile(l.path(name))
+	return string(b)
+}
+
+// Down stops everything the lab started and deletes its namespaces. It is
+// safe to call more than once and after a failed Up.
+func (l *Lab) Down() {
+	if l.f2bRunning {
+		_ = l.StopFail2ban()
+	}
+	if l.Mail != nil {
+		// End ssh's shared connection (ControlPersist) to the proxy.
+		l.SSH("-O", "exit", "f2b-proxy")
+	}
+	killPidFile(l.path("fail2ban.pid"))
+	for _, p := range l.procs {
+		_ = p.Process.Kill()
+		_ = p.Wait()
+	}
+	l.procs = nil
+	if l.sockDir != "" {
+		_ = os.RemoveAll(l.sockDir)
+	}
+	for _, ns := range []**netns.NS{&l.Attacker, &l.Proxy, &l.Mail} {
+		if *ns != nil {
+			_ = (*ns).Delete()
+			*ns = nil
+		}
+	}
+}
+
+func readPid(path string) int {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0
+	}
+	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	return pid
+}
+
+func alive(pidFile string) bool {
+	pid := readPid(pidFile)
+	return pid > 0 && syscall.Kill(pid, 0) == nil
+}
+
+// killPidFile stops the process a pid file of ours names, if it still runs.
+func killPidFile(path string) {
+	if pid := readPid(path); pid > 0 {
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+	}
+}
+
+func waitFor(timeout time.Duration, ok func() bool) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		if ok() {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("timed out after %s", timeout)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
