@@ -72,7 +72,17 @@ func runForced(policyPath string, env Env, stderr io.Writer, deps Deps) int {
 	}
 	rec.Decision, rec.Op = audit.Allow, opRecord(op)
 
-	outcome, err := apply(pol, op, start, deps)
+	// The lock is held until the audit line is written, so that the audit
+	// log records changes in the order they were made.
+	deadline := start.Add(pol.LockTimeout)
+	held, err := lock.Acquire(pol.StateDir, lockName, deadline)
+	if err != nil {
+		rec.Reason = audit.Text(err.Error())
+		return finish(ExitFirewall, "failed", "firewall: "+err.Error())
+	}
+	defer held.Release()
+
+	outcome, err := apply(pol, op, deadline, deps)
 	if err != nil {
 		status, stderrText := errorStatus(err)
 		rec.IptablesStatus = status
@@ -90,15 +100,10 @@ func runForced(policyPath string, env Env, stderr io.Writer, deps Deps) int {
 	return finish(code, outcome.String(), "")
 }
 
-// apply takes the host-wide lock and carries out op, all within
-// lock_timeout of the start: fail2ban kills an action after 60 s.
-func apply(pol *policy.Policy, op policy.Operation, start time.Time, deps Deps) (firewall.Outcome, error) {
-	deadline := start.Add(pol.LockTimeout)
-	l, err := lock.Acquire(pol.StateDir, lockName, deadline)
-	if err != nil {
-		return 0, err
-	}
-	defer l.Release()
+// apply carries out op. Each iptables call may wait for the xtables lock
+// until the deadline (at least a second): fail2ban kills an action after
+// 60 s, and lock_timeout is at most 50 s.
+func apply(pol *policy.Policy, op policy.Operation, deadline time.Time, deps Deps) (firewall.Outcome, error) {
 	wait := max(deadline.Sub(deps.Now()), time.Second)
 	t, err := deps.OpenTable(op.Family, pol.IptablesBackend, wait)
 	if err != nil {
