@@ -7,6 +7,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/f2b-shim/f2b-shim/test/hostile"
 )
 
 // decide is parse + authorize under the default policy, as the shim does.
@@ -282,5 +284,21 @@ func TestWireFormsOfTheExampleActions(t *testing.T) {
 	} {
 		_, err := decide(t, line)
 		assert.NoError(t, err, line)
+	}
+}
+
+// TestHostileCorpusIsDenied runs every line of test/hostile/corpus.txt
+// through parse + authorize; the namespace test runs them through the
+// binary as well.
+func TestHostileCorpusIsDenied(t *testing.T) {
+	entries, err := hostile.Load()
+	require.NoError(t, err)
+	require.GreaterOrEqual(t, len(entries), 200)
+	for _, e := range entries {
+		_, err := decide(t, e.Line)
+		var d *Denial
+		if assert.ErrorAs(t, err, &d, "corpus.txt:%d %q (%s) was allowed", e.Lineno, e.Line, e.Category) {
+			assert.NotContains(t, d.Reason, "\n")
+		}
 	}
 }

@@ -7,6 +7,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/f2b-shim/f2b-shim/test/hostile"
 )
 
 // FuzzDecide feeds arbitrary text through parse + authorize and checks the
@@ -32,6 +34,11 @@ func FuzzDecide(f *testing.F) {
 	}
 	for _, s := range seeds {
 		f.Add(s)
+	}
+	corpus, err := hostile.Load()
+	require.NoError(f, err)
+	for _, e := range corpus {
+		f.Add(e.Line)
 	}
 	pol := Default()
 	f.Fuzz(func(t *testing.T, line string) {

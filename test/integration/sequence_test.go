@@ -200,3 +200,5 @@ func TestParallelBans(t *testing.T) {
 		})
 	}
 }
+
+func itoa(n int) string { return fmt.Sprint(n) }
