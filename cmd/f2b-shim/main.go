@@ -12,6 +12,6 @@ import (
 func main() {
 	env := cli.EnvFrom(os.Environ())
 	cli.CleanEnvironment()
-	cli.KeepRunningWhenTheClientLeaves()
+	cli.FinishWhatWasStarted()
 	os.Exit(cli.Run(os.Args[1:], env, os.Stdout, os.Stderr, cli.RealDeps()))
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 	"time"
 
 	"github.com/f2b-shim/f2b-shim/internal/audit"
@@ -11,6 +12,9 @@ import (
 	"github.com/f2b-shim/f2b-shim/internal/lock"
 	"github.com/f2b-shim/f2b-shim/policy"
 )
+
+// oneLine folds a multi-line message (iptables prints several) into one.
+var oneLine = strings.NewReplacer("\r\n", "; ", "\n", "; ", "\r", "; ")
 
 // lockName is the host-wide lock file in state_dir.
 const lockName = "lock"
@@ -45,7 +49,9 @@ func runForced(policyPath string, env Env, stderr io.Writer, deps Deps) int {
 		rec.Exit, rec.Result = code, result
 		rec.DurationMS = float64(deps.Now().Sub(start).Microseconds()) / 1000
 		if msg != "" {
-			fmt.Fprintf(stderr, "f2b-shim: %s\n", msg)
+			// One line: fail2ban logs it, and iptables' own messages can
+			// span several.
+			fmt.Fprintf(stderr, "f2b-shim: %s\n", oneLine.Replace(strings.TrimSpace(msg)))
 		}
 		if err := log.Write(rec); err != nil {
 			fmt.Fprintf(stderr, "f2b-shim: cannot write the audit log %q: %v\n", pol.AuditLog, err)

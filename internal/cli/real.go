@@ -99,12 +99,14 @@ func localAddrs() ([]netip.Addr, error) {
 	return out, nil
 }
 
-// KeepRunningWhenTheClientLeaves makes the shim finish its work and write
-// its audit line even if the ssh client disconnects: sshd then sends
-// SIGHUP, and writing to the dead channel would raise SIGPIPE. fail2ban's
-// own timeout uses SIGTERM/SIGKILL, which still stop the shim.
-func KeepRunningWhenTheClientLeaves() {
-	signal.Ignore(syscall.SIGHUP, syscall.SIGPIPE)
+// FinishWhatWasStarted makes the shim complete its one operation and
+// write its audit line even when it is asked to stop halfway: sshd sends
+// SIGHUP when the ssh client disconnects, writing to the dead channel
+// raises SIGPIPE, and SIGTERM comes from anyone tidying up. Every wait in
+// the shim is bounded by lock_timeout, so it always ends by itself soon;
+// SIGKILL still stops it at once.
+func FinishWhatWasStarted() {
+	signal.Ignore(syscall.SIGHUP, syscall.SIGPIPE, syscall.SIGTERM)
 }
 
 // safePath is the only PATH the shim's children see.
