@@ -14,10 +14,6 @@ import (
 	"time"
 )
 
-// pollInterval is how often a waiting shim retries. flock has no timed
-// wait; polling keeps every wait bounded by the caller's deadline.
-const pollInterval = 5 * time.Millisecond
-
 // Lock is a held lock.
 type Lock struct {
 	f *os.File
@@ -37,20 +33,27 @@ func Acquire(dir, name string, deadline time.Time) (*Lock, error) {
 	if err != nil {
 		return nil, err
 	}
-	for {
-		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
-		if err == nil {
-			return &Lock{f: f}, nil
-		}
-		if !errors.Is(err, syscall.EWOULDBLOCK) {
+	// A blocking flock lets the kernel hand the lock from one waiter to
+	// the next; polling with LOCK_NB made hundreds of waiting shims spin
+	// and starve the holder. flock has no timeout, so the wait runs in a
+	// goroutine and is abandoned at the deadline.
+	got := make(chan error, 1)
+	go func() { got <- syscall.Flock(int(f.Fd()), syscall.LOCK_EX) }()
+	timer := time.NewTimer(time.Until(deadline))
+	defer timer.Stop()
+	select {
+	case err := <-got:
+		if err != nil {
 			f.Close()
 			return nil, fmt.Errorf("locking %s: %w", path, err)
 		}
-		if time.Now().After(deadline) {
-			f.Close()
-			return nil, fmt.Errorf("%w %s; another f2b-shim is still working (see \"fuser -v %s\")", ErrTimeout, path, path)
-		}
-		time.Sleep(pollInterval)
+		return &Lock{f: f}, nil
+	case <-timer.C:
+		// Closing the file makes a flock that succeeds later drop the lock
+		// again at once: the kernel releases it with the file's last
+		// reference, which the blocked call holds.
+		f.Close()
+		return nil, fmt.Errorf("%w %s; another f2b-shim is still working (see \"fuser -v %s\")", ErrTimeout, path, path)
 	}
 }
 

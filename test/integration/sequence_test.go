@@ -202,3 +202,5 @@ func TestParallelBans(t *testing.T) {
 }
 
 func itoa(n int) string { return fmt.Sprint(n) }
+
+func removeFile(path string) error { return os.Remove(path) }
