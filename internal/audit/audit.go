@@ -18,11 +18,13 @@ import (
 // Record is one audit line. The field names are part of the log format
 // that "f2b-shim audit" and users' log pipelines read; keep them stable.
 type Record struct {
-	Time       time.Time `json:"time"`
-	Policy     string    `json:"policy"`
-	ClientIP   string    `json:"client_ip,omitempty"`
-	ClientPort int       `json:"client_port,omitempty"`
-	Command    Text      `json:"command"`
+	Time   time.Time `json:"time"`
+	Policy string    `json:"policy"`
+	// UID is the user the shim ran as: 0 in root mode.
+	UID        int    `json:"uid"`
+	ClientIP   string `json:"client_ip,omitempty"`
+	ClientPort int    `json:"client_port,omitempty"`
+	Command    Text   `json:"command"`
 	// CommandB64 holds the raw command, base64, when it is not valid UTF-8
 	// or was cut short in Command, so that no byte of an attack is lost.
 	CommandB64 []byte `json:"command_b64,omitempty"`

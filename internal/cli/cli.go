@@ -25,7 +25,7 @@ const (
 	ExitUsage      = 2 // the admin's command line is wrong
 	ExitDenied     = 3 // the policy refused the request; nothing was changed
 	ExitFirewall   = 4 // iptables or the lock failed; see the audit log
-	ExitSetup      = 5 // the policy file or the audit log is unusable; nothing was changed
+	ExitSetup      = 5 // the policy file, the audit log or the capabilities are unusable; nothing was changed
 )
 
 // Env is what the shim reads from its environment, and nothing more.
@@ -61,7 +61,10 @@ type Deps struct {
 	OpenTable func(fam policy.Family, backend string, wait time.Duration) (firewall.Table, error)
 	// LocalAddrs lists the proxy's own addresses, which are never banned.
 	LocalAddrs func() ([]netip.Addr, error)
-	Now        func() time.Time
+	// PrepareExec readies the process to run iptables: as a non-root user
+	// it raises the ambient capabilities (see package privilege).
+	PrepareExec func() error
+	Now         func() time.Time
 }
 
 const usage = `f2b-shim: the forced command that lets a fail2ban host manage its own ban chains on this proxy
@@ -79,7 +82,7 @@ Examples:
 Exit status:
   0 done, or a check is true     3 denied by the policy
   1 a check is false             4 the firewall (iptables or the lock) failed
-  2 usage error                  5 the policy file or the audit log is unusable
+  2 usage error                  5 the policy file, the audit log or the capabilities are unusable
 `
 
 // Run is the whole program: main only calls it and exits with its result.

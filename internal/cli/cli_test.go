@@ -41,8 +41,9 @@ func newHarness(t *testing.T) *harness {
 		OpenTable: func(fam policy.Family, _ string, _ time.Duration) (firewall.Table, error) {
 			return h.tables[fam], nil
 		},
-		LocalAddrs: func() ([]netip.Addr, error) { return []netip.Addr{netip.MustParseAddr("192.0.2.7")}, nil },
-		Now:        time.Now,
+		LocalAddrs:  func() ([]netip.Addr, error) { return []netip.Addr{netip.MustParseAddr("192.0.2.7")}, nil },
+		PrepareExec: func() error { return nil },
+		Now:         time.Now,
 	}
 	return h
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"strings"
 	"time"
 
@@ -31,7 +32,7 @@ func runForced(policyPath string, env Env, stderr io.Writer, deps Deps) int {
 		fmt.Fprintf(stderr, "f2b-shim: policy: %v\nf2b-shim: hint: nothing was changed; fix the policy file on the proxy\n", err)
 		return ExitSetup
 	}
-	rec := audit.Record{Time: start.UTC(), Policy: pol.Name}
+	rec := audit.Record{Time: start.UTC(), Policy: pol.Name, UID: os.Getuid()}
 	client, port := parseSSHConnection(env.SSHConnection)
 	if client.IsValid() {
 		rec.ClientIP, rec.ClientPort = client.String(), port
@@ -77,6 +78,11 @@ func runForced(policyPath string, env Env, stderr io.Writer, deps Deps) int {
 		return finish(ExitDenied, "denied", "denied: "+err.Error())
 	}
 	rec.Decision, rec.Op = audit.Allow, opRecord(op)
+
+	if err := deps.PrepareExec(); err != nil {
+		rec.Reason = audit.Text(err.Error())
+		return finish(ExitSetup, "failed", "setup: "+err.Error())
+	}
 
 	// The lock is held until the audit line is written, so that the audit
 	// log records changes in the order they were made.

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/f2b-shim/f2b-shim/internal/firewall"
+	"github.com/f2b-shim/f2b-shim/internal/privilege"
 	"github.com/f2b-shim/f2b-shim/policy"
 )
 
@@ -37,8 +38,9 @@ func RealDeps() Deps {
 		OpenTable: func(fam policy.Family, backend string, wait time.Duration) (firewall.Table, error) {
 			return firewall.Open(fam, backend, wait)
 		},
-		LocalAddrs: localAddrs,
-		Now:        time.Now,
+		LocalAddrs:  localAddrs,
+		PrepareExec: privilege.Prepare,
+		Now:         time.Now,
 	}
 }
 

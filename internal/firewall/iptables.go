@@ -46,10 +46,6 @@ func (e *CommandError) Error() string {
 	if msg == "" {
 		msg = e.err.Error()
 	}
-	if e.Status == 4 && !strings.Contains(msg, "xtables lock") {
-		// iptables-legacy exits 4 when it gave up waiting for the xtables lock.
-		msg += " (the xtables lock is held by another program)"
-	}
 	return fmt.Sprintf("iptables exited with status %d: %s", e.Status, msg)
 }
 

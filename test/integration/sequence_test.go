@@ -54,112 +54,118 @@ func TestFail2banActionSequence(t *testing.T) {
 	for _, backend := range backends {
 		t.Run(backend, func(t *testing.T) {
 			ns, pol, audit := setup(t, backend, "")
-			calls, denials := 0, 0
-			shimRun := func(line string) nstest.Result {
-				calls++
-				return ns.Shim(t, shim, pol, line)
-			}
-			run := func(line string, want int) {
-				t.Helper()
-				r := shimRun(line)
-				require.Equal(t, want, r.Code, "%s\nstderr: %s", line, r.Stderr)
-			}
-			hook4 := "-p tcp -m multiport --dports 143,993 -j " + chain
-			start := func(bin string) {
-				// fail2ban's actionstart: { -C return } || { -N || true; -A return }, then { -C hook } || -I hook.
-				if shimRun(bin+" -w -C "+chain+" -j RETURN").Code != 0 {
-					run(bin+" -w -N "+chain, 0)
-					run(bin+" -w -A "+chain+" -j RETURN", 0)
-				}
-				if shimRun(bin+" -w -C INPUT "+hook4).Code != 0 {
-					run(bin+" -w -I INPUT "+hook4, 0)
-				}
-			}
-
-			t.Run("start", func(t *testing.T) {
-				run("iptables -w -C "+chain+" -j RETURN", 1)
-				start("iptables")
-				start("ip6tables")
-			})
-			t.Run("repeated start adds nothing", func(t *testing.T) {
-				start("iptables")
-				run("iptables -w -N "+chain, 0)
-				run("iptables -w -A "+chain+" -j RETURN", 0)
-				run("iptables -w -I INPUT "+hook4, 0)
-				run("iptables --wait=5 -C INPUT "+hook4, 0)
-				run("iptables -w -n -L INPUT | grep -q '"+chain+`[ \t]'`, 0)
-			})
-			t.Run("bans, a duplicate ban and the checks", func(t *testing.T) {
-				run("iptables -w -I "+chain+" 1 -s 203.0.113.45 -j REJECT --reject-with icmp-port-unreachable", 0)
-				run("iptables -w -I "+chain+" 1 -s 198.51.100.0/24 -j DROP", 0)
-				run("iptables -w -I "+chain+" 1 -s 203.0.113.45 -j REJECT --reject-with icmp-port-unreachable", 0)
-				run("iptables -w -C "+chain+" -s 203.0.113.45 -j REJECT --reject-with icmp-port-unreachable", 0)
-				run("iptables -w -C "+chain+" -s 203.0.113.45 -j REJECT", 0)
-				run("iptables -w -C "+chain+" -s 203.0.113.46 -j REJECT", 1)
-				run("iptables -w -D "+chain+" -s 203.0.113.46 -j REJECT --reject-with icmp-port-unreachable", 0)
-				run("ip6tables -w -I "+chain+" 1 -s 2001:db8:45::1 -j REJECT --reject-with icmp6-port-unreachable", 0)
-				run("ip6tables -w -I "+chain+" 1 -s 2001:db8:45::1 -j REJECT --reject-with icmp6-port-unreachable", 0)
-				run("ip6tables -w -C "+chain+" -s 2001:db8:45::1 -j REJECT --reject-with icmp6-port-unreachable", 0)
-			})
-			t.Run("the firewall holds exactly the chain, the hook and the bans", func(t *testing.T) {
-				assert.Equal(t, policyLines+
-					"-N "+chain+"\n"+
-					"-A INPUT -p tcp -m multiport --dports 143,993 -j "+chain+"\n"+
-					"-A "+chain+" -s 198.51.100.0/24 -j DROP\n"+
-					"-A "+chain+" -s 203.0.113.45/32 -j REJECT --reject-with icmp-port-unreachable\n"+
-					"-A "+chain+" -j RETURN\n", ns.Rules(t, "iptables", backend))
-				assert.Equal(t, policyLines+
-					"-N "+chain+"\n"+
-					"-A INPUT -p tcp -m multiport --dports 143,993 -j "+chain+"\n"+
-					"-A "+chain+" -s 2001:db8:45::1/128 -j REJECT --reject-with icmp6-port-unreachable\n"+
-					"-A "+chain+" -j RETURN\n", ns.Rules(t, "ip6tables", backend))
-			})
-			t.Run("denials leave every table unchanged", func(t *testing.T) {
-				before := ns.Save(t, backend)
-				for _, line := range []string{
-					"iptables -F INPUT",
-					"iptables -w -X",
-					"iptables -t nat -N " + chain,
-					"iptables -P INPUT DROP",
-					"iptables -I " + chain + " 1 -s 0.0.0.0/0 -j DROP",
-					"iptables -I " + chain + " 1 -s 203.0.113.9 -j ACCEPT",
-					"iptables -I " + chain + " 1 -s 192.0.2.10 -j DROP",
-					"iptables -I INPUT -p tcp -j ACCEPT",
-					"iptables -N " + chain + "x; iptables -F INPUT",
-					"iptables -n -L INPUT | sh",
-					"id",
-				} {
-					r := shimRun(line)
-					denials++
-					assert.Equal(t, 3, r.Code, line)
-					assert.True(t, strings.HasPrefix(r.Stderr, "f2b-shim: denied: "), "%s: %q", line, r.Stderr)
-				}
-				assert.Equal(t, before, ns.Save(t, backend))
-			})
-			t.Run("stop removes everything", func(t *testing.T) {
-				for _, bin := range []string{"iptables", "ip6tables"} {
-					run(bin+" -w -D INPUT "+hook4, 0)
-					run(bin+" -w -F "+chain, 0)
-					run(bin+" -w -X "+chain, 0)
-					run(bin+" -w -X "+chain, 0) // a second stop is harmless
-					run(bin+" -w -n -L INPUT | grep -q '"+chain+`[ \t]'`, 1)
-				}
-				assert.Equal(t, policyLines, ns.Rules(t, "iptables", backend))
-				assert.Equal(t, policyLines, ns.Rules(t, "ip6tables", backend))
-			})
-			t.Run("every invocation left one audit line", func(t *testing.T) {
-				lines := auditLines(t, audit)
-				assert.Equal(t, calls, len(lines))
-				denied := 0
-				for _, l := range lines {
-					if l["decision"] == "deny" {
-						denied++
-					}
-				}
-				assert.Equal(t, denials, denied)
-			})
+			playSequence(t, backend, ns, audit, func(line string) nstest.Result { return ns.Shim(t, shim, pol, line) })
 		})
 	}
+}
+
+// playSequence runs fail2ban's life cycle through invoke, which runs the
+// shim one way or another, and checks the firewall and the audit log.
+func playSequence(t *testing.T, backend string, ns *nstest.Netns, audit string, invoke func(line string) nstest.Result) {
+	calls, denials := 0, 0
+	shimRun := func(line string) nstest.Result {
+		calls++
+		return invoke(line)
+	}
+	run := func(line string, want int) {
+		t.Helper()
+		r := shimRun(line)
+		require.Equal(t, want, r.Code, "%s\nstderr: %s", line, r.Stderr)
+	}
+	hook4 := "-p tcp -m multiport --dports 143,993 -j " + chain
+	start := func(bin string) {
+		// fail2ban's actionstart: { -C return } || { -N || true; -A return }, then { -C hook } || -I hook.
+		if shimRun(bin+" -w -C "+chain+" -j RETURN").Code != 0 {
+			run(bin+" -w -N "+chain, 0)
+			run(bin+" -w -A "+chain+" -j RETURN", 0)
+		}
+		if shimRun(bin+" -w -C INPUT "+hook4).Code != 0 {
+			run(bin+" -w -I INPUT "+hook4, 0)
+		}
+	}
+
+	t.Run("start", func(t *testing.T) {
+		run("iptables -w -C "+chain+" -j RETURN", 1)
+		start("iptables")
+		start("ip6tables")
+	})
+	t.Run("repeated start adds nothing", func(t *testing.T) {
+		start("iptables")
+		run("iptables -w -N "+chain, 0)
+		run("iptables -w -A "+chain+" -j RETURN", 0)
+		run("iptables -w -I INPUT "+hook4, 0)
+		run("iptables --wait=5 -C INPUT "+hook4, 0)
+		run("iptables -w -n -L INPUT | grep -q '"+chain+`[ \t]'`, 0)
+	})
+	t.Run("bans, a duplicate ban and the checks", func(t *testing.T) {
+		run("iptables -w -I "+chain+" 1 -s 203.0.113.45 -j REJECT --reject-with icmp-port-unreachable", 0)
+		run("iptables -w -I "+chain+" 1 -s 198.51.100.0/24 -j DROP", 0)
+		run("iptables -w -I "+chain+" 1 -s 203.0.113.45 -j REJECT --reject-with icmp-port-unreachable", 0)
+		run("iptables -w -C "+chain+" -s 203.0.113.45 -j REJECT --reject-with icmp-port-unreachable", 0)
+		run("iptables -w -C "+chain+" -s 203.0.113.45 -j REJECT", 0)
+		run("iptables -w -C "+chain+" -s 203.0.113.46 -j REJECT", 1)
+		run("iptables -w -D "+chain+" -s 203.0.113.46 -j REJECT --reject-with icmp-port-unreachable", 0)
+		run("ip6tables -w -I "+chain+" 1 -s 2001:db8:45::1 -j REJECT --reject-with icmp6-port-unreachable", 0)
+		run("ip6tables -w -I "+chain+" 1 -s 2001:db8:45::1 -j REJECT --reject-with icmp6-port-unreachable", 0)
+		run("ip6tables -w -C "+chain+" -s 2001:db8:45::1 -j REJECT --reject-with icmp6-port-unreachable", 0)
+	})
+	t.Run("the firewall holds exactly the chain, the hook and the bans", func(t *testing.T) {
+		assert.Equal(t, policyLines+
+			"-N "+chain+"\n"+
+			"-A INPUT -p tcp -m multiport --dports 143,993 -j "+chain+"\n"+
+			"-A "+chain+" -s 198.51.100.0/24 -j DROP\n"+
+			"-A "+chain+" -s 203.0.113.45/32 -j REJECT --reject-with icmp-port-unreachable\n"+
+			"-A "+chain+" -j RETURN\n", ns.Rules(t, "iptables", backend))
+		assert.Equal(t, policyLines+
+			"-N "+chain+"\n"+
+			"-A INPUT -p tcp -m multiport --dports 143,993 -j "+chain+"\n"+
+			"-A "+chain+" -s 2001:db8:45::1/128 -j REJECT --reject-with icmp6-port-unreachable\n"+
+			"-A "+chain+" -j RETURN\n", ns.Rules(t, "ip6tables", backend))
+	})
+	t.Run("denials leave every table unchanged", func(t *testing.T) {
+		before := ns.Save(t, backend)
+		for _, line := range []string{
+			"iptables -F INPUT",
+			"iptables -w -X",
+			"iptables -t nat -N " + chain,
+			"iptables -P INPUT DROP",
+			"iptables -I " + chain + " 1 -s 0.0.0.0/0 -j DROP",
+			"iptables -I " + chain + " 1 -s 203.0.113.9 -j ACCEPT",
+			"iptables -I " + chain + " 1 -s 192.0.2.10 -j DROP",
+			"iptables -I INPUT -p tcp -j ACCEPT",
+			"iptables -N " + chain + "x; iptables -F INPUT",
+			"iptables -n -L INPUT | sh",
+			"id",
+		} {
+			r := shimRun(line)
+			denials++
+			assert.Equal(t, 3, r.Code, line)
+			assert.True(t, strings.HasPrefix(r.Stderr, "f2b-shim: denied: "), "%s: %q", line, r.Stderr)
+		}
+		assert.Equal(t, before, ns.Save(t, backend))
+	})
+	t.Run("stop removes everything", func(t *testing.T) {
+		for _, bin := range []string{"iptables", "ip6tables"} {
+			run(bin+" -w -D INPUT "+hook4, 0)
+			run(bin+" -w -F "+chain, 0)
+			run(bin+" -w -X "+chain, 0)
+			run(bin+" -w -X "+chain, 0) // a second stop is harmless
+			run(bin+" -w -n -L INPUT | grep -q '"+chain+`[ \t]'`, 1)
+		}
+		assert.Equal(t, policyLines, ns.Rules(t, "iptables", backend))
+		assert.Equal(t, policyLines, ns.Rules(t, "ip6tables", backend))
+	})
+	t.Run("every invocation left one audit line", func(t *testing.T) {
+		lines := auditLines(t, audit)
+		assert.Equal(t, calls, len(lines))
+		denied := 0
+		for _, l := range lines {
+			if l["decision"] == "deny" {
+				denied++
+			}
+		}
+		assert.Equal(t, denials, denied)
+	})
 }
 
 // TestParallelBans starts 100 shims at once, each banning another address.
