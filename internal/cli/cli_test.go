@@ -231,3 +231,18 @@ func TestLoadPolicyFileRefusesUnsafeFiles(t *testing.T) {
 		assert.Error(t, err)
 	})
 }
+
+func TestMissingCapabilitiesChangeNothing(t *testing.T) {
+	h := newHarness(t)
+	h.deps.PrepareExec = func() error { return errors.New("missing capabilities: run: setcap …") }
+	code, stderr := h.forced("iptables -w -N " + chain)
+	assert.Equal(t, ExitSetup, code)
+	assert.Contains(t, stderr, "f2b-shim: setup: missing capabilities: run: setcap")
+	assert.Empty(t, h.tables[policy.IPv4].Calls)
+	r := h.records()[0]
+	assert.Equal(t, "failed", r.Result)
+	assert.Equal(t, audit.Allow, r.Decision, "the policy allowed it; the setup failed")
+
+	denied, _ := h.forced("iptables -F INPUT")
+	assert.Equal(t, ExitDenied, denied, "a request the policy refuses is refused as before")
+}
