@@ -21,16 +21,28 @@ import (
 // is logged, not asserted (this machine is shared and noisy).
 const banWait = 30 * time.Second
 
+// TestFail2banBansAtTheProxy runs the whole life cycle twice: with the
+// mail host's key in root's authorized_keys, and in the least-privilege
+// install, where it logs into the unprivileged f2b-shim user and the
+// binary holds only cap_net_admin,cap_net_raw.
 func TestFail2banBansAtTheProxy(t *testing.T) {
-	nstest.RequireRoot(t, "sshd", "ssh", "fail2ban-client", "socat", "iptables")
+	nstest.RequireRoot(t, "sshd", "ssh", "fail2ban-client", "socat", "iptables", "setcap", "unshare")
 	bin, err := nstest.BuildShim(t.TempDir())
 	require.NoError(t, err)
-	l, err := lab.Up(bin, t.TempDir())
+	for _, mode := range []lab.Mode{lab.RootMode, lab.UserMode} {
+		t.Run("key in "+string(mode)+"'s authorized_keys", func(t *testing.T) {
+			lifeCycle(t, bin, mode)
+		})
+	}
+}
+
+func lifeCycle(t *testing.T, bin string, mode lab.Mode) {
+	l, err := lab.Up(bin, mode)
 	require.NoError(t, err)
 	t.Cleanup(l.Down)
 	t.Cleanup(func() {
 		if t.Failed() {
-			for _, f := range []string{"fail2ban.log", "sshd.log", "audit.jsonl"} {
+			for _, f := range []string{"fail2ban.log", "sshd.log", "log/audit.jsonl"} {
 				t.Logf("--- %s\n%s", f, l.Log(f))
 			}
 		}
@@ -159,5 +171,17 @@ func TestFail2banBansAtTheProxy(t *testing.T) {
 			assert.True(t, denied[cmd], "the audit log shows the denial of %q; denied: %v", cmd, denied)
 		}
 		assert.True(t, denied["scp -t /tmp/f2b-shim-e2e"], "scp's denial is audited; denied: %v", denied)
+	})
+	t.Run("8 every request ran as the account the key logs into", func(t *testing.T) {
+		want := 0
+		if mode == lab.UserMode {
+			want = lab.UserID
+		}
+		recs, err := l.Audit()
+		require.NoError(t, err)
+		require.NotEmpty(t, recs)
+		for _, r := range recs {
+			require.Equal(t, float64(want), r["uid"], "%v", r["command"])
+		}
 	})
 }

@@ -40,9 +40,9 @@ func run() int {
 		return 1
 	}
 	say("Bringing up three hosts in network namespaces (nothing on this machine's own network changes)")
-	show(fmt.Sprintf("attacker %s, %s\nproxy    %s (towards the attacker), %s (towards the mail host): sshd + f2b-shim, socat for IMAP\nmail     %s: an IMAP greeter and fail2ban 1.0 with examples/proxy-iptables.conf",
+	show(fmt.Sprintf("attacker %s, %s\nproxy    %s (towards the attacker), %s (towards the mail host): sshd, socat for IMAP, and f2b-shim\n         as the forced command of the unprivileged user f2b-shim (cap_net_admin,cap_net_raw only)\nmail     %s: an IMAP greeter and fail2ban 1.0 with examples/proxy-iptables.conf",
 		lab.AttackerV4, lab.AttackerV6, lab.ProxyOutV4, lab.ProxyInV4, lab.MailV4))
-	l, err := lab.Up(bin, dir)
+	l, err := lab.Up(bin, lab.UserMode)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "demo:", err)
 		return 1

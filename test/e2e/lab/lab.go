@@ -42,16 +42,36 @@ const (
 	Chain      = "mail-remote-f2b-imap"
 )
 
+// UserID is the uid and gid of the lab's unprivileged f2b-shim user. It
+// exists only in the proxy's sshd, which sees its own copies of
+// /etc/passwd, /etc/group and /etc/shadow; the host's are left alone.
+const UserID = 64123
+
+// Mode says which account the mail host's key logs into on the proxy.
+type Mode string
+
+// The two supported installs.
+const (
+	RootMode Mode = "root"     // the key in root's authorized_keys
+	UserMode Mode = "f2b-shim" // the key in the f2b-shim user's, with a capability-bearing binary
+)
+
 // Lab is a running set of test hosts.
 type Lab struct {
-	Dir string
+	// Dir holds every file of the lab; it is world-readable (0755, with
+	// private keys 0600) so that the unprivileged user can reach the
+	// binary, its policy and its directories.
+	Dir  string
+	Mode Mode
 	// sockDir holds ssh's ControlPath sockets: a Unix socket path must fit
 	// in 108 bytes, which a test's temp dir can exceed.
 	sockDir               string
 	Shim                  string
 	Attacker, Proxy, Mail *netns.NS
 	procs                 []*exec.Cmd
-	f2bRunning            bool
+	// Keep leaves Dir in place after Down, for reading its logs.
+	Keep       bool
+	f2bRunning bool
 }
 
 // RepoRoot is the f2b-shim checkout this package lives in.
@@ -60,16 +80,26 @@ func RepoRoot() string {
 	return filepath.Clean(filepath.Join(filepath.Dir(self), "..", "..", ".."))
 }
 
-// Up builds the hosts. shim is the f2b-shim binary; dir is an empty
-// directory for the lab's files. On error, whatever was made is removed.
-func Up(shim, dir string) (l *Lab, err error) {
-	l = &Lab{Dir: dir, Shim: shim}
+// Up builds the hosts. shim is the f2b-shim binary. On error, whatever
+// was made is removed; otherwise Down removes it.
+func Up(shim string, mode Mode) (l *Lab, err error) {
+	dir, err := os.MkdirTemp("", netns.Prefix+"lab-")
+	if err != nil {
+		return nil, err
+	}
+	l = &Lab{Dir: dir, Mode: mode}
 	defer func() {
 		if err != nil {
 			l.Down()
 			l = nil
 		}
 	}()
+	if err := os.Chmod(dir, 0o755); err != nil {
+		return l, err
+	}
+	if l.Shim, err = l.installShim(shim); err != nil {
+		return l, err
+	}
 	for _, step := range []func() error{l.network, l.proxyFiles, l.startProxy, l.startMailService, l.mailFiles} {
 		if err := step(); err != nil {
 			return l, err
@@ -79,6 +109,25 @@ func Up(shim, dir string) (l *Lab, err error) {
 }
 
 func (l *Lab) path(name string) string { return filepath.Join(l.Dir, name) }
+
+// installShim puts the binary where sshd will run it, as scripts/install
+// does: in user mode with cap_net_admin,cap_net_raw+ep.
+func (l *Lab) installShim(src string) (string, error) {
+	data, err := os.ReadFile(src)
+	if err != nil {
+		return "", err
+	}
+	bin := l.path("f2b-shim")
+	if err := os.WriteFile(bin, data, 0o755); err != nil {
+		return "", err
+	}
+	if l.Mode == UserMode {
+		if out, err := exec.Command("setcap", "cap_net_admin,cap_net_raw+ep", bin).CombinedOutput(); err != nil {
+			return "", fmt.Errorf("setcap: %v: %s", err, out)
+		}
+	}
+	return bin, nil
+}
 
 func (l *Lab) network() error {
 	tag := netns.UniqueName("")
@@ -150,27 +199,67 @@ func (l *Lab) proxyFiles() error {
 	}
 	// The line from examples/ssh/authorized_keys, with this lab's paths.
 	keyLine := fmt.Sprintf("restrict,from=%q,command=\"%s --policy %s\" %s", MailV4, l.Shim, l.path("policy.toml"), pub)
+	rootLogin := "forced-commands-only"
+	if l.Mode == UserMode {
+		rootLogin = "no"
+	}
 	sshd := strings.Join([]string{
 		"Port " + SSHPort,
 		"ListenAddress " + ProxyInV4,
 		"HostKey " + l.path("ssh_host_ed25519_key"),
 		"PidFile " + l.path("sshd.pid"),
-		"AuthorizedKeysFile " + l.path("authorized_keys"),
+		"AuthorizedKeysFile " + l.path("authorized_keys.%u"),
 		"StrictModes no", // the temp dir is not where sshd expects key files
 		"UsePAM no",
 		"PasswordAuthentication no",
 		"KbdInteractiveAuthentication no",
-		"PermitRootLogin forced-commands-only",
+		"PermitRootLogin " + rootLogin,
 		"Subsystem sftp internal-sftp",
 		"LogLevel VERBOSE",
 	}, "\n") + "\n"
-	policy := fmt.Sprintf("name = \"lab\"\naudit_log = %q\nstate_dir = %q\n", l.path("audit.jsonl"), l.path("state"))
-	return errors.Join(
-		l.write("authorized_keys", keyLine, 0o600),
+	policy := fmt.Sprintf("name = \"lab\"\naudit_log = %q\nstate_dir = %q\n", l.path("log/audit.jsonl"), l.path("state"))
+	owner := 0
+	if l.Mode == UserMode {
+		owner = UserID
+	}
+	for _, d := range []string{"log", "state"} {
+		if err := os.Mkdir(l.path(d), 0o750); err != nil {
+			return err
+		}
+		if err := os.Chown(l.path(d), owner, owner); err != nil {
+			return err
+		}
+	}
+	err = errors.Join(
+		l.write("authorized_keys."+string(l.Mode), keyLine, 0o644),
 		l.write("sshd_config", sshd, 0o600),
-		l.write("policy.toml", policy, 0o644),
+		l.write("policy.toml", policy, 0o640),
 		l.write("known_hosts", fmt.Sprintf("[%s]:%s %s", ProxyInV4, SSHPort, hostPub), 0o644),
+		os.Chown(l.path("policy.toml"), 0, owner),
 	)
+	if err != nil || l.Mode != UserMode {
+		return err
+	}
+	// The f2b-shim user, as scripts/install makes it: a real shell (sshd
+	// runs command= through it) and "*" for a password that never matches.
+	return l.accounts(fmt.Sprintf("f2b-shim:x:%d:%d:f2b-shim forced command:%s:/bin/sh\n", UserID, UserID, l.path("state")),
+		fmt.Sprintf("f2b-shim:x:%d:\n", UserID), "f2b-shim:*:20000:0:99999:7:::\n")
+}
+
+// accounts writes the proxy's copies of the account files: the host's,
+// plus the lab user's lines. sshd sees them through bind mounts in its own
+// mount namespace.
+func (l *Lab) accounts(passwd, group, shadow string) error {
+	for name, extra := range map[string]string{"passwd": passwd, "group": group, "shadow": shadow} {
+		data, err := os.ReadFile("/etc/" + name)
+		if err != nil {
+			return err
+		}
+		if err := l.write("etc-"+name, string(data)+extra, 0o644); err != nil {
+			return err
+		}
+	}
+	return os.Chmod(l.path("etc-shadow"), 0o600)
 }
 
 // start runs a long-lived program in a namespace, logging to Dir/<log>.
@@ -190,7 +279,12 @@ func (l *Lab) start(ns *netns.NS, log string, name string, args ...string) error
 }
 
 func (l *Lab) startProxy() error {
-	if err := l.start(l.Proxy, "sshd.log", "/usr/sbin/sshd", "-D", "-e", "-f", l.path("sshd_config")); err != nil {
+	sshd := []string{"/usr/sbin/sshd", "-D", "-e", "-f", l.path("sshd_config")}
+	if l.Mode == UserMode {
+		script := fmt.Sprintf("for f in passwd group shadow; do mount --bind %s/etc-$f /etc/$f; done\nexec \"$@\"", l.Dir)
+		sshd = append([]string{"unshare", "--mount", "--propagation", "private", "sh", "-euc", script, "sh"}, sshd...)
+	}
+	if err := l.start(l.Proxy, "sshd.log", sshd[0], sshd[1:]...); err != nil {
 		return err
 	}
 	// socat stands in for the reverse proxy: IMAP from the attacker's side
@@ -253,7 +347,7 @@ func (l *Lab) mailFiles() error {
 	}
 	sshConfig := strings.NewReplacer(
 		"HostName proxy.example.net", "HostName "+ProxyInV4+"\n    Port "+SSHPort,
-		"User f2b-shim", "User root",
+		"User f2b-shim", "User "+string(l.Mode),
 		"/etc/fail2ban/f2b-shim/", l.Dir+"/",
 		"/run/fail2ban/", l.sockDir+"/",
 	).Replace(string(example))
@@ -398,7 +492,7 @@ func exitCode(cmd *exec.Cmd) (int, string) {
 
 // Audit reads the proxy's f2b-shim audit log.
 func (l *Lab) Audit() ([]map[string]any, error) {
-	f, err := os.Open(l.path("audit.jsonl"))
+	f, err := os.Open(l.path("log/audit.jsonl"))
 	if err != nil {
 		return nil, err
 	}
@@ -445,6 +539,9 @@ func (l *Lab) Down() {
 			_ = (*ns).Delete()
 			*ns = nil
 		}
+	}
+	if l.Dir != "" && !l.Keep {
+		_ = os.RemoveAll(l.Dir)
 	}
 }
 

@@ -1,0 +1,151 @@
+// Package install tests scripts/install into a scratch root (--root), so
+// that the host's users, /etc and /usr/local stay as they are.
+package install
+
+import (
+	"crypto/sha256"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/f2b-shim/f2b-shim/test/e2e/lab"
+	"github.com/f2b-shim/f2b-shim/test/nstest"
+)
+
+func scratchRoot(t *testing.T) string {
+	root := t.TempDir()
+	require.NoError(t, os.MkdirAll(filepath.Join(root, "etc"), 0o755))
+	// useradd --root works on the scratch root's own account files.
+	for _, f := range []string{"passwd", "group", "shadow", "gshadow", "login.defs"} {
+		data, err := os.ReadFile(filepath.Join("/etc", f))
+		if os.IsNotExist(err) {
+			continue
+		}
+		require.NoError(t, err)
+		require.NoError(t, os.WriteFile(filepath.Join(root, "etc", f), data, 0o644))
+	}
+	return root
+}
+
+func install(t *testing.T, args ...string) string {
+	cmd := exec.Command(filepath.Join(lab.RepoRoot(), "scripts", "install"), args...)
+	out, err := cmd.CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	return string(out)
+}
+
+func owner(t *testing.T, path string) (uint32, uint32, os.FileMode) {
+	st, err := os.Stat(path)
+	require.NoError(t, err)
+	sys := st.Sys().(*syscall.Stat_t)
+	return sys.Uid, sys.Gid, st.Mode().Perm()
+}
+
+func TestInstallUserMode(t *testing.T) {
+	nstest.RequireRoot(t, "useradd", "setcap", "getcap")
+	bin, err := nstest.BuildShim(t.TempDir())
+	require.NoError(t, err)
+	root := scratchRoot(t)
+
+	out := install(t, "--root", root, "--binary", bin)
+	assert.Contains(t, out, `restrict,from="MAIL-HOST-ADDRESS",command="/usr/local/sbin/f2b-shim --policy /etc/f2b-shim/policy.toml"`)
+	assert.Contains(t, out, "AuthorizedKeysFile /etc/f2b-shim/authorized_keys")
+	first := tree(t, root)
+	install(t, "--root", root, "--binary", bin)
+	assert.Equal(t, first, tree(t, root), "a second run changes nothing")
+
+	passwd, err := os.ReadFile(filepath.Join(root, "etc", "passwd"))
+	require.NoError(t, err)
+	var entry string
+	for _, l := range strings.Split(string(passwd), "\n") {
+		if strings.HasPrefix(l, "f2b-shim:") {
+			assert.Empty(t, entry, "one user, however often install runs")
+			entry = l
+		}
+	}
+	require.NotEmpty(t, entry)
+	f := strings.Split(entry, ":")
+	assert.Equal(t, "/bin/sh", f[6], "sshd runs command= through the user's shell")
+	shadow, err := os.ReadFile(filepath.Join(root, "etc", "shadow"))
+	require.NoError(t, err)
+	assert.Contains(t, string(shadow), "\nf2b-shim:*:", "no password, and not locked")
+
+	sbin := filepath.Join(root, "usr/local/sbin/f2b-shim")
+	caps, err := exec.Command("getcap", sbin).CombinedOutput()
+	require.NoError(t, err)
+	assert.Contains(t, string(caps), "cap_net_admin,cap_net_raw=ep")
+	uid, gid, mode := owner(t, sbin)
+	assert.Equal(t, [3]any{uint32(0), uint32(0), os.FileMode(0o755)}, [3]any{uid, gid, mode}, "root-owned, no setuid")
+	st, _ := os.Stat(sbin)
+	assert.Zero(t, st.Mode()&os.ModeSetuid)
+
+	userUID, userGID := f[2], f[3]
+	for path, want := range map[string]string{
+		"etc/f2b-shim/policy.toml":            "0:" + userGID + ":640",
+		"var/lib/f2b-shim":                    userUID + ":" + userGID + ":750",
+		"var/log/f2b-shim":                    userUID + ":" + userGID + ":750",
+		"run/xtables.lock":                    "0:" + userGID + ":640",
+		"etc/tmpfiles.d/f2b-shim.conf":        "0:0:644",
+		"usr/local/share/man/man8/f2b-shim.8": "0:0:644",
+	} {
+		uid, gid, mode := owner(t, filepath.Join(root, path))
+		assert.Equal(t, want, fmt.Sprintf("%d:%d:%o", uid, gid, mode), path)
+	}
+
+	out = install(t, "--root", root, "--uninstall")
+	assert.Contains(t, out, "kept")
+	_, err = os.Stat(sbin)
+	assert.True(t, os.IsNotExist(err), "the binary is gone")
+	passwd, _ = os.ReadFile(filepath.Join(root, "etc", "passwd"))
+	assert.NotContains(t, string(passwd), "f2b-shim:", "the user is gone")
+	_, err = os.Stat(filepath.Join(root, "etc/f2b-shim/policy.toml"))
+	assert.NoError(t, err, "the policy is kept")
+	install(t, "--root", root, "--uninstall", "--purge")
+	_, err = os.Stat(filepath.Join(root, "var/log/f2b-shim"))
+	assert.True(t, os.IsNotExist(err), "--purge removes the audit log too")
+}
+
+func TestInstallRootMode(t *testing.T) {
+	nstest.RequireRoot(t, "useradd")
+	bin, err := nstest.BuildShim(t.TempDir())
+	require.NoError(t, err)
+	root := scratchRoot(t)
+	out := install(t, "--root", root, "--binary", bin, "--mode", "root")
+	assert.Contains(t, out, "/root/.ssh/authorized_keys")
+	assert.Contains(t, out, "PermitRootLogin forced-commands-only")
+	caps, _ := exec.Command("getcap", filepath.Join(root, "usr/local/sbin/f2b-shim")).CombinedOutput()
+	assert.Empty(t, strings.TrimSpace(string(caps)), "root mode needs no file capabilities")
+	passwd, _ := os.ReadFile(filepath.Join(root, "etc", "passwd"))
+	assert.NotContains(t, string(passwd), "\nf2b-shim:")
+	uid, gid, _ := owner(t, filepath.Join(root, "var/log/f2b-shim"))
+	assert.Equal(t, [2]uint32{0, 0}, [2]uint32{uid, gid})
+}
+
+// tree lists every file below root with its owner, mode and content.
+func tree(t *testing.T, root string) string {
+	var b strings.Builder
+	require.NoError(t, filepath.Walk(root, func(path string, info os.FileInfo, err error) error {
+		if err != nil {
+			return err
+		}
+		sys := info.Sys().(*syscall.Stat_t)
+		fmt.Fprintf(&b, "%s %d:%d %v", strings.TrimPrefix(path, root), sys.Uid, sys.Gid, info.Mode())
+		if info.Mode().IsRegular() {
+			data, err := os.ReadFile(path)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(&b, " %x", sha256.Sum256(data))
+		}
+		b.WriteString("\n")
+		return nil
+	}))
+	return b.String()
+}
