@@ -48,9 +48,10 @@ func run() int {
 		return 1
 	}
 	defer l.Down()
-	// Ctrl-C still cleans up.
+	// Ctrl-C, a closed terminal or a closed pipe (demo | head) still clean up.
+	signal.Ignore(syscall.SIGPIPE)
 	sig := make(chan os.Signal, 1)
-	signal.Notify(sig, os.Interrupt, syscall.SIGTERM)
+	signal.Notify(sig, os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
 	go func() { <-sig; l.Down(); os.RemoveAll(dir); os.Exit(130) }()
 
 	if err := steps(l); err != nil {
