@@ -35,9 +35,11 @@ type Record struct {
 	Result     string `json:"result"`
 	Exit       int    `json:"exit"`
 	// IptablesStatus and IptablesStderr come from the failing iptables call.
-	IptablesStatus int     `json:"iptables_status,omitempty"`
-	IptablesStderr Text    `json:"iptables_stderr,omitempty"`
-	DurationMS     float64 `json:"duration_ms"`
+	IptablesStatus int  `json:"iptables_status,omitempty"`
+	IptablesStderr Text `json:"iptables_stderr,omitempty"`
+	// State is a note about the state journal, when it needed attention.
+	State      Text    `json:"state,omitempty"`
+	DurationMS float64 `json:"duration_ms"`
 }
 
 // Op is the typed operation, as the policy understood it.

@@ -61,6 +61,8 @@ type Deps struct {
 	OpenTable func(fam policy.Family, backend string, wait time.Duration) (firewall.Table, error)
 	// LocalAddrs lists the proxy's own addresses, which are never banned.
 	LocalAddrs func() ([]netip.Addr, error)
+	// Restore feeds an iptables-restore script to the family's iptables-restore.
+	Restore func(fam policy.Family, backend string, wait time.Duration, script string) error
 	// PrepareExec readies the process to run iptables: as a non-root user
 	// it raises the ambient capabilities (see package privilege).
 	PrepareExec func() error
@@ -72,6 +74,13 @@ const usage = `f2b-shim: the forced command that lets a fail2ban host manage its
 Usage:
   f2b-shim [--policy FILE]                   run as sshd's command= (reads SSH_ORIGINAL_COMMAND)
   f2b-shim check [--policy FILE] 'COMMAND'   show how COMMAND parses and whether the policy allows it
+  f2b-shim restore [--policy FILE]           put the journal's chains, bans and hooks back (at boot)
+  f2b-shim list [--policy FILE] [--json] [CHAIN]
+                                             show the chains, hooks and bans the shim has made
+  f2b-shim reconcile [--policy FILE] [--fix] compare the journal with the firewall; --fix re-applies what is missing
+  f2b-shim audit [--policy FILE] [--since T] [--until T] [--client NAME] [--denied] [--ip ADDR]
+                 [--chain CHAIN] [--summary | --json]
+                                             review the audit log, rotated files included
   f2b-shim version                           print the version
   f2b-shim help                              print this text
 
@@ -80,9 +89,9 @@ Examples:
   f2b-shim check 'iptables -w -I mail-remote-f2b-imap 1 -s 203.0.113.45 -j REJECT'
 
 Exit status:
-  0 done, or a check is true     3 denied by the policy
-  1 a check is false             4 the firewall (iptables or the lock) failed
-  2 usage error                  5 the policy file, the audit log or the capabilities are unusable
+  0 done, a check is true, or no drift   3 denied by the policy
+  1 a check is false, or drift           4 the firewall (iptables or the lock) failed
+  2 usage error                          5 the policy file, the audit log or the capabilities are unusable
 `
 
 // Run is the whole program: main only calls it and exits with its result.
@@ -91,6 +100,14 @@ func Run(args []string, env Env, stdout, stderr io.Writer, deps Deps) int {
 		switch args[0] {
 		case "check":
 			return runCheck(args[1:], env, stdout, stderr, deps)
+		case "restore":
+			return runRestore(args[1:], stdout, stderr, deps)
+		case "list":
+			return runList(args[1:], stdout, stderr, deps)
+		case "reconcile":
+			return runReconcile(args[1:], stdout, stderr, deps)
+		case "audit":
+			return runAudit(args[1:], stdout, stderr, deps)
 		case "version":
 			if len(args) > 1 {
 				return usageError(stderr, "version takes no arguments")

@@ -11,6 +11,7 @@ import (
 	"github.com/f2b-shim/f2b-shim/internal/audit"
 	"github.com/f2b-shim/f2b-shim/internal/firewall"
 	"github.com/f2b-shim/f2b-shim/internal/lock"
+	"github.com/f2b-shim/f2b-shim/internal/state"
 	"github.com/f2b-shim/f2b-shim/policy"
 )
 
@@ -105,11 +106,54 @@ func runForced(policyPath string, env Env, stderr io.Writer, deps Deps) int {
 		}
 		return finish(ExitFirewall, "failed", "firewall: "+err.Error())
 	}
+	if state.Changes(op.Kind) {
+		rec.State = audit.Text(journal(pol, op, ctx, start, deadline, deps))
+	}
 	code := ExitOK
 	if outcome == firewall.CheckFalse {
 		code = ExitCheckFalse
 	}
 	return finish(code, outcome.String(), "")
+}
+
+// journal records a change in state_dir before it is reported done. A
+// journal that cannot be written or read never fails the change, which is
+// already in the firewall: the returned note goes into the audit line.
+func journal(pol *policy.Policy, op policy.Operation, ctx policy.Context, at, deadline time.Time, deps Deps) string {
+	dir := pol.StateDir
+	torn := state.TornTail(dir)
+	if err := state.Append(dir, state.Entry{Time: at.UTC(), Command: op.CommandLine()}, torn); err != nil {
+		return "journal not written: " + err.Error() + "; run \"f2b-shim reconcile --fix\" on the proxy"
+	}
+	if !torn && !state.NeedsCompaction(dir) {
+		return ""
+	}
+	s, problems, err := state.Load(dir, pol, ctx)
+	if err != nil {
+		return "journal not readable: " + err.Error()
+	}
+	note := ""
+	if len(problems) > 0 {
+		// What the shim put into the firewall is there now, under this
+		// lock; the journal's times are kept where they still match.
+		live := state.New()
+		for _, fam := range []policy.Family{policy.IPv4, policy.IPv6} {
+			t, err := deps.OpenTable(fam, pol.IptablesBackend, max(time.Until(deadline), time.Second))
+			if err == nil {
+				_, err = state.FromLive(live, fam, t, pol, ctx)
+			}
+			if err != nil {
+				return fmt.Sprintf("journal damaged (%d bad lines) and the firewall unreadable: %v", len(problems), err)
+			}
+		}
+		live.KeepTimes(s)
+		s = live
+		note = fmt.Sprintf("journal damaged (%d bad lines, first %s); rebuilt from the live firewall", len(problems), problems[0])
+	}
+	if err := state.Write(dir, s); err != nil {
+		return strings.TrimPrefix(note+"; journal not compacted: "+err.Error(), "; ")
+	}
+	return note
 }
 
 // apply carries out op. Each iptables call may wait for the xtables lock

@@ -38,6 +38,7 @@ func RealDeps() Deps {
 		OpenTable: func(fam policy.Family, backend string, wait time.Duration) (firewall.Table, error) {
 			return firewall.Open(fam, backend, wait)
 		},
+		Restore:     firewall.Restore,
 		LocalAddrs:  localAddrs,
 		PrepareExec: privilege.Prepare,
 		Now:         time.Now,

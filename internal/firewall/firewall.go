@@ -28,6 +28,8 @@ type Table interface {
 	Delete(chain string, spec ...string) error
 	// List returns the chain's rules in "iptables -S CHAIN" form.
 	List(chain string) ([]string, error)
+	// ListChains names every chain of the table, built-in ones first.
+	ListChains() ([]string, error)
 }
 
 // Outcome is what Apply did or found.

@@ -1,11 +1,14 @@
 package firewall
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"math"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -21,10 +24,17 @@ var systemDirs = []string{"/usr/sbin", "/sbin", "/usr/bin", "/bin"}
 // Binary returns the absolute path of the iptables binary for the family
 // and the policy's iptables_backend ("auto", "nft" or "legacy").
 func Binary(fam policy.Family, backend string) (string, error) {
+	return find(fam, backend, "")
+}
+
+// find looks up iptables, or with suffix "-restore" iptables-restore, of
+// the family and backend.
+func find(fam policy.Family, backend, suffix string) (string, error) {
 	name := fam.Binary()
 	if backend == "nft" || backend == "legacy" {
 		name += "-" + backend
 	}
+	name += suffix
 	for _, dir := range systemDirs {
 		p := filepath.Join(dir, name)
 		if st, err := os.Stat(p); err == nil && st.Mode().IsRegular() {
@@ -32,6 +42,30 @@ func Binary(fam policy.Family, backend string) (string, error) {
 		}
 	}
 	return "", fmt.Errorf("%s not found in %s; install the iptables package, or set iptables_backend in the policy", name, strings.Join(systemDirs, ", "))
+}
+
+// Restore feeds script to iptables-restore --noflush of the family and
+// backend: one call for any number of rules, so a reboot's worth of bans
+// is back in seconds. Chains the script declares are flushed and
+// refilled; nothing else is touched. wait bounds the xtables lock wait.
+func Restore(fam policy.Family, backend string, wait time.Duration, script string) error {
+	path, err := find(fam, backend, "-restore")
+	if err != nil {
+		return err
+	}
+	secs := max(1, int(math.Ceil(wait.Seconds())))
+	cmd := exec.Command(path, "--noflush", "--wait", strconv.Itoa(secs))
+	cmd.Stdin = strings.NewReader(script)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Run(); err != nil {
+		var ee *exec.ExitError
+		if errors.As(err, &ee) {
+			return &CommandError{Status: ee.ExitCode(), Stderr: stderr.String(), err: err}
+		}
+		return err
+	}
+	return nil
 }
 
 // CommandError is a failed iptables call, with what the audit log needs.
@@ -126,6 +160,12 @@ func (t *IPTables) Append(chain string, spec ...string) error {
 // Delete implements Table.
 func (t *IPTables) Delete(chain string, spec ...string) error {
 	return wrap(t.ipt.Delete(table, chain, spec...))
+}
+
+// ListChains implements Table.
+func (t *IPTables) ListChains() ([]string, error) {
+	chains, err := t.ipt.ListChains(table)
+	return chains, wrap(err)
 }
 
 // List implements Table.

@@ -183,6 +183,22 @@ func (f *Fake) List(chain string) ([]string, error) {
 	return out, nil
 }
 
+// ListChains implements firewall.Table.
+func (f *Fake) ListChains() ([]string, error) {
+	if err := f.call("ListChains"); err != nil {
+		return nil, err
+	}
+	names := slices.Clone(builtins)
+	var user []string
+	for c := range f.chains {
+		if !slices.Contains(builtins, c) {
+			user = append(user, c)
+		}
+	}
+	slices.Sort(user)
+	return append(names, user...), nil
+}
+
 // Dump is the whole table in "iptables -S" order: built-in chains first,
 // then user chains sorted, then every chain's rules.
 func (f *Fake) Dump() string {

@@ -1,0 +1,243 @@
+package audit
+
+import (
+	"bufio"
+	"compress/gzip"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+)
+
+// Entry is one audit line as read back: the raw bytes, for --json, and
+// the record parsed from them.
+type Entry struct {
+	Raw    []byte
+	Record Record
+}
+
+// Read reads the audit log and its rotations (path.N and path.N.gz, as
+// logrotate names them), oldest first. Lines that do not parse are
+// reported, not fatal: the log is evidence, and the rest still counts.
+func Read(path string) ([]Entry, []string, error) {
+	files, err := rotations(path)
+	if err != nil {
+		return nil, nil, err
+	}
+	var out []Entry
+	var bad []string
+	for _, f := range files {
+		entries, problems, err := readFile(f)
+		if err != nil {
+			return nil, nil, err
+		}
+		out = append(out, entries...)
+		bad = append(bad, problems...)
+	}
+	return out, bad, nil
+}
+
+// rotations lists path's rotated files, the highest number (the oldest)
+// first, then path itself.
+func rotations(path string) ([]string, error) {
+	matches, err := filepath.Glob(path + ".*")
+	if err != nil {
+		return nil, err
+	}
+	type rot struct {
+		n    int
+		name string
+	}
+	var rots []rot
+	for _, m := range matches {
+		suffix := strings.TrimSuffix(strings.TrimPrefix(m, path+"."), ".gz")
+		if n, err := strconv.Atoi(suffix); err == nil {
+			rots = append(rots, rot{n, m})
+		}
+	}
+	sort.Slice(rots, func(i, j int) bool { return rots[i].n > rots[j].n })
+	var out []string
+	for _, r := range rots {
+		out = append(out, r.name)
+	}
+	if _, err := os.Stat(path); err == nil {
+		out = append(out, path)
+	} else if len(out) == 0 {
+		return nil, err
+	}
+	return out, nil
+}
+
+func readFile(name string) ([]Entry, []string, error) {
+	f, err := os.Open(name)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer f.Close()
+	var r io.Reader = f
+	if strings.HasSuffix(name, ".gz") {
+		gz, err := gzip.NewReader(f)
+		if err != nil {
+			return nil, nil, fmt.Errorf("%s: %v", name, err)
+		}
+		defer gz.Close()
+		r = gz
+	}
+	var out []Entry
+	var bad []string
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for n := 1; sc.Scan(); n++ {
+		var e Entry
+		if err := json.Unmarshal(sc.Bytes(), &e.Record); err != nil {
+			bad = append(bad, fmt.Sprintf("%s:%d: %v", name, n, err))
+			continue
+		}
+		e.Raw = slices.Clone(sc.Bytes())
+		out = append(out, e)
+	}
+	if err := sc.Err(); err != nil && !errors.Is(err, io.ErrUnexpectedEOF) {
+		bad = append(bad, fmt.Sprintf("%s: %v", name, err))
+	}
+	return out, bad, nil
+}
+
+// Filter selects audit entries; the zero value selects all.
+type Filter struct {
+	Since, Until time.Time
+	// Client matches the policy name or the ssh client's address.
+	Client string
+	Denied bool
+	// IP matches entries whose ban address holds it.
+	IP    netip.Addr
+	Chain string
+}
+
+// Match reports whether e passes every set condition.
+func (f Filter) Match(e Entry) bool {
+	r := e.Record
+	switch {
+	case !f.Since.IsZero() && r.Time.Before(f.Since),
+		!f.Until.IsZero() && r.Time.After(f.Until),
+		f.Client != "" && f.Client != r.Policy && f.Client != r.ClientIP,
+		f.Denied && r.Decision != Deny:
+		return false
+	}
+	if f.IP.IsValid() {
+		if r.Op == nil {
+			return false
+		}
+		p, err := netip.ParsePrefix(r.Op.Source)
+		if err != nil || !p.Contains(f.IP) {
+			return false
+		}
+	}
+	return f.Chain == "" || (r.Op != nil && r.Op.Chain == f.Chain)
+}
+
+// ParseWhen reads a --since/--until value: a duration back from now
+// ("2h", "30m") or a time ("2026-11-25", "2026-11-25 14:00", RFC 3339).
+func ParseWhen(s string, now time.Time) (time.Time, error) {
+	if d, err := time.ParseDuration(s); err == nil {
+		return now.Add(-d), nil
+	}
+	for _, layout := range []string{time.RFC3339, "2006-01-02T15:04", "2006-01-02 15:04:05", "2006-01-02 15:04", "2006-01-02"} {
+		if t, err := time.ParseInLocation(layout, s, time.Local); err == nil {
+			return t, nil
+		}
+	}
+	return time.Time{}, fmt.Errorf("%q is neither a duration like \"2h\" nor a time like \"2026-11-25 14:00\"", s)
+}
+
+// WriteTable prints entries as an aligned table.
+func WriteTable(w io.Writer, entries []Entry) {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "TIME\tCLIENT\tDECISION\tRESULT\tOPERATION\tDETAIL")
+	for _, e := range entries {
+		r := e.Record
+		op, detail := "-", strconv.Quote(string(r.Command))
+		if r.Op != nil {
+			op = r.Op.Kind + " " + r.Op.Chain
+			if r.Op.Source != "" {
+				detail = r.Op.Source + " " + r.Op.Target
+			}
+		}
+		if r.Reason != "" {
+			detail += ": " + strconv.Quote(string(r.Reason))
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", r.Time.Local().Format("2006-01-02 15:04:05"), client(r), r.Decision, r.Result, op, detail)
+	}
+	tw.Flush()
+}
+
+func client(r Record) string {
+	if r.ClientIP == "" {
+		return r.Policy
+	}
+	return r.Policy + "@" + r.ClientIP
+}
+
+// WriteSummary prints counts per client and decision, the top denial
+// reasons, the most banned addresses, and bans per hour.
+func WriteSummary(w io.Writer, entries []Entry) {
+	type kv struct {
+		k string
+		n int
+	}
+	top := func(m map[string]int, limit int) []kv {
+		var out []kv
+		for k, n := range m {
+			out = append(out, kv{k, n})
+		}
+		sort.Slice(out, func(i, j int) bool { return out[i].n > out[j].n || out[i].n == out[j].n && out[i].k < out[j].k })
+		return out[:min(limit, len(out))]
+	}
+	perClient, reasons, banned, perHour := map[string]int{}, map[string]int{}, map[string]int{}, map[string]int{}
+	for _, e := range entries {
+		r := e.Record
+		perClient[client(r)+"\t"+r.Decision]++
+		if r.Decision == Deny {
+			reasons[string(r.Reason)]++
+		}
+		if r.Op != nil && r.Op.Kind == "ban" && r.Result == "applied" {
+			banned[r.Op.Source]++
+			perHour[r.Time.Local().Format("2006-01-02 15:00")]++
+		}
+	}
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintf(tw, "%d requests\n\nCLIENT\tDECISION\tCOUNT\n", len(entries))
+	for _, c := range top(perClient, len(perClient)) {
+		fmt.Fprintf(tw, "%s\t%d\n", c.k, c.n)
+	}
+	fmt.Fprintf(tw, "\nTOP DENIAL REASONS\tCOUNT\n")
+	for _, c := range top(reasons, 10) {
+		fmt.Fprintf(tw, "%s\t%d\n", strconv.Quote(c.k), c.n)
+	}
+	fmt.Fprintf(tw, "\nMOST BANNED ADDRESSES\tBANS\n")
+	for _, c := range top(banned, 10) {
+		fmt.Fprintf(tw, "%s\t%d\n", c.k, c.n)
+	}
+	tw.Flush()
+	fmt.Fprintf(w, "\nBANS PER HOUR\n")
+	hours := make([]string, 0, len(perHour))
+	most := 0
+	for h, n := range perHour {
+		hours = append(hours, h)
+		most = max(most, n)
+	}
+	slices.Sort(hours)
+	const width = 40 // the longest bar, in characters
+	for _, h := range hours {
+		bar := max(1, perHour[h]*width/most)
+		fmt.Fprintf(w, "%s  %-*s %d\n", h, width, strings.Repeat("#", bar), perHour[h])
+	}
+}

@@ -1,0 +1,475 @@
+package cli
+
+import (
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/f2b-shim/f2b-shim/internal/audit"
+	"github.com/f2b-shim/f2b-shim/internal/firewall"
+	"github.com/f2b-shim/f2b-shim/internal/lock"
+	"github.com/f2b-shim/f2b-shim/internal/state"
+	"github.com/f2b-shim/f2b-shim/policy"
+)
+
+var families = []policy.Family{policy.IPv4, policy.IPv6}
+
+// admin is what the state subcommands share: the policy, the lock, the
+// journal read through the policy.
+type admin struct {
+	pol      *policy.Policy
+	ctx      policy.Context
+	deadline time.Time
+	deps     Deps
+	stderr   io.Writer
+	held     *lock.Lock
+}
+
+// openAdmin loads the policy and takes the host-wide lock, so that no
+// forced command changes the firewall or the journal meanwhile.
+func openAdmin(name string, args []string, stderr io.Writer, deps Deps, flags func(*flag.FlagSet)) (*admin, []string, int) {
+	fs := newFlagSet(name)
+	policyPath := fs.String("policy", "", "policy file (TOML)")
+	if flags != nil {
+		flags(fs)
+	}
+	if err := fs.Parse(args); err != nil {
+		return nil, nil, usageError(stderr, err.Error())
+	}
+	pol, err := loadPolicy(*policyPath, deps)
+	if err != nil {
+		fmt.Fprintf(stderr, "f2b-shim: policy: %v\n", err)
+		return nil, nil, ExitSetup
+	}
+	a := &admin{pol: pol, deps: deps, stderr: stderr, deadline: deps.Now().Add(pol.LockTimeout)}
+	if a.ctx.LocalAddrs, err = deps.LocalAddrs(); err != nil {
+		fmt.Fprintf(stderr, "f2b-shim: cannot list this proxy's addresses: %v\n", err)
+		return nil, nil, ExitSetup
+	}
+	if a.held, err = lock.Acquire(pol.StateDir, lockName, a.deadline); err != nil {
+		fmt.Fprintf(stderr, "f2b-shim: %v\n", err)
+		return nil, nil, ExitFirewall
+	}
+	return a, fs.Args(), ExitOK
+}
+
+func (a *admin) close() { a.held.Release() }
+
+// journal reads the state, reporting what it had to skip.
+func (a *admin) journal() (*state.State, error) {
+	s, problems, err := state.Load(a.pol.StateDir, a.pol, a.ctx)
+	for _, p := range problems {
+		fmt.Fprintf(a.stderr, "f2b-shim: warning: %s %s: skipped\n", state.Path(a.pol.StateDir), p)
+	}
+	return s, err
+}
+
+func (a *admin) table(fam policy.Family) (firewall.Table, error) {
+	if err := a.deps.PrepareExec(); err != nil {
+		return nil, err
+	}
+	return a.deps.OpenTable(fam, a.pol.IptablesBackend, max(time.Until(a.deadline), time.Second))
+}
+
+// runRestore puts the journal's chains, bans and hooks back, one
+// iptables-restore per family.
+func runRestore(args []string, stdout, stderr io.Writer, deps Deps) int {
+	a, rest, code := openAdmin("restore", args, stderr, deps, nil)
+	if a == nil {
+		return code
+	}
+	defer a.close()
+	if len(rest) > 0 {
+		return usageError(stderr, "restore takes no arguments")
+	}
+	start := deps.Now()
+	s, err := a.journal()
+	if err != nil {
+		fmt.Fprintf(stderr, "f2b-shim: restore: %v\n", err)
+		return ExitSetup
+	}
+	rec := audit.Record{Time: start.UTC(), Policy: a.pol.Name, UID: os.Getuid(), Decision: audit.Allow}
+	rec.SetCommand("f2b-shim restore")
+	var summary []string
+	code = ExitOK
+	for _, fam := range families {
+		t := s.Tables[fam]
+		if len(t.Chains) == 0 && len(t.Hooks) == 0 {
+			continue
+		}
+		tbl, err := a.table(fam)
+		if err == nil {
+			missing := func(h state.Hook) bool {
+				ok, err := tbl.Exists(string(h.Op.Chain), h.Op.RuleSpec()...)
+				return err != nil || !ok
+			}
+			err = deps.Restore(fam, a.pol.IptablesBackend, max(time.Until(a.deadline), time.Second), s.RestoreScript(fam, missing))
+		}
+		if err != nil {
+			fmt.Fprintf(stderr, "f2b-shim: restore %s: %s\n", fam, oneLine.Replace(strings.TrimSpace(err.Error())))
+			rec.Reason = audit.Text(err.Error())
+			code = ExitFirewall
+			continue
+		}
+		bans := 0
+		for _, c := range t.Chains {
+			bans += len(c.Bans)
+		}
+		summary = append(summary, fmt.Sprintf("%s: %d chains, %d bans, %d hooks", fam, len(t.Chains), bans, len(t.Hooks)))
+	}
+	rec.Result, rec.Exit = "applied", code
+	if code != ExitOK {
+		rec.Result = "failed"
+	}
+	rec.DurationMS = float64(deps.Now().Sub(start).Microseconds()) / 1000
+	if log, err := audit.Open(a.pol.AuditLog); err == nil {
+		err = log.Write(rec)
+		log.Close()
+	}
+	if len(summary) == 0 {
+		summary = []string{"the journal is empty; nothing to restore"}
+	}
+	fmt.Fprintf(stdout, "restored %s\n", strings.Join(summary, "; "))
+	return code
+}
+
+// listEntry is one row of "f2b-shim list", and one object of its --json.
+type listEntry struct {
+	Family string `json:"family"`
+	Chain  string `json:"chain"`
+	Type   string `json:"type"` // chain, return, hook, ban
+	Rule   string `json:"rule"`
+	Target string `json:"target,omitempty"`
+	Since  string `json:"since,omitempty"`
+}
+
+func runList(args []string, stdout, stderr io.Writer, deps Deps) int {
+	var asJSON bool
+	a, rest, code := openAdmin("list", args, stderr, deps, func(f *flag.FlagSet) { f.BoolVar(&asJSON, "json", false, "print JSON") })
+	if a == nil {
+		return code
+	}
+	defer a.close()
+	if len(rest) > 1 {
+		return usageError(stderr, "list takes at most one CHAIN")
+	}
+	s, err := a.journal()
+	if err != nil {
+		fmt.Fprintf(stderr, "f2b-shim: list: %v\n", err)
+		return ExitSetup
+	}
+	var rows []listEntry
+	since := func(t time.Time) string {
+		if t.IsZero() {
+			return ""
+		}
+		return t.Local().Format("2006-01-02 15:04:05")
+	}
+	for _, fam := range families {
+		t := s.Tables[fam]
+		for _, name := range t.ChainNames() {
+			if len(rest) == 1 && string(name) != rest[0] {
+				continue
+			}
+			c := t.Chains[name]
+			rows = append(rows, listEntry{Family: fam.String(), Chain: string(name), Type: "chain", Rule: "-N " + string(name)})
+			for _, h := range t.Hooks {
+				if h.Op.Jump == name {
+					rows = append(rows, listEntry{Family: fam.String(), Chain: string(name), Type: "hook",
+						Rule: string(h.Op.Chain) + " " + strings.Join(h.Op.RuleSpec(), " "), Since: since(h.Since)})
+				}
+			}
+			for i := len(c.Bans) - 1; i >= 0; i-- {
+				b := c.Bans[i]
+				rows = append(rows, listEntry{Family: fam.String(), Chain: string(name), Type: "ban",
+					Rule: b.Op.Source.String(), Target: b.Op.Target.String(), Since: since(b.Since)})
+			}
+			if c.Return {
+				rows = append(rows, listEntry{Family: fam.String(), Chain: string(name), Type: "return", Rule: "-j RETURN"})
+			}
+		}
+	}
+	if asJSON {
+		if rows == nil {
+			rows = []listEntry{}
+		}
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		_ = enc.Encode(rows)
+		return ExitOK
+	}
+	w := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(w, "FAMILY\tCHAIN\tTYPE\tADDRESS OR RULE\tTARGET\tSINCE")
+	for _, r := range rows {
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\n", r.Family, r.Chain, r.Type, r.Rule, r.Target, r.Since)
+	}
+	w.Flush()
+	return ExitOK
+}
+
+// drift is one difference between the journal and the live firewall.
+type drift struct {
+	kind string // missing, unexpected, duplicate
+	fam  policy.Family
+	what string
+	fix  *policy.Operation // for missing: what puts it back
+}
+
+// runReconcile compares the journal with the live firewall. Exit status 0:
+// no drift; 1: drift (fixed with --fix); 4: the firewall could not be read.
+func runReconcile(args []string, stdout, stderr io.Writer, deps Deps) int {
+	var fix bool
+	a, rest, code := openAdmin("reconcile", args, stderr, deps, func(f *flag.FlagSet) {
+		f.BoolVar(&fix, "fix", false, "re-apply what is missing from the firewall")
+	})
+	if a == nil {
+		return code
+	}
+	defer a.close()
+	if len(rest) > 0 {
+		return usageError(stderr, "reconcile takes no arguments")
+	}
+	want, err := a.journal()
+	if err != nil {
+		fmt.Fprintf(stderr, "f2b-shim: reconcile: %v\n", err)
+		return ExitSetup
+	}
+	var drifts []drift
+	tables := map[policy.Family]firewall.Table{}
+	for _, fam := range families {
+		t, err := a.table(fam)
+		if err != nil {
+			fmt.Fprintf(stderr, "f2b-shim: reconcile %s: %v\n", fam, err)
+			return ExitFirewall
+		}
+		tables[fam] = t
+		d, err := compare(want, fam, t, a.pol, a.ctx)
+		if err != nil {
+			fmt.Fprintf(stderr, "f2b-shim: reconcile %s: %s\n", fam, oneLine.Replace(err.Error()))
+			return ExitFirewall
+		}
+		drifts = append(drifts, d...)
+	}
+	if len(drifts) == 0 {
+		fmt.Fprintln(stdout, "no drift: the firewall holds exactly what the journal says")
+		return ExitOK
+	}
+	w := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
+	for _, d := range drifts {
+		fmt.Fprintf(w, "%s\t%s\t%s\n", d.kind, d.fam, d.what)
+	}
+	w.Flush()
+	if fix {
+		fixed := 0
+		for _, d := range drifts {
+			if d.fix == nil {
+				continue
+			}
+			if _, err := firewall.Apply(tables[d.fam], *d.fix, a.pol.MaxBansPerChain); err != nil {
+				fmt.Fprintf(stderr, "f2b-shim: reconcile --fix: %s: %s\n", d.fix.CommandLine(), oneLine.Replace(err.Error()))
+				return ExitFirewall
+			}
+			fixed++
+		}
+		fmt.Fprintf(stdout, "fixed: re-applied %d missing rules or chains; unexpected and duplicate rules are left for you to check\n", fixed)
+	}
+	return ExitCheckFalse
+}
+
+// compare lists the drift of one family, missing things first in the
+// order that fixes them (chains, bans, return rules, hooks).
+func compare(want *state.State, fam policy.Family, t firewall.Table, pol *policy.Policy, ctx policy.Context) ([]drift, error) {
+	live := state.New()
+	foreign, err := state.FromLive(live, fam, t, pol, ctx)
+	if err != nil {
+		return nil, err
+	}
+	var out []drift
+	add := func(kind, what string, fix *policy.Operation) {
+		out = append(out, drift{kind: kind, fam: fam, what: what, fix: fix})
+	}
+	wt, lt := want.Tables[fam], live.Tables[fam]
+	mk := func(line string) *policy.Operation {
+		c, err := policy.ParseCommand(line)
+		if err != nil {
+			return nil
+		}
+		op, err := policy.Authorize(pol, c, ctx)
+		if err != nil {
+			return nil
+		}
+		return &op
+	}
+	for _, name := range wt.ChainNames() {
+		if _, ok := lt.Chains[name]; !ok {
+			add("missing", "chain "+string(name), mk(fam.Binary()+" -N "+string(name)))
+		}
+	}
+	for _, name := range wt.ChainNames() {
+		wc, lc := wt.Chains[name], lt.Chains[name]
+		if lc == nil {
+			lc = &state.Chain{}
+		}
+		liveBans := map[string]bool{}
+		for _, b := range lc.Bans {
+			liveBans[strings.Join(b.Op.RuleSpec(), " ")] = true
+		}
+		for _, b := range wc.Bans {
+			if !liveBans[strings.Join(b.Op.RuleSpec(), " ")] {
+				op := b.Op
+				add("missing", fmt.Sprintf("ban %s in %s (%s)", op.Source, name, op.Target), &op)
+			}
+		}
+		if wc.Return && !lc.Return {
+			add("missing", "return rule of "+string(name), mk(fam.Binary()+" -A "+string(name)+" -j RETURN"))
+		}
+	}
+	liveHooks := map[string]bool{}
+	for _, h := range lt.Hooks {
+		liveHooks[state.HookKey(h.Op)] = true
+	}
+	wantHooks := map[string]bool{}
+	for _, h := range wt.Hooks {
+		wantHooks[state.HookKey(h.Op)] = true
+		if !liveHooks[state.HookKey(h.Op)] {
+			op := h.Op
+			add("missing", "hook "+string(op.Chain)+" "+strings.Join(op.RuleSpec(), " "), &op)
+		}
+	}
+	for _, name := range lt.ChainNames() {
+		wc, ok := wt.Chains[name]
+		if !ok {
+			add("unexpected", "chain "+string(name)+" (not in the journal)", nil)
+			continue
+		}
+		wantBans := map[string]bool{}
+		for _, b := range wc.Bans {
+			wantBans[strings.Join(b.Op.RuleSpec(), " ")] = true
+		}
+		for _, b := range lt.Chains[name].Bans {
+			if !wantBans[strings.Join(b.Op.RuleSpec(), " ")] {
+				add("unexpected", fmt.Sprintf("ban %s in %s (%s)", b.Op.Source, name, b.Op.Target), nil)
+			}
+		}
+	}
+	for _, h := range lt.Hooks {
+		if !wantHooks[state.HookKey(h.Op)] {
+			add("unexpected", "hook "+string(h.Op.Chain)+" "+strings.Join(h.Op.RuleSpec(), " "), nil)
+		}
+	}
+	for _, f := range foreign {
+		add("unexpected", "rule "+f+" (not one the policy allows)", nil)
+	}
+	dups, err := duplicates(t, pol, lt)
+	for _, d := range dups {
+		add("duplicate", d, nil)
+	}
+	return out, err
+}
+
+// duplicates finds rules that stand more than once in the shim's chains
+// and in the parent chains' jumps to them.
+func duplicates(t firewall.Table, pol *policy.Policy, live *state.Table) ([]string, error) {
+	chains := append([]string{}, pol.ParentChains...)
+	for _, n := range live.ChainNames() {
+		chains = append(chains, string(n))
+	}
+	var out []string
+	for _, c := range chains {
+		rules, err := t.List(c)
+		if err != nil {
+			continue
+		}
+		seen := map[string]int{}
+		for _, r := range rules {
+			if strings.HasPrefix(r, "-A ") && (strings.HasPrefix(c, pol.ChainPrefix) || strings.Contains(r, "-j "+pol.ChainPrefix)) {
+				seen[r]++
+			}
+		}
+		for _, r := range rules {
+			if seen[r] > 1 {
+				out = append(out, fmt.Sprintf("%s (%d times)", r, seen[r]))
+				seen[r] = 0
+			}
+		}
+	}
+	return out, nil
+}
+
+// runAudit reviews the audit log and its rotations.
+func runAudit(args []string, stdout, stderr io.Writer, deps Deps) int {
+	fs := newFlagSet("audit")
+	policyPath := fs.String("policy", "", "policy file (TOML)")
+	since := fs.String("since", "", "only entries since (\"2h\", \"2026-11-25 14:00\")")
+	until := fs.String("until", "", "only entries until")
+	var f audit.Filter
+	fs.StringVar(&f.Client, "client", "", "only this client (policy name or ssh client address)")
+	fs.BoolVar(&f.Denied, "denied", false, "only denied requests")
+	ip := fs.String("ip", "", "only operations on this address")
+	fs.StringVar(&f.Chain, "chain", "", "only operations on this chain")
+	summary := fs.Bool("summary", false, "print counts instead of entries")
+	asJSON := fs.Bool("json", false, "print the matching lines as they are")
+	if err := fs.Parse(args); err != nil {
+		return usageError(stderr, err.Error())
+	}
+	if fs.NArg() > 0 {
+		return usageError(stderr, "audit takes no arguments besides its flags")
+	}
+	if *summary && *asJSON {
+		return usageError(stderr, "choose --summary or --json, not both")
+	}
+	var err error
+	now := deps.Now()
+	for _, w := range []struct {
+		in  string
+		out *time.Time
+	}{{*since, &f.Since}, {*until, &f.Until}} {
+		if w.in != "" {
+			if *w.out, err = audit.ParseWhen(w.in, now); err != nil {
+				return usageError(stderr, err.Error())
+			}
+		}
+	}
+	if *ip != "" {
+		if f.IP, err = netip.ParseAddr(*ip); err != nil {
+			return usageError(stderr, fmt.Sprintf("--ip %q is not an IP address", *ip))
+		}
+		f.IP = f.IP.Unmap()
+	}
+	pol, err := loadPolicy(*policyPath, deps)
+	if err != nil {
+		fmt.Fprintf(stderr, "f2b-shim: policy: %v\n", err)
+		return ExitSetup
+	}
+	entries, bad, err := audit.Read(pol.AuditLog)
+	if err != nil {
+		fmt.Fprintf(stderr, "f2b-shim: audit: %v\n", err)
+		return ExitSetup
+	}
+	for _, b := range bad {
+		fmt.Fprintf(stderr, "f2b-shim: warning: %s: skipped\n", b)
+	}
+	var match []audit.Entry
+	for _, e := range entries {
+		if f.Match(e) {
+			match = append(match, e)
+		}
+	}
+	switch {
+	case *asJSON:
+		for _, e := range match {
+			stdout.Write(append(e.Raw, '\n'))
+		}
+	case *summary:
+		audit.WriteSummary(stdout, match)
+	default:
+		audit.WriteTable(stdout, match)
+	}
+	return ExitOK
+}
