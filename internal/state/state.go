@@ -31,6 +31,8 @@ type Table struct {
 type Chain struct {
 	Return bool
 	Bans   []Ban // oldest first
+	// banned indexes Bans by banKey: a restore replays tens of thousands.
+	banned map[string]bool
 }
 
 // Ban is one ban and when it was put in place.
@@ -79,7 +81,7 @@ func (s *State) Apply(op policy.Operation, at time.Time) {
 	chain := func() *Chain {
 		c, ok := t.Chains[op.BanChain()]
 		if !ok {
-			c = &Chain{}
+			c = &Chain{banned: map[string]bool{}}
 			t.Chains[op.BanChain()] = c
 		}
 		return c
@@ -89,7 +91,7 @@ func (s *State) Apply(op policy.Operation, at time.Time) {
 		chain()
 	case policy.FlushChain:
 		if c, ok := t.Chains[op.Chain]; ok {
-			c.Return, c.Bans = false, nil
+			c.Return, c.Bans, c.banned = false, nil, map[string]bool{}
 		}
 	case policy.DeleteChain:
 		delete(t.Chains, op.Chain)
@@ -104,12 +106,14 @@ func (s *State) Apply(op policy.Operation, at time.Time) {
 	case policy.DeleteHook:
 		t.Hooks = slices.DeleteFunc(t.Hooks, func(h Hook) bool { return hookKey(h.Op) == hookKey(op) })
 	case policy.AddBan:
-		c := chain()
-		if !slices.ContainsFunc(c.Bans, func(b Ban) bool { return banKey(b.Op) == banKey(op) }) {
+		c, key := chain(), banKey(op)
+		if !c.banned[key] {
+			c.banned[key] = true
 			c.Bans = append(c.Bans, Ban{Op: op, Since: at})
 		}
 	case policy.DeleteBan:
-		if c, ok := t.Chains[op.Chain]; ok {
+		if c, ok := t.Chains[op.Chain]; ok && c.banned[banKey(op)] {
+			delete(c.banned, banKey(op))
 			c.Bans = slices.DeleteFunc(c.Bans, func(b Ban) bool { return banKey(b.Op) == banKey(op) })
 		}
 	}

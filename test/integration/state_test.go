@@ -1,0 +1,183 @@
+package integration
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/f2b-shim/f2b-shim/internal/state"
+	"github.com/f2b-shim/f2b-shim/policy"
+	"github.com/f2b-shim/f2b-shim/test/nstest"
+)
+
+// admin runs an admin subcommand of the shim inside the namespace.
+func admin(t *testing.T, ns *nstest.Netns, pol string, args ...string) nstest.Result {
+	var stdout, stderr strings.Builder
+	cmd := ns.Command(shim, append(args[:1:1], append([]string{"--policy", pol}, args[1:]...)...)...)
+	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else {
+		require.NoError(t, err)
+	}
+	return nstest.Result{Code: code, Stdout: stdout.String(), Stderr: stderr.String()}
+}
+
+func runAll(t *testing.T, ns *nstest.Netns, pol string, lines ...string) {
+	for _, l := range lines {
+		r := ns.Shim(t, shim, pol, l)
+		require.Equal(t, 0, r.Code, "%s: %s", l, r.Stderr)
+	}
+}
+
+var jailStart = []string{
+	"iptables -w -N " + chain, "iptables -w -A " + chain + " -j RETURN",
+	"iptables -w -I INPUT -p tcp -m multiport --dports imap,imaps -j " + chain,
+	"iptables -w -I " + chain + " 1 -s 203.0.113.45 -j REJECT --reject-with icmp-port-unreachable",
+	"iptables -w -I " + chain + " 1 -s 198.51.100.0/24 -j DROP",
+	"ip6tables -w -N " + chain, "ip6tables -w -A " + chain + " -j RETURN",
+	"ip6tables -w -I INPUT -p tcp -m multiport --dports imap,imaps -j " + chain,
+	"ip6tables -w -I " + chain + " 1 -s 2001:db8:45::1 -j DROP",
+}
+
+// TestRebootAndRestore makes bans, "reboots" the proxy (a new namespace,
+// empty firewall, the same state_dir) and restores them.
+func TestRebootAndRestore(t *testing.T) {
+	for _, backend := range backends {
+		t.Run(backend, func(t *testing.T) {
+			ns, pol, _ := setup(t, backend, "")
+			runAll(t, ns, pol, jailStart...)
+			runAll(t, ns, pol, "iptables -w -I "+chain+" 1 -s 203.0.113.46 -j DROP", "iptables -w -D "+chain+" -s 203.0.113.46 -j DROP")
+			before4, before6 := ns.Rules(t, "iptables", backend), ns.Rules(t, "ip6tables", backend)
+
+			rebooted := nstest.NewNetns(t)
+			assert.Equal(t, policyLines, rebooted.Rules(t, "iptables", backend), "a fresh boot has an empty firewall")
+			r := admin(t, rebooted, pol, "restore")
+			require.Equal(t, 0, r.Code, r.Stderr)
+			assert.Contains(t, r.Stdout, "ipv4: 1 chains, 2 bans, 1 hooks")
+			assert.Equal(t, before4, rebooted.Rules(t, "iptables", backend))
+			assert.Equal(t, before6, rebooted.Rules(t, "ip6tables", backend))
+
+			r = admin(t, rebooted, pol, "restore")
+			require.Equal(t, 0, r.Code, r.Stderr)
+			assert.Equal(t, before4, rebooted.Rules(t, "iptables", backend), "a second restore changes nothing")
+			assert.Equal(t, before6, rebooted.Rules(t, "ip6tables", backend))
+		})
+	}
+}
+
+// TestRestoreTenThousandBans measures restoring 10,000 bans with one
+// iptables-restore per family. The figure is logged, not asserted.
+func TestRestoreTenThousandBans(t *testing.T) {
+	for _, backend := range backends {
+		t.Run(backend, func(t *testing.T) {
+			ns, pol, _ := setup(t, backend, "")
+			dir := filepath.Join(filepath.Dir(pol), "state")
+			require.NoError(t, os.MkdirAll(dir, 0o750))
+			s := state.New()
+			at := time.Now()
+			for _, l := range []string{"iptables -w -N " + chain, "iptables -w -A " + chain + " -j RETURN"} {
+				s.Apply(decideOp(t, l), at)
+			}
+			for i := range 10000 {
+				s.Apply(decideOp(t, fmt.Sprintf("iptables -w -I %s 1 -s 10.%d.%d.%d -j DROP", chain, i>>16&255, i>>8&255, i&255)), at)
+			}
+			require.NoError(t, state.Write(dir, s))
+			start := time.Now()
+			r := admin(t, ns, pol, "restore")
+			took := time.Since(start)
+			require.Equal(t, 0, r.Code, r.Stderr)
+			t.Logf("restored 10,000 bans on iptables-%s in %s", backend, took.Round(time.Millisecond))
+			rules := ns.MustRun(t, "iptables-"+backend, "-S", chain)
+			assert.Equal(t, 10002, strings.Count(rules, "\n"), "-N, 10,000 bans and the return rule")
+		})
+	}
+}
+
+func decideOp(t *testing.T, line string) policy.Operation {
+	c, err := policy.ParseCommand(line)
+	require.NoError(t, err)
+	op, err := policy.Authorize(policy.Default(), c, policy.Context{})
+	require.NoError(t, err)
+	return op
+}
+
+func TestReconcile(t *testing.T) {
+	ns, pol, _ := setup(t, "nft", "")
+	runAll(t, ns, pol, jailStart...)
+	r := admin(t, ns, pol, "reconcile")
+	assert.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
+	assert.Contains(t, r.Stdout, "no drift")
+
+	// Someone changes the firewall behind the shim's back.
+	ns.MustRun(t, "iptables-nft", "-D", chain, "-s", "203.0.113.45", "-j", "REJECT")
+	ns.MustRun(t, "iptables-nft", "-D", "INPUT", "-p", "tcp", "-m", "multiport", "--dports", "143,993", "-j", chain)
+	ns.MustRun(t, "iptables-nft", "-I", chain, "1", "-s", "203.0.113.77", "-j", "DROP")
+	ns.MustRun(t, "iptables-nft", "-I", chain, "1", "-s", "198.51.100.0/24", "-j", "DROP")
+	ns.MustRun(t, "iptables-nft", "-I", chain, "1", "-s", "0.0.0.0/0", "-j", "ACCEPT")
+	r = admin(t, ns, pol, "reconcile")
+	assert.Equal(t, 1, r.Code, "drift is exit status 1")
+	for _, want := range []string{
+		"missing     ipv4  ban 203.0.113.45/32 in " + chain,
+		"missing     ipv4  hook INPUT -p tcp -m multiport --dports imap,imaps -j " + chain,
+		"unexpected  ipv4  ban 203.0.113.77/32 in " + chain,
+		"unexpected  ipv4  rule -A " + chain + " -j ACCEPT (not one the policy allows)",
+		"duplicate   ipv4  -A " + chain + " -s 198.51.100.0/24 -j DROP (2 times)",
+	} {
+		assert.Contains(t, r.Stdout, want)
+	}
+	r = admin(t, ns, pol, "reconcile", "--fix")
+	assert.Equal(t, 1, r.Code)
+	assert.Contains(t, r.Stdout, "re-applied 2 missing")
+	rules := ns.Rules(t, "iptables", "nft")
+	assert.Contains(t, rules, "-A "+chain+" -s 203.0.113.45/32 -j REJECT")
+	assert.Contains(t, rules, "-A INPUT -p tcp -m multiport --dports 143,993 -j "+chain)
+	r = admin(t, ns, pol, "reconcile")
+	assert.NotContains(t, r.Stdout, "missing")
+}
+
+func TestListAndTornJournal(t *testing.T) {
+	ns, pol, audit := setup(t, "legacy", "")
+	runAll(t, ns, pol, jailStart...)
+	r := admin(t, ns, pol, "list")
+	require.Equal(t, 0, r.Code, r.Stderr)
+	assert.Regexp(t, `ipv4\s+`+chain+`\s+ban\s+203\.0\.113\.45/32\s+REJECT --reject-with icmp-port-unreachable\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\d`, r.Stdout)
+	assert.Regexp(t, `ipv6\s+`+chain+`\s+hook\s+INPUT -p tcp -m multiport --dports imap,imaps -j `+chain, r.Stdout)
+	r = admin(t, ns, pol, "list", "--json", chain)
+	var rows []map[string]string
+	require.NoError(t, json.Unmarshal([]byte(r.Stdout), &rows))
+	bans := 0
+	for _, row := range rows {
+		if row["type"] == "ban" {
+			bans++
+			assert.NotEmpty(t, row["since"])
+		}
+	}
+	assert.Equal(t, 3, bans)
+
+	// A crash tore the journal's last line; bans go on, and the next one
+	// rebuilds the journal from the live firewall.
+	journal := state.Path(filepath.Join(filepath.Dir(pol), "state"))
+	data, err := os.ReadFile(journal)
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(journal, data[:len(data)-25], 0o640))
+	r = ns.Shim(t, shim, pol, "iptables -w -I "+chain+" 1 -s 203.0.113.99 -j DROP")
+	require.Equal(t, 0, r.Code, r.Stderr)
+	last := lastAudit(t, audit)
+	assert.Contains(t, last["state"], "rebuilt from the live firewall")
+	r = admin(t, ns, pol, "list", "--json")
+	assert.Empty(t, r.Stderr, "the rebuilt journal reads cleanly")
+	assert.Contains(t, r.Stdout, "2001:db8:45::1/128", "the ban whose journal line was torn is back in the journal")
+	assert.Contains(t, r.Stdout, "203.0.113.99/32")
+}
