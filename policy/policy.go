@@ -29,6 +29,8 @@ type Policy struct {
 	StateDir        string         `toml:"state_dir"`
 	LockTimeout     time.Duration  `toml:"-"`
 	IptablesBackend string         `toml:"iptables_backend"`
+	// Syslog also sends every audit record to syslog/journald.
+	Syslog bool `toml:"syslog"`
 }
 
 // Limits on the policy itself, each with its reason.

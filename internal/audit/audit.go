@@ -144,11 +144,10 @@ func reserveRoom(f *os.File) error {
 // file opened O_APPEND, under an exclusive flock, so concurrent shims
 // never interleave or tear lines.
 func (l *Log) Write(r Record) error {
-	line, err := json.Marshal(r)
+	line, err := r.Line()
 	if err != nil {
 		return err
 	}
-	line = append(line, '\n')
 	fd := int(l.f.Fd())
 	if err := syscall.Flock(fd, syscall.LOCK_EX); err != nil {
 		return err
@@ -162,6 +161,12 @@ func (l *Log) Write(r Record) error {
 		return err
 	}
 	return l.f.Sync()
+}
+
+// Line is the record as one line of JSON, newline included.
+func (r Record) Line() ([]byte, error) {
+	line, err := json.Marshal(r)
+	return append(line, '\n'), err
 }
 
 // Close closes the log.

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/f2b-shim/f2b-shim/internal/audit"
 	"github.com/f2b-shim/f2b-shim/internal/firewall"
 	"github.com/f2b-shim/f2b-shim/policy"
 )
@@ -63,6 +64,8 @@ type Deps struct {
 	LocalAddrs func() ([]netip.Addr, error)
 	// Restore feeds an iptables-restore script to the family's iptables-restore.
 	Restore func(fam policy.Family, backend string, wait time.Duration, script string) error
+	// Syslog sends an audit record to syslog (policy key syslog).
+	Syslog func(audit.Record) error
 	// PrepareExec readies the process to run iptables: as a non-root user
 	// it raises the ambient capabilities (see package privilege).
 	PrepareExec func() error

@@ -25,10 +25,11 @@ const chain = "mail-remote-f2b-imap"
 // harness runs the CLI against one fake table per family and a policy
 // whose files live in a temp dir.
 type harness struct {
-	t      *testing.T
-	pol    *policy.Policy
-	tables map[policy.Family]*fwtest.Fake
-	deps   Deps
+	t         *testing.T
+	pol       *policy.Policy
+	tables    map[policy.Family]*fwtest.Fake
+	deps      Deps
+	syslogged []audit.Record
 }
 
 func newHarness(t *testing.T) *harness {
@@ -43,7 +44,11 @@ func newHarness(t *testing.T) *harness {
 		},
 		LocalAddrs:  func() ([]netip.Addr, error) { return []netip.Addr{netip.MustParseAddr("192.0.2.7")}, nil },
 		PrepareExec: func() error { return nil },
-		Now:         time.Now,
+		Syslog: func(r audit.Record) error {
+			h.syslogged = append(h.syslogged, r)
+			return nil
+		},
+		Now: time.Now,
 	}
 	return h
 }
@@ -245,4 +250,15 @@ func TestMissingCapabilitiesChangeNothing(t *testing.T) {
 
 	denied, _ := h.forced("iptables -F INPUT")
 	assert.Equal(t, ExitDenied, denied, "a request the policy refuses is refused as before")
+}
+
+func TestSyslogCopiesEveryRecordWhenAsked(t *testing.T) {
+	h := newHarness(t)
+	h.forced("iptables -w -N " + chain)
+	assert.Empty(t, h.syslogged, "off by default")
+	h.pol.Syslog = true
+	h.forced("iptables -w -N " + chain)
+	h.forced("id")
+	require.Len(t, h.syslogged, 2)
+	assert.Equal(t, h.records()[1:], h.syslogged, "syslog gets the same records as the file")
 }

@@ -59,6 +59,11 @@ func runForced(policyPath string, env Env, stderr io.Writer, deps Deps) int {
 			fmt.Fprintf(stderr, "f2b-shim: cannot write the audit log %q: %v\n", pol.AuditLog, err)
 			return ExitSetup
 		}
+		if pol.Syslog {
+			// The file is the record of truth; syslog is a copy for log
+			// pipelines, so its failure changes nothing.
+			_ = deps.Syslog(rec)
+		}
 		return code
 	}
 

@@ -11,6 +11,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/f2b-shim/f2b-shim/internal/audit"
 	"github.com/f2b-shim/f2b-shim/internal/firewall"
 	"github.com/f2b-shim/f2b-shim/internal/privilege"
 	"github.com/f2b-shim/f2b-shim/policy"
@@ -39,6 +40,7 @@ func RealDeps() Deps {
 			return firewall.Open(fam, backend, wait)
 		},
 		Restore:     firewall.Restore,
+		Syslog:      func(r audit.Record) error { return audit.SendSyslog("", "", r) },
 		LocalAddrs:  localAddrs,
 		PrepareExec: privilege.Prepare,
 		Now:         time.Now,

@@ -1,0 +1,96 @@
+package cli
+
+import (
+	"bytes"
+	"compress/gzip"
+	"encoding/json"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/f2b-shim/f2b-shim/internal/audit"
+)
+
+// TestAuditReview writes an audit log with two rotations, one gzipped,
+// and reviews it with each filter.
+func TestAuditReview(t *testing.T) {
+	h := newHarness(t)
+	now := time.Date(2026, 11, 25, 12, 0, 0, 0, time.Local)
+	h.deps.Now = func() time.Time { return now }
+	rec := func(ago time.Duration, client, decision, kind, source, reason string) audit.Record {
+		r := audit.Record{Time: now.Add(-ago), Policy: "mx1", ClientIP: client, Decision: decision, Result: "applied", Reason: audit.Text(reason)}
+		if decision == audit.Deny {
+			r.Result = "denied"
+		}
+		if kind != "" {
+			r.Op = &audit.Op{Kind: kind, Chain: chain, Source: source}
+		}
+		r.SetCommand("iptables …")
+		return r
+	}
+	lines := func(recs ...audit.Record) []byte {
+		var b bytes.Buffer
+		for _, r := range recs {
+			data, err := json.Marshal(r)
+			require.NoError(t, err)
+			b.Write(append(data, '\n'))
+		}
+		return b.Bytes()
+	}
+	require.NoError(t, os.MkdirAll(h.pol.AuditLog[:strings.LastIndex(h.pol.AuditLog, "/")], 0o750))
+	var gz bytes.Buffer
+	zw := gzip.NewWriter(&gz)
+	zw.Write(lines(rec(50*time.Hour, "192.0.2.10", audit.Allow, "ban", "203.0.113.1/32", "")))
+	zw.Close()
+	require.NoError(t, os.WriteFile(h.pol.AuditLog+".2.gz", gz.Bytes(), 0o640))
+	require.NoError(t, os.WriteFile(h.pol.AuditLog+".1", lines(
+		rec(3*time.Hour, "192.0.2.10", audit.Allow, "ban", "203.0.113.2/32", ""),
+		rec(3*time.Hour, "192.0.2.10", audit.Deny, "", "", `program "id" is not allowed`),
+	), 0o640))
+	require.NoError(t, os.WriteFile(h.pol.AuditLog, append(lines(
+		rec(30*time.Minute, "192.0.2.11", audit.Allow, "ban", "203.0.113.2/32", ""),
+		rec(10*time.Minute, "192.0.2.11", audit.Deny, "", "", `program "id" is not allowed`),
+		rec(5*time.Minute, "192.0.2.10", audit.Allow, "unban", "198.51.100.0/24", ""),
+	), []byte("{torn\n")...), 0o640))
+
+	run := func(args ...string) (int, string, string) {
+		var stdout, stderr bytes.Buffer
+		code := Run(append([]string{"audit", "--policy", "p.toml"}, args...), Env{}, &stdout, &stderr, h.deps)
+		return code, stdout.String(), stderr.String()
+	}
+	count := func(args ...string) int {
+		code, out, _ := run(append(args, "--json")...)
+		require.Equal(t, 0, code)
+		return strings.Count(out, "\n")
+	}
+	assert.Equal(t, 6, count(), "every file, rotated and gzipped ones included")
+	assert.Equal(t, 3, count("--since", "1h"))
+	assert.Equal(t, 1, count("--until", "2026-11-24"))
+	assert.Equal(t, 2, count("--denied"))
+	assert.Equal(t, 2, count("--client", "192.0.2.11"))
+	assert.Equal(t, 6, count("--client", "mx1"))
+	assert.Equal(t, 2, count("--ip", "203.0.113.2"))
+	assert.Equal(t, 1, count("--ip", "198.51.100.7"), "an address inside a banned prefix")
+	assert.Equal(t, 4, count("--chain", chain))
+
+	code, out, stderr := run()
+	assert.Equal(t, 0, code)
+	assert.Contains(t, stderr, "skipped", "the torn line is reported")
+	assert.Contains(t, out, "TIME")
+	assert.Contains(t, out, "mx1@192.0.2.11")
+
+	_, out, _ = run("--summary")
+	assert.Regexp(t, `mx1@192\.0\.2\.10\s+allow\s+3`, out)
+	assert.Regexp(t, `"program \\"id\\" is not allowed"\s+2`, out)
+	assert.Regexp(t, `203\.0\.113\.2/32\s+2`, out)
+	assert.Contains(t, out, "BANS PER HOUR")
+	assert.Regexp(t, `11:00  #+\s+1`, out)
+
+	code, _, stderr = run("--since", "yesterday")
+	assert.Equal(t, ExitUsage, code)
+	assert.Contains(t, stderr, "neither a duration")
+}
