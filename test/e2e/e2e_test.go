@@ -172,7 +172,41 @@ func lifeCycle(t *testing.T, bin string, mode lab.Mode) {
 		}
 		assert.True(t, denied["scp -t /tmp/f2b-shim-e2e"], "scp's denial is audited; denied: %v", denied)
 	})
-	t.Run("8 every request ran as the account the key logs into", func(t *testing.T) {
+	t.Run("8 fail2ban repairs a proxy firewall flushed behind its back", func(t *testing.T) {
+		require.NoError(t, l.FlushProxy())
+		require.NoError(t, l.Connect(false), "the flush lifted the ban")
+		// The next ban fails (its chain is gone); fail2ban's actioncheck
+		// then finds the hook missing, restarts the action and bans again.
+		require.NoError(t, l.FailLogins("203.0.113.46", 3))
+		_, err := l.WaitRule("iptables", lab.BanRule("203.0.113.46"), true, banWait)
+		require.NoError(t, err)
+		assert.Contains(t, l.Rules("iptables"), "-A INPUT -p tcp -m multiport --dports 143,993 -j "+lab.Chain)
+		// The attacker's older ban comes back as soon as it fails again:
+		// fail2ban re-bans an "already banned" address from before the repair.
+		require.NoError(t, l.FailLogins(lab.AttackerV4, 3))
+		_, err = l.WaitRule("iptables", ban4, true, banWait)
+		require.NoError(t, err)
+		assert.Error(t, l.Connect(false))
+		log := l.Log("fail2ban.log")
+		assert.Contains(t, log, "Invariant check failed. Trying to restore a sane environment")
+		assert.Contains(t, log, "Reban "+lab.AttackerV4)
+	})
+	t.Run("9 after a reboot, restore brings every ban back", func(t *testing.T) {
+		require.NoError(t, l.FlushProxy()) // a fresh boot's firewall holds nothing of ours
+		require.NoError(t, l.Connect(false))
+		code, out := l.Admin("restore")
+		require.Equal(t, 0, code, out)
+		for bin, rule := range map[string]string{"iptables": ban4, "ip6tables": ban6} {
+			assert.Contains(t, l.Rules(bin), rule)
+			assert.Contains(t, l.Rules(bin), "-A INPUT -p tcp -m multiport --dports 143,993 -j "+lab.Chain)
+		}
+		assert.Contains(t, l.Rules("iptables"), lab.BanRule("203.0.113.46"))
+		assert.Error(t, l.Connect(false), "the attacker is refused again")
+		assert.Error(t, l.Connect(true))
+		code, out = l.Admin("reconcile")
+		assert.Equal(t, 0, code, "no drift after restore: %s", out)
+	})
+	t.Run("10 every request ran as the account the key logs into", func(t *testing.T) {
 		want := 0
 		if mode == lab.UserMode {
 			want = lab.UserID

@@ -472,6 +472,30 @@ func (l *Lab) SSH(args ...string) (int, string) {
 	return exitCode(cmd)
 }
 
+// Admin runs an admin subcommand of the shim on the proxy, as the account
+// the key logs into (as the systemd unit's User= does for restore).
+func (l *Lab) Admin(args ...string) (int, string) {
+	args = append([]string{args[0], "--policy", l.path("policy.toml")}, args[1:]...)
+	if l.Mode == UserMode {
+		args = append([]string{fmt.Sprintf("--reuid=%d", UserID), fmt.Sprintf("--regid=%d", UserID), "--clear-groups", l.Shim}, args...)
+		return exitCode(l.Proxy.Command("setpriv", args...))
+	}
+	return exitCode(l.Proxy.Command(l.Shim, args...))
+}
+
+// FlushProxy empties the proxy's firewall, both families, as a reboot or
+// an admin's "iptables -F; iptables -X" would, behind fail2ban's back.
+func (l *Lab) FlushProxy() error {
+	for _, bin := range []string{"iptables", "ip6tables"} {
+		for _, flag := range []string{"-F", "-X"} {
+			if _, err := l.Proxy.Run(bin, flag); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
 // MailCommand runs any program on the mail host, e.g. scp or sftp.
 func (l *Lab) MailCommand(name string, args ...string) (int, string) {
 	return exitCode(l.Mail.Command(name, args...))
