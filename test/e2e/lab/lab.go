@@ -217,6 +217,17 @@ func (l *Lab) proxyFiles() error {
 		"Subsystem sftp internal-sftp",
 		"LogLevel VERBOSE",
 	}, "\n") + "\n"
+	if l.Mode == UserMode {
+		// The shipped Match block, with this lab's paths.
+		example, err := os.ReadFile(filepath.Join(RepoRoot(), "examples", "ssh", "sshd_config-f2b-shim.conf"))
+		if err != nil {
+			return err
+		}
+		sshd += strings.NewReplacer(
+			"/etc/f2b-shim/authorized_keys", l.path("authorized_keys.f2b-shim"),
+			"/usr/local/sbin/f2b-shim --policy /etc/f2b-shim/policy.toml", l.Shim+" --policy "+l.path("policy.toml"),
+		).Replace(string(example))
+	}
 	policy := fmt.Sprintf("name = \"lab\"\naudit_log = %q\nstate_dir = %q\n", l.path("log/audit.jsonl"), l.path("state"))
 	owner := 0
 	if l.Mode == UserMode {
