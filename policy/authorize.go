@@ -33,6 +33,17 @@ type Operation struct {
 	Command
 }
 
+// Decide parses a command line and authorizes it: the whole judgement
+// the shim makes of a request, and of every line it reads back from its
+// journal or from the live firewall.
+func Decide(pol *Policy, line string, ctx Context) (Operation, error) {
+	c, err := ParseCommand(line)
+	if err != nil {
+		return Operation{}, err
+	}
+	return Authorize(pol, c, ctx)
+}
+
 // Authorize checks a parsed command against the policy. It returns the
 // operation to carry out, or a *Denial whose reason names the word at fault.
 func Authorize(pol *Policy, c Command, ctx Context) (Operation, error) {

@@ -14,11 +14,7 @@ import (
 // decide is parse + authorize under the default policy, as the shim does.
 func decide(t testing.TB, line string) (Operation, error) {
 	t.Helper()
-	c, err := ParseCommand(line)
-	if err != nil {
-		return Operation{}, err
-	}
-	return Authorize(Default(), c, Context{
+	return Decide(Default(), line, Context{
 		Client:     netip.MustParseAddr("192.0.2.10"),
 		LocalAddrs: []netip.Addr{netip.MustParseAddr("192.0.2.7"), netip.MustParseAddr("2001:db8:7::1")},
 	})

@@ -296,11 +296,7 @@ func compare(want *state.State, fam policy.Family, t firewall.Table, pol *policy
 	}
 	wt, lt := want.Tables[fam], live.Tables[fam]
 	mk := func(line string) *policy.Operation {
-		c, err := policy.ParseCommand(line)
-		if err != nil {
-			return nil
-		}
-		op, err := policy.Authorize(pol, c, ctx)
+		op, err := policy.Decide(pol, line, ctx)
 		if err != nil {
 			return nil
 		}

@@ -166,15 +166,6 @@ func parseSSHConnection(s string) (netip.Addr, int) {
 	return a.WithZone(""), port
 }
 
-// decide parses and authorizes a command line.
-func decide(pol *policy.Policy, line string, ctx policy.Context) (policy.Operation, error) {
-	c, err := policy.ParseCommand(line)
-	if err != nil {
-		return policy.Operation{}, err
-	}
-	return policy.Authorize(pol, c, ctx)
-}
-
 func runCheck(args []string, env Env, stdout, stderr io.Writer, deps Deps) int {
 	fs := newFlagSet("check")
 	policyPath := fs.String("policy", "", "policy file (TOML)")
@@ -196,7 +187,7 @@ func runCheck(args []string, env Env, stdout, stderr io.Writer, deps Deps) int {
 	}
 	line := fs.Arg(0)
 	fmt.Fprintf(stdout, "command:   %s\n", strconv.Quote(line))
-	op, err := decide(pol, line, ctx)
+	op, err := policy.Decide(pol, line, ctx)
 	if err != nil {
 		fmt.Fprintf(stdout, "decision:  denied: %v\n", err)
 		return ExitDenied

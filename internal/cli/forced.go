@@ -78,7 +78,7 @@ func runForced(policyPath string, env Env, stderr io.Writer, deps Deps) int {
 		rec.Decision, rec.Reason = audit.Deny, audit.Text("cannot list local addresses: "+err.Error())
 		return finish(ExitSetup, "denied", fmt.Sprintf("denied: cannot list this proxy's addresses: %v", err))
 	}
-	op, err := decide(pol, env.OriginalCommand, ctx)
+	op, err := policy.Decide(pol, env.OriginalCommand, ctx)
 	if err != nil {
 		rec.Decision, rec.Reason = audit.Deny, audit.Text(err.Error())
 		return finish(ExitDenied, "denied", "denied: "+err.Error())

@@ -17,9 +17,7 @@ const chain = "mail-remote-f2b-imap"
 
 func op(t *testing.T, line string) policy.Operation {
 	t.Helper()
-	c, err := policy.ParseCommand(line)
-	require.NoError(t, err)
-	o, err := policy.Authorize(policy.Default(), c, policy.Context{Client: netip.MustParseAddr("192.0.2.10")})
+	o, err := policy.Decide(policy.Default(), line, policy.Context{Client: netip.MustParseAddr("192.0.2.10")})
 	require.NoError(t, err)
 	return o
 }

@@ -106,16 +106,13 @@ func Load(dir string, pol *policy.Policy, ctx policy.Context) (*State, []Problem
 			problems = append(problems, Problem{n, "not a journal line"})
 			continue
 		}
-		c, err := policy.ParseCommand(l.Command)
+		op, err := policy.Decide(pol, l.Command, ctx)
+		if err == nil && !Changes(op.Kind) {
+			err = fmt.Errorf("%s changes nothing", op.Kind)
+		}
 		if err == nil {
-			var op policy.Operation
-			if op, err = policy.Authorize(pol, c, ctx); err == nil && !Changes(op.Kind) {
-				err = fmt.Errorf("%s changes nothing", op.Kind)
-			}
-			if err == nil {
-				s.Apply(op, l.Time)
-				continue
-			}
+			s.Apply(op, l.Time)
+			continue
 		}
 		problems = append(problems, Problem{n, fmt.Sprintf("%q refused: %v", l.Command, err)})
 	}

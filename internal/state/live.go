@@ -22,11 +22,7 @@ func FromLive(s *State, fam policy.Family, t firewall.Table, pol *policy.Policy,
 		return nil, err
 	}
 	judge := func(line string) (policy.Operation, bool) {
-		c, err := policy.ParseCommand(line)
-		if err != nil {
-			return policy.Operation{}, false
-		}
-		op, err := policy.Authorize(pol, c, ctx)
+		op, err := policy.Decide(pol, line, ctx)
 		return op, err == nil
 	}
 	for _, name := range chains {

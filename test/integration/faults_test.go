@@ -29,17 +29,8 @@ func private(ns *nstest.Netns, pol, script string) *exec.Cmd {
 }
 
 func runPrivate(t *testing.T, ns *nstest.Netns, pol, script string) (int, string, string) {
-	var stdout, stderr bytes.Buffer
-	cmd := private(ns, pol, script)
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err := cmd.Run()
-	code := 0
-	if ee, ok := err.(*exec.ExitError); ok {
-		code = ee.ExitCode()
-	} else {
-		require.NoError(t, err)
-	}
-	return code, stdout.String(), stderr.String()
+	r := nstest.RunCmd(t, private(ns, pol, script))
+	return r.Code, r.Stdout, r.Stderr
 }
 
 func lastAudit(t *testing.T, path string) map[string]any {

@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -20,18 +19,9 @@ import (
 
 // admin runs an admin subcommand of the shim inside the namespace.
 func admin(t *testing.T, ns *nstest.Netns, pol string, args ...string) nstest.Result {
-	var stdout, stderr strings.Builder
 	cmd := ns.Command(shim, append(args[:1:1], append([]string{"--policy", pol}, args[1:]...)...)...)
 	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err := cmd.Run()
-	code := 0
-	if ee, ok := err.(*exec.ExitError); ok {
-		code = ee.ExitCode()
-	} else {
-		require.NoError(t, err)
-	}
-	return nstest.Result{Code: code, Stdout: stdout.String(), Stderr: stderr.String()}
+	return nstest.RunCmd(t, cmd)
 }
 
 func runAll(t *testing.T, ns *nstest.Netns, pol string, lines ...string) {
@@ -106,9 +96,7 @@ func TestRestoreTenThousandBans(t *testing.T) {
 }
 
 func decideOp(t *testing.T, line string) policy.Operation {
-	c, err := policy.ParseCommand(line)
-	require.NoError(t, err)
-	op, err := policy.Authorize(policy.Default(), c, policy.Context{})
+	op, err := policy.Decide(policy.Default(), line, policy.Context{})
 	require.NoError(t, err)
 	return op
 }

@@ -1,7 +1,6 @@
 package integration
 
 import (
-	"bytes"
 	"fmt"
 	"os"
 	"os/exec"
@@ -60,22 +59,11 @@ func lockSetup(mode string) string {
 
 // asUser runs script's last command as the user, inside the namespace
 // and a private mount namespace.
-func asUser(ns *nstest.Netns, u userSetup, setupScript, line string, args ...string) nstest.Result {
+func asUser(t *testing.T, ns *nstest.Netns, u userSetup, setupScript, line string, args ...string) nstest.Result {
 	script := setupScript + fmt.Sprintf("exec setpriv --reuid=%d --regid=%d --clear-groups \"$@\"", userID, userID)
 	cmd := ns.Command("unshare", append([]string{"--mount", "--propagation", "private", "sh", "-euc", script, "sh"}, args...)...)
 	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "SSH_ORIGINAL_COMMAND=" + line, "SSH_CONNECTION=192.0.2.10 50022 192.0.2.7 22"}
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	code := 0
-	if err := cmd.Run(); err != nil {
-		if ee, ok := err.(*exec.ExitError); ok {
-			code = ee.ExitCode()
-		} else {
-			code = -1
-			stderr.WriteString(err.Error())
-		}
-	}
-	return nstest.Result{Code: code, Stdout: stdout.String(), Stderr: stderr.String()}
+	return nstest.RunCmd(t, cmd)
 }
 
 // TestUnprivilegedUser runs the whole action sequence as a non-root user
@@ -86,7 +74,7 @@ func TestUnprivilegedUser(t *testing.T) {
 			u := newUserSetup(t, backend, true)
 			ns, _, _ := setup(t, backend, "")
 			playSequence(t, backend, ns, u.audit, func(line string) nstest.Result {
-				return asUser(ns, u, lockSetup("0640"), line, u.bin, "--policy", u.pol)
+				return asUser(t, ns, u, lockSetup("0640"), line, u.bin, "--policy", u.pol)
 			})
 			for _, rec := range auditLines(t, u.audit) {
 				require.Equal(t, float64(userID), rec["uid"], "the shim ran as the user, not root")
@@ -100,7 +88,7 @@ func TestUnprivilegedUserLimits(t *testing.T) {
 	t.Run("without file capabilities the shim says what to run", func(t *testing.T) {
 		u := newUserSetup(t, "nft", false)
 		ns, _, _ := setup(t, "nft", "")
-		r := asUser(ns, u, "", create, u.bin, "--policy", u.pol)
+		r := asUser(t, ns, u, "", create, u.bin, "--policy", u.pol)
 		assert.Equal(t, 5, r.Code, r.Stderr)
 		assert.Contains(t, r.Stderr, "without CAP_NET_ADMIN, CAP_NET_RAW")
 		assert.Contains(t, r.Stderr, "run: setcap cap_net_admin,cap_net_raw+ep "+u.bin)
@@ -109,7 +97,7 @@ func TestUnprivilegedUserLimits(t *testing.T) {
 	t.Run("a root-only xtables lock is a clear firewall failure", func(t *testing.T) {
 		u := newUserSetup(t, "legacy", true)
 		ns, _, _ := setup(t, "legacy", "")
-		r := asUser(ns, u, "mount -t tmpfs none /run\ninstall -m 0600 -o 0 -g 0 /dev/null /run/xtables.lock\n", create, u.bin, "--policy", u.pol)
+		r := asUser(t, ns, u, "mount -t tmpfs none /run\ninstall -m 0600 -o 0 -g 0 /dev/null /run/xtables.lock\n", create, u.bin, "--policy", u.pol)
 		assert.Equal(t, 4, r.Code, r.Stderr)
 		assert.Contains(t, r.Stderr, "/run/xtables.lock")
 		assert.Equal(t, policyLines, ns.Rules(t, "iptables", "legacy"))
@@ -118,7 +106,7 @@ func TestUnprivilegedUserLimits(t *testing.T) {
 		u := newUserSetup(t, "nft", true)
 		require.NoError(t, os.Chmod(u.pol, 0o600))
 		ns, _, _ := setup(t, "nft", "")
-		r := asUser(ns, u, "", create, u.bin, "--policy", u.pol)
+		r := asUser(t, ns, u, "", create, u.bin, "--policy", u.pol)
 		assert.Equal(t, 5, r.Code)
 		assert.Contains(t, r.Stderr, "permission denied")
 		assert.NotContains(t, r.Stderr, "audit_log")
@@ -132,10 +120,10 @@ func TestUnprivilegedUserLimits(t *testing.T) {
 				{"iptables-" + backend, "-N", chain},
 				{"sh", "-c", "iptables-" + backend + " -P INPUT DROP"},
 			} {
-				r := asUser(ns, u, lockSetup("0640"), "", args...)
+				r := asUser(t, ns, u, lockSetup("0640"), "", args...)
 				assert.NotEqual(t, 0, r.Code, "%v as the user succeeded", args)
 			}
-			r := asUser(ns, u, lockSetup("0640"), "iptables -F INPUT", u.bin, "--policy", u.pol)
+			r := asUser(t, ns, u, lockSetup("0640"), "iptables -F INPUT", u.bin, "--policy", u.pol)
 			assert.Equal(t, 3, r.Code)
 			assert.True(t, strings.HasPrefix(r.Stderr, "f2b-shim: denied: "))
 			assert.Equal(t, policyLines, ns.Rules(t, "iptables", backend))

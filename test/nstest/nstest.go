@@ -96,9 +96,16 @@ type Result struct {
 // SSH_ORIGINAL_COMMAND and SSH_CONNECTION set.
 func (ns *Netns) Shim(t testing.TB, bin, policyPath, line string) Result {
 	t.Helper()
-	var stdout, stderr bytes.Buffer
 	cmd := ns.Command(bin, "--policy", policyPath)
 	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "SSH_ORIGINAL_COMMAND=" + line, "SSH_CONNECTION=192.0.2.10 50022 192.0.2.7 22"}
+	return RunCmd(t, cmd)
+}
+
+// RunCmd runs cmd and returns how it ended; only a failure to start it
+// fails the test.
+func RunCmd(t testing.TB, cmd *exec.Cmd) Result {
+	t.Helper()
+	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()
 	code := 0
