@@ -31,6 +31,9 @@ type Policy struct {
 	IptablesBackend string         `toml:"iptables_backend"`
 	// Syslog also sends every audit record to syslog/journald.
 	Syslog bool `toml:"syslog"`
+	// Backend is "rules" (one iptables rule per ban) or "ipset" (bans in
+	// hash:net sets, one rule per target).
+	Backend string `toml:"backend"`
 }
 
 // Limits on the policy itself, each with its reason.
@@ -65,6 +68,7 @@ func Default() *Policy {
 		StateDir:        "/var/lib/f2b-shim",
 		LockTimeout:     10 * time.Second,
 		IptablesBackend: "auto",
+		Backend:         "rules",
 	}
 }
 
@@ -171,6 +175,9 @@ func (p *Policy) Validate() error {
 	case "auto", "nft", "legacy":
 	default:
 		return fmt.Errorf("iptables_backend %q must be \"auto\", \"nft\" or \"legacy\"", p.IptablesBackend)
+	}
+	if p.Backend != "rules" && p.Backend != "ipset" {
+		return fmt.Errorf("backend %q must be \"rules\" or \"ipset\"", p.Backend)
 	}
 	return nil
 }

@@ -247,6 +247,9 @@ var rejectTypes = map[string]Family{
 	"icmp6-reject-route":     IPv6,
 }
 
+// RejectFamily is the family a documented reject type belongs to, or 0.
+func RejectFamily(with string) Family { return rejectTypes[with] }
+
 // maxAddrLen bounds an address word; the longest IPv6 CIDR text is 49 bytes.
 const maxAddrLen = 64
 

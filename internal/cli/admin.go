@@ -70,11 +70,11 @@ func (a *admin) journal() (*state.State, error) {
 	return s, err
 }
 
-func (a *admin) table(fam policy.Family) (firewall.Table, error) {
+func (a *admin) backend(fam policy.Family) (firewall.Backend, error) {
 	if err := a.deps.PrepareExec(); err != nil {
-		return nil, err
+		return firewall.Backend{}, err
 	}
-	return a.deps.OpenTable(fam, a.pol.IptablesBackend, max(time.Until(a.deadline), time.Second))
+	return openBackend(a.pol, fam, a.deadline, a.deps)
 }
 
 // runRestore puts the journal's chains, bans and hooks back, one
@@ -103,13 +103,22 @@ func runRestore(args []string, stdout, stderr io.Writer, deps Deps) int {
 		if len(t.Chains) == 0 && len(t.Hooks) == 0 {
 			continue
 		}
-		tbl, err := a.table(fam)
+		b, err := a.backend(fam)
 		if err == nil {
 			missing := func(h state.Hook) bool {
-				ok, err := tbl.Exists(string(h.Op.Chain), h.Op.RuleSpec()...)
+				ok, err := b.Table.Exists(string(h.Op.Chain), h.Op.RuleSpec()...)
 				return err != nil || !ok
 			}
-			err = deps.Restore(fam, a.pol.IptablesBackend, max(time.Until(a.deadline), time.Second), s.RestoreScript(fam, missing))
+			wait := max(time.Until(a.deadline), time.Second)
+			if b.Sets == nil {
+				err = deps.Restore(fam, a.pol.IptablesBackend, wait, s.RestoreScript(fam, missing))
+			} else {
+				// The sets first: the chains' rules refer to them.
+				sets, rules := s.SetScripts(fam, a.pol, missing)
+				if err = deps.RestoreSets(sets); err == nil {
+					err = deps.Restore(fam, a.pol.IptablesBackend, wait, rules)
+				}
+			}
 		}
 		if err != nil {
 			fmt.Fprintf(stderr, "f2b-shim: restore %s: %s\n", fam, oneLine.Replace(strings.TrimSpace(err.Error())))
@@ -241,15 +250,15 @@ func runReconcile(args []string, stdout, stderr io.Writer, deps Deps) int {
 		return ExitSetup
 	}
 	var drifts []drift
-	tables := map[policy.Family]firewall.Table{}
+	backends := map[policy.Family]firewall.Backend{}
 	for _, fam := range families {
-		t, err := a.table(fam)
+		b, err := a.backend(fam)
 		if err != nil {
 			fmt.Fprintf(stderr, "f2b-shim: reconcile %s: %v\n", fam, err)
 			return ExitFirewall
 		}
-		tables[fam] = t
-		d, err := compare(want, fam, t, a.pol, a.ctx)
+		backends[fam] = b
+		d, err := compare(want, fam, b, a.ctx)
 		if err != nil {
 			fmt.Fprintf(stderr, "f2b-shim: reconcile %s: %s\n", fam, oneLine.Replace(err.Error()))
 			return ExitFirewall
@@ -271,7 +280,7 @@ func runReconcile(args []string, stdout, stderr io.Writer, deps Deps) int {
 			if d.fix == nil {
 				continue
 			}
-			if _, err := firewall.Apply(tables[d.fam], *d.fix, a.pol.MaxBansPerChain); err != nil {
+			if _, err := firewall.Apply(backends[d.fam], *d.fix); err != nil {
 				fmt.Fprintf(stderr, "f2b-shim: reconcile --fix: %s: %s\n", d.fix.CommandLine(), oneLine.Replace(err.Error()))
 				return ExitFirewall
 			}
@@ -284,9 +293,10 @@ func runReconcile(args []string, stdout, stderr io.Writer, deps Deps) int {
 
 // compare lists the drift of one family, missing things first in the
 // order that fixes them (chains, bans, return rules, hooks).
-func compare(want *state.State, fam policy.Family, t firewall.Table, pol *policy.Policy, ctx policy.Context) ([]drift, error) {
+func compare(want *state.State, fam policy.Family, b firewall.Backend, ctx policy.Context) ([]drift, error) {
+	t, pol := b.Table, b.Policy
 	live := state.New()
-	foreign, err := state.FromLive(live, fam, t, pol, ctx)
+	foreign, err := state.FromLive(live, fam, b, ctx)
 	if err != nil {
 		return nil, err
 	}

@@ -62,6 +62,10 @@ type Deps struct {
 	OpenTable func(fam policy.Family, backend string, wait time.Duration) (firewall.Table, error)
 	// LocalAddrs lists the proxy's own addresses, which are never banned.
 	LocalAddrs func() ([]netip.Addr, error)
+	// OpenSets opens ipset, for the set backend.
+	OpenSets func() (firewall.Sets, error)
+	// RestoreSets feeds an "ipset restore" script.
+	RestoreSets func(script string) error
 	// Restore feeds an iptables-restore script to the family's iptables-restore.
 	Restore func(fam policy.Family, backend string, wait time.Duration, script string) error
 	// Syslog sends an audit record to syslog (policy key syslog).

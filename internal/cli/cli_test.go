@@ -28,13 +28,14 @@ type harness struct {
 	t         *testing.T
 	pol       *policy.Policy
 	tables    map[policy.Family]*fwtest.Fake
+	sets      *fwtest.FakeSets
 	deps      Deps
 	syslogged []audit.Record
 }
 
 func newHarness(t *testing.T) *harness {
 	dir := t.TempDir()
-	h := &harness{t: t, pol: policy.Default(), tables: map[policy.Family]*fwtest.Fake{policy.IPv4: fwtest.New(), policy.IPv6: fwtest.New()}}
+	h := &harness{t: t, pol: policy.Default(), sets: fwtest.NewSets(), tables: map[policy.Family]*fwtest.Fake{policy.IPv4: fwtest.New(), policy.IPv6: fwtest.New()}}
 	h.pol.AuditLog = filepath.Join(dir, "log", "audit.jsonl")
 	h.pol.StateDir = filepath.Join(dir, "state")
 	h.deps = Deps{
@@ -44,6 +45,7 @@ func newHarness(t *testing.T) *harness {
 		},
 		LocalAddrs:  func() ([]netip.Addr, error) { return []netip.Addr{netip.MustParseAddr("192.0.2.7")}, nil },
 		PrepareExec: func() error { return nil },
+		OpenSets:    func() (firewall.Sets, error) { return h.sets, nil },
 		Syslog: func(r audit.Record) error {
 			h.syslogged = append(h.syslogged, r)
 			return nil

@@ -143,9 +143,9 @@ func journal(pol *policy.Policy, op policy.Operation, ctx policy.Context, at, de
 		// lock; the journal's times are kept where they still match.
 		live := state.New()
 		for _, fam := range []policy.Family{policy.IPv4, policy.IPv6} {
-			t, err := deps.OpenTable(fam, pol.IptablesBackend, max(time.Until(deadline), time.Second))
+			b, err := openBackend(pol, fam, deadline, deps)
 			if err == nil {
-				_, err = state.FromLive(live, fam, t, pol, ctx)
+				_, err = state.FromLive(live, fam, b, ctx)
 			}
 			if err != nil {
 				return fmt.Sprintf("journal damaged (%d bad lines) and the firewall unreadable: %v", len(problems), err)
@@ -165,12 +165,24 @@ func journal(pol *policy.Policy, op policy.Operation, ctx policy.Context, at, de
 // until the deadline (at least a second): fail2ban kills an action after
 // 60 s, and lock_timeout is at most 50 s.
 func apply(pol *policy.Policy, op policy.Operation, deadline time.Time, deps Deps) (firewall.Outcome, error) {
-	wait := max(deadline.Sub(deps.Now()), time.Second)
-	t, err := deps.OpenTable(op.Family, pol.IptablesBackend, wait)
+	b, err := openBackend(pol, op.Family, deadline, deps)
 	if err != nil {
 		return 0, err
 	}
-	return firewall.Apply(t, op, pol.MaxBansPerChain)
+	return firewall.Apply(b, op)
+}
+
+// openBackend opens the family's table, and ipset for the set backend.
+func openBackend(pol *policy.Policy, fam policy.Family, deadline time.Time, deps Deps) (firewall.Backend, error) {
+	b := firewall.Backend{Policy: pol}
+	var err error
+	if b.Table, err = deps.OpenTable(fam, pol.IptablesBackend, max(time.Until(deadline), time.Second)); err != nil {
+		return b, err
+	}
+	if pol.Backend == "ipset" {
+		b.Sets, err = deps.OpenSets()
+	}
+	return b, err
 }
 
 func opRecord(op policy.Operation) *audit.Op {

@@ -40,6 +40,14 @@ func RealDeps() Deps {
 			return firewall.Open(fam, backend, wait)
 		},
 		Restore:     firewall.Restore,
+		OpenSets:    func() (firewall.Sets, error) { return firewall.OpenIPSet() },
+		RestoreSets: func(script string) error {
+			s, err := firewall.OpenIPSet()
+			if err != nil {
+				return err
+			}
+			return s.Restore(script)
+		},
 		Syslog:      func(r audit.Record) error { return audit.SendSyslog("", "", r) },
 		LocalAddrs:  localAddrs,
 		PrepareExec: privilege.Prepare,

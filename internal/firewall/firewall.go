@@ -51,11 +51,26 @@ func (o Outcome) String() string {
 // ErrBanLimit is returned when a chain already holds max_bans_per_chain bans.
 var ErrBanLimit = errors.New("ban limit reached")
 
-// Apply carries out op on t. maxBans is the policy's max_bans_per_chain.
-// The caller holds the host-wide lock, so the check and the change that
-// follows it cannot race with another shim.
-func Apply(t Table, op policy.Operation, maxBans int) (Outcome, error) {
+// Backend is where the shim keeps bans: as one rule per ban in the chain
+// (Sets is nil, the default), or in ipsets that the chain matches with
+// one rule per target (policy backend = "ipset"), which keeps bans and
+// packets O(1) at any number of bans.
+type Backend struct {
+	Table  Table
+	Sets   Sets
+	Policy *policy.Policy
+}
+
+// Apply carries out op. The caller holds the host-wide lock, so the check
+// and the change that follows it cannot race with another shim.
+func Apply(b Backend, op policy.Operation) (Outcome, error) {
+	t := b.Table
 	chain, spec := string(op.Chain), op.RuleSpec()
+	if b.Sets != nil {
+		if out, done, err := applySet(b, op); done {
+			return out, err
+		}
+	}
 	switch op.Kind {
 	case policy.CreateChain:
 		return ifAbsent(t, chain, func() error { return t.NewChain(chain) })
@@ -68,12 +83,7 @@ func Apply(t Table, op policy.Operation, maxBans int) (Outcome, error) {
 	case policy.AddHook:
 		return addRule(t, chain, spec, func() error { return t.Insert(chain, 1, spec...) })
 	case policy.AddBan:
-		return addRule(t, chain, spec, func() error {
-			if err := checkBanLimit(t, chain, maxBans); err != nil {
-				return err
-			}
-			return t.Insert(chain, 1, spec...)
-		})
+		return addBanRule(t, chain, spec, b.Policy.MaxBansPerChain)
 	case policy.DeleteHook, policy.DeleteBan:
 		return deleteRule(t, op, spec)
 	case policy.CheckReturn, policy.CheckBan, policy.CheckHook:
@@ -84,6 +94,87 @@ func Apply(t Table, op policy.Operation, maxBans int) (Outcome, error) {
 		return checkOutcome(found, err)
 	}
 	return 0, fmt.Errorf("operation %v is not implemented", op.Kind)
+}
+
+// addBanRule reads the chain once, both to find a duplicate and to count
+// the bans against the limit, then inserts the ban at the top, where
+// fail2ban's "-I C 1" puts it. iptables -S prints a rule exactly as
+// RuleSpec builds it, so a plain comparison finds the duplicate.
+func addBanRule(t Table, chain string, spec []string, maxBans int) (Outcome, error) {
+	rules, err := t.List(chain)
+	if err != nil {
+		return 0, err
+	}
+	want := "-A " + chain + " " + strings.Join(spec, " ")
+	bans := 0
+	for _, r := range rules {
+		if r == want {
+			return Unchanged, nil
+		}
+		if strings.HasPrefix(r, "-A "+chain+" ") && strings.Contains(r, " -s ") {
+			bans++
+		}
+	}
+	if bans >= maxBans {
+		return 0, fmt.Errorf("%w: chain %q already holds %d bans (max_bans_per_chain); unban some or raise the limit in the policy", ErrBanLimit, chain, bans)
+	}
+	return Applied, t.Insert(chain, 1, spec...)
+}
+
+// applySet carries out the operations that the set backend does
+// differently; done is false for those it leaves to the rule code.
+func applySet(b Backend, op policy.Operation) (out Outcome, done bool, err error) {
+	t, sets, chain := b.Table, b.Sets, string(op.Chain)
+	switch op.Kind {
+	case policy.AddBan:
+		ok, err := t.ChainExists(chain)
+		if err != nil || !ok {
+			return 0, true, errors.Join(err, fmt.Errorf("chain %q does not exist; fail2ban creates it at actionstart", chain))
+		}
+		name := SetName(op.Family, op.Chain, op.Target)
+		if err := sets.Create(name, op.Family, b.Policy.MaxBansPerChain); err != nil {
+			return 0, true, err
+		}
+		match := append([]string{"-m", "set", "--match-set", name, "src"}, op.Target.Args()...)
+		if _, err := addRule(t, chain, match, func() error { return t.Insert(chain, 1, match...) }); err != nil {
+			return 0, true, err
+		}
+		added, err := sets.Add(name, op.Source.String())
+		if errors.Is(err, ErrSetFull) {
+			return 0, true, fmt.Errorf("%w: set %s of chain %q already holds max_bans_per_chain (%d) bans with target %q; unban some or raise the limit", ErrBanLimit, name, chain, b.Policy.MaxBansPerChain, op.Target)
+		}
+		if err != nil || !added {
+			return Unchanged, true, err
+		}
+		return Applied, true, nil
+	case policy.DeleteBan:
+		removed, err := sets.Del(SetName(op.Family, op.Chain, op.Target), op.Source.String())
+		if err != nil || !removed {
+			return Unchanged, true, err
+		}
+		return Applied, true, nil
+	case policy.CheckBan:
+		found, err := sets.Test(SetName(op.Family, op.Chain, op.Target), op.Source.String())
+		out, err := checkOutcome(found, err)
+		return out, true, err
+	case policy.FlushChain, policy.DeleteChain:
+		out, err := Apply(Backend{Table: t, Policy: b.Policy}, op)
+		if err != nil {
+			return 0, true, err
+		}
+		for _, name := range setNames(op.Family, op.Chain, b.Policy) {
+			if op.Kind == policy.FlushChain {
+				err = sets.Flush(name)
+			} else {
+				err = sets.Destroy(name)
+			}
+			if err != nil {
+				return 0, true, err
+			}
+		}
+		return out, true, nil
+	}
+	return 0, false, nil
 }
 
 func ifAbsent(t Table, chain string, create func() error) (Outcome, error) {
@@ -139,24 +230,6 @@ func checkOutcome(found bool, err error) (Outcome, error) {
 		return CheckTrue, nil
 	}
 	return CheckFalse, nil
-}
-
-// checkBanLimit counts the chain's ban rules (those with a source).
-func checkBanLimit(t Table, chain string, maxBans int) error {
-	rules, err := t.List(chain)
-	if err != nil {
-		return err
-	}
-	bans := 0
-	for _, r := range rules {
-		if strings.HasPrefix(r, "-A "+chain+" ") && strings.Contains(r, " -s ") {
-			bans++
-		}
-	}
-	if bans >= maxBans {
-		return fmt.Errorf("%w: chain %q already holds %d bans (max_bans_per_chain); unban some or raise the limit in the policy", ErrBanLimit, chain, bans)
-	}
-	return nil
 }
 
 // jumpsTo answers fail2ban 0.10/0.11's "iptables -n -L P | grep -q 'C[ \t]'"

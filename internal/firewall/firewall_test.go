@@ -2,6 +2,7 @@ package firewall_test
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
 	"testing"
 
@@ -20,6 +21,16 @@ func op(t *testing.T, line string) policy.Operation {
 	o, err := policy.Decide(policy.Default(), line, policy.Context{Client: netip.MustParseAddr("192.0.2.10")})
 	require.NoError(t, err)
 	return o
+}
+
+func limit(n int) *policy.Policy {
+	pol := policy.Default()
+	pol.MaxBansPerChain = n
+	return pol
+}
+
+func rules(t firewall.Table, maxBans int) firewall.Backend {
+	return firewall.Backend{Table: t, Policy: limit(maxBans)}
 }
 
 func TestApplyFollowsFail2bansLifeCycle(t *testing.T) {
@@ -54,35 +65,67 @@ func TestApplyFollowsFail2bansLifeCycle(t *testing.T) {
 		{"unhooking with the chain gone succeeds unchanged", "iptables -w -D INPUT -p tcp --dport 143 -j " + chain, firewall.Unchanged},
 		{"checking a hook with the chain gone is false", "iptables -w -C INPUT -p tcp --dport 143 -j " + chain, firewall.CheckFalse},
 	}
-	fake := fwtest.New()
-	for _, s := range steps {
-		t.Run(s.name, func(t *testing.T) {
-			got, err := firewall.Apply(fake, op(t, s.line), 100)
-			require.NoError(t, err)
-			assert.Equal(t, s.want, got)
+	for _, backend := range []string{"rules", "ipset"} {
+		t.Run(backend, func(t *testing.T) {
+			fake, sets := fwtest.New(), fwtest.NewSets()
+			b := rules(fake, 100)
+			if backend == "ipset" {
+				b.Sets = sets
+			}
+			for _, s := range steps {
+				t.Run(s.name, func(t *testing.T) {
+					got, err := firewall.Apply(b, op(t, s.line))
+					require.NoError(t, err)
+					assert.Equal(t, s.want, got)
+				})
+			}
+			assert.Equal(t, "-P INPUT ACCEPT\n-P FORWARD ACCEPT\n-P OUTPUT ACCEPT\n", fake.Dump(), "stop leaves nothing behind")
+			assert.Empty(t, sets.Names(), "stop leaves no set behind")
 		})
 	}
-	assert.Equal(t, "-P INPUT ACCEPT\n-P FORWARD ACCEPT\n-P OUTPUT ACCEPT\n", fake.Dump(), "stop leaves nothing behind")
+}
+
+func TestSetBackendKeepsTheChainShort(t *testing.T) {
+	fake, sets := fwtest.New(), fwtest.NewSets()
+	b := firewall.Backend{Table: fake, Sets: sets, Policy: limit(1000)}
+	for _, l := range []string{"iptables -N " + chain, "iptables -A " + chain + " -j RETURN"} {
+		_, err := firewall.Apply(b, op(t, l))
+		require.NoError(t, err)
+	}
+	for i := range 200 {
+		_, err := firewall.Apply(b, op(t, fmt.Sprintf("iptables -I %s 1 -s 198.51.%d.%d -j DROP", chain, 100+i/100, i%100)))
+		require.NoError(t, err)
+	}
+	_, err := firewall.Apply(b, op(t, "iptables -I "+chain+" 1 -s 203.0.113.1 -j REJECT"))
+	require.NoError(t, err)
+	rules, err := fake.List(chain)
+	require.NoError(t, err)
+	assert.Len(t, rules, 4, "-N, one set rule per target in use, RETURN: %v", rules)
+	drop := firewall.SetName(policy.IPv4, chain, policy.Target{Kind: policy.Drop})
+	members, err := sets.Members(drop)
+	require.NoError(t, err)
+	assert.Len(t, members, 200)
+	assert.Equal(t, "-A "+chain+" -m set --match-set "+drop+" src -j DROP", rules[2])
 }
 
 func TestApplyRefusesBansPastTheLimit(t *testing.T) {
 	fake := fwtest.New()
 	for _, l := range []string{"iptables -N " + chain, "iptables -A " + chain + " -j RETURN",
 		"iptables -I " + chain + " 1 -s 203.0.113.1 -j DROP", "iptables -I " + chain + " 1 -s 203.0.113.2 -j DROP"} {
-		_, err := firewall.Apply(fake, op(t, l), 2)
+		_, err := firewall.Apply(rules(fake, 2), op(t, l))
 		require.NoError(t, err)
 	}
 	t.Run("a third ban is refused", func(t *testing.T) {
-		_, err := firewall.Apply(fake, op(t, "iptables -I "+chain+" 1 -s 203.0.113.3 -j DROP"), 2)
+		_, err := firewall.Apply(rules(fake, 2), op(t, "iptables -I "+chain+" 1 -s 203.0.113.3 -j DROP"))
 		assert.ErrorIs(t, err, firewall.ErrBanLimit)
 	})
 	t.Run("a duplicate of a ban in place still succeeds", func(t *testing.T) {
-		got, err := firewall.Apply(fake, op(t, "iptables -I "+chain+" 1 -s 203.0.113.2 -j DROP"), 2)
+		got, err := firewall.Apply(rules(fake, 2), op(t, "iptables -I "+chain+" 1 -s 203.0.113.2 -j DROP"))
 		require.NoError(t, err)
 		assert.Equal(t, firewall.Unchanged, got)
 	})
 	t.Run("an unban still works", func(t *testing.T) {
-		got, err := firewall.Apply(fake, op(t, "iptables -D "+chain+" -s 203.0.113.1 -j DROP"), 2)
+		got, err := firewall.Apply(rules(fake, 2), op(t, "iptables -D "+chain+" -s 203.0.113.1 -j DROP"))
 		require.NoError(t, err)
 		assert.Equal(t, firewall.Applied, got)
 	})
@@ -92,9 +135,9 @@ func TestApplyPassesFirewallErrorsOn(t *testing.T) {
 	fake := fwtest.New()
 	boom := errors.New("iptables exploded")
 	fake.Fail["NewChain"] = boom
-	_, err := firewall.Apply(fake, op(t, "iptables -N "+chain), 10)
+	_, err := firewall.Apply(rules(fake, 10), op(t, "iptables -N "+chain))
 	assert.ErrorIs(t, err, boom)
 
-	_, err = firewall.Apply(fwtest.New(), op(t, "iptables -I "+chain+" 1 -s 203.0.113.1 -j DROP"), 10)
+	_, err = firewall.Apply(rules(fwtest.New(), 10), op(t, "iptables -I "+chain+" 1 -s 203.0.113.1 -j DROP"))
 	assert.Error(t, err, "a ban into a missing chain fails, as in iptables")
 }

@@ -16,7 +16,12 @@ import (
 // with the policy's prefix, their rules, and the hooks into them from the
 // parent chains. Each rule is read back through the policy, as if the mail
 // host had sent it; rules it refuses are returned as foreign.
-func FromLive(s *State, fam policy.Family, t firewall.Table, pol *policy.Policy, ctx policy.Context) (foreign []string, err error) {
+//
+// With the set backend (b.Sets set), a chain's "-m set --match-set NAME
+// src -j TARGET" rules are read as the bans in that set, provided NAME is
+// the set the shim itself would use for that chain and target.
+func FromLive(s *State, fam policy.Family, b firewall.Backend, ctx policy.Context) (foreign []string, err error) {
+	t, pol := b.Table, b.Policy
 	chains, err := t.ListChains()
 	if err != nil {
 		return nil, err
@@ -43,6 +48,14 @@ func FromLive(s *State, fam policy.Family, t firewall.Table, pol *policy.Policy,
 		slices.Reverse(rules) // bans are inserted at the top: the last is the oldest
 		for _, r := range rules {
 			rest := strings.TrimPrefix(r, "-A "+name+" ")
+			if b.Sets != nil && strings.HasPrefix(rest, "-m set --match-set ") {
+				bad, err := fromSet(s, fam, policy.Chain(name), rest, b, judge)
+				if err != nil {
+					return nil, err
+				}
+				foreign = append(foreign, bad...)
+				continue
+			}
 			cmd := fam.Binary() + " -I " + name + " 1 " + rest
 			if rest == "-j RETURN" {
 				cmd = fam.Binary() + " -A " + name + " -j RETURN"
@@ -74,6 +87,32 @@ func FromLive(s *State, fam policy.Family, t firewall.Table, pol *policy.Policy,
 	return foreign, nil
 }
 
+// fromSet reads the bans of one set rule, "-m set --match-set NAME src -j T".
+func fromSet(s *State, fam policy.Family, chain policy.Chain, rule string, b firewall.Backend, judge func(string) (policy.Operation, bool)) ([]string, error) {
+	f := strings.Fields(rule)
+	if len(f) < 7 || f[4] != "src" || f[5] != "-j" {
+		return []string{"-A " + string(chain) + " " + rule}, nil
+	}
+	name, target := f[3], strings.Join(f[6:], " ")
+	probe, ok := judge(fmt.Sprintf("%s -I %s 1 -s %s -j %s", fam.Binary(), chain, map[policy.Family]string{policy.IPv4: "192.0.2.1", policy.IPv6: "2001:db8::1"}[fam], target))
+	if !ok || firewall.SetName(fam, chain, probe.Target) != name {
+		return []string{"-A " + string(chain) + " " + rule}, nil
+	}
+	members, err := b.Sets.Members(name)
+	if err != nil {
+		return nil, err
+	}
+	var foreign []string
+	for _, m := range members {
+		if op, ok := judge(fmt.Sprintf("%s -I %s 1 -s %s -j %s", fam.Binary(), chain, m, target)); ok {
+			s.Apply(op, time.Time{})
+		} else {
+			foreign = append(foreign, fmt.Sprintf("%s in set %s of %s", m, name, chain))
+		}
+	}
+	return foreign, nil
+}
+
 func ruleLines(rules []string, chain string) []string {
 	var out []string
 	for _, r := range rules {
@@ -98,6 +137,49 @@ func HookKey(op policy.Operation) string {
 		}
 	}
 	return fmt.Sprintf("%s %s %s %s %s", op.Chain, op.Proto, op.Match, strings.Join(ports, ","), op.Jump)
+}
+
+// SetScripts are the restore inputs for the set backend: an "ipset
+// restore" script that makes each set hold exactly the journal's bans, and
+// the iptables-restore script with one set rule per target in use.
+func (s *State) SetScripts(fam policy.Family, pol *policy.Policy, missing func(Hook) bool) (ipsetScript, iptablesScript string) {
+	t := s.Tables[fam]
+	family := map[policy.Family]string{policy.IPv4: "inet", policy.IPv6: "inet6"}[fam]
+	var sets, ipt strings.Builder
+	ipt.WriteString("*filter\n")
+	names := t.ChainNames()
+	for _, n := range names {
+		fmt.Fprintf(&ipt, ":%s - [0:0]\n", n)
+	}
+	for _, n := range names {
+		c := t.Chains[n]
+		var inUse []policy.Target
+		for _, b := range c.Bans {
+			if !slices.Contains(inUse, b.Op.Target) {
+				inUse = append(inUse, b.Op.Target)
+			}
+		}
+		for _, tgt := range firewall.PolicyTargets(fam, pol) {
+			name := firewall.SetName(fam, n, tgt)
+			fmt.Fprintf(&sets, "create %s hash:net family %s maxelem %d -exist\nflush %s\n", name, family, pol.MaxBansPerChain, name)
+		}
+		for _, b := range c.Bans {
+			fmt.Fprintf(&sets, "add %s %s -exist\n", firewall.SetName(fam, n, b.Op.Target), b.Op.Source)
+		}
+		for _, tgt := range inUse {
+			fmt.Fprintf(&ipt, "-A %s -m set --match-set %s src %s\n", n, firewall.SetName(fam, n, tgt), strings.Join(tgt.Args(), " "))
+		}
+		if c.Return {
+			fmt.Fprintf(&ipt, "-A %s -j RETURN\n", n)
+		}
+	}
+	for _, h := range t.Hooks {
+		if missing(h) {
+			fmt.Fprintf(&ipt, "-I %s %s\n", h.Op.Chain, strings.Join(h.Op.RuleSpec(), " "))
+		}
+	}
+	ipt.WriteString("COMMIT\n")
+	return sets.String(), ipt.String()
 }
 
 // RestoreScript is the iptables-restore input that puts the family's

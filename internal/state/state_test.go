@@ -102,14 +102,14 @@ func TestDamagedOrTamperedJournal(t *testing.T) {
 func TestFromLiveAndRestoreScript(t *testing.T) {
 	fake := fwtest.New()
 	for _, l := range lifeCycle[:5] {
-		_, err := firewall.Apply(fake, op(t, l), 100)
+		_, err := firewall.Apply(firewall.Backend{Table: fake, Policy: policy.Default()}, op(t, l))
 		require.NoError(t, err)
 	}
 	require.NoError(t, fake.NewChain("mail-remote-f2b-odd"))
 	require.NoError(t, fake.Insert("mail-remote-f2b-odd", 1, "-s", "0.0.0.0/0", "-j", "ACCEPT"))
 
 	s := New()
-	foreign, err := FromLive(s, policy.IPv4, fake, policy.Default(), policy.Context{})
+	foreign, err := FromLive(s, policy.IPv4, firewall.Backend{Table: fake, Policy: policy.Default()}, policy.Context{})
 	require.NoError(t, err)
 	assert.Equal(t, []string{"-A mail-remote-f2b-odd -s 0.0.0.0/0 -j ACCEPT"}, foreign)
 	c := s.Tables[policy.IPv4].Chains[chain]
