@@ -39,8 +39,8 @@ func RealDeps() Deps {
 		OpenTable: func(fam policy.Family, backend string, wait time.Duration) (firewall.Table, error) {
 			return firewall.Open(fam, backend, wait)
 		},
-		Restore:     firewall.Restore,
-		OpenSets:    func() (firewall.Sets, error) { return firewall.OpenIPSet() },
+		Restore:  firewall.Restore,
+		OpenSets: func() (firewall.Sets, error) { return firewall.OpenIPSet() },
 		RestoreSets: func(script string) error {
 			s, err := firewall.OpenIPSet()
 			if err != nil {

@@ -166,6 +166,9 @@ func (s *State) SetScripts(fam policy.Family, pol *policy.Policy, missing func(H
 		for _, b := range c.Bans {
 			fmt.Fprintf(&sets, "add %s %s -exist\n", firewall.SetName(fam, n, b.Op.Target), b.Op.Source)
 		}
+		// Each target's rule went in at the top when its first ban came:
+		// the newest target stands first.
+		slices.Reverse(inUse)
 		for _, tgt := range inUse {
 			fmt.Fprintf(&ipt, "-A %s -m set --match-set %s src %s\n", n, firewall.SetName(fam, n, tgt), strings.Join(tgt.Args(), " "))
 		}

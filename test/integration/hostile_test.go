@@ -23,9 +23,10 @@ func snapshot(t *testing.T, ns *nstest.Netns, backend string) string {
 	for _, bin := range []string{"iptables", "ip6tables"} {
 		for _, table := range tables {
 			b.WriteString("## " + bin + " -t " + table + "\n")
-			b.WriteString(ns.MustRun(t, bin+"-"+backend, "-t", table, "-S"))
+			b.WriteString(ns.MustRun(t, bin+"-"+ipt(backend), "-t", table, "-S"))
 		}
 	}
+	b.WriteString("## ipset\n" + ns.MustRun(t, "ipset", "list"))
 	return b.String()
 }
 
@@ -63,7 +64,7 @@ func TestHostileCorpus(t *testing.T) {
 			ns.MustRun(t, "ip", "addr", "add", "2001:db8:7::1/64", "dev", "px0", "nodad")
 			startJail(t, ns, pol)
 			before := snapshot(t, ns, backend)
-			require.Contains(t, before, "-A "+chain+" -s 203.0.113.99/32")
+			require.Contains(t, banned(t, ns, backend, "iptables", chain), "203.0.113.99/32")
 			logged := len(auditLines(t, audit))
 			sent := 0
 			for _, e := range entries {

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"slices"
-	"strings"
 	"sync"
 	"testing"
 
@@ -98,10 +97,8 @@ func TestConcurrentLoad(t *testing.T) {
 			for _, bin := range []string{"iptables", "ip6tables"} {
 				fam := map[string]string{"iptables": "ipv4", "ip6tables": "ipv6"}[bin]
 				for _, c := range chains {
-					for _, rule := range strings.Split(strings.TrimSpace(ns.MustRun(t, bin+"-"+backend, "-S", c)), "\n") {
-						if f := strings.Fields(rule); len(f) > 3 && f[2] == "-s" {
-							actual = append(actual, fmt.Sprintf("%s %s %s", fam, c, f[3]))
-						}
+					for _, src := range banned(t, ns, backend, bin, c) {
+						actual = append(actual, fmt.Sprintf("%s %s %s", fam, c, src))
 					}
 				}
 			}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -13,21 +14,59 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/f2b-shim/f2b-shim/internal/firewall"
+	"github.com/f2b-shim/f2b-shim/policy"
 	"github.com/f2b-shim/f2b-shim/test/nstest"
 )
 
 const chain = "mail-remote-f2b-imap"
 
-var backends = []string{"nft", "legacy"}
+// backends are the variants every system test runs on: iptables-nft or
+// iptables-legacy, and after "+ipset" the policy's set backend.
+var backends = []string{"nft", "legacy", "nft+ipset", "legacy+ipset"}
+
+// ipt is the iptables backend of a variant, "nft" or "legacy".
+func ipt(backend string) string { b, _, _ := strings.Cut(backend, "+"); return b }
+
+func usesSets(backend string) bool { return strings.HasSuffix(backend, "+ipset") }
+
+// banned lists the sources a chain bans, "address/bits", sorted: its
+// "-s" rules, or with the set backend the members of its sets.
+func banned(t *testing.T, ns *nstest.Netns, backend, bin, chain string) []string {
+	var out []string
+	for _, r := range strings.Split(ns.MustRun(t, bin+"-"+ipt(backend), "-S", chain), "\n") {
+		f := strings.Fields(r)
+		switch {
+		case len(f) > 3 && f[2] == "-s":
+			out = append(out, f[3])
+		case len(f) > 5 && f[2] == "-m" && f[3] == "set":
+			for _, m := range strings.Fields(strings.SplitN(ns.MustRun(t, "ipset", "list", f[5]), "Members:\n", 2)[1]) {
+				if !strings.Contains(m, "/") {
+					m += map[string]string{"iptables": "/32", "ip6tables": "/128"}[bin]
+				}
+				out = append(out, m)
+			}
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// setsOf lists the ipsets in the namespace.
+func setsOf(t *testing.T, ns *nstest.Netns) string { return ns.MustRun(t, "ipset", "list", "-n") }
 
 // setup makes a namespace and a policy for one backend, with the audit
 // log and state in a temp dir.
 func setup(t *testing.T, backend string, extra string) (*nstest.Netns, string, string) {
-	nstest.RequireRoot(t, "iptables-"+backend)
+	nstest.RequireRoot(t, "iptables-"+ipt(backend), "ipset")
 	dir := t.TempDir()
 	audit := filepath.Join(dir, "audit.jsonl")
-	pol := nstest.WritePolicy(t, dir, fmt.Sprintf("name = \"it-%s\"\naudit_log = %q\nstate_dir = %q\niptables_backend = %q\n%s",
-		backend, audit, filepath.Join(dir, "state"), backend, extra))
+	bans := "rules"
+	if usesSets(backend) {
+		bans = "ipset"
+	}
+	pol := nstest.WritePolicy(t, dir, fmt.Sprintf("name = \"it-%s\"\naudit_log = %q\nstate_dir = %q\niptables_backend = %q\nbackend = %q\n%s",
+		ipt(backend), audit, filepath.Join(dir, "state"), ipt(backend), bans, extra))
 	return nstest.NewNetns(t), pol, audit
 }
 
@@ -110,6 +149,25 @@ func playSequence(t *testing.T, backend string, ns *nstest.Netns, audit string, 
 		run("ip6tables -w -C "+chain+" -s 2001:db8:45::1 -j REJECT --reject-with icmp6-port-unreachable", 0)
 	})
 	t.Run("the firewall holds exactly the chain, the hook and the bans", func(t *testing.T) {
+		if usesSets(backend) {
+			drop4 := firewall.SetName(policy.IPv4, chain, policy.Target{Kind: policy.Drop})
+			rej4 := firewall.SetName(policy.IPv4, chain, policy.Target{Kind: policy.Reject, RejectWith: "icmp-port-unreachable"})
+			rej6 := firewall.SetName(policy.IPv6, chain, policy.Target{Kind: policy.Reject, RejectWith: "icmp6-port-unreachable"})
+			assert.Equal(t, policyLines+
+				"-N "+chain+"\n"+
+				"-A INPUT -p tcp -m multiport --dports 143,993 -j "+chain+"\n"+
+				"-A "+chain+" -m set --match-set "+drop4+" src -j DROP\n"+
+				"-A "+chain+" -m set --match-set "+rej4+" src -j REJECT --reject-with icmp-port-unreachable\n"+
+				"-A "+chain+" -j RETURN\n", ns.Rules(t, "iptables", backend))
+			assert.Equal(t, policyLines+
+				"-N "+chain+"\n"+
+				"-A INPUT -p tcp -m multiport --dports 143,993 -j "+chain+"\n"+
+				"-A "+chain+" -m set --match-set "+rej6+" src -j REJECT --reject-with icmp6-port-unreachable\n"+
+				"-A "+chain+" -j RETURN\n", ns.Rules(t, "ip6tables", backend))
+			assert.Equal(t, []string{"198.51.100.0/24", "203.0.113.45/32"}, banned(t, ns, backend, "iptables", chain))
+			assert.Equal(t, []string{"2001:db8:45::1/128"}, banned(t, ns, backend, "ip6tables", chain))
+			return
+		}
 		assert.Equal(t, policyLines+
 			"-N "+chain+"\n"+
 			"-A INPUT -p tcp -m multiport --dports 143,993 -j "+chain+"\n"+
@@ -154,6 +212,7 @@ func playSequence(t *testing.T, backend string, ns *nstest.Netns, audit string, 
 		}
 		assert.Equal(t, policyLines, ns.Rules(t, "iptables", backend))
 		assert.Equal(t, policyLines, ns.Rules(t, "ip6tables", backend))
+		assert.Empty(t, setsOf(t, ns), "no set is left behind")
 	})
 	t.Run("every invocation left one audit line", func(t *testing.T) {
 		lines := auditLines(t, audit)
@@ -191,13 +250,9 @@ func TestParallelBans(t *testing.T) {
 			for i, c := range codes {
 				assert.Equal(t, 0, c, "ban %d", i+1)
 			}
-			rules := strings.Split(strings.TrimSpace(ns.MustRun(t, "iptables-"+backend, "-S", chain)), "\n")
-			assert.Len(t, rules, n+1, "the -N line and one rule per ban")
-			seen := map[string]bool{}
-			for _, r := range rules[1:] {
-				assert.False(t, seen[r], "duplicate rule %q", r)
-				seen[r] = true
-			}
+			bans := banned(t, ns, backend, "iptables", chain)
+			assert.Len(t, bans, n, "one ban per address")
+			assert.Len(t, slices.Compact(slices.Clone(bans)), n, "no ban twice")
 			lines := auditLines(t, audit)
 			assert.Len(t, lines, n)
 			for _, l := range lines {

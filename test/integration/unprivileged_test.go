@@ -27,7 +27,7 @@ type userSetup struct {
 }
 
 func newUserSetup(t *testing.T, backend string, caps bool) userSetup {
-	nstest.RequireRoot(t, "setcap", "setpriv", "unshare")
+	nstest.RequireRoot(t, "setcap", "setpriv", "unshare", "ipset")
 	dir, err := os.MkdirTemp("", "f2bt-user-")
 	require.NoError(t, err)
 	t.Cleanup(func() { os.RemoveAll(dir) })
@@ -44,8 +44,12 @@ func newUserSetup(t *testing.T, backend string, caps bool) userSetup {
 		require.NoError(t, os.Mkdir(filepath.Join(dir, d), 0o750))
 		require.NoError(t, os.Chown(filepath.Join(dir, d), userID, userID))
 	}
-	require.NoError(t, os.WriteFile(u.pol, []byte(fmt.Sprintf("name = \"user\"\naudit_log = %q\nstate_dir = %q\niptables_backend = %q\n",
-		u.audit, filepath.Join(dir, "state"), backend)), 0o640))
+	bans := "rules"
+	if usesSets(backend) {
+		bans = "ipset"
+	}
+	require.NoError(t, os.WriteFile(u.pol, []byte(fmt.Sprintf("name = \"user\"\naudit_log = %q\nstate_dir = %q\niptables_backend = %q\nbackend = %q\n",
+		u.audit, filepath.Join(dir, "state"), ipt(backend), bans)), 0o640))
 	require.NoError(t, os.Chown(u.pol, 0, userID))
 	return u
 }
@@ -116,9 +120,10 @@ func TestUnprivilegedUserLimits(t *testing.T) {
 		for _, backend := range backends {
 			ns, _, _ := setup(t, backend, "")
 			for _, args := range [][]string{
-				{"iptables-" + backend, "-F", "INPUT"},
-				{"iptables-" + backend, "-N", chain},
-				{"sh", "-c", "iptables-" + backend + " -P INPUT DROP"},
+				{"iptables-" + ipt(backend), "-F", "INPUT"},
+				{"iptables-" + ipt(backend), "-N", chain},
+				{"sh", "-c", "iptables-" + ipt(backend) + " -P INPUT DROP"},
+				{"ipset", "create", "x", "hash:net"},
 			} {
 				r := asUser(t, ns, u, lockSetup("0640"), "", args...)
 				assert.NotEqual(t, 0, r.Code, "%v as the user succeeded", args)

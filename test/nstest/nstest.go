@@ -121,6 +121,7 @@ func RunCmd(t testing.TB, cmd *exec.Cmd) Result {
 // iptables-save prints them, minus the comment lines with timestamps.
 func (ns *Netns) Save(t testing.TB, backend string) string {
 	t.Helper()
+	backend, _, _ = strings.Cut(backend, "+")
 	var all []string
 	for _, bin := range []string{"iptables", "ip6tables"} {
 		name := bin + "-save"
@@ -139,6 +140,7 @@ func (ns *Netns) Save(t testing.TB, backend string) string {
 // Rules is "iptables -S" (or ip6tables) of the filter table for a backend.
 func (ns *Netns) Rules(t testing.TB, fam, backend string) string {
 	t.Helper()
+	backend, _, _ = strings.Cut(backend, "+")
 	return ns.MustRun(t, fam+"-"+backend, "-S")
 }
 

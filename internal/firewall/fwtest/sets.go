@@ -25,7 +25,9 @@ func NewSets() *FakeSets {
 
 var _ firewall.Sets = (*FakeSets)(nil)
 
-func (f *FakeSets) call(format string, args ...any) { f.Calls = append(f.Calls, fmt.Sprintf(format, args...)) }
+func (f *FakeSets) call(format string, args ...any) {
+	f.Calls = append(f.Calls, fmt.Sprintf(format, args...))
+}
 
 // Create implements firewall.Sets.
 func (f *FakeSets) Create(name string, fam policy.Family, maxelem int) error {
