@@ -42,7 +42,7 @@ func run() int {
 	say("Bringing up three hosts in network namespaces (nothing on this machine's own network changes)")
 	show(fmt.Sprintf("attacker %s, %s\nproxy    %s (towards the attacker), %s (towards the mail host): sshd, socat for IMAP, and f2b-shim\n         as the forced command of the unprivileged user f2b-shim (cap_net_admin,cap_net_raw only)\nmail     %s: an IMAP greeter and fail2ban 1.0 with examples/proxy-iptables.conf",
 		lab.AttackerV4, lab.AttackerV6, lab.ProxyOutV4, lab.ProxyInV4, lab.MailV4))
-	l, err := lab.Up(bin, lab.UserMode)
+	l, err := lab.Up(bin, lab.UserMode, "rules")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "demo:", err)
 		return 1
@@ -110,7 +110,7 @@ func steps(l *lab.Lab) error {
 	if err := l.FailLogins(lab.AttackerV4, 3); err != nil {
 		return err
 	}
-	took, err := l.WaitRule("iptables", lab.BanRule(lab.AttackerV4), true, 30*time.Second)
+	took, err := l.WaitBan(lab.AttackerV4, true, 30*time.Second)
 	if err != nil {
 		return err
 	}
@@ -129,7 +129,7 @@ func steps(l *lab.Lab) error {
 	if _, err := l.Fail2ban("set", lab.Jail, "unbanip", lab.AttackerV4); err != nil {
 		return err
 	}
-	if _, err := l.WaitRule("iptables", lab.BanRule(lab.AttackerV4), false, 30*time.Second); err != nil {
+	if _, err := l.WaitBan(lab.AttackerV4, false, 30*time.Second); err != nil {
 		return err
 	}
 	seen = auditSince(l, seen)

@@ -25,6 +25,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/f2b-shim/f2b-shim/internal/firewall"
+	"github.com/f2b-shim/f2b-shim/policy"
 	"github.com/f2b-shim/f2b-shim/test/netns"
 )
 
@@ -63,6 +65,8 @@ type Lab struct {
 	// binary, its policy and its directories.
 	Dir  string
 	Mode Mode
+	// Backend is the policy's backend: "rules" or "ipset".
+	Backend string
 	// sockDir holds ssh's ControlPath sockets: a Unix socket path must fit
 	// in 108 bytes, which a test's temp dir can exceed.
 	sockDir               string
@@ -82,12 +86,12 @@ func RepoRoot() string {
 
 // Up builds the hosts. shim is the f2b-shim binary. On error, whatever
 // was made is removed; otherwise Down removes it.
-func Up(shim string, mode Mode) (l *Lab, err error) {
+func Up(shim string, mode Mode, backend string) (l *Lab, err error) {
 	dir, err := os.MkdirTemp("", netns.Prefix+"lab-")
 	if err != nil {
 		return nil, err
 	}
-	l = &Lab{Dir: dir, Mode: mode}
+	l = &Lab{Dir: dir, Mode: mode, Backend: backend}
 	defer func() {
 		if err != nil {
 			l.Down()
@@ -228,7 +232,7 @@ func (l *Lab) proxyFiles() error {
 			"/usr/local/sbin/f2b-shim --policy /etc/f2b-shim/policy.toml", l.Shim+" --policy "+l.path("policy.toml"),
 		).Replace(string(example))
 	}
-	policy := fmt.Sprintf("name = \"lab\"\naudit_log = %q\nstate_dir = %q\n", l.path("log/audit.jsonl"), l.path("state"))
+	policy := fmt.Sprintf("name = \"lab\"\naudit_log = %q\nstate_dir = %q\nbackend = %q\n", l.path("log/audit.jsonl"), l.path("state"), l.Backend)
 	owner := 0
 	if l.Mode == UserMode {
 		owner = UserID
@@ -459,19 +463,29 @@ func (l *Lab) Rules(bin string) string {
 	return out
 }
 
-// BanRule is the rule f2b-shim puts in place for a ban of one address.
-func BanRule(ip string) string {
+// Banned reports whether the proxy bans ip with fail2ban's default
+// REJECT: a rule in the chain, or with the set backend a member of the
+// chain's REJECT set.
+func (l *Lab) Banned(ip string) bool {
 	a := netip.MustParseAddr(ip)
-	return fmt.Sprintf("-A %s -s %s -j REJECT", Chain, netip.PrefixFrom(a, a.BitLen()))
+	fam, bin, with := policy.IPv4, "iptables", "icmp-port-unreachable"
+	if a.Is6() {
+		fam, bin, with = policy.IPv6, "ip6tables", "icmp6-port-unreachable"
+	}
+	if l.Backend == "ipset" {
+		set := firewall.SetName(fam, Chain, policy.Target{Kind: policy.Reject, RejectWith: with})
+		_, err := l.Proxy.Run("ipset", "test", set, ip)
+		return err == nil && strings.Contains(l.Rules(bin), "--match-set "+set+" src")
+	}
+	return strings.Contains(l.Rules(bin), fmt.Sprintf("-A %s -s %s -j REJECT", Chain, netip.PrefixFrom(a, a.BitLen())))
 }
 
-// WaitRule waits until the proxy's firewall does (or does not) hold a
-// line containing want, and returns how long that took.
-func (l *Lab) WaitRule(bin, want string, present bool, timeout time.Duration) (time.Duration, error) {
+// WaitBan waits until the proxy does (or does not) ban ip, and returns
+// how long that took.
+func (l *Lab) WaitBan(ip string, present bool, timeout time.Duration) (time.Duration, error) {
 	start := time.Now()
-	err := waitFor(timeout, func() bool { return strings.Contains(l.Rules(bin), want) == present })
-	if err != nil {
-		return 0, fmt.Errorf("after %s the proxy's %s rules still %s %q:\n%s", timeout, bin, map[bool]string{true: "lack", false: "hold"}[present], want, l.Rules(bin))
+	if err := waitFor(timeout, func() bool { return l.Banned(ip) == present }); err != nil {
+		return 0, fmt.Errorf("after %s the proxy still %s %s:\n%s", timeout, map[bool]string{true: "does not ban", false: "bans"}[present], ip, l.Rules("iptables")+l.Rules("ip6tables"))
 	}
 	return time.Since(start), nil
 }
@@ -494,8 +508,9 @@ func (l *Lab) Admin(args ...string) (int, string) {
 	return exitCode(l.Proxy.Command(l.Shim, args...))
 }
 
-// FlushProxy empties the proxy's firewall, both families, as a reboot or
-// an admin's "iptables -F; iptables -X" would, behind fail2ban's back.
+// FlushProxy empties the proxy's firewall, both families and its ipsets,
+// as a reboot or an admin's "iptables -F; iptables -X" would, behind
+// fail2ban's back.
 func (l *Lab) FlushProxy() error {
 	for _, bin := range []string{"iptables", "ip6tables"} {
 		for _, flag := range []string{"-F", "-X"} {
@@ -504,7 +519,8 @@ func (l *Lab) FlushProxy() error {
 			}
 		}
 	}
-	return nil
+	_, err := l.Proxy.Run("ipset", "destroy")
+	return err
 }
 
 // MailCommand runs any program on the mail host, e.g. scp or sftp.
