@@ -94,6 +94,12 @@ func runRestore(args []string, stdout, stderr io.Writer, deps Deps) int {
 		fmt.Fprintf(stderr, "f2b-shim: restore: %v\n", err)
 		return ExitSetup
 	}
+	// The firewall is about to be rebuilt from the journal; the rule
+	// backend's index learns it again at the next ban.
+	if err := (state.Index{Dir: a.pol.StateDir}).Drop(0, ""); err != nil {
+		fmt.Fprintf(stderr, "f2b-shim: restore: %v\n", err)
+		return ExitSetup
+	}
 	rec := audit.Record{Time: start.UTC(), Policy: a.pol.Name, UID: os.Getuid(), Decision: audit.Allow}
 	rec.SetCommand("f2b-shim restore")
 	var summary []string
@@ -275,6 +281,10 @@ func runReconcile(args []string, stdout, stderr io.Writer, deps Deps) int {
 	}
 	w.Flush()
 	if fix {
+		if err := (state.Index{Dir: a.pol.StateDir}).Drop(0, ""); err != nil {
+			fmt.Fprintf(stderr, "f2b-shim: reconcile --fix: %v\n", err)
+			return ExitSetup
+		}
 		fixed := 0
 		for _, d := range drifts {
 			if d.fix == nil {

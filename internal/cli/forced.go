@@ -181,6 +181,8 @@ func openBackend(pol *policy.Policy, fam policy.Family, deadline time.Time, deps
 	}
 	if pol.Backend == "ipset" {
 		b.Sets, err = deps.OpenSets()
+	} else {
+		b.Index = state.Index{Dir: pol.StateDir}
 	}
 	return b, err
 }

@@ -59,6 +59,22 @@ type Backend struct {
 	Table  Table
 	Sets   Sets
 	Policy *policy.Policy
+	// Index, when set, lets the rule backend ban without reading the
+	// chain (see state.Index).
+	Index BanIndex
+}
+
+// BanIndex is the rule backend's record of its own bans per chain.
+type BanIndex interface {
+	Known(fam policy.Family, chain policy.Chain) bool
+	Build(fam policy.Family, chain policy.Chain, bans []policy.Operation) error
+	Has(op policy.Operation) bool
+	Count(fam policy.Family, chain policy.Chain) (int, error)
+	MarkPending(op policy.Operation) error
+	Pending(op policy.Operation) bool
+	Add(op policy.Operation) error
+	Remove(op policy.Operation) error
+	Drop(fam policy.Family, chain policy.Chain) error
 }
 
 // Apply carries out op. The caller holds the host-wide lock, so the check
@@ -74,17 +90,35 @@ func Apply(b Backend, op policy.Operation) (Outcome, error) {
 	switch op.Kind {
 	case policy.CreateChain:
 		return ifAbsent(t, chain, func() error { return t.NewChain(chain) })
-	case policy.FlushChain:
-		return ifPresent(t, chain, func() error { return t.FlushChain(chain) })
-	case policy.DeleteChain:
+	case policy.FlushChain, policy.DeleteChain:
+		if b.Index != nil {
+			// Forget the chain's bans first: whatever happens next, the
+			// index never claims a ban the firewall may have lost.
+			if err := b.Index.Drop(op.Family, op.Chain); err != nil {
+				return 0, err
+			}
+		}
+		if op.Kind == policy.FlushChain {
+			return ifPresent(t, chain, func() error { return t.FlushChain(chain) })
+		}
 		return ifPresent(t, chain, func() error { return t.DeleteChain(chain) })
 	case policy.AddReturn:
 		return addRule(t, chain, spec, func() error { return t.Append(chain, spec...) })
 	case policy.AddHook:
 		return addRule(t, chain, spec, func() error { return t.Insert(chain, 1, spec...) })
 	case policy.AddBan:
+		if b.Index != nil {
+			return addBanIndexed(b, op)
+		}
 		return addBanRule(t, chain, spec, b.Policy.MaxBansPerChain)
-	case policy.DeleteHook, policy.DeleteBan:
+	case policy.DeleteBan:
+		if b.Index != nil {
+			if err := b.Index.Remove(op); err != nil {
+				return 0, err
+			}
+		}
+		return deleteBan(t, chain, spec)
+	case policy.DeleteHook:
 		return deleteRule(t, op, spec)
 	case policy.CheckReturn, policy.CheckBan, policy.CheckHook:
 		found, err := ruleExists(t, op, spec)
@@ -119,6 +153,85 @@ func addBanRule(t Table, chain string, spec []string, maxBans int) (Outcome, err
 		return 0, fmt.Errorf("%w: chain %q already holds %d bans (max_bans_per_chain); unban some or raise the limit in the policy", ErrBanLimit, chain, bans)
 	}
 	return Applied, t.Insert(chain, 1, spec...)
+}
+
+// addBanIndexed bans with one iptables call: the index says whether the
+// ban is there and how many the chain holds. The first ban into a chain
+// the index does not know reads the chain once to learn it.
+func addBanIndexed(b Backend, op policy.Operation) (Outcome, error) {
+	t, chain := b.Table, string(op.Chain)
+	if !b.Index.Known(op.Family, op.Chain) {
+		rules, err := t.List(chain)
+		if err != nil {
+			return 0, err
+		}
+		var bans []policy.Operation
+		for _, r := range rules {
+			rest, ok := strings.CutPrefix(r, "-A "+chain+" ")
+			if !ok || !strings.HasPrefix(rest, "-s ") {
+				continue
+			}
+			if ban, err := policy.Decide(b.Policy, op.Family.Binary()+" -I "+chain+" 1 "+rest, policy.Context{}); err == nil {
+				bans = append(bans, ban)
+			}
+		}
+		if err := b.Index.Build(op.Family, op.Chain, bans); err != nil {
+			return 0, err
+		}
+	}
+	if b.Index.Has(op) {
+		return Unchanged, nil
+	}
+	if b.Index.Pending(op) {
+		// A shim was stopped between marking this ban and listing it: its
+		// iptables call may or may not have gone through.
+		ok, err := t.Exists(chain, op.RuleSpec()...)
+		if err != nil {
+			return 0, err
+		}
+		if ok {
+			return Unchanged, b.Index.Add(op)
+		}
+	}
+	n, err := b.Index.Count(op.Family, op.Chain)
+	if err != nil {
+		return 0, err
+	}
+	if n >= b.Policy.MaxBansPerChain {
+		return 0, fmt.Errorf("%w: chain %q already holds %d bans (max_bans_per_chain); unban some or raise the limit in the policy", ErrBanLimit, chain, n)
+	}
+	if err := b.Index.MarkPending(op); err != nil {
+		return 0, err
+	}
+	if err := t.Insert(chain, 1, op.RuleSpec()...); err != nil {
+		return 0, err
+	}
+	return Applied, b.Index.Add(op)
+}
+
+// deleteBan removes a ban with one iptables call, as fail2ban's own
+// action does; a ban that is not there is no error.
+func deleteBan(t Table, chain string, spec []string) (Outcome, error) {
+	err := t.Delete(chain, spec...)
+	var ce *CommandError
+	if errors.As(err, &ce) && notThere(ce.Stderr) {
+		return Unchanged, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	return Applied, nil
+}
+
+// notThere recognises iptables' answers for a rule or chain that does not
+// exist, in both backends' wording.
+func notThere(stderr string) bool {
+	for _, s := range []string{"does a matching rule exist", "No chain/target/match by that name", "does not exist"} {
+		if strings.Contains(stderr, s) {
+			return true
+		}
+	}
+	return false
 }
 
 // applySet carries out the operations that the set backend does

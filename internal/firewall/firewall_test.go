@@ -11,6 +11,7 @@ import (
 
 	"github.com/f2b-shim/f2b-shim/internal/firewall"
 	"github.com/f2b-shim/f2b-shim/internal/firewall/fwtest"
+	"github.com/f2b-shim/f2b-shim/internal/state"
 	"github.com/f2b-shim/f2b-shim/policy"
 )
 
@@ -65,12 +66,15 @@ func TestApplyFollowsFail2bansLifeCycle(t *testing.T) {
 		{"unhooking with the chain gone succeeds unchanged", "iptables -w -D INPUT -p tcp --dport 143 -j " + chain, firewall.Unchanged},
 		{"checking a hook with the chain gone is false", "iptables -w -C INPUT -p tcp --dport 143 -j " + chain, firewall.CheckFalse},
 	}
-	for _, backend := range []string{"rules", "ipset"} {
+	for _, backend := range []string{"rules", "rules with the index", "ipset"} {
 		t.Run(backend, func(t *testing.T) {
 			fake, sets := fwtest.New(), fwtest.NewSets()
 			b := rules(fake, 100)
-			if backend == "ipset" {
+			switch backend {
+			case "ipset":
 				b.Sets = sets
+			case "rules with the index":
+				b.Index = state.Index{Dir: t.TempDir()}
 			}
 			for _, s := range steps {
 				t.Run(s.name, func(t *testing.T) {
@@ -83,6 +87,71 @@ func TestApplyFollowsFail2bansLifeCycle(t *testing.T) {
 			assert.Empty(t, sets.Names(), "stop leaves no set behind")
 		})
 	}
+}
+
+func TestIndexedBansReadTheChainOnlyOnce(t *testing.T) {
+	fake := fwtest.New()
+	idx := state.Index{Dir: t.TempDir()}
+	b := firewall.Backend{Table: fake, Policy: limit(3), Index: idx}
+	for _, l := range []string{"iptables -N " + chain, "iptables -A " + chain + " -j RETURN"} {
+		_, err := firewall.Apply(b, op(t, l))
+		require.NoError(t, err)
+	}
+	// A ban made before the index existed (an upgrade, or by hand).
+	require.NoError(t, fake.Insert(chain, 1, "-s", "203.0.113.1/32", "-j", "DROP"))
+	fake.Calls = nil
+	ban := func(ip string) (firewall.Outcome, error) {
+		return firewall.Apply(b, op(t, "iptables -I "+chain+" 1 -s "+ip+" -j DROP"))
+	}
+	got, err := ban("203.0.113.1")
+	require.NoError(t, err)
+	assert.Equal(t, firewall.Unchanged, got, "the first ban learns the chain, and finds the old ban")
+	assert.Equal(t, []string{"List " + chain}, fake.Calls)
+
+	fake.Calls = nil
+	for _, ip := range []string{"203.0.113.2", "203.0.113.3"} {
+		got, err := ban(ip)
+		require.NoError(t, err)
+		assert.Equal(t, firewall.Applied, got)
+	}
+	assert.Equal(t, []string{"Insert " + chain + " 1 -s 203.0.113.2/32 -j DROP", "Insert " + chain + " 1 -s 203.0.113.3/32 -j DROP"}, fake.Calls,
+		"after that, one iptables call per ban")
+	got, err = ban("203.0.113.3")
+	require.NoError(t, err)
+	assert.Equal(t, firewall.Unchanged, got)
+	_, err = ban("203.0.113.4")
+	assert.ErrorIs(t, err, firewall.ErrBanLimit, "the index counts the bans")
+	b.Policy = limit(10)
+
+	fake.Calls = nil
+	got, err = firewall.Apply(b, op(t, "iptables -D "+chain+" -s 203.0.113.2 -j DROP"))
+	require.NoError(t, err)
+	assert.Equal(t, firewall.Applied, got)
+	assert.Equal(t, []string{"Delete " + chain + " -s 203.0.113.2/32 -j DROP"}, fake.Calls, "one iptables call per unban")
+	got, err = ban("203.0.113.4")
+	require.NoError(t, err, "the unban made room")
+	assert.Equal(t, firewall.Applied, got)
+
+	// A shim killed after marking a ban: the next ban of that address
+	// asks the chain instead of trusting the index.
+	pending := op(t, "iptables -I "+chain+" 1 -s 203.0.113.9 -j DROP")
+	require.NoError(t, idx.MarkPending(pending))
+	require.NoError(t, fake.Insert(chain, 1, pending.RuleSpec()...)) // its iptables call went through
+	got, err = ban("203.0.113.9")
+	require.NoError(t, err)
+	assert.Equal(t, firewall.Unchanged, got, "the killed shim's ban is not doubled")
+	rules, err := fake.List(chain)
+	require.NoError(t, err)
+	assert.Len(t, rules, 1+3+1+1, "-N, three bans, the killed one once, RETURN: %v", rules)
+
+	// The chain goes behind the shim's back and comes back empty: the
+	// flush fail2ban's repair sends makes the index forget it.
+	require.NoError(t, fake.FlushChain(chain))
+	_, err = firewall.Apply(b, op(t, "iptables -F "+chain))
+	require.NoError(t, err)
+	got, err = ban("203.0.113.3")
+	require.NoError(t, err)
+	assert.Equal(t, firewall.Applied, got, "a ban the firewall lost is made again")
 }
 
 func TestSetBackendKeepsTheChainShort(t *testing.T) {

@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+
+	"github.com/f2b-shim/f2b-shim/internal/firewall"
 )
 
 // Fake is an in-memory filter table. The zero value is not usable; call New.
@@ -155,10 +157,13 @@ func (f *Fake) Delete(chain string, spec ...string) error {
 	if err := f.call("Delete", append([]string{chain}, spec...)...); err != nil {
 		return err
 	}
-	rules := f.chains[chain]
+	rules, ok := f.chains[chain]
+	if !ok {
+		return &firewall.CommandError{Status: 1, Stderr: "iptables: No chain/target/match by that name.\n"}
+	}
 	i := slices.Index(rules, strings.Join(spec, " "))
 	if i < 0 {
-		return fmt.Errorf("bad rule (does a matching rule exist in that chain?)")
+		return &firewall.CommandError{Status: 1, Stderr: "iptables: Bad rule (does a matching rule exist in that chain?).\n"}
 	}
 	f.chains[chain] = slices.Delete(rules, i, i+1)
 	return nil

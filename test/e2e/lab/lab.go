@@ -523,6 +523,42 @@ func (l *Lab) FlushProxy() error {
 	return err
 }
 
+// AddRawKey gives the mail host a second key to the proxy's root, one
+// that runs any command without the shim, for the benchmark's raw
+// iptables baseline; RawSSH uses it. Root mode only, and never in a test
+// that checks what the shim's key may do.
+func (l *Lab) AddRawKey() error {
+	if err := l.keygen("id_raw"); err != nil {
+		return err
+	}
+	pub, err := os.ReadFile(l.path("id_raw.pub"))
+	if err != nil {
+		return err
+	}
+	f, err := os.OpenFile(l.path("authorized_keys.root"), os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	// A forced command that runs whatever the client asked for, so that
+	// "PermitRootLogin forced-commands-only" admits the key; exec keeps
+	// it to the one process a plain root key would start.
+	if _, err := f.WriteString(`restrict,command="exec $SSH_ORIGINAL_COMMAND" ` + string(pub)); err != nil {
+		return err
+	}
+	cfg, err := os.ReadFile(l.path("ssh_config"))
+	if err != nil {
+		return err
+	}
+	raw := strings.NewReplacer(l.path("id_ed25519"), l.path("id_raw"), "f2b-shim-%C", "raw-%C").Replace(string(cfg))
+	return l.write("ssh_config_raw", raw, 0o644)
+}
+
+// RawSSH runs ssh from the mail host with the raw key (see AddRawKey).
+func (l *Lab) RawSSH(args ...string) (int, string) {
+	return exitCode(l.Mail.Command("ssh", append([]string{"-F", l.path("ssh_config_raw"), "-i", l.path("id_raw")}, args...)...))
+}
+
 // MailCommand runs any program on the mail host, e.g. scp or sftp.
 func (l *Lab) MailCommand(name string, args ...string) (int, string) {
 	return exitCode(l.Mail.Command(name, args...))
@@ -573,8 +609,11 @@ func (l *Lab) Down() {
 		_ = l.StopFail2ban()
 	}
 	if l.Mail != nil {
-		// End ssh's shared connection (ControlPersist) to the proxy.
+		// End ssh's shared connections (ControlPersist) to the proxy.
 		l.SSH("-O", "exit", "f2b-proxy")
+		if _, err := os.Stat(l.path("ssh_config_raw")); err == nil {
+			l.RawSSH("-O", "exit", "f2b-proxy")
+		}
 	}
 	killPidFile(l.path("fail2ban.pid"))
 	for _, p := range l.procs {

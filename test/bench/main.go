@@ -1,0 +1,517 @@
+// Command bench measures f2b-shim against raw iptables, side by side in
+// one run, in network namespaces it makes and removes: per-operation
+// latency with N bans in place, bans per second through real sshd,
+// connections per second through the proxy with N bans, and restore time.
+// It prints markdown tables of medians and ratios and writes a PNG plot
+// (with gnuplot) of ban latency against N. Run it with scripts/bench.
+//
+// It re-runs itself inside a namespace for the parts that time programs
+// there ("measure", "serve", "connect"), so that no "ip netns exec" sits in
+// what is timed.
+package main
+
+import (
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/f2b-shim/f2b-shim/internal/state"
+	"github.com/f2b-shim/f2b-shim/policy"
+	"github.com/f2b-shim/f2b-shim/test/e2e/lab"
+	"github.com/f2b-shim/f2b-shim/test/netns"
+	"github.com/f2b-shim/f2b-shim/test/nstest"
+)
+
+const chain = "mail-remote-f2b-bench"
+
+// rawChain holds the same N rules for the raw iptables calls.
+const rawChain = "raw-bench"
+
+type config struct {
+	ns       []int
+	reps     int
+	e2eBans  int
+	connTime time.Duration
+	out      string
+}
+
+func main() {
+	if len(os.Args) > 1 {
+		switch os.Args[1] {
+		case "measure":
+			os.Exit(measure(os.Args[2:]))
+		case "serve":
+			os.Exit(serve(os.Args[2]))
+		case "connect":
+			os.Exit(connect(os.Args[2], os.Args[3]))
+		}
+	}
+	quick := flag.Bool("quick", false, "a short run, as a smoke test: N = 0 and 100, few repetitions")
+	out := flag.String("out", "bench-out", "directory for results.md and latency.png")
+	flag.Parse()
+	c := config{ns: []int{0, 1000, 10000, 50000}, reps: 15, e2eBans: 50, connTime: 3 * time.Second, out: *out}
+	if *quick {
+		c = config{ns: []int{0, 100}, reps: 3, e2eBans: 5, connTime: 300 * time.Millisecond, out: *out}
+	}
+	if err := run(c); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+}
+
+// cleanup removes every namespace and process the run made, also on ^C.
+var cleanups []func()
+
+func cleanupAll() {
+	for i := len(cleanups) - 1; i >= 0; i-- {
+		cleanups[i]()
+	}
+	cleanups = nil
+}
+
+func run(c config) error {
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
+	go func() { <-sig; cleanupAll(); os.Exit(130) }()
+	defer cleanupAll()
+
+	if err := os.MkdirAll(c.out, 0o755); err != nil {
+		return err
+	}
+	tmp, err := os.MkdirTemp("", "f2bt-bench-")
+	if err != nil {
+		return err
+	}
+	os.Chmod(tmp, 0o755)
+	cleanups = append(cleanups, func() { os.RemoveAll(tmp) })
+	shim, err := nstest.BuildShim(tmp)
+	if err != nil {
+		return err
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	var md strings.Builder
+	host, _ := os.Hostname()
+	fmt.Fprintf(&md, "Measured %s on %s (%d CPUs), medians of %d runs each, times in milliseconds.\n\n", time.Now().Format("2006-01-02"), host, numCPU(), c.reps)
+
+	lat, err := latencies(c, tmp, shim, self)
+	if err != nil {
+		return err
+	}
+	writeLatency(&md, c, lat)
+	if err := plot(c, lat); err != nil {
+		fmt.Fprintln(os.Stderr, "bench: no plot:", err)
+	}
+	rates, err := throughput(c, shim)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(&md, "\n### Bans per second through sshd (ControlMaster, one ssh per ban, %d bans)\n\n| via | bans/s | ratio to raw |\n|---|---|---|\n", c.e2eBans)
+	fmt.Fprintf(&md, "| raw iptables (a key without the shim) | %.1f | 1.00 |\n| f2b-shim | %.1f | %.2f |\n", rates[0], rates[1], rates[1]/rates[0])
+	if err := packets(c, &md, tmp, shim, self); err != nil {
+		return err
+	}
+	fmt.Print(md.String())
+	return os.WriteFile(filepath.Join(c.out, "results.md"), []byte(md.String()), 0o644)
+}
+
+func numCPU() int {
+	data, _ := os.ReadFile("/proc/cpuinfo")
+	return max(1, strings.Count(string(data), "processor\t:"))
+}
+
+// variant is one iptables backend with one ban backend.
+type variant struct{ ipt, bans string }
+
+func (v variant) String() string { return v.ipt + "/" + v.bans }
+
+var variants = []variant{{"nft", "rules"}, {"nft", "ipset"}, {"legacy", "rules"}, {"legacy", "ipset"}}
+
+// result holds the medians of one variant at one N, in milliseconds.
+type result struct {
+	V                                      variant
+	N                                      int
+	ShimBan, ShimCheck, ShimUnban, Restore float64
+	RawBan, RawCheck, RawUnban             float64
+}
+
+// newNS makes a namespace that the run removes at its end.
+func newNS(role string) (*netns.NS, error) {
+	ns, err := netns.Add(netns.UniqueName(role))
+	if err != nil {
+		return nil, err
+	}
+	cleanups = append(cleanups, func() {
+		if pids, _ := exec.Command("ip", "netns", "pids", ns.Name).Output(); len(pids) > 0 {
+			for _, p := range strings.Fields(string(pids)) {
+				var pid int
+				fmt.Sscan(p, &pid)
+				syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+		ns.Delete()
+	})
+	return ns, nil
+}
+
+func writePolicy(dir string, v variant) (string, error) {
+	p := filepath.Join(dir, "policy.toml")
+	return p, os.WriteFile(p, []byte(fmt.Sprintf("name = \"bench\"\naudit_log = %q\nstate_dir = %q\niptables_backend = %q\nbackend = %q\nmax_bans_per_chain = 100000\nlock_timeout = \"50s\"\n",
+		filepath.Join(dir, "audit.jsonl"), filepath.Join(dir, "state"), v.ipt, v.bans)), 0o644)
+}
+
+func benchAddr(i int) string { return fmt.Sprintf("10.%d.%d.%d", i>>16&255, i>>8&255, i&255) }
+
+// preload puts n bans in place through the journal and "f2b-shim
+// restore", and the same n rules into rawChain, and returns how long the
+// restore took.
+func preload(ns *netns.NS, dir, pol, shim string, v variant, n int) (time.Duration, error) {
+	stateDir := filepath.Join(dir, "state")
+	if err := os.MkdirAll(stateDir, 0o750); err != nil {
+		return 0, err
+	}
+	s := state.New()
+	for _, l := range []string{"iptables -w -N " + chain, "iptables -w -A " + chain + " -j RETURN"} {
+		op, _ := policy.Decide(policy.Default(), l, policy.Context{})
+		s.Apply(op, time.Now())
+	}
+	var raw strings.Builder
+	raw.WriteString("*filter\n:" + rawChain + " - [0:0]\n")
+	pol0 := policy.Default()
+	pol0.ChainPrefix = "mail-remote-f2b-"
+	for i := range n {
+		op, err := policy.Decide(pol0, fmt.Sprintf("iptables -w -I %s 1 -s %s -j DROP", chain, benchAddr(i)), policy.Context{})
+		if err != nil {
+			return 0, err
+		}
+		s.Apply(op, time.Now())
+		fmt.Fprintf(&raw, "-A %s -s %s/32 -j DROP\n", rawChain, benchAddr(i))
+	}
+	raw.WriteString("COMMIT\n")
+	if err := state.Write(stateDir, s); err != nil {
+		return 0, err
+	}
+	start := time.Now()
+	if out, err := ns.Command(shim, "restore", "--policy", pol).CombinedOutput(); err != nil {
+		return 0, fmt.Errorf("restore: %v: %s", err, out)
+	}
+	took := time.Since(start)
+	cmd := ns.Command("iptables-"+v.ipt+"-restore", "--noflush")
+	cmd.Stdin = strings.NewReader(raw.String())
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return 0, fmt.Errorf("raw preload: %v: %s", err, out)
+	}
+	return took, nil
+}
+
+func latencies(c config, tmp, shim, self string) ([]result, error) {
+	var out []result
+	for _, v := range variants {
+		for _, n := range c.ns {
+			dir, err := os.MkdirTemp(tmp, "lat-")
+			if err != nil {
+				return nil, err
+			}
+			ns, err := newNS("lat")
+			if err != nil {
+				return nil, err
+			}
+			pol, err := writePolicy(dir, v)
+			if err != nil {
+				return nil, err
+			}
+			restore, err := preload(ns, dir, pol, shim, v, n)
+			if err != nil {
+				return nil, fmt.Errorf("%s N=%d: %v", v, n, err)
+			}
+			data, err := ns.Command(self, "measure", shim, pol, v.ipt, fmt.Sprint(c.reps)).Output()
+			if err != nil {
+				return nil, fmt.Errorf("%s N=%d: measure: %v", v, n, err)
+			}
+			r := result{V: v, N: n, Restore: ms(restore)}
+			if err := json.Unmarshal(data, &r); err != nil {
+				return nil, err
+			}
+			r.V, r.N, r.Restore = v, n, ms(restore)
+			out = append(out, r)
+			fmt.Fprintf(os.Stderr, "bench: %-13s N=%-6d shim ban %.1f ms, raw %.1f ms\n", v, n, r.ShimBan, r.RawBan)
+		}
+	}
+	return out, nil
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// measure runs inside the namespace: reps shim and raw calls of each
+// kind, each on another address, and prints their medians as JSON.
+func measure(args []string) int {
+	shim, pol, ipt := args[0], args[1], args[2]
+	var reps int
+	fmt.Sscan(args[3], &reps)
+	median := func(call func(i int) *exec.Cmd) float64 {
+		var samples []float64
+		for i := range reps {
+			cmd := call(i)
+			start := time.Now()
+			_ = cmd.Run() // a check's "false" is an exit status of 1, not a failure
+			samples = append(samples, ms(time.Since(start)))
+		}
+		slices.Sort(samples)
+		return samples[len(samples)/2]
+	}
+	shimOp := func(format string) float64 {
+		return median(func(i int) *exec.Cmd {
+			cmd := exec.Command(shim, "--policy", pol)
+			cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "SSH_ORIGINAL_COMMAND=" + fmt.Sprintf(format, i)}
+			return cmd
+		})
+	}
+	rawOp := func(format string) float64 {
+		return median(func(i int) *exec.Cmd {
+			return exec.Command("/usr/sbin/iptables-"+ipt, strings.Fields(fmt.Sprintf(format, i))...)
+		})
+	}
+	r := result{
+		ShimBan:   shimOp("iptables -w -I " + chain + " 1 -s 203.0.%d.1 -j DROP"),
+		ShimCheck: shimOp("iptables -w -C " + chain + " -s 203.0.%d.1 -j DROP"),
+		ShimUnban: shimOp("iptables -w -D " + chain + " -s 203.0.%d.1 -j DROP"),
+		RawBan:    rawOp("-w -I " + rawChain + " 1 -s 203.0.%d.1 -j DROP"),
+		RawCheck:  rawOp("-w -C " + rawChain + " -s 203.0.%d.1 -j DROP"),
+		RawUnban:  rawOp("-w -D " + rawChain + " -s 203.0.%d.1 -j DROP"),
+	}
+	json.NewEncoder(os.Stdout).Encode(r)
+	return 0
+}
+
+func writeLatency(md *strings.Builder, c config, rs []result) {
+	fmt.Fprintf(md, "### Latency of one call, with N bans in place (ms; ratio = shim / raw iptables)\n\n")
+	fmt.Fprintf(md, "| iptables / backend | N | shim ban | raw ban | ratio | shim unban | raw unban | ratio | shim check | raw check | ratio | restore N bans |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+	for _, r := range rs {
+		fmt.Fprintf(md, "| %s | %d | %.1f | %.1f | %.2f | %.1f | %.1f | %.2f | %.1f | %.1f | %.2f | %.0f |\n", r.V, r.N,
+			r.ShimBan, r.RawBan, r.ShimBan/r.RawBan, r.ShimUnban, r.RawUnban, r.ShimUnban/r.RawUnban, r.ShimCheck, r.RawCheck, r.ShimCheck/r.RawCheck, r.Restore)
+	}
+	fmt.Fprintf(md, "\nBan latency at the largest N against N = 0, per variant: ")
+	var parts []string
+	for _, v := range variants {
+		var first, last result
+		for _, r := range rs {
+			if r.V == v {
+				if r.N == c.ns[0] {
+					first = r
+				}
+				last = r
+			}
+		}
+		parts = append(parts, fmt.Sprintf("%s %.2f× (unban %.2f×)", v, last.ShimBan/first.ShimBan, last.ShimUnban/first.ShimUnban))
+	}
+	md.WriteString(strings.Join(parts, ", ") + ".\n")
+}
+
+// plot writes latency.png with gnuplot: shim ban latency and raw iptables
+// latency against N, one line per variant.
+func plot(c config, rs []result) error {
+	gp, err := exec.LookPath("gnuplot")
+	if err != nil {
+		return err
+	}
+	var data, cmds strings.Builder
+	fmt.Fprintf(&cmds, "set terminal png size 900,560\nset output %q\nset title 'f2b-shim ban latency against bans in place'\nset xlabel 'bans in the chain (N)'\nset ylabel 'ms per ban (median)'\nset key left top\nset grid\nplot ", filepath.Join(c.out, "latency.png"))
+	var plots []string
+	idx := 0
+	for _, v := range variants {
+		for _, who := range []string{"shim", "raw"} {
+			if who == "raw" && v.bans == "ipset" {
+				continue // raw iptables is the same for both backends
+			}
+			for _, r := range rs {
+				if r.V == v {
+					y := r.ShimBan
+					if who == "raw" {
+						y = r.RawBan
+					}
+					fmt.Fprintf(&data, "%d %.3f\n", r.N, y)
+				}
+			}
+			data.WriteString("\n\n")
+			title := "f2b-shim " + v.String()
+			if who == "raw" {
+				title = "raw iptables-" + v.ipt
+			}
+			plots = append(plots, fmt.Sprintf("'-' index 0 with linespoints title %q", title))
+			idx++
+		}
+	}
+	cmds.WriteString(strings.Join(plots, ", ") + "\n")
+	// gnuplot reads each inline data block after the plot command, ended by "e".
+	for _, block := range strings.Split(strings.TrimSuffix(data.String(), "\n\n"), "\n\n") {
+		cmds.WriteString(block + "\ne\n")
+	}
+	cmd := exec.Command(gp)
+	cmd.Stdin = strings.NewReader(cmds.String())
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("gnuplot: %v: %s", err, out)
+	}
+	return nil
+}
+
+// throughput measures bans per second through real sshd with
+// ControlMaster: the shim's key against a key without the shim.
+func throughput(c config, shim string) ([2]float64, error) {
+	var rates [2]float64
+	l, err := lab.Up(shim, lab.RootMode, "rules")
+	if err != nil {
+		return rates, err
+	}
+	cleanups = append(cleanups, l.Down)
+	if err := l.AddRawKey(); err != nil {
+		return rates, err
+	}
+	for _, line := range []string{"iptables -w -N " + chain, "iptables -w -A " + chain + " -j RETURN"} {
+		if code, out := l.SSH("f2b-proxy", line); code != 0 {
+			return rates, fmt.Errorf("%s: %s", line, out)
+		}
+	}
+	if _, err := l.Proxy.Run("iptables", "-N", rawChain); err != nil {
+		return rates, err
+	}
+	for k, via := range []struct {
+		ssh   func(args ...string) (int, string)
+		chain string
+	}{{l.RawSSH, rawChain}, {l.SSH, chain}} {
+		ssh := func(i int) (int, string) {
+			return via.ssh("f2b-proxy", fmt.Sprintf("iptables -w -I %s 1 -s 198.51.%d.%d -j DROP", via.chain, 100+i/250, i%250+1))
+		}
+		if code, out := ssh(c.e2eBans); code != 0 { // opens the shared connection
+			return rates, fmt.Errorf("ssh: %s", out)
+		}
+		start := time.Now()
+		for i := range c.e2eBans {
+			if code, out := ssh(i); code != 0 {
+				return rates, fmt.Errorf("ssh: %s", out)
+			}
+		}
+		rates[k] = float64(c.e2eBans) / time.Since(start).Seconds()
+	}
+	return rates, nil
+}
+
+// packets measures TCP connections per second from a client that is not
+// banned, through the proxy's INPUT hook, with N bans in the chain.
+func packets(c config, md *strings.Builder, tmp, shim, self string) error {
+	fmt.Fprintf(md, "\n### TCP connections per second through the hook, with N bans (client not banned, %s per run)\n\n| iptables / backend | N | connections/s | share of N = 0 |\n|---|---|---|---|\n", c.connTime)
+	for _, v := range variants {
+		var base float64
+		for _, n := range c.ns {
+			dir, err := os.MkdirTemp(tmp, "pkt-")
+			if err != nil {
+				return err
+			}
+			proxy, err := newNS("pxy")
+			if err != nil {
+				return err
+			}
+			client, err := newNS("cli")
+			if err != nil {
+				return err
+			}
+			for _, step := range [][]string{
+				{proxy.Name, "ip", "link", "add", "p0", "type", "veth", "peer", "name", "c0", "netns", client.Name},
+				{proxy.Name, "ip", "addr", "add", "198.51.100.1/24", "dev", "p0"},
+				{client.Name, "ip", "addr", "add", "198.51.100.2/24", "dev", "c0"},
+				{proxy.Name, "ip", "link", "set", "p0", "up"},
+				{client.Name, "ip", "link", "set", "c0", "up"},
+			} {
+				ns := proxy
+				if step[0] == client.Name {
+					ns = client
+				}
+				if _, err := ns.Run(step[1], step[2:]...); err != nil {
+					return err
+				}
+			}
+			pol, err := writePolicy(dir, v)
+			if err != nil {
+				return err
+			}
+			if _, err := preload(proxy, dir, pol, shim, v, n); err != nil {
+				return err
+			}
+			hook := proxy.Command(shim, "--policy", pol)
+			hook.Env = []string{"SSH_ORIGINAL_COMMAND=iptables -w -I INPUT -p tcp --dport 143 -j " + chain}
+			if out, err := hook.CombinedOutput(); err != nil {
+				return fmt.Errorf("hook: %v: %s", err, out)
+			}
+			srv := proxy.Command(self, "serve", "198.51.100.1:143")
+			if err := srv.Start(); err != nil {
+				return err
+			}
+			time.Sleep(200 * time.Millisecond)
+			out, err := client.Command(self, "connect", "198.51.100.1:143", c.connTime.String()).Output()
+			srv.Process.Kill()
+			srv.Wait()
+			if err != nil {
+				return fmt.Errorf("connect: %v", err)
+			}
+			var rate float64
+			fmt.Sscan(string(out), &rate)
+			if n == c.ns[0] {
+				base = rate
+			}
+			fmt.Fprintf(md, "| %s | %d | %.0f | %.0f%% |\n", v, n, rate, 100*rate/base)
+			fmt.Fprintf(os.Stderr, "bench: %-13s N=%-6d %.0f connections/s\n", v, n, rate)
+		}
+	}
+	return nil
+}
+
+// serve accepts connections and closes them at once, until killed.
+func serve(addr string) int {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			return 1
+		}
+		conn.Close()
+	}
+}
+
+// connect opens and closes connections one after another for a while and
+// prints how many per second succeeded. Bounded in time and in count.
+func connect(addr, dur string) int {
+	d, err := time.ParseDuration(dur)
+	if err != nil {
+		return 2
+	}
+	const maxConns = 1_000_000
+	n := 0
+	start := time.Now()
+	for time.Since(start) < d && n < maxConns {
+		conn, err := net.DialTimeout("tcp", addr, time.Second)
+		if err != nil {
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		io.Copy(io.Discard, conn) // the server closes at once
+		conn.Close()
+		n++
+	}
+	fmt.Println(float64(n) / time.Since(start).Seconds())
+	return 0
+}
