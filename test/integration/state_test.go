@@ -11,6 +11,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/f2b-shim/f2b-shim/internal/firewall"
 	"github.com/f2b-shim/f2b-shim/internal/state"
 	"github.com/f2b-shim/f2b-shim/policy"
 	"github.com/f2b-shim/f2b-shim/test/nstest"
@@ -170,4 +171,23 @@ func TestListAndTornJournal(t *testing.T) {
 	assert.Empty(t, r.Stderr, "the rebuilt journal reads cleanly")
 	assert.Contains(t, r.Stdout, "2001:db8:45::1/128", "the ban whose journal line was torn is back in the journal")
 	assert.Contains(t, r.Stdout, "203.0.113.99/32")
+}
+
+func TestReconcileWithSets(t *testing.T) {
+	ns, pol, _ := setup(t, "legacy+ipset", "")
+	runAll(t, ns, pol, jailStart...)
+	r := admin(t, ns, pol, "reconcile")
+	require.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
+	rej := firewall.SetName(policy.IPv4, chain, policy.Target{Kind: policy.Reject, RejectWith: "icmp-port-unreachable"})
+	ns.MustRun(t, "ipset", "del", rej, "203.0.113.45")
+	ns.MustRun(t, "ipset", "add", rej, "203.0.113.78")
+	r = admin(t, ns, pol, "reconcile")
+	assert.Equal(t, 1, r.Code)
+	assert.Contains(t, r.Stdout, "missing     ipv4  ban 203.0.113.45/32 in "+chain)
+	assert.Contains(t, r.Stdout, "unexpected  ipv4  ban 203.0.113.78/32 in "+chain)
+	r = admin(t, ns, pol, "reconcile", "--fix")
+	assert.Contains(t, r.Stdout, "re-applied 1 missing")
+	assert.Contains(t, banned(t, ns, "legacy+ipset", "iptables", chain), "203.0.113.45/32")
+	r = admin(t, ns, pol, "list", "--json")
+	assert.Contains(t, r.Stdout, `"rule": "203.0.113.45/32"`)
 }
