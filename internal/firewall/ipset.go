@@ -1,7 +1,6 @@
 package firewall
 
 import (
-	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -86,19 +85,7 @@ func OpenIPSet() (*IPSet, error) {
 	return nil, fmt.Errorf("ipset not found in %s; install the ipset package, or set backend = \"rules\" in the policy", strings.Join(systemDirs, ", "))
 }
 
-func (s *IPSet) run(args ...string) (string, error) {
-	var stdout, stderr bytes.Buffer
-	cmd := exec.Command(s.path, args...)
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Run(); err != nil {
-		var ee *exec.ExitError
-		if errors.As(err, &ee) {
-			return "", &CommandError{Status: ee.ExitCode(), Stderr: stderr.String(), err: err}
-		}
-		return "", err
-	}
-	return stdout.String(), nil
-}
+func (s *IPSet) run(args ...string) (string, error) { return runTool(s.path, "", args...) }
 
 // says reports whether err is ipset's message containing text.
 func says(err error, text string) bool {
@@ -183,16 +170,6 @@ func (s *IPSet) Members(name string) ([]string, error) {
 // Restore feeds an "ipset restore" script: one call for any number of
 // entries.
 func (s *IPSet) Restore(script string) error {
-	cmd := exec.Command(s.path, "restore", "-exist")
-	cmd.Stdin = strings.NewReader(script)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	if err := cmd.Run(); err != nil {
-		var ee *exec.ExitError
-		if errors.As(err, &ee) {
-			return &CommandError{Status: ee.ExitCode(), Stderr: stderr.String(), err: err}
-		}
-		return err
-	}
-	return nil
+	_, err := runTool(s.path, script, "restore", "-exist")
+	return err
 }

@@ -54,18 +54,25 @@ func Restore(fam policy.Family, backend string, wait time.Duration, script strin
 		return err
 	}
 	secs := max(1, int(math.Ceil(wait.Seconds())))
-	cmd := exec.Command(path, "--noflush", "--wait", strconv.Itoa(secs))
-	cmd.Stdin = strings.NewReader(script)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
+	_, err = runTool(path, script, "--noflush", "--wait", strconv.Itoa(secs))
+	return err
+}
+
+// runTool runs an iptables or ipset tool with stdin, and returns its
+// stdout, or a CommandError with its exit status and stderr.
+func runTool(path, stdin string, args ...string) (string, error) {
+	var stdout, stderr bytes.Buffer
+	cmd := exec.Command(path, args...)
+	cmd.Stdin = strings.NewReader(stdin)
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
 		var ee *exec.ExitError
 		if errors.As(err, &ee) {
-			return &CommandError{Status: ee.ExitCode(), Stderr: stderr.String(), err: err}
+			return "", &CommandError{Status: ee.ExitCode(), Stderr: stderr.String(), err: err}
 		}
-		return err
+		return "", err
 	}
-	return nil
+	return stdout.String(), nil
 }
 
 // CommandError is a failed iptables call, with what the audit log needs.

@@ -145,51 +145,51 @@ func HookKey(op policy.Operation) string {
 func (s *State) SetScripts(fam policy.Family, pol *policy.Policy, missing func(Hook) bool) (ipsetScript, iptablesScript string) {
 	t := s.Tables[fam]
 	family := map[policy.Family]string{policy.IPv4: "inet", policy.IPv6: "inet6"}[fam]
-	var sets, ipt strings.Builder
-	ipt.WriteString("*filter\n")
-	names := t.ChainNames()
-	for _, n := range names {
-		fmt.Fprintf(&ipt, ":%s - [0:0]\n", n)
+	var sets strings.Builder
+	for _, n := range t.ChainNames() {
+		for _, tgt := range firewall.PolicyTargets(fam, pol) {
+			name := firewall.SetName(fam, n, tgt)
+			fmt.Fprintf(&sets, "create %s hash:net family %s maxelem %d -exist\nflush %s\n", name, family, pol.MaxBansPerChain, name)
+		}
+		for _, b := range t.Chains[n].Bans {
+			fmt.Fprintf(&sets, "add %s %s -exist\n", firewall.SetName(fam, n, b.Op.Target), b.Op.Source)
+		}
 	}
-	for _, n := range names {
-		c := t.Chains[n]
+	return sets.String(), s.iptablesScript(fam, missing, func(n policy.Chain, c *Chain) []string {
 		var inUse []policy.Target
 		for _, b := range c.Bans {
 			if !slices.Contains(inUse, b.Op.Target) {
 				inUse = append(inUse, b.Op.Target)
 			}
 		}
-		for _, tgt := range firewall.PolicyTargets(fam, pol) {
-			name := firewall.SetName(fam, n, tgt)
-			fmt.Fprintf(&sets, "create %s hash:net family %s maxelem %d -exist\nflush %s\n", name, family, pol.MaxBansPerChain, name)
-		}
-		for _, b := range c.Bans {
-			fmt.Fprintf(&sets, "add %s %s -exist\n", firewall.SetName(fam, n, b.Op.Target), b.Op.Source)
-		}
 		// Each target's rule went in at the top when its first ban came:
 		// the newest target stands first.
 		slices.Reverse(inUse)
+		var rules []string
 		for _, tgt := range inUse {
-			fmt.Fprintf(&ipt, "-A %s -m set --match-set %s src %s\n", n, firewall.SetName(fam, n, tgt), strings.Join(tgt.Args(), " "))
+			rules = append(rules, fmt.Sprintf("-m set --match-set %s src %s", firewall.SetName(fam, n, tgt), strings.Join(tgt.Args(), " ")))
 		}
-		if c.Return {
-			fmt.Fprintf(&ipt, "-A %s -j RETURN\n", n)
-		}
-	}
-	for _, h := range t.Hooks {
-		if missing(h) {
-			fmt.Fprintf(&ipt, "-I %s %s\n", h.Op.Chain, strings.Join(h.Op.RuleSpec(), " "))
-		}
-	}
-	ipt.WriteString("COMMIT\n")
-	return sets.String(), ipt.String()
+		return rules
+	})
 }
 
 // RestoreScript is the iptables-restore input that puts the family's
 // chains, bans and return rules back, and the hooks that missing says
-// are missing. Declaring a chain flushes it, so running it twice leaves
-// the same firewall.
+// are missing.
 func (s *State) RestoreScript(fam policy.Family, missing func(Hook) bool) string {
+	return s.iptablesScript(fam, missing, func(_ policy.Chain, c *Chain) []string {
+		var rules []string
+		for i := len(c.Bans) - 1; i >= 0; i-- { // newest first, as -I 1 leaves them
+			rules = append(rules, strings.Join(c.Bans[i].Op.RuleSpec(), " "))
+		}
+		return rules
+	})
+}
+
+// iptablesScript declares every chain, which flushes it, so that running
+// the script twice leaves the same firewall; then it fills each chain
+// with banRules, its return rule, and adds the missing hooks.
+func (s *State) iptablesScript(fam policy.Family, missing func(Hook) bool, banRules func(policy.Chain, *Chain) []string) string {
 	t := s.Tables[fam]
 	var b strings.Builder
 	b.WriteString("*filter\n")
@@ -199,8 +199,8 @@ func (s *State) RestoreScript(fam policy.Family, missing func(Hook) bool) string
 	}
 	for _, n := range names {
 		c := t.Chains[n]
-		for i := len(c.Bans) - 1; i >= 0; i-- { // newest first, as -I 1 leaves them
-			fmt.Fprintf(&b, "-A %s %s\n", n, strings.Join(c.Bans[i].Op.RuleSpec(), " "))
+		for _, r := range banRules(n, c) {
+			fmt.Fprintf(&b, "-A %s %s\n", n, r)
 		}
 		if c.Return {
 			fmt.Fprintf(&b, "-A %s -j RETURN\n", n)
