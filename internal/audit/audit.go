@@ -13,6 +13,8 @@ import (
 	"path/filepath"
 	"syscall"
 	"time"
+
+	"github.com/f2b-shim/f2b-shim/internal/owner"
 )
 
 // Record is one audit line. The field names are part of the log format
@@ -112,6 +114,10 @@ func Open(path string) (*Log, error) {
 	}
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640)
 	if err != nil {
+		return nil, err
+	}
+	if err := owner.Inherit(path); err != nil {
+		f.Close()
 		return nil, err
 	}
 	if err := reserveRoom(f); err != nil {

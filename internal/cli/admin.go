@@ -290,7 +290,9 @@ func runReconcile(args []string, stdout, stderr io.Writer, deps Deps) int {
 			if d.fix == nil {
 				continue
 			}
-			if _, err := firewall.Apply(backends[d.fam], *d.fix); err != nil {
+			b := backends[d.fam]
+			b.Index = nil // dropped above; the next ban, as the shim's user, learns the chain again
+			if _, err := firewall.Apply(b, *d.fix); err != nil {
 				fmt.Fprintf(stderr, "f2b-shim: reconcile --fix: %s: %s\n", d.fix.CommandLine(), oneLine.Replace(err.Error()))
 				return ExitFirewall
 			}

@@ -12,6 +12,8 @@ import (
 	"path/filepath"
 	"syscall"
 	"time"
+
+	"github.com/f2b-shim/f2b-shim/internal/owner"
 )
 
 // Lock is a held lock.
@@ -31,6 +33,10 @@ func Acquire(dir, name string, deadline time.Time) (*Lock, error) {
 	path := filepath.Join(dir, name)
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
+		return nil, err
+	}
+	if err := owner.Inherit(path); err != nil {
+		f.Close()
 		return nil, err
 	}
 	// A blocking flock lets the kernel hand the lock from one waiter to

@@ -115,6 +115,20 @@ func TestUnprivilegedUserLimits(t *testing.T) {
 		assert.Contains(t, r.Stderr, "permission denied")
 		assert.NotContains(t, r.Stderr, "audit_log")
 	})
+	t.Run("admin commands run as root leave the state usable by the user", func(t *testing.T) {
+		u := newUserSetup(t, "nft", true)
+		ns, _, _ := setup(t, "nft", "")
+		require.Equal(t, 0, asUser(t, ns, u, "", create, u.bin, "--policy", u.pol).Code)
+		require.NoError(t, os.Remove(filepath.Join(u.dir, "state", "lock")))
+		require.NoError(t, os.Remove(u.audit))
+		for _, args := range [][]string{{"list"}, {"reconcile", "--fix"}, {"restore"}} {
+			cmd := ns.Command(u.bin, append(args[:1:1], append([]string{"--policy", u.pol}, args[1:]...)...)...)
+			r := nstest.RunCmd(t, cmd)
+			require.Contains(t, []int{0, 1}, r.Code, "%v as root: %s", args, r.Stderr)
+		}
+		r := asUser(t, ns, u, "", "iptables -w -I "+chain+" 1 -s 203.0.113.45 -j DROP", u.bin, "--policy", u.pol)
+		assert.Equal(t, 0, r.Code, "the user still bans after root's admin commands: %s", r.Stderr)
+	})
 	t.Run("the user cannot change the firewall except through the shim", func(t *testing.T) {
 		u := newUserSetup(t, "legacy", true)
 		for _, backend := range backends {
