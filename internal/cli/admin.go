@@ -96,7 +96,7 @@ func runRestore(args []string, stdout, stderr io.Writer, deps Deps) int {
 	}
 	// The firewall is about to be rebuilt from the journal; the rule
 	// backend's index learns it again at the next ban.
-	if err := (state.Index{Dir: a.pol.StateDir}).Drop(0, ""); err != nil {
+	if err := (state.Index{Dir: a.pol.StateDir}).DropAll(); err != nil {
 		fmt.Fprintf(stderr, "f2b-shim: restore: %v\n", err)
 		return ExitSetup
 	}
@@ -143,9 +143,15 @@ func runRestore(args []string, stdout, stderr io.Writer, deps Deps) int {
 		rec.Result = "failed"
 	}
 	rec.DurationMS = float64(deps.Now().Sub(start).Microseconds()) / 1000
-	if log, err := audit.Open(a.pol.AuditLog); err == nil {
+	// A restore at boot puts the bans back even when it cannot be
+	// audited: losing bans is the worse failure. It says so.
+	log, err := audit.Open(a.pol.AuditLog)
+	if err == nil {
 		err = log.Write(rec)
 		log.Close()
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "f2b-shim: warning: the restore was not audited: %v\n", err)
 	}
 	if len(summary) == 0 {
 		summary = []string{"the journal is empty; nothing to restore"}
@@ -281,7 +287,7 @@ func runReconcile(args []string, stdout, stderr io.Writer, deps Deps) int {
 	}
 	w.Flush()
 	if fix {
-		if err := (state.Index{Dir: a.pol.StateDir}).Drop(0, ""); err != nil {
+		if err := (state.Index{Dir: a.pol.StateDir}).DropAll(); err != nil {
 			fmt.Fprintf(stderr, "f2b-shim: reconcile --fix: %v\n", err)
 			return ExitSetup
 		}

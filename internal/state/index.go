@@ -123,10 +123,10 @@ func (x Index) Remove(op policy.Operation) error {
 	return x.setCount(op.Family, op.Chain, max(0, n-1))
 }
 
-// Drop forgets a chain, or with an empty chain name every chain.
+// Drop forgets a chain.
 func (x Index) Drop(fam policy.Family, chain policy.Chain) error {
-	if chain == "" {
-		return os.RemoveAll(filepath.Join(x.Dir, "bans"))
-	}
 	return os.RemoveAll(x.chainDir(fam, chain))
 }
+
+// DropAll forgets every chain.
+func (x Index) DropAll() error { return os.RemoveAll(filepath.Join(x.Dir, "bans")) }
