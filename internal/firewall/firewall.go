@@ -74,6 +74,7 @@ type BanIndex interface {
 	Pending(op policy.Operation) bool
 	Add(op policy.Operation) error
 	Remove(op policy.Operation) error
+	Settle(op policy.Operation) error
 	Drop(fam policy.Family, chain policy.Chain) error
 }
 
@@ -112,12 +113,17 @@ func Apply(b Backend, op policy.Operation) (Outcome, error) {
 		}
 		return addBanRule(t, chain, spec, b.Policy.MaxBansPerChain)
 	case policy.DeleteBan:
-		if b.Index != nil {
-			if err := b.Index.Remove(op); err != nil {
-				return 0, err
-			}
+		if b.Index == nil {
+			return deleteBan(t, chain, spec)
 		}
-		return deleteBan(t, chain, spec)
+		if err := b.Index.Remove(op); err != nil {
+			return 0, err
+		}
+		out, err := deleteBan(t, chain, spec)
+		if err != nil {
+			return 0, err // the ban stays pending: the next ban of it asks the chain
+		}
+		return out, b.Index.Settle(op)
 	case policy.DeleteHook:
 		return deleteRule(t, op, spec)
 	case policy.CheckReturn, policy.CheckBan, policy.CheckHook:

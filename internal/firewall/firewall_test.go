@@ -144,6 +144,19 @@ func TestIndexedBansReadTheChainOnlyOnce(t *testing.T) {
 	require.NoError(t, err)
 	assert.Len(t, rules, 1+3+1+1, "-N, three bans, the killed one once, RETURN: %v", rules)
 
+	// An unban whose iptables call fails: the ban is neither lost from
+	// the chain nor doubled by the next ban of that address.
+	fake.Fail["Delete"] = errors.New("xtables lock held")
+	_, err = firewall.Apply(b, op(t, "iptables -D "+chain+" -s 203.0.113.9 -j DROP"))
+	require.Error(t, err)
+	delete(fake.Fail, "Delete")
+	got, err = ban("203.0.113.9")
+	require.NoError(t, err)
+	assert.Equal(t, firewall.Unchanged, got, "the ban is still in the chain, once")
+	rules, err = fake.List(chain)
+	require.NoError(t, err)
+	assert.Len(t, rules, 6)
+
 	// The chain goes behind the shim's back and comes back empty: the
 	// flush fail2ban's repair sends makes the index forget it.
 	require.NoError(t, fake.FlushChain(chain))

@@ -17,10 +17,9 @@ import (
 // record of truth: it is rebuilt from the live chain whenever it is
 // missing, and restore and reconcile --fix drop it.
 //
-// Orders are chosen so that a crash never costs a ban or doubles one: a
-// ban is marked pending before its rule goes in and listed after; a ban
-// found pending (its shim was killed halfway) is checked against the
-// chain. A ban's entry is removed before its rule.
+// A crash never costs a ban or doubles one: a ban is marked pending
+// before its rule goes in or comes out, and settled after; a ban found
+// pending (its shim was stopped halfway) is checked against the chain.
 type Index struct {
 	Dir string
 }
@@ -104,9 +103,18 @@ func (x Index) Add(op policy.Operation) error {
 	return x.setCount(op.Family, op.Chain, n+1)
 }
 
-// Remove unlists a ban that is about to leave the firewall.
-func (x Index) Remove(op policy.Operation) error {
+// Settle clears a ban's pending mark once its rule has come out.
+func (x Index) Settle(op policy.Operation) error {
 	if err := os.Remove(x.file(op) + ".pending"); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return nil
+}
+
+// Remove unlists a ban that is about to leave the firewall, leaving it
+// pending until Settle.
+func (x Index) Remove(op policy.Operation) error {
+	if err := x.MarkPending(op); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
 	err := os.Remove(x.file(op))
