@@ -5,13 +5,22 @@ import (
 	"slices"
 )
 
-// Context is what Authorize knows about the connection, gathered by the
-// caller: the ssh client (from SSH_CONNECTION) and the proxy's own
-// addresses. Both are never banned, so that a mail host cannot cut the
-// proxy off from itself or from its admins' path.
+// Context is what Authorize knows about the connection and the proxy,
+// gathered by the caller: the ssh client (from SSH_CONNECTION), the
+// proxy's own addresses, and the hosts it depends on. None of them is
+// ever banned, so that a mail host cannot cut the proxy off from itself,
+// from its admins' path, or from its resolver and router.
 type Context struct {
 	Client     netip.Addr
 	LocalAddrs []netip.Addr
+	// Infrastructure are the proxy's nameservers and default gateways.
+	Infrastructure []netip.Addr
+	// LocalPorts is the proxy's ip_local_port_range; zero means unknown,
+	// and DefaultLocalPorts is used.
+	LocalPorts PortRange
+	// LookupPort resolves a service name as iptables would
+	// (/etc/services); nil resolves none.
+	LookupPort func(proto, name string) (uint16, bool)
 }
 
 // alwaysNeverBan are ranges no ban may ever touch, whatever the policy says:
@@ -57,6 +66,13 @@ func Authorize(pol *Policy, c Command, ctx Context) (Operation, error) {
 		if c.Kind != CheckHookListed && !slices.Contains(pol.Protocols, c.Proto) {
 			return Operation{}, deny("protocol %q is not allowed by the policy %v", c.Proto, pol.Protocols)
 		}
+		// Only a hook that goes in needs its ports judged: removing or
+		// checking one that an older policy allowed must keep working.
+		if c.Kind == AddHook {
+			if err := pol.checkHookPorts(c, ctx); err != nil {
+				return Operation{}, err
+			}
+		}
 	}
 	if c.isBan() {
 		if err := pol.checkTarget(c.Target); err != nil {
@@ -95,19 +111,43 @@ func (pol *Policy) checkSource(src netip.Prefix, ctx Context) error {
 	if src.Bits() < minBits {
 		return deny("address %q is wider than the policy allows (at most /%d)", src, minBits)
 	}
-	for _, nb := range pol.NeverBanList(ctx) {
+	never := pol.NeverBanList(ctx)
+	for _, nb := range never {
 		if src.Overlaps(nb) {
 			return deny("address %q overlaps %s, which is never banned", src, nb)
+		}
+	}
+	if !src.Addr().Is6() {
+		return nil
+	}
+	// A ban inside a NAT64 prefix bans the IPv4 hosts it carries: judge
+	// it as those, or a /64 there would ban every IPv4 client.
+	for _, l := range pol.nat64Layouts() {
+		if !src.Overlaps(l.Block) {
+			continue
+		}
+		v4, everything := l.embeddedV4(src)
+		if everything {
+			return deny("address %q covers the whole NAT64 prefix in %s, and so every IPv4 host behind it", src, l.Block)
+		}
+		if v4.Bits() < pol.MinPrefixV4 {
+			return deny("address %q carries the IPv4 range %s through NAT64 (%s), wider than the policy allows (at most /%d)", src, v4, l.Block, pol.MinPrefixV4)
+		}
+		for _, nb := range never {
+			if nb.Addr().Is4() && v4.Overlaps(nb) {
+				return deny("address %q carries the IPv4 range %s through NAT64 (%s), which overlaps %s, never banned", src, v4, l.Block, nb)
+			}
 		}
 	}
 	return nil
 }
 
 // NeverBanList is every range a ban may not touch: the policy's own list,
-// the built-in special ranges, the ssh client and the proxy's addresses.
+// the built-in special ranges, the ssh client, the proxy's addresses, its
+// nameservers and its default gateways.
 func (pol *Policy) NeverBanList(ctx Context) []netip.Prefix {
 	list := slices.Concat(alwaysNeverBan, pol.NeverBan)
-	for _, a := range append([]netip.Addr{ctx.Client}, ctx.LocalAddrs...) {
+	for _, a := range slices.Concat([]netip.Addr{ctx.Client}, ctx.LocalAddrs, ctx.Infrastructure) {
 		if a.IsValid() {
 			a = a.Unmap().WithZone("")
 			list = append(list, netip.PrefixFrom(a, a.BitLen()))

@@ -95,9 +95,39 @@ func (c Command) isBan() bool {
 	return c.Kind == AddBan || c.Kind == DeleteBan || c.Kind == CheckBan
 }
 
+// maxQuoted bounds a word quoted in a reason: the reason goes into the
+// audit log and fail2ban's log, and a 4 KiB word must not make it 4 KiB.
+const maxQuoted = 64
+
 // deny builds the error for a word the grammar or the policy refuses.
+// Long words are cut to their first maxQuoted bytes and "…".
 func deny(format string, args ...any) error {
-	return &Denial{Reason: fmt.Sprintf(format, args...)}
+	return &Denial{Reason: fmt.Sprintf(format, shorten(args)...)}
+}
+
+// wordErr is fmt.Errorf with long words cut as deny cuts them.
+func wordErr(format string, args ...any) error {
+	return fmt.Errorf(format, shorten(args)...)
+}
+
+func shorten(args []any) []any {
+	for i, a := range args {
+		if s, ok := a.(string); ok && len(s) > maxQuoted {
+			args[i] = cut(s, maxQuoted) + "…"
+		}
+	}
+	return args
+}
+
+// cut shortens s to at most n bytes without splitting a UTF-8 sequence.
+func cut(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n]
 }
 
 // Denial is the error for a request that the grammar or the policy refuses.

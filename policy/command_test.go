@@ -14,10 +14,25 @@ import (
 // decide is parse + authorize under the default policy, as the shim does.
 func decide(t testing.TB, line string) (Operation, error) {
 	t.Helper()
-	return Decide(Default(), line, Context{
-		Client:     netip.MustParseAddr("192.0.2.10"),
-		LocalAddrs: []netip.Addr{netip.MustParseAddr("192.0.2.7"), netip.MustParseAddr("2001:db8:7::1")},
-	})
+	return Decide(Default(), line, testContext())
+}
+
+// testContext is a proxy at 192.0.2.7 and 2001:db8:7::1, reached from
+// the mail host 192.0.2.10, with resolver 192.0.2.53 and gateway
+// 192.0.2.1, and a few /etc/services names.
+func testContext() Context {
+	return Context{
+		Client:         netip.MustParseAddr("192.0.2.10"),
+		LocalAddrs:     []netip.Addr{netip.MustParseAddr("192.0.2.7"), netip.MustParseAddr("2001:db8:7::1")},
+		Infrastructure: []netip.Addr{netip.MustParseAddr("192.0.2.53"), netip.MustParseAddr("192.0.2.1")},
+		LocalPorts:     PortRange{32768, 60999},
+		LookupPort:     testServices,
+	}
+}
+
+func testServices(proto, name string) (uint16, bool) {
+	n, ok := map[string]uint16{"smtp": 25, "pop3": 110, "imap": 143, "imaps": 993, "pop3s": 995, "sieve": 4190, "submission": 587}[name]
+	return n, ok
 }
 
 const chain = "mail-remote-f2b-imap"
@@ -46,7 +61,7 @@ func TestAcceptedForms(t *testing.T) {
 		{"hook multiport with numbers and a range", "iptables -I INPUT -p tcp -m multiport --dports 110,143,993:995 -j " + chain, AddHook,
 			"iptables -w -I INPUT -p tcp -m multiport --dports 110,143,993:995 -j " + chain},
 		{"hook oneport", "iptables -w -I INPUT -p tcp --dport imap -j " + chain, AddHook, "iptables -w -I INPUT -p tcp --dport imap -j " + chain},
-		{"hook allports udp", "iptables -w -I INPUT -p udp -j " + chain, AddHook, "iptables -w -I INPUT -p udp -j " + chain},
+		{"check an allports hook", "iptables -w -C INPUT -p udp -j " + chain, CheckHook, "iptables -w -C INPUT -p udp -j " + chain},
 		{"unhook v6", "ip6tables -w -D INPUT -p tcp -m multiport --dports 143,993 -j " + chain, DeleteHook,
 			"ip6tables -w -D INPUT -p tcp -m multiport --dports 143,993 -j " + chain},
 		{"check hook", "iptables -w -C INPUT -p tcp --dport 143 -j " + chain, CheckHook, "iptables -w -C INPUT -p tcp --dport 143 -j " + chain},

@@ -34,6 +34,18 @@ type Policy struct {
 	// Backend is "rules" (one iptables rule per ban) or "ipset" (bans in
 	// hash:net sets, one rule per target).
 	Backend string `toml:"backend"`
+	// MaxChains bounds the ban chains per family; MaxHooksPerChain the
+	// jumps into one ban chain from the parent chains, per family. Every
+	// packet to a hooked port walks the chain once per hook.
+	MaxChains        int `toml:"max_chains"`
+	MaxHooksPerChain int `toml:"max_hooks_per_chain"`
+	// HookPorts, when set, are the only ports a hook may match. Empty
+	// means: any port outside the proxy's local (ephemeral) port range,
+	// and never every port.
+	HookPorts []Port `toml:"-"`
+	// NAT64Prefixes are NAT64 prefixes besides the well-known ones, whose
+	// addresses are judged as the IPv4 addresses they carry.
+	NAT64Prefixes []netip.Prefix `toml:"-"`
 }
 
 // Limits on the policy itself, each with its reason.
@@ -45,6 +57,27 @@ const (
 	maxBansLimit = 1_000_000
 	// maxNameLen keeps the name short in every audit line.
 	maxNameLen = 64
+	// maxChainsLimit and maxHooksLimit keep a typo from allowing what
+	// the limits are there to stop: a packet walking thousands of rules.
+	maxChainsLimit = 1024
+	maxHooksLimit  = 64
+	// minPrefixLen keeps chain_prefix specific to this setup: a short
+	// prefix ("f", "DOCK") reaches other programs' chains.
+	minPrefixLen = 8
+)
+
+// Defaults of the bounds, and why they are what they are:
+//   - defaultMaxChains: fail2ban makes one chain per jail and family; a
+//     busy mail host runs ten to twenty jails (postfix, postfix-sasl,
+//     dovecot, sieve, roundcube, recidive ...). 32 leaves room for that
+//     and caps what a compromised host can make.
+//   - defaultMaxHooks: fail2ban 1.1 hooks a jail's chain into each of its
+//     chain= parents for each of its protocol= values, with one rule per
+//     pair, so chain="INPUT,FORWARD" and protocol="tcp,udp" make 4; 8
+//     leaves room for a third parent or protocol.
+const (
+	defaultMaxChains = 32
+	defaultMaxHooks  = 8
 )
 
 // Default returns the built-in policy, the one used without --policy.
@@ -55,20 +88,22 @@ func Default() *Policy {
 	}
 	slices.Sort(with)
 	return &Policy{
-		Name:            "default",
-		ChainPrefix:     "mail-remote-f2b-",
-		ParentChains:    []string{"INPUT"},
-		Protocols:       []string{"tcp", "udp"},
-		Targets:         []string{"REJECT", "DROP"},
-		RejectWith:      with,
-		MinPrefixV4:     24,
-		MinPrefixV6:     64,
-		MaxBansPerChain: 50000,
-		AuditLog:        "/var/log/f2b-shim/audit.jsonl",
-		StateDir:        "/var/lib/f2b-shim",
-		LockTimeout:     10 * time.Second,
-		IptablesBackend: "auto",
-		Backend:         "rules",
+		Name:             "default",
+		ChainPrefix:      "mail-remote-f2b-",
+		ParentChains:     []string{"INPUT"},
+		Protocols:        []string{"tcp", "udp"},
+		Targets:          []string{"REJECT", "DROP"},
+		RejectWith:       with,
+		MinPrefixV4:      24,
+		MinPrefixV6:      64,
+		MaxBansPerChain:  50000,
+		AuditLog:         "/var/log/f2b-shim/audit.jsonl",
+		StateDir:         "/var/lib/f2b-shim",
+		LockTimeout:      10 * time.Second,
+		IptablesBackend:  "auto",
+		Backend:          "rules",
+		MaxChains:        defaultMaxChains,
+		MaxHooksPerChain: defaultMaxHooks,
 	}
 }
 
@@ -76,8 +111,10 @@ func Default() *Policy {
 // text and are turned into typed values by Parse.
 type file struct {
 	*Policy
-	NeverBan    []string `toml:"never_ban"`
-	LockTimeout string   `toml:"lock_timeout"`
+	NeverBan      []string `toml:"never_ban"`
+	LockTimeout   string   `toml:"lock_timeout"`
+	HookPorts     []string `toml:"hook_ports"`
+	NAT64Prefixes []string `toml:"nat64_prefixes"`
 }
 
 // Parse reads a TOML policy on top of the defaults. Unknown keys are an
@@ -106,6 +143,20 @@ func Parse(data []byte) (*Policy, error) {
 		}
 		pol.NeverBan = append(pol.NeverBan, p)
 	}
+	for _, s := range f.HookPorts {
+		port, err := parsePort(s)
+		if err != nil {
+			return nil, fmt.Errorf("hook_ports: %v", err)
+		}
+		pol.HookPorts = append(pol.HookPorts, port)
+	}
+	for _, s := range f.NAT64Prefixes {
+		p, err := netip.ParsePrefix(s)
+		if err != nil || !p.Addr().Is6() || p.Addr().Is4In6() || !slices.Contains(nat64Lengths, p.Bits()) {
+			return nil, fmt.Errorf("nat64_prefixes entry %q must be an IPv6 prefix of length 32, 40, 48, 56, 64 or 96 (RFC 6052)", s)
+		}
+		pol.NAT64Prefixes = append(pol.NAT64Prefixes, p.Masked())
+	}
 	return pol, pol.Validate()
 }
 
@@ -125,8 +176,8 @@ func (p *Policy) Validate() error {
 	if p.Name == "" || len(p.Name) > maxNameLen || strings.ContainsFunc(p.Name, func(r rune) bool { return !isChainRune(r) }) {
 		return fmt.Errorf("name %q must be 1 to %d letters, digits, \".\", \"_\" or \"-\"", p.Name, maxNameLen)
 	}
-	if _, err := parseChain(p.ChainPrefix); err != nil || len(p.ChainPrefix) >= maxChainLen {
-		return fmt.Errorf("chain_prefix %q must be a chain name shorter than %d characters", p.ChainPrefix, maxChainLen)
+	if err := checkPrefix(p.ChainPrefix); err != nil {
+		return err
 	}
 	if len(p.ParentChains) == 0 {
 		return fmt.Errorf("parent_chains must name at least one chain, such as \"INPUT\"")
@@ -179,5 +230,43 @@ func (p *Policy) Validate() error {
 	if p.Backend != "rules" && p.Backend != "ipset" {
 		return fmt.Errorf("backend %q must be \"rules\" or \"ipset\"", p.Backend)
 	}
+	if p.MaxChains < 1 || p.MaxChains > maxChainsLimit {
+		return fmt.Errorf("max_chains %d must be from 1 to %d", p.MaxChains, maxChainsLimit)
+	}
+	if p.MaxHooksPerChain < 1 || p.MaxHooksPerChain > maxHooksLimit {
+		return fmt.Errorf("max_hooks_per_chain %d must be from 1 to %d", p.MaxHooksPerChain, maxHooksLimit)
+	}
 	return nil
 }
+
+// builtinChains are the built-in chains of every iptables table.
+var builtinChains = []string{"INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING"}
+
+// otherTools are chain name prefixes of programs that share the proxy's
+// firewall: fail2ban's own actions ("f2b-<jail>"), Docker, ufw,
+// Kubernetes, libvirt, firewalld, CrowdSec and sshguard.
+var otherTools = []string{"f2b-", "DOCKER", "ufw-", "ufw6-", "KUBE-", "LIBVIRT_", "IN_", "FWD_", "OUT_", "crowdsec", "CROWDSEC", "sshguard"}
+
+// checkPrefix refuses a chain_prefix that reaches chains the mail host
+// must never touch: "FORW" would allow "iptables -F FORWARD", and "f2b-"
+// the proxy's own fail2ban chains.
+func checkPrefix(prefix string) error {
+	if _, err := parseChain(prefix); err != nil || len(prefix) >= maxChainLen || len(prefix) < minPrefixLen {
+		return fmt.Errorf("chain_prefix %q must be a chain name of %d to %d characters", prefix, minPrefixLen, maxChainLen-1)
+	}
+	for _, b := range builtinChains {
+		if strings.HasPrefix(b, prefix) {
+			return fmt.Errorf("chain_prefix %q would reach the built-in chain %s; choose a prefix such as \"mail-remote-f2b-\"", prefix, b)
+		}
+	}
+	for _, o := range otherTools {
+		if strings.HasPrefix(prefix, o) || strings.HasPrefix(o, prefix) {
+			return fmt.Errorf("chain_prefix %q would reach the chains of another program (%s*); choose a prefix such as \"mail-remote-f2b-\"", prefix, o)
+		}
+	}
+	return nil
+}
+
+// Nests reports whether two chain prefixes can name the same chain: one
+// policy could then flush or unhook the other's chains.
+func Nests(a, b string) bool { return strings.HasPrefix(a, b) || strings.HasPrefix(b, a) }

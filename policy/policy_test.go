@@ -28,7 +28,7 @@ func TestParsePolicy(t *testing.T) {
 	t.Run("every key is read", func(t *testing.T) {
 		pol, err := Parse([]byte(`
 name = "mx1"
-chain_prefix = "f2b-remote-"
+chain_prefix = "mail-f2b-remote-"
 parent_chains = ["INPUT", "DOCKER-USER"]
 protocols = ["tcp"]
 targets = ["DROP"]
@@ -44,7 +44,7 @@ iptables_backend = "legacy"
 `))
 		require.NoError(t, err)
 		assert.Equal(t, "mx1", pol.Name)
-		assert.Equal(t, "f2b-remote-", pol.ChainPrefix)
+		assert.Equal(t, "mail-f2b-remote-", pol.ChainPrefix)
 		assert.Equal(t, []string{"INPUT", "DOCKER-USER"}, pol.ParentChains)
 		assert.Equal(t, []string{"tcp"}, pol.Protocols)
 		assert.Equal(t, []string{"DROP"}, pol.Targets)

@@ -1,7 +1,6 @@
 package policy
 
 import (
-	"fmt"
 	"net/netip"
 	"strconv"
 	"strings"
@@ -44,14 +43,14 @@ type Chain string
 // A name that starts with "-" would read as an option to iptables.
 func parseChain(word string) (Chain, error) {
 	if word == "" || len(word) > maxChainLen {
-		return "", fmt.Errorf("chain %q must be 1 to %d characters long", word, maxChainLen)
+		return "", wordErr("chain %q must be 1 to %d characters long", word, maxChainLen)
 	}
 	if word[0] == '-' {
-		return "", fmt.Errorf("chain %q must not start with \"-\"", word)
+		return "", wordErr("chain %q must not start with \"-\"", word)
 	}
 	for _, r := range word {
 		if !isChainRune(r) {
-			return "", fmt.Errorf("chain %q may only hold letters, digits, \".\", \"_\" and \"-\"", word)
+			return "", wordErr("chain %q may only hold letters, digits, \".\", \"_\" and \"-\"", word)
 		}
 	}
 	return Chain(word), nil
@@ -122,7 +121,7 @@ func parsePort(word string) (Port, error) {
 		a, errA := parsePortNumber(lo)
 		b, errB := parsePortNumber(hi)
 		if errA != nil || errB != nil || a > b {
-			return Port{}, fmt.Errorf("port range %q must be two port numbers, low:high", word)
+			return Port{}, wordErr("port range %q must be two port numbers, low:high", word)
 		}
 		return Port{Lo: a, Hi: b}, nil
 	}
@@ -134,7 +133,7 @@ func parsePort(word string) (Port, error) {
 		return Port{Lo: n, Hi: n}, nil
 	}
 	if !isServiceName(word) {
-		return Port{}, fmt.Errorf("port %q is neither a number from 1 to 65535 nor a service name", word)
+		return Port{}, wordErr("port %q is neither a number from 1 to 65535 nor a service name", word)
 	}
 	return Port{Name: word}, nil
 }
@@ -142,7 +141,7 @@ func parsePort(word string) (Port, error) {
 func parsePortNumber(s string) (uint16, error) {
 	n, err := strconv.ParseUint(s, 10, 16)
 	if err != nil || n == 0 || s[0] == '0' {
-		return 0, fmt.Errorf("port %q must be a number from 1 to 65535 without leading zeros", s)
+		return 0, wordErr("port %q must be a number from 1 to 65535 without leading zeros", s)
 	}
 	return uint16(n), nil
 }
@@ -177,7 +176,7 @@ func parsePortList(word string) ([]Port, error) {
 		ports = append(ports, p)
 	}
 	if slots > maxMultiport {
-		return nil, fmt.Errorf("port list %q has more than %d ports (a range counts twice)", word, maxMultiport)
+		return nil, wordErr("port list %q has more than %d ports (a range counts twice)", word, maxMultiport)
 	}
 	return ports, nil
 }
@@ -258,32 +257,32 @@ const maxAddrLen = 64
 // IPv4-mapped IPv6 address is judged as the IPv4 address it carries.
 func parseSource(word string, fam Family) (netip.Prefix, error) {
 	if len(word) > maxAddrLen {
-		return netip.Prefix{}, fmt.Errorf("address %q is too long", word[:maxAddrLen]+"…")
+		return netip.Prefix{}, wordErr("address %q is too long", word[:maxAddrLen]+"…")
 	}
 	var p netip.Prefix
 	if strings.Contains(word, "/") {
 		var err error
 		if p, err = netip.ParsePrefix(word); err != nil {
-			return netip.Prefix{}, fmt.Errorf("address %q is not an IP address or CIDR", word)
+			return netip.Prefix{}, wordErr("address %q is not an IP address or CIDR", word)
 		}
 	} else {
 		a, err := netip.ParseAddr(word)
 		if err != nil {
-			return netip.Prefix{}, fmt.Errorf("address %q is not an IP address or CIDR", word)
+			return netip.Prefix{}, wordErr("address %q is not an IP address or CIDR", word)
 		}
 		if a.Zone() != "" {
-			return netip.Prefix{}, fmt.Errorf("address %q has a zone; zones are not allowed", word)
+			return netip.Prefix{}, wordErr("address %q has a zone; zones are not allowed", word)
 		}
 		p = netip.PrefixFrom(a, a.BitLen())
 	}
 	if p.Addr().Is4In6() {
 		if p.Bits() < 96 {
-			return netip.Prefix{}, fmt.Errorf("address %q mixes IPv4-mapped and wider IPv6 space", word)
+			return netip.Prefix{}, wordErr("address %q mixes IPv4-mapped and wider IPv6 space", word)
 		}
 		p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
 	}
 	if got := familyOf(p.Addr()); got != fam {
-		return netip.Prefix{}, fmt.Errorf("address %q is %s but the command is %s; use %s", word, got, fam.Binary(), got.Binary())
+		return netip.Prefix{}, wordErr("address %q is %s but the command is %s; use %s", word, got, fam.Binary(), got.Binary())
 	}
 	return p.Masked(), nil
 }

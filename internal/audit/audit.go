@@ -6,15 +6,19 @@
 package audit
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"syscall"
 	"time"
+	"unicode/utf8"
 
-	"github.com/f2b-shim/f2b-shim/internal/owner"
+	"github.com/f2b-shim/f2b-shim/internal/safefile"
 )
 
 // Record is one audit line. The field names are part of the log format
@@ -27,21 +31,27 @@ type Record struct {
 	ClientIP   string `json:"client_ip,omitempty"`
 	ClientPort int    `json:"client_port,omitempty"`
 	Command    Text   `json:"command"`
-	// CommandB64 holds the raw command, base64, when it is not valid UTF-8
-	// or was cut short in Command, so that no byte of an attack is lost.
+	// CommandB64 holds the raw bytes of Command, base64, when they are
+	// not valid UTF-8, so that no byte of an attack is lost.
 	CommandB64 []byte `json:"command_b64,omitempty"`
 	CommandLen int    `json:"command_len"`
-	Decision   string `json:"decision"`
-	Reason     Text   `json:"reason,omitempty"`
-	Op         *Op    `json:"op,omitempty"`
-	Result     string `json:"result"`
-	Exit       int    `json:"exit"`
+	// CommandSHA256 is set when Command holds only a prefix of a command
+	// too long for one line: the hash of all of it, to match repeats.
+	CommandSHA256 string `json:"command_sha256,omitempty"`
+	Decision      string `json:"decision"`
+	Reason        Text   `json:"reason,omitempty"`
+	Op            *Op    `json:"op,omitempty"`
+	Result        string `json:"result"`
+	Exit          int    `json:"exit"`
 	// IptablesStatus and IptablesStderr come from the failing iptables call.
 	IptablesStatus int  `json:"iptables_status,omitempty"`
 	IptablesStderr Text `json:"iptables_stderr,omitempty"`
-	// State is a note about the state journal, when it needed attention.
+	// State is a note about the state, when it needed attention.
 	State      Text    `json:"state,omitempty"`
 	DurationMS float64 `json:"duration_ms"`
+	// Count, on a "coalesced" line, is how many denials of the client in
+	// that second were not written out one by one (see Log.Write).
+	Count int `json:"count,omitempty"`
 }
 
 // Op is the typed operation, as the policy understood it.
@@ -65,44 +75,75 @@ const (
 	Deny  = "deny"
 )
 
-// maxLoggedCommand caps the command text in one line. Longer input is
-// refused anyway (policy.MaxCommandLen); the cap keeps one hostile call
-// from writing megabytes, and command_len still tells how long it was.
-const maxLoggedCommand = 8192
+// MaxLine bounds one audit line, newline included, whatever the input:
+// a hostile mail host must not turn one connection into kilobytes of
+// log. A fail2ban request's line is about 600 bytes.
+const MaxLine = 4096
 
-// maxStderr caps iptables' stderr in a line; its messages are one line.
-const maxStderr = 1024
+// Caps of the other untrusted texts in a line, escaped. Reasons quote at
+// most a short prefix of a word (see policy), and iptables' messages are
+// one line.
+const (
+	maxReason = 512
+	maxStderr = 512
+	maxState  = 512
+)
 
-// SetCommand records the client's command, escaping it, and keeps the raw
-// bytes in CommandB64 whenever Command alone could not reproduce them.
+// SetCommand records the client's command, with its raw bytes in
+// CommandB64 when they are not valid UTF-8. Line keeps as much of it as
+// fits in MaxLine, and its length and hash when it does not all fit.
 func (r *Record) SetCommand(cmd string) {
 	r.CommandLen = len(cmd)
-	shown := cmd
-	if len(shown) > maxLoggedCommand {
-		shown = shown[:maxLoggedCommand]
-	}
-	r.Command = Text(shown)
-	if !validText(shown) || len(shown) < len(cmd) {
+	r.setShown(cmd, len(cmd))
+}
+
+// setShown shows the first n bytes of cmd.
+func (r *Record) setShown(cmd string, n int) {
+	shown := cmd[:n]
+	r.Command, r.CommandB64, r.CommandSHA256 = Text(shown), nil, ""
+	if !validText(shown) {
 		r.CommandB64 = []byte(shown)
+	}
+	if n < len(cmd) {
+		sum := sha256.Sum256([]byte(cmd))
+		r.CommandSHA256 = hex.EncodeToString(sum[:])
 	}
 }
 
-// SetStderr records a failing program's stderr, capped.
-func (r *Record) SetStderr(s string) {
-	if len(s) > maxStderr {
-		s = s[:maxStderr]
+// SetStderr records a failing program's stderr.
+func (r *Record) SetStderr(s string) { r.IptablesStderr = Text(s) }
+
+// capText cuts t so that its JSON form (escaped) takes at most n bytes.
+func capText(t Text, n int) Text {
+	size := 0
+	s := string(t)
+	for i := 0; i < len(s); {
+		r, w := utf8.DecodeRuneInString(s[i:])
+		switch {
+		case r == utf8.RuneError && w == 1, needsEscape(r):
+			size += 6
+		case r == '"' || r == '\\':
+			size += 2
+		default:
+			size += w
+		}
+		if size > n {
+			return Text(s[:i]) + "…"
+		}
+		i += w
 	}
-	r.IptablesStderr = Text(s)
+	return t
 }
 
 // reserve is how much room the log must have before anything is done: a
-// record is at most a few KiB (the logged command is capped and escaped at
-// most sixfold, plus its base64), so 64 KiB always holds the next line.
+// record is at most MaxLine, so 64 KiB always holds the next line and
+// any coalesced counts written before it.
 const reserve = 64 << 10
 
 // Log is an open audit log.
 type Log struct {
-	f *os.File
+	f    *os.File
+	path string
 }
 
 // Open opens path for appending, creating it and its directory, and
@@ -112,19 +153,17 @@ func Open(path string) (*Log, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
 		return nil, err
 	}
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640)
+	// Never through a link: in the least-privilege install the shim's
+	// user owns the directory, and root's restore writes here too.
+	f, err := safefile.Open(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640)
 	if err != nil {
-		return nil, err
-	}
-	if err := owner.Inherit(path); err != nil {
-		f.Close()
 		return nil, err
 	}
 	if err := reserveRoom(f); err != nil {
 		f.Close()
 		return nil, err
 	}
-	return &Log{f: f}, nil
+	return &Log{f: f, path: path}, nil
 }
 
 // reserveRoom allocates blocks past the end of the file without changing
@@ -149,30 +188,157 @@ func reserveRoom(f *os.File) error {
 // Write appends r as one line. The line goes out in a single write(2) to a
 // file opened O_APPEND, under an exclusive flock, so concurrent shims
 // never interleave or tear lines.
+//
+// Denials are coalesced per client and second: the first denial of a
+// client in a second is written in full; the others in that second only
+// count, and their number goes out as one "coalesced" line (with count)
+// before the next line of the log. A hostile mail host that floods the
+// proxy with refused commands so writes about one line a second, not one
+// per connection, and no denial goes unrecorded.
 func (l *Log) Write(r Record) error {
-	line, err := r.Line()
-	if err != nil {
-		return err
-	}
 	fd := int(l.f.Fd())
 	if err := syscall.Flock(fd, syscall.LOCK_EX); err != nil {
 		return err
 	}
 	defer syscall.Flock(fd, syscall.LOCK_UN)
-	n, err := l.f.Write(line)
-	if err == nil && n != len(line) {
-		err = fmt.Errorf("short write (%d of %d bytes)", n, len(line))
+	pending, err := l.readPending()
+	if err != nil {
+		return err
+	}
+	sec := r.Time.Unix()
+	coalesce := r.Decision == Deny && r.Result == "denied" && r.ClientIP != ""
+	if p, ok := pending[r.ClientIP]; coalesce && ok && p.Second == sec {
+		p.Count++
+		pending[r.ClientIP] = p
+		return l.writePending(pending)
+	}
+	var out []byte
+	for client, p := range pending {
+		if p.Count > 0 {
+			line, err := p.record(client).Line()
+			if err != nil {
+				return err
+			}
+			out = append(out, line...)
+		}
+		delete(pending, client)
+	}
+	line, err := r.Line()
+	if err != nil {
+		return err
+	}
+	out = append(out, line...)
+	n, err := l.f.Write(out)
+	if err == nil && n != len(out) {
+		err = fmt.Errorf("short write (%d of %d bytes)", n, len(out))
 	}
 	if err != nil {
 		return err
 	}
-	return l.f.Sync()
+	if err := l.f.Sync(); err != nil {
+		return err
+	}
+	if coalesce {
+		pending[r.ClientIP] = pendingDenials{Second: sec, Policy: r.Policy}
+	}
+	return l.writePending(pending)
 }
 
-// Line is the record as one line of JSON, newline included.
+// pendingDenials counts a client's denials in one second that were not
+// written one by one.
+type pendingDenials struct {
+	Second int64  `json:"second"`
+	Count  int    `json:"count"`
+	Policy string `json:"policy"`
+}
+
+func (p pendingDenials) record(client string) Record {
+	return Record{
+		Time: time.Unix(p.Second, 0).UTC(), Policy: p.Policy, ClientIP: client,
+		Decision: Deny, Result: "coalesced", Exit: 3, Count: p.Count,
+		Reason: Text(fmt.Sprintf("%d more denials of this client in this second; the first is logged in full", p.Count)),
+	}
+}
+
+// maxPending bounds the clients the side file tracks; only hosts whose
+// key the proxy accepts can be denied, so a handful is normal.
+const maxPending = 256
+
+// pendingPath is the side file with the counts not yet written. It is
+// not fsync'd: a power cut may lose a count, never the first denial of
+// a second, which is in the log.
+func (l *Log) pendingPath() string { return l.path + ".coalesce" }
+
+func (l *Log) readPending() (map[string]pendingDenials, error) {
+	m := map[string]pendingDenials{}
+	f, err := safefile.Open(l.pendingPath(), os.O_RDONLY, 0)
+	if errors.Is(err, os.ErrNotExist) {
+		return m, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, 1<<20))
+	if err != nil {
+		return nil, err
+	}
+	if json.Unmarshal(data, &m) != nil || len(m) > maxPending {
+		// A damaged side file loses at most its counts; start afresh.
+		return map[string]pendingDenials{}, nil
+	}
+	return m, nil
+}
+
+func (l *Log) writePending(m map[string]pendingDenials) error {
+	data, err := json.Marshal(m)
+	if err != nil {
+		return err
+	}
+	f, err := safefile.Open(l.pendingPath(), os.O_WRONLY|os.O_CREATE, 0o640)
+	if err != nil {
+		return err
+	}
+	_, err = f.WriteAt(data, 0)
+	return errors.Join(err, f.Truncate(int64(len(data))), f.Close())
+}
+
+// Line is the record as one line of JSON, newline included, at most
+// MaxLine bytes: the untrusted texts are capped, and the command is cut
+// to the longest prefix that fits (its length and hash stay).
 func (r Record) Line() ([]byte, error) {
+	r.Reason, r.IptablesStderr, r.State = capText(r.Reason, maxReason), capText(r.IptablesStderr, maxStderr), capText(r.State, maxState)
 	line, err := json.Marshal(r)
+	if err != nil || len(line) < MaxLine || r.Command == "" {
+		return append(line, '\n'), err
+	}
+	// Escaping makes a byte up to six, base64 four thirds: search the
+	// longest prefix that fits, at a UTF-8 boundary.
+	cmd := string(r.Command)
+	lo, hi := 0, len(cmd)
+	for lo < hi {
+		mid := (lo + hi + 1) / 2
+		r.setShown(cmd, runeStart(cmd, mid))
+		if l, err := json.Marshal(r); err == nil && len(l) < MaxLine {
+			lo = mid
+		} else {
+			hi = mid - 1
+		}
+	}
+	r.setShown(cmd, runeStart(cmd, lo))
+	line, err = json.Marshal(r)
+	if err == nil && len(line) >= MaxLine {
+		err = fmt.Errorf("audit record does not fit in %d bytes", MaxLine)
+	}
 	return append(line, '\n'), err
+}
+
+// runeStart moves n back to the start of a UTF-8 sequence in s.
+func runeStart(s string, n int) int {
+	for n > 0 && n < len(s) && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return n
 }
 
 // Close closes the log.

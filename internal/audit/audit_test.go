@@ -2,6 +2,9 @@ package audit
 
 import (
 	"bufio"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
 	"encoding/json"
 	"os"
 	"path/filepath"
@@ -62,13 +65,102 @@ func TestRecordKeepsRawBytesWhenTextCannot(t *testing.T) {
 		assert.Nil(t, r.CommandB64)
 		assert.Equal(t, 13, r.CommandLen)
 	})
-	t.Run("very long input is capped but its length recorded", func(t *testing.T) {
-		var r Record
-		r.SetCommand(strings.Repeat("A", 1<<20))
-		assert.Equal(t, 1<<20, r.CommandLen)
-		assert.Len(t, string(r.Command), maxLoggedCommand)
-		assert.Len(t, r.CommandB64, maxLoggedCommand)
-	})
+}
+
+// TestEveryLineFitsInMaxLine is finding 9 of the hardening issue: a
+// 4,084-byte command once made a 24,693-byte line. Whatever the input,
+// a line is at most MaxLine bytes, and keeps the command's length, hash
+// and as much of its start as fits.
+func TestEveryLineFitsInMaxLine(t *testing.T) {
+	worst := []string{
+		strings.Repeat("\x01", 4096),                      // each byte escapes to six
+		strings.Repeat("\xff", 4096),                      // invalid: U+FFFD escapes plus base64
+		strings.Repeat("\u2028", 2000),                    // three bytes, escaped to six
+		strings.Repeat("A", 1<<20),                        // a megabyte
+		strings.Repeat("é\x01\xff\"", 3000),              // mixed
+		"iptables -I mail-remote-f2b-x 1 -s 203.0.113.1 -j DROP", // an ordinary line
+	}
+	longest := 0
+	for _, cmd := range worst {
+		r := Record{Time: time.Now(), Policy: "p", ClientIP: "2001:db8::1", Decision: Deny, Result: "denied", Exit: 3}
+		r.SetCommand(cmd)
+		r.Reason = Text(strings.Repeat("\x02", 5000))
+		r.SetStderr(strings.Repeat("\x03", 5000))
+		r.State = Text(strings.Repeat("\x04", 5000))
+		line, err := r.Line()
+		require.NoError(t, err)
+		assert.LessOrEqual(t, len(line), MaxLine, "%.20q", cmd)
+		longest = max(longest, len(line))
+		var back Record
+		require.NoError(t, json.Unmarshal(line, &back))
+		assert.Equal(t, len(cmd), back.CommandLen)
+		if len(cmd) > 1000 || back.CommandSHA256 != "" {
+			sum := sha256.Sum256([]byte(cmd))
+			assert.Equal(t, hex.EncodeToString(sum[:]), back.CommandSHA256, "a cut command keeps its hash")
+			shown := string(back.Command)
+			if back.CommandB64 != nil {
+				shown = string(back.CommandB64)
+			}
+			assert.True(t, strings.HasPrefix(cmd, shown), "what is kept is the command's start")
+			assert.NotEmpty(t, shown)
+		} else {
+			assert.Equal(t, cmd, string(back.Command))
+		}
+	}
+	t.Logf("the longest line any of these inputs made: %d bytes (MaxLine %d)", longest, MaxLine)
+}
+
+// TestDenialsAreCoalescedPerClientAndSecond floods the log with denials
+// from one client: one full line for the first of each second, and one
+// count line for the rest, before the next line.
+func TestDenialsAreCoalescedPerClientAndSecond(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.jsonl")
+	l, err := Open(path)
+	require.NoError(t, err)
+	defer l.Close()
+	t0 := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
+	deny := func(at time.Time, client string) {
+		r := Record{Time: at, Policy: "p", ClientIP: client, Decision: Deny, Result: "denied", Exit: 3}
+		r.SetCommand("iptables -F INPUT")
+		require.NoError(t, l.Write(r))
+	}
+	for i := range 1000 {
+		deny(t0.Add(time.Duration(i)*time.Millisecond), "192.0.2.10") // 1,000 in one second
+	}
+	deny(t0.Add(500*time.Millisecond), "192.0.2.11") // another client
+	for i := range 10 {
+		deny(t0.Add(time.Second+time.Duration(i)*time.Millisecond), "192.0.2.10")
+	}
+	require.NoError(t, l.Write(Record{Time: t0.Add(3 * time.Second), Policy: "p", Decision: Allow, Result: "applied"}))
+	entries, bad, err := Read(path)
+	require.NoError(t, err)
+	require.Empty(t, bad)
+	var got []string
+	total := 0
+	for _, e := range entries {
+		got = append(got, fmt.Sprintf("%s %s %s %d", e.Record.Time.Format("05"), e.Record.ClientIP, e.Record.Result, e.Record.Count))
+		if e.Record.Decision == Deny {
+			total += max(1, e.Record.Count)
+		}
+	}
+	assert.ElementsMatch(t, []string{
+		"00 192.0.2.10 denied 0",
+		"00 192.0.2.11 denied 0",
+		"00 192.0.2.10 coalesced 999",
+		"01 192.0.2.10 denied 0",
+		"01 192.0.2.10 coalesced 9",
+		" applied 0",
+	}, fixAllow(got))
+	assert.Equal(t, 1011, total, "every denial is counted")
+}
+
+func fixAllow(lines []string) []string {
+	for i, l := range lines {
+		if strings.HasSuffix(l, "applied 0") {
+			lines[i] = " applied 0"
+		}
+	}
+	return lines
 }
 
 func TestLogWritesOneValidLinePerRecord(t *testing.T) {

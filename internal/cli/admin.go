@@ -2,6 +2,7 @@ package cli
 
 import (
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -14,6 +15,7 @@ import (
 	"github.com/f2b-shim/f2b-shim/internal/audit"
 	"github.com/f2b-shim/f2b-shim/internal/firewall"
 	"github.com/f2b-shim/f2b-shim/internal/lock"
+	"github.com/f2b-shim/f2b-shim/internal/privilege"
 	"github.com/f2b-shim/f2b-shim/internal/state"
 	"github.com/f2b-shim/f2b-shim/policy"
 )
@@ -29,6 +31,7 @@ type admin struct {
 	deps     Deps
 	stderr   io.Writer
 	held     *lock.Lock
+	store    *state.Store
 }
 
 // openAdmin loads the policy and takes the host-wide lock, so that no
@@ -47,25 +50,40 @@ func openAdmin(name string, args []string, stderr io.Writer, deps Deps, flags fu
 		fmt.Fprintf(stderr, "f2b-shim: policy: %v\n", err)
 		return nil, nil, ExitSetup
 	}
-	a := &admin{pol: pol, deps: deps, stderr: stderr, deadline: deps.Now().Add(pol.LockTimeout)}
-	if a.ctx.LocalAddrs, err = deps.LocalAddrs(); err != nil {
-		fmt.Fprintf(stderr, "f2b-shim: cannot list this proxy's addresses: %v\n", err)
-		return nil, nil, ExitSetup
-	}
-	if a.held, err = lock.Acquire(pol.StateDir, lockName, a.deadline); err != nil {
-		fmt.Fprintf(stderr, "f2b-shim: %v\n", err)
-		return nil, nil, ExitFirewall
-	}
-	return a, fs.Args(), ExitOK
+	a, code := newAdmin(pol, stderr, deps)
+	return a, fs.Args(), code
 }
 
-func (a *admin) close() { a.held.Release() }
+// newAdmin takes the policy's lock and opens its state.
+func newAdmin(pol *policy.Policy, stderr io.Writer, deps Deps) (*admin, int) {
+	a := &admin{pol: pol, deps: deps, stderr: stderr, deadline: deps.Now().Add(pol.LockTimeout)}
+	var err error
+	if a.ctx, err = deps.Context(netip.Addr{}); err != nil {
+		fmt.Fprintf(stderr, "f2b-shim: %v\n", err)
+		return nil, ExitSetup
+	}
+	if a.held, err = lock.Acquire(pol.StateDir, lockName(pol), a.deadline); err != nil {
+		fmt.Fprintf(stderr, "f2b-shim: %v\n", err)
+		return nil, ExitFirewall
+	}
+	if a.store, err = state.Open(pol, a.ctx.LookupPort, max(time.Until(a.deadline), 100*time.Millisecond)); err != nil {
+		a.held.Release()
+		fmt.Fprintf(stderr, "f2b-shim: %v\n", err)
+		return nil, ExitSetup
+	}
+	return a, ExitOK
+}
+
+func (a *admin) close() {
+	a.store.Close()
+	a.held.Release()
+}
 
 // journal reads the state, reporting what it had to skip.
 func (a *admin) journal() (*state.State, error) {
-	s, problems, err := state.Load(a.pol.StateDir, a.pol, a.ctx)
+	s, problems, err := a.store.Load(a.ctx)
 	for _, p := range problems {
-		fmt.Fprintf(a.stderr, "f2b-shim: warning: %s %s: skipped\n", state.Path(a.pol.StateDir), p)
+		fmt.Fprintf(a.stderr, "f2b-shim: warning: %s %s: skipped\n", state.Path(a.pol), p)
 	}
 	return s, err
 }
@@ -74,29 +92,62 @@ func (a *admin) backend(fam policy.Family) (firewall.Backend, error) {
 	if err := a.deps.PrepareExec(); err != nil {
 		return firewall.Backend{}, err
 	}
-	return openBackend(a.pol, fam, a.deadline, a.deps)
+	b, err := openBackend(a.pol, fam, a.deadline, a.deps)
+	b.Record, b.LookupPort = a.store, a.ctx.LookupPort
+	return b, err
 }
 
-// runRestore puts the journal's chains, bans and hooks back, one
-// iptables-restore per family.
+// runRestore puts the state's chains, bans and hooks back, one
+// iptables-restore per family: for one policy, or with --all for every
+// policy file in a directory (at boot).
 func runRestore(args []string, stdout, stderr io.Writer, deps Deps) int {
-	a, rest, code := openAdmin("restore", args, stderr, deps, nil)
+	fs := newFlagSet("restore")
+	policyPath := fs.String("policy", "", "policy file (TOML)")
+	all := fs.Bool("all", false, "restore every policy in --dir")
+	dir := fs.String("dir", DefaultPolicyDir, "with --all: the directory of policy files")
+	if err := fs.Parse(args); err != nil {
+		return usageError(stderr, err.Error())
+	}
+	if fs.NArg() > 0 {
+		return usageError(stderr, "restore takes no arguments")
+	}
+	if !*all {
+		pol, err := loadPolicy(*policyPath, deps)
+		if err != nil {
+			fmt.Fprintf(stderr, "f2b-shim: policy: %v\n", err)
+			return ExitSetup
+		}
+		return restoreOne(pol, stdout, stderr, deps)
+	}
+	if *policyPath != "" {
+		return usageError(stderr, "choose --policy or --all, not both")
+	}
+	// Every policy is restored even when one fails: a boot that loses one
+	// tenant's bans must not lose the others'.
+	pols, err := LoadPolicyDir(*dir, deps)
+	code := ExitOK
+	if err != nil {
+		fmt.Fprintf(stderr, "f2b-shim: restore --all: %s\n", oneLine.Replace(err.Error()))
+		code = ExitSetup
+	}
+	for _, p := range pols {
+		if c := restoreOne(p, stdout, stderr, deps); c != ExitOK && code == ExitOK {
+			code = c
+		}
+	}
+	return code
+}
+
+// restoreOne restores one policy's state.
+func restoreOne(pol *policy.Policy, stdout, stderr io.Writer, deps Deps) int {
+	a, code := newAdmin(pol, stderr, deps)
 	if a == nil {
 		return code
 	}
 	defer a.close()
-	if len(rest) > 0 {
-		return usageError(stderr, "restore takes no arguments")
-	}
 	start := deps.Now()
 	s, err := a.journal()
 	if err != nil {
-		fmt.Fprintf(stderr, "f2b-shim: restore: %v\n", err)
-		return ExitSetup
-	}
-	// The firewall is about to be rebuilt from the journal; the rule
-	// backend's index learns it again at the next ban.
-	if err := (state.Index{Dir: a.pol.StateDir}).DropAll(); err != nil {
 		fmt.Fprintf(stderr, "f2b-shim: restore: %v\n", err)
 		return ExitSetup
 	}
@@ -111,30 +162,20 @@ func runRestore(args []string, stdout, stderr io.Writer, deps Deps) int {
 		}
 		b, err := a.backend(fam)
 		if err == nil {
-			missing := func(h state.Hook) bool {
-				ok, err := b.Table.Exists(string(h.Op.Chain), h.Op.RuleSpec()...)
-				return err != nil || !ok
-			}
-			wait := max(time.Until(a.deadline), time.Second)
-			if b.Sets == nil {
-				err = deps.Restore(fam, a.pol.IptablesBackend, wait, s.RestoreScript(fam, missing))
-			} else {
-				// The sets first: the chains' rules refer to them.
-				sets, rules := s.SetScripts(fam, a.pol, missing)
-				if err = deps.RestoreSets(sets); err == nil {
-					err = deps.Restore(fam, a.pol.IptablesBackend, wait, rules)
-				}
-			}
+			err = restoreFamily(a, s, fam, b)
 		}
 		if err != nil {
-			fmt.Fprintf(stderr, "f2b-shim: restore %s: %s\n", fam, oneLine.Replace(strings.TrimSpace(err.Error())))
+			fmt.Fprintf(stderr, "f2b-shim: restore %s (policy %q): %s\n", fam, pol.Name, oneLine.Replace(strings.TrimSpace(err.Error())))
 			rec.Reason = audit.Text(err.Error())
 			code = ExitFirewall
+			if errors.Is(err, privilege.ErrMissing) {
+				code = ExitSetup
+			}
 			continue
 		}
 		bans := 0
 		for _, c := range t.Chains {
-			bans += len(c.Bans)
+			bans += c.Len()
 		}
 		summary = append(summary, fmt.Sprintf("%s: %d chains, %d bans, %d hooks", fam, len(t.Chains), bans, len(t.Hooks)))
 	}
@@ -153,11 +194,47 @@ func runRestore(args []string, stdout, stderr io.Writer, deps Deps) int {
 	if err != nil {
 		fmt.Fprintf(stderr, "f2b-shim: warning: the restore was not audited: %v\n", err)
 	}
-	if len(summary) == 0 {
-		summary = []string{"the journal is empty; nothing to restore"}
+	switch {
+	case code != ExitOK:
+		fmt.Fprintf(stdout, "policy %q: restore failed; see above\n", pol.Name)
+	case len(summary) == 0:
+		fmt.Fprintf(stdout, "policy %q: restored nothing: its state (%s) holds no chains\n", pol.Name, state.Path(pol))
+	default:
+		fmt.Fprintf(stdout, "policy %q: restored %s\n", pol.Name, strings.Join(summary, "; "))
 	}
-	fmt.Fprintf(stdout, "restored %s\n", strings.Join(summary, "; "))
 	return code
+}
+
+// restoreFamily feeds one family's scripts, and marks the record in sync
+// with the firewall it has just rebuilt.
+func restoreFamily(a *admin, s *state.State, fam policy.Family, b firewall.Backend) error {
+	// Hooks are compared by effect with what the parents hold, so a
+	// restore adds only the missing ones and never doubles one.
+	live := state.New(a.ctx.LookupPort)
+	if _, err := state.HooksFromLive(live, fam, b, a.ctx, ""); err != nil {
+		return err
+	}
+	have := map[string]bool{}
+	for _, h := range live.Tables[fam].Hooks {
+		have[live.HookKey(h.Op)] = true
+	}
+	missing := func(h state.Hook) bool { return !have[s.HookKey(h.Op)] }
+	wait := max(time.Until(a.deadline), time.Second)
+	if b.Sets == nil {
+		if err := a.deps.Restore(fam, a.pol.IptablesBackend, wait, s.RestoreScript(fam, missing)); err != nil {
+			return err
+		}
+	} else {
+		// The sets first: the chains' rules refer to them.
+		sets, rules := s.SetScripts(fam, a.pol, missing)
+		if err := a.deps.RestoreSets(sets); err != nil {
+			return err
+		}
+		if err := a.deps.Restore(fam, a.pol.IptablesBackend, wait, rules); err != nil {
+			return err
+		}
+	}
+	return a.store.MarkSynced(fam)
 }
 
 // listEntry is one row of "f2b-shim list", and one object of its --json.
@@ -206,8 +283,9 @@ func runList(args []string, stdout, stderr io.Writer, deps Deps) int {
 						Rule: string(h.Op.Chain) + " " + strings.Join(h.Op.RuleSpec(), " "), Since: since(h.Since)})
 				}
 			}
-			for i := len(c.Bans) - 1; i >= 0; i-- {
-				b := c.Bans[i]
+			bans := c.Bans()
+			for i := len(bans) - 1; i >= 0; i-- {
+				b := bans[i]
 				rows = append(rows, listEntry{Family: fam.String(), Chain: string(name), Type: "ban",
 					Rule: b.Op.Source.String(), Target: b.Op.Target.String(), Since: since(b.Since)})
 			}
@@ -287,17 +365,12 @@ func runReconcile(args []string, stdout, stderr io.Writer, deps Deps) int {
 	}
 	w.Flush()
 	if fix {
-		if err := (state.Index{Dir: a.pol.StateDir}).DropAll(); err != nil {
-			fmt.Fprintf(stderr, "f2b-shim: reconcile --fix: %v\n", err)
-			return ExitSetup
-		}
 		fixed := 0
 		for _, d := range drifts {
 			if d.fix == nil {
 				continue
 			}
 			b := backends[d.fam]
-			b.Index = nil // dropped above; the next ban, as the shim's user, learns the chain again
 			if _, err := firewall.Apply(b, *d.fix); err != nil {
 				fmt.Fprintf(stderr, "f2b-shim: reconcile --fix: %s: %s\n", d.fix.CommandLine(), oneLine.Replace(err.Error()))
 				return ExitFirewall
@@ -313,7 +386,7 @@ func runReconcile(args []string, stdout, stderr io.Writer, deps Deps) int {
 // order that fixes them (chains, bans, return rules, hooks).
 func compare(want *state.State, fam policy.Family, b firewall.Backend, ctx policy.Context) ([]drift, error) {
 	t, pol := b.Table, b.Policy
-	live := state.New()
+	live := state.New(ctx.LookupPort)
 	foreign, err := state.FromLive(live, fam, b, ctx)
 	if err != nil {
 		return nil, err
@@ -341,10 +414,10 @@ func compare(want *state.State, fam policy.Family, b firewall.Backend, ctx polic
 			lc = &state.Chain{}
 		}
 		liveBans := map[string]bool{}
-		for _, b := range lc.Bans {
+		for _, b := range lc.Bans() {
 			liveBans[strings.Join(b.Op.RuleSpec(), " ")] = true
 		}
-		for _, b := range wc.Bans {
+		for _, b := range wc.Bans() {
 			if !liveBans[strings.Join(b.Op.RuleSpec(), " ")] {
 				op := b.Op
 				add("missing", fmt.Sprintf("ban %s in %s (%s)", op.Source, name, op.Target), &op)
@@ -356,12 +429,12 @@ func compare(want *state.State, fam policy.Family, b firewall.Backend, ctx polic
 	}
 	liveHooks := map[string]bool{}
 	for _, h := range lt.Hooks {
-		liveHooks[state.HookKey(h.Op)] = true
+		liveHooks[live.HookKey(h.Op)] = true
 	}
 	wantHooks := map[string]bool{}
 	for _, h := range wt.Hooks {
-		wantHooks[state.HookKey(h.Op)] = true
-		if !liveHooks[state.HookKey(h.Op)] {
+		wantHooks[want.HookKey(h.Op)] = true
+		if !liveHooks[want.HookKey(h.Op)] {
 			op := h.Op
 			add("missing", "hook "+string(op.Chain)+" "+strings.Join(op.RuleSpec(), " "), &op)
 		}
@@ -373,17 +446,17 @@ func compare(want *state.State, fam policy.Family, b firewall.Backend, ctx polic
 			continue
 		}
 		wantBans := map[string]bool{}
-		for _, b := range wc.Bans {
+		for _, b := range wc.Bans() {
 			wantBans[strings.Join(b.Op.RuleSpec(), " ")] = true
 		}
-		for _, b := range lt.Chains[name].Bans {
+		for _, b := range lt.Chains[name].Bans() {
 			if !wantBans[strings.Join(b.Op.RuleSpec(), " ")] {
 				add("unexpected", fmt.Sprintf("ban %s in %s (%s)", b.Op.Source, name, b.Op.Target), nil)
 			}
 		}
 	}
 	for _, h := range lt.Hooks {
-		if !wantHooks[state.HookKey(h.Op)] {
+		if !wantHooks[live.HookKey(h.Op)] {
 			add("unexpected", "hook "+string(h.Op.Chain)+" "+strings.Join(h.Op.RuleSpec(), " "), nil)
 		}
 	}

@@ -60,8 +60,10 @@ type Deps struct {
 	LoadPolicy func(path string) (*policy.Policy, error)
 	// OpenTable opens the filter table of a family.
 	OpenTable func(fam policy.Family, backend string, wait time.Duration) (firewall.Table, error)
-	// LocalAddrs lists the proxy's own addresses, which are never banned.
-	LocalAddrs func() ([]netip.Addr, error)
+	// Context gathers what the policy needs to know about the proxy (its
+	// addresses, nameservers, gateways, local port range, service names)
+	// for a request from client.
+	Context func(client netip.Addr) (policy.Context, error)
 	// OpenSets opens ipset, for the set backend.
 	OpenSets func() (firewall.Sets, error)
 	// RestoreSets feeds an "ipset restore" script.
@@ -184,10 +186,11 @@ func runCheck(args []string, env Env, stdout, stderr io.Writer, deps Deps) int {
 		fmt.Fprintf(stderr, "f2b-shim: policy: %v\n", err)
 		return ExitSetup
 	}
-	ctx := policy.Context{}
-	ctx.Client, _ = parseSSHConnection(env.SSHConnection)
-	if addrs, err := deps.LocalAddrs(); err == nil {
-		ctx.LocalAddrs = addrs
+	client, _ := parseSSHConnection(env.SSHConnection)
+	ctx, err := deps.Context(client)
+	if err != nil {
+		fmt.Fprintf(stderr, "f2b-shim: %v\n", err)
+		return ExitSetup
 	}
 	line := fs.Arg(0)
 	fmt.Fprintf(stdout, "command:   %s\n", strconv.Quote(line))

@@ -17,6 +17,7 @@ import (
 	"github.com/f2b-shim/f2b-shim/internal/audit"
 	"github.com/f2b-shim/f2b-shim/internal/firewall"
 	"github.com/f2b-shim/f2b-shim/internal/firewall/fwtest"
+	"github.com/f2b-shim/f2b-shim/internal/hostnet"
 	"github.com/f2b-shim/f2b-shim/policy"
 )
 
@@ -31,6 +32,9 @@ type harness struct {
 	sets      *fwtest.FakeSets
 	deps      Deps
 	syslogged []audit.Record
+	// calls moves each forced call a second on, so that denials are not
+	// coalesced (audit.Log.Write): these tests count one line per call.
+	calls int
 }
 
 func newHarness(t *testing.T) *harness {
@@ -43,14 +47,16 @@ func newHarness(t *testing.T) *harness {
 		OpenTable: func(fam policy.Family, _ string, _ time.Duration) (firewall.Table, error) {
 			return h.tables[fam], nil
 		},
-		LocalAddrs:  func() ([]netip.Addr, error) { return []netip.Addr{netip.MustParseAddr("192.0.2.7")}, nil },
+		Context: func(client netip.Addr) (policy.Context, error) {
+			return policy.Context{Client: client, LocalAddrs: []netip.Addr{netip.MustParseAddr("192.0.2.7")}, LookupPort: hostnet.LookupPort}, nil
+		},
 		PrepareExec: func() error { return nil },
 		OpenSets:    func() (firewall.Sets, error) { return h.sets, nil },
 		Syslog: func(r audit.Record) error {
 			h.syslogged = append(h.syslogged, r)
 			return nil
 		},
-		Now: time.Now,
+		Now: func() time.Time { return time.Now().Add(time.Duration(h.calls) * time.Second) },
 	}
 	return h
 }
@@ -58,6 +64,7 @@ func newHarness(t *testing.T) *harness {
 // forced runs the shim as sshd would, with SSH_ORIGINAL_COMMAND = line.
 func (h *harness) forced(line string) (int, string) {
 	var stdout, stderr bytes.Buffer
+	h.calls++
 	env := Env{OriginalCommand: line, HasCommand: true, SSHConnection: "192.0.2.10 50022 192.0.2.7 22"}
 	code := Run([]string{"--policy", "/etc/f2b-shim/policy.toml"}, env, &stdout, &stderr, h.deps)
 	assert.Empty(h.t, stdout.String(), "the forced command prints nothing on stdout")

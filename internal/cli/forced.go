@@ -18,9 +18,6 @@ import (
 // oneLine folds a multi-line message (iptables prints several) into one.
 var oneLine = strings.NewReplacer("\r\n", "; ", "\n", "; ", "\r", "; ")
 
-// lockName is the host-wide lock file in state_dir.
-const lockName = "lock"
-
 // runForced serves one request from the mail host. The order is the
 // safety argument: judge the whole request, make sure it can be audited,
 // take the lock, act, then write the one audit line.
@@ -71,12 +68,12 @@ func runForced(policyPath string, env Env, stderr io.Writer, deps Deps) int {
 		rec.Decision, rec.Reason = audit.Deny, "interactive login"
 		return finish(ExitDenied, "denied", "denied: this key only runs fail2ban's iptables commands; an interactive login is not allowed")
 	}
-	ctx := policy.Context{Client: client}
-	if ctx.LocalAddrs, err = deps.LocalAddrs(); err != nil {
-		// Without the proxy's own addresses a ban could cut the proxy off
-		// from itself; refuse rather than guess.
-		rec.Decision, rec.Reason = audit.Deny, audit.Text("cannot list local addresses: "+err.Error())
-		return finish(ExitSetup, "denied", fmt.Sprintf("denied: cannot list this proxy's addresses: %v", err))
+	ctx, err := deps.Context(client)
+	if err != nil {
+		// Without the proxy's own addresses, resolvers and gateways a
+		// ban could cut the proxy off from itself; refuse rather than guess.
+		rec.Decision, rec.Reason = audit.Deny, audit.Text(err.Error())
+		return finish(ExitSetup, "denied", "denied: "+err.Error())
 	}
 	op, err := policy.Decide(pol, env.OriginalCommand, ctx)
 	if err != nil {
@@ -91,28 +88,54 @@ func runForced(policyPath string, env Env, stderr io.Writer, deps Deps) int {
 	}
 
 	// The lock is held until the audit line is written, so that the audit
-	// log records changes in the order they were made.
+	// log records changes in the order they were made. Each policy has
+	// its own lock and state: policies that share a state_dir do not wait
+	// for each other.
 	deadline := start.Add(pol.LockTimeout)
-	held, err := lock.Acquire(pol.StateDir, lockName, deadline)
+	held, err := lock.Acquire(pol.StateDir, lockName(pol), deadline)
 	if err != nil {
 		rec.Reason = audit.Text(err.Error())
 		return finish(ExitFirewall, "failed", "firewall: "+err.Error())
 	}
 	defer held.Release()
+	store, err := state.Open(pol, ctx.LookupPort, max(time.Until(deadline), 100*time.Millisecond))
+	if err != nil {
+		rec.Reason = audit.Text(err.Error())
+		return finish(ExitSetup, "failed", "state: "+err.Error()+"; hint: nothing was changed; fix or move the file named, then run \"f2b-shim reconcile --fix\" on the proxy")
+	}
+	defer store.Close()
 
-	outcome, err := apply(pol, op, deadline, deps)
+	b, err := openBackend(pol, op.Family, deadline, deps)
+	if err == nil {
+		b.Record, b.LookupPort = store, ctx.LookupPort
+		rec.State = audit.Text(finishCutShort(store, pol, ctx, deadline, deps))
+	}
+	changes := state.Changes(op.Kind)
+	if err == nil && changes {
+		err = store.SetIntent(op)
+	}
+	var outcome firewall.Outcome
+	if err == nil {
+		outcome, err = firewall.Apply(b, op)
+	}
 	if err != nil {
 		status, stderrText := errorStatus(err)
 		rec.IptablesStatus = status
 		rec.SetStderr(stderrText)
 		rec.Reason = audit.Text(err.Error())
-		if errors.Is(err, firewall.ErrBanLimit) {
+		if errors.Is(err, firewall.ErrLimit) {
+			// Nothing was changed: there is nothing to look at again.
+			_ = store.ClearIntent()
 			return finish(ExitDenied, "denied", "denied: "+err.Error())
 		}
 		return finish(ExitFirewall, "failed", "firewall: "+err.Error())
 	}
-	if state.Changes(op.Kind) {
-		rec.State = audit.Text(journal(pol, op, ctx, start, deadline, deps))
+	if changes {
+		if err := store.Record(op, outcome == firewall.Applied, start.UTC()); err != nil {
+			// The change is in the firewall; the next request finds the
+			// intent and reads the chain back from it.
+			rec.State = audit.Text(strings.TrimPrefix(string(rec.State)+"; state not written: "+err.Error()+"; run \"f2b-shim reconcile --fix\" on the proxy", "; "))
+		}
 	}
 	code := ExitOK
 	if outcome == firewall.CheckFalse {
@@ -121,55 +144,48 @@ func runForced(policyPath string, env Env, stderr io.Writer, deps Deps) int {
 	return finish(code, outcome.String(), "")
 }
 
-// journal records a change in state_dir before it is reported done. A
-// journal that cannot be written or read never fails the change, which is
-// already in the firewall: the returned note goes into the audit line.
-func journal(pol *policy.Policy, op policy.Operation, ctx policy.Context, at, deadline time.Time, deps Deps) string {
-	dir := pol.StateDir
-	torn := state.TornTail(dir)
-	if err := state.Append(dir, state.Entry{Time: at.UTC(), Command: op.CommandLine()}, torn); err != nil {
-		return "journal not written: " + err.Error() + "; run \"f2b-shim reconcile --fix\" on the proxy"
+// lockName is the policy's lock file in state_dir.
+func lockName(pol *policy.Policy) string { return pol.Name + ".lock" }
+
+// finishCutShort finishes the record of a change that a shim started and never
+// recorded (it was killed between the firewall and the record): that
+// chain, and the hooks into it, are read back from the live firewall,
+// judged by the policy, and recorded as they are. The note says so in
+// the audit line.
+func finishCutShort(store *state.Store, pol *policy.Policy, ctx policy.Context, deadline time.Time, deps Deps) string {
+	op, ok, err := store.Intent(ctx)
+	if err != nil {
+		return "state: " + err.Error()
 	}
-	if !torn && !state.NeedsCompaction(dir) {
+	if !ok {
 		return ""
 	}
-	s, problems, err := state.Load(dir, pol, ctx)
-	if err != nil {
-		return "journal not readable: " + err.Error()
-	}
-	note := ""
-	if len(problems) > 0 {
-		// What the shim put into the firewall is there now, under this
-		// lock; the journal's times are kept where they still match.
-		live := state.New()
-		for _, fam := range []policy.Family{policy.IPv4, policy.IPv6} {
-			b, err := openBackend(pol, fam, deadline, deps)
-			if err == nil {
-				_, err = state.FromLive(live, fam, b, ctx)
-			}
-			if err != nil {
-				return fmt.Sprintf("journal damaged (%d bad lines) and the firewall unreadable: %v", len(problems), err)
-			}
-		}
-		live.KeepTimes(s)
-		s = live
-		note = fmt.Sprintf("journal damaged (%d bad lines, first %s); rebuilt from the live firewall", len(problems), problems[0])
-	}
-	if err := state.Write(dir, s); err != nil {
-		return strings.TrimPrefix(note+"; journal not compacted: "+err.Error(), "; ")
-	}
-	return note
-}
-
-// apply carries out op. Each iptables call may wait for the xtables lock
-// until the deadline (at least a second): fail2ban kills an action after
-// 60 s, and lock_timeout is at most 50 s.
-func apply(pol *policy.Policy, op policy.Operation, deadline time.Time, deps Deps) (firewall.Outcome, error) {
 	b, err := openBackend(pol, op.Family, deadline, deps)
 	if err != nil {
-		return 0, err
+		return "an earlier change was cut short, and the firewall is unreadable: " + err.Error()
 	}
-	return firewall.Apply(b, op)
+	b.LookupPort = ctx.LookupPort
+	live := state.New(ctx.LookupPort)
+	chain := op.BanChain()
+	if ok, err := b.Table.ChainExists(string(chain)); err == nil && ok {
+		_, err = state.ChainFromLive(live, op.Family, chain, b, ctx)
+		if err == nil {
+			_, err = state.HooksFromLive(live, op.Family, b, ctx, chain)
+		}
+		if err != nil {
+			return "an earlier change was cut short, and the firewall is unreadable: " + err.Error()
+		}
+	}
+	if old, _, err := store.Load(ctx); err == nil {
+		live.KeepTimes(old)
+	}
+	if err := store.ReplaceChain(live, op.Family, chain); err != nil {
+		return "an earlier change was cut short, and the state could not be repaired: " + err.Error()
+	}
+	if err := store.ClearIntent(); err != nil {
+		return "state: " + err.Error()
+	}
+	return fmt.Sprintf("an earlier change (%s) was cut short; %s %s was read back from the firewall", op.CommandLine(), op.Family, chain)
 }
 
 // openBackend opens the family's table, and ipset for the set backend.
@@ -181,8 +197,6 @@ func openBackend(pol *policy.Policy, fam policy.Family, deadline time.Time, deps
 	}
 	if pol.Backend == "ipset" {
 		b.Sets, err = deps.OpenSets()
-	} else {
-		b.Index = state.Index{Dir: pol.StateDir}
 	}
 	return b, err
 }

@@ -1,18 +1,19 @@
 package cli
 
 import (
+	"errors"
 	"fmt"
 	"io"
-	"net"
-	"net/netip"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"runtime/debug"
 	"syscall"
 	"time"
 
 	"github.com/f2b-shim/f2b-shim/internal/audit"
 	"github.com/f2b-shim/f2b-shim/internal/firewall"
+	"github.com/f2b-shim/f2b-shim/internal/hostnet"
 	"github.com/f2b-shim/f2b-shim/internal/privilege"
 	"github.com/f2b-shim/f2b-shim/policy"
 )
@@ -49,7 +50,7 @@ func RealDeps() Deps {
 			return s.Restore(script)
 		},
 		Syslog:      func(r audit.Record) error { return audit.SendSyslog("", "", r) },
-		LocalAddrs:  localAddrs,
+		Context:     hostnet.Context,
 		PrepareExec: privilege.Prepare,
 		Now:         time.Now,
 	}
@@ -93,23 +94,82 @@ func LoadPolicyFile(path string) (*policy.Policy, error) {
 		// but never echo more than the parser's own message.
 		return nil, fmt.Errorf("%s: %v", path, err)
 	}
+	if err := checkSiblings(path, pol); err != nil {
+		return nil, err
+	}
 	return pol, nil
 }
 
-// localAddrs lists this host's interface addresses, in the network
-// namespace the shim runs in.
-func localAddrs() ([]netip.Addr, error) {
-	ifaddrs, err := net.InterfaceAddrs()
+// DefaultPolicyDir is where the install puts policy files.
+const DefaultPolicyDir = "/etc/f2b-shim"
+
+// checkSiblings refuses a policy that a neighbour in the same directory
+// could interfere with: a proxy that serves two mail hosts has one key
+// and one policy file each, and their prefixes must not nest (or one
+// mail host could flush the other's chains), nor may they share a state
+// file. Neighbours that do not load are left to their own requests,
+// which fail on them.
+func checkSiblings(path string, pol *policy.Policy) error {
+	others, err := filepath.Glob(filepath.Join(filepath.Dir(path), "*.toml"))
+	if err != nil {
+		return err
+	}
+	for _, other := range others {
+		if filepath.Base(other) == filepath.Base(path) {
+			continue
+		}
+		data, err := readSmall(other)
+		if err != nil {
+			continue
+		}
+		o, err := policy.Parse(data)
+		if err != nil {
+			continue
+		}
+		if policy.Nests(pol.ChainPrefix, o.ChainPrefix) {
+			return fmt.Errorf("%s: chain_prefix %q and %q of %s nest, so one mail host could change the other's chains; give each policy a prefix that does not start with the other's", path, pol.ChainPrefix, o.ChainPrefix, other)
+		}
+		if pol.Name == o.Name && pol.StateDir == o.StateDir {
+			return fmt.Errorf("%s: %s has the same name %q and state_dir, so both would share one state file; give each policy its own name", path, other, pol.Name)
+		}
+	}
+	return nil
+}
+
+func readSmall(path string) ([]byte, error) {
+	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
 	}
-	var out []netip.Addr
-	for _, ia := range ifaddrs {
-		if p, err := netip.ParsePrefix(ia.String()); err == nil {
-			out = append(out, p.Addr().Unmap())
-		}
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, maxPolicySize+1))
+	if err == nil && len(data) > maxPolicySize {
+		err = fmt.Errorf("%q is larger than %d bytes", path, maxPolicySize)
 	}
-	return out, nil
+	return data, err
+}
+
+// LoadPolicyDir loads every policy file (*.toml) in dir, each checked as
+// LoadPolicy checks it; the files that fail are reported in err, the
+// others returned.
+func LoadPolicyDir(dir string, deps Deps) (pols []*policy.Policy, err error) {
+	paths, err := filepath.Glob(filepath.Join(dir, "*.toml"))
+	if err != nil {
+		return nil, err
+	}
+	if len(paths) == 0 {
+		return nil, fmt.Errorf("no policy files (*.toml) in %s", dir)
+	}
+	var errs []error
+	for _, p := range paths {
+		pol, err := deps.LoadPolicy(p)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		pols = append(pols, pol)
+	}
+	return pols, errors.Join(errs...)
 }
 
 // FinishWhatWasStarted makes the shim complete its one operation and

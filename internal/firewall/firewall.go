@@ -48,8 +48,10 @@ func (o Outcome) String() string {
 	return map[Outcome]string{Applied: "applied", Unchanged: "unchanged", CheckTrue: "check-true", CheckFalse: "check-false"}[o]
 }
 
-// ErrBanLimit is returned when a chain already holds max_bans_per_chain bans.
-var ErrBanLimit = errors.New("ban limit reached")
+// ErrLimit is returned when a request would pass one of the policy's
+// bounds (max_bans_per_chain, max_chains, max_hooks_per_chain). Nothing
+// was changed; the shim reports it as a denial.
+var ErrLimit = errors.New("limit reached")
 
 // Backend is where the shim keeps bans: as one rule per ban in the chain
 // (Sets is nil, the default), or in ipsets that the chain matches with
@@ -59,26 +61,28 @@ type Backend struct {
 	Table  Table
 	Sets   Sets
 	Policy *policy.Policy
-	// Index, when set, lets the rule backend ban without reading the
-	// chain (see state.Index).
-	Index BanIndex
+	// Record, when set, is the shim's record of its chains and bans
+	// (state.Store): it bounds the number of chains, and lets the rule
+	// backend ban without reading the chain.
+	Record Record
+	// LookupPort resolves service names, to tell hooks apart by effect.
+	LookupPort func(proto, name string) (uint16, bool)
 }
 
-// BanIndex is the rule backend's record of its own bans per chain.
-type BanIndex interface {
-	Known(fam policy.Family, chain policy.Chain) bool
-	Build(fam policy.Family, chain policy.Chain, bans []policy.Operation) error
-	Has(op policy.Operation) bool
-	Count(fam policy.Family, chain policy.Chain) (int, error)
-	MarkPending(op policy.Operation) error
-	Pending(op policy.Operation) bool
-	Add(op policy.Operation) error
-	Remove(op policy.Operation) error
-	Settle(op policy.Operation) error
-	Drop(fam policy.Family, chain policy.Chain) error
+// Record is what Apply asks of the shim's record.
+type Record interface {
+	// Chains counts the chains recorded for the family.
+	Chains(fam policy.Family) (int, error)
+	HasChain(fam policy.Family, chain policy.Chain) (bool, error)
+	// Synced reports whether the chain's recorded bans are what the live
+	// chain holds; Learn makes them so.
+	Synced(fam policy.Family, chain policy.Chain) (bool, error)
+	Learn(fam policy.Family, chain policy.Chain, bans []policy.Operation) error
+	HasBan(op policy.Operation) (bool, error)
+	BanCount(fam policy.Family, chain policy.Chain) (int, error)
 }
 
-// Apply carries out op. The caller holds the host-wide lock, so the check
+// Apply carries out op. The caller holds the policy's lock, so the check
 // and the change that follows it cannot race with another shim.
 func Apply(b Backend, op policy.Operation) (Outcome, error) {
 	t := b.Table
@@ -90,50 +94,57 @@ func Apply(b Backend, op policy.Operation) (Outcome, error) {
 	}
 	switch op.Kind {
 	case policy.CreateChain:
-		return ifAbsent(t, chain, func() error { return t.NewChain(chain) })
-	case policy.FlushChain, policy.DeleteChain:
-		if b.Index != nil {
-			// Forget the chain's bans first: whatever happens next, the
-			// index never claims a ban the firewall may have lost.
-			if err := b.Index.Drop(op.Family, op.Chain); err != nil {
-				return 0, err
-			}
+		ok, err := t.ChainExists(chain)
+		if err != nil || ok {
+			return Unchanged, err
 		}
-		if op.Kind == policy.FlushChain {
-			return ifPresent(t, chain, func() error { return t.FlushChain(chain) })
+		if err := checkChainLimit(b, op); err != nil {
+			return 0, err
 		}
+		return Applied, t.NewChain(chain)
+	case policy.FlushChain:
+		return ifPresent(t, chain, func() error { return t.FlushChain(chain) })
+	case policy.DeleteChain:
 		return ifPresent(t, chain, func() error { return t.DeleteChain(chain) })
 	case policy.AddReturn:
 		return addRule(t, chain, spec, func() error { return t.Append(chain, spec...) })
-	case policy.AddHook:
-		return addRule(t, chain, spec, func() error { return t.Insert(chain, 1, spec...) })
+	case policy.AddHook, policy.DeleteHook, policy.CheckHook:
+		return applyHook(b, op)
 	case policy.AddBan:
-		if b.Index != nil {
-			return addBanIndexed(b, op)
+		if b.Record != nil {
+			return addBanRecorded(b, op)
 		}
 		return addBanRule(t, chain, spec, b.Policy.MaxBansPerChain)
 	case policy.DeleteBan:
-		if b.Index == nil {
-			return deleteBan(t, chain, spec)
-		}
-		if err := b.Index.Remove(op); err != nil {
-			return 0, err
-		}
-		out, err := deleteBan(t, chain, spec)
-		if err != nil {
-			return 0, err // the ban stays pending: the next ban of it asks the chain
-		}
-		return out, b.Index.Settle(op)
-	case policy.DeleteHook:
-		return deleteRule(t, op, spec)
-	case policy.CheckReturn, policy.CheckBan, policy.CheckHook:
-		found, err := ruleExists(t, op, spec)
+		return deleteBan(t, chain, spec)
+	case policy.CheckReturn, policy.CheckBan:
+		found, err := t.Exists(chain, spec...)
 		return checkOutcome(found, err)
 	case policy.CheckHookListed:
 		found, err := jumpsTo(t, chain, string(op.Jump))
 		return checkOutcome(found, err)
 	}
 	return 0, fmt.Errorf("operation %v is not implemented", op.Kind)
+}
+
+// checkChainLimit refuses a new chain past max_chains. The record counts
+// the chains: listing the live table would cost as much as every rule in it.
+func checkChainLimit(b Backend, op policy.Operation) error {
+	if b.Record == nil {
+		return nil
+	}
+	known, err := b.Record.HasChain(op.Family, op.Chain)
+	if err != nil || known {
+		return err
+	}
+	n, err := b.Record.Chains(op.Family)
+	if err != nil {
+		return err
+	}
+	if n >= b.Policy.MaxChains {
+		return fmt.Errorf("%w: there are already %d %s chains (max_chains); delete one, or raise the limit in the policy", ErrLimit, n, op.Family)
+	}
+	return nil
 }
 
 // addBanRule reads the chain once, both to find a duplicate and to count
@@ -156,63 +167,59 @@ func addBanRule(t Table, chain string, spec []string, maxBans int) (Outcome, err
 		}
 	}
 	if bans >= maxBans {
-		return 0, fmt.Errorf("%w: chain %q already holds %d bans (max_bans_per_chain); unban some or raise the limit in the policy", ErrBanLimit, chain, bans)
+		return 0, banLimit(chain, bans)
 	}
 	return Applied, t.Insert(chain, 1, spec...)
 }
 
-// addBanIndexed bans with one iptables call: the index says whether the
-// ban is there and how many the chain holds. The first ban into a chain
-// the index does not know reads the chain once to learn it.
-func addBanIndexed(b Backend, op policy.Operation) (Outcome, error) {
+func banLimit(chain string, n int) error {
+	return fmt.Errorf("%w: chain %q already holds %d bans (max_bans_per_chain); unban some or raise the limit in the policy", ErrLimit, chain, n)
+}
+
+// addBanRecorded bans with one iptables call: the record says whether
+// the ban is there and how many the chain holds. A chain the record does
+// not hold in sync (made before the record, or cut short by a crash) is
+// read once to learn it.
+func addBanRecorded(b Backend, op policy.Operation) (Outcome, error) {
 	t, chain := b.Table, string(op.Chain)
-	if !b.Index.Known(op.Family, op.Chain) {
+	synced, err := b.Record.Synced(op.Family, op.Chain)
+	if err != nil {
+		return 0, err
+	}
+	if !synced {
 		rules, err := t.List(chain)
 		if err != nil {
 			return 0, err
 		}
 		var bans []policy.Operation
 		for _, r := range rules {
-			rest, ok := strings.CutPrefix(r, "-A "+chain+" ")
-			if !ok || !strings.HasPrefix(rest, "-s ") {
+			c, err := policy.ParseSaved(op.Family, r)
+			if err != nil || c.Kind != policy.AddBan || c.Chain != op.Chain {
 				continue
 			}
-			if ban, err := policy.Decide(b.Policy, op.Family.Binary()+" -I "+chain+" 1 "+rest, policy.Context{}); err == nil {
+			if ban, err := policy.Authorize(b.Policy, c, policy.Context{LookupPort: b.LookupPort}); err == nil {
 				bans = append(bans, ban)
 			}
 		}
-		if err := b.Index.Build(op.Family, op.Chain, bans); err != nil {
+		if err := b.Record.Learn(op.Family, op.Chain, bans); err != nil {
 			return 0, err
 		}
 	}
-	if b.Index.Has(op) {
-		return Unchanged, nil
+	has, err := b.Record.HasBan(op)
+	if err != nil || has {
+		return Unchanged, err
 	}
-	if b.Index.Pending(op) {
-		// A shim was stopped between marking this ban and listing it: its
-		// iptables call may or may not have gone through.
-		ok, err := t.Exists(chain, op.RuleSpec()...)
-		if err != nil {
-			return 0, err
-		}
-		if ok {
-			return Unchanged, b.Index.Add(op)
-		}
-	}
-	n, err := b.Index.Count(op.Family, op.Chain)
+	n, err := b.Record.BanCount(op.Family, op.Chain)
 	if err != nil {
 		return 0, err
 	}
 	if n >= b.Policy.MaxBansPerChain {
-		return 0, fmt.Errorf("%w: chain %q already holds %d bans (max_bans_per_chain); unban some or raise the limit in the policy", ErrBanLimit, chain, n)
-	}
-	if err := b.Index.MarkPending(op); err != nil {
-		return 0, err
+		return 0, banLimit(chain, n)
 	}
 	if err := t.Insert(chain, 1, op.RuleSpec()...); err != nil {
 		return 0, err
 	}
-	return Applied, b.Index.Add(op)
+	return Applied, nil
 }
 
 // deleteBan removes a ban with one iptables call, as fail2ban's own
@@ -260,7 +267,7 @@ func applySet(b Backend, op policy.Operation) (out Outcome, done bool, err error
 		}
 		added, err := sets.Add(name, op.Source.String())
 		if errors.Is(err, ErrSetFull) {
-			return 0, true, fmt.Errorf("%w: set %s of chain %q already holds max_bans_per_chain (%d) bans with target %q; unban some or raise the limit", ErrBanLimit, name, chain, b.Policy.MaxBansPerChain, op.Target)
+			return 0, true, fmt.Errorf("%w: set %s of chain %q already holds max_bans_per_chain (%d) bans with target %q; unban some or raise the limit", ErrLimit, name, chain, b.Policy.MaxBansPerChain, op.Target)
 		}
 		if err != nil || !added {
 			return Unchanged, true, err
@@ -296,14 +303,6 @@ func applySet(b Backend, op policy.Operation) (out Outcome, done bool, err error
 	return 0, false, nil
 }
 
-func ifAbsent(t Table, chain string, create func() error) (Outcome, error) {
-	ok, err := t.ChainExists(chain)
-	if err != nil || ok {
-		return Unchanged, err
-	}
-	return Applied, create()
-}
-
 func ifPresent(t Table, chain string, change func() error) (Outcome, error) {
 	ok, err := t.ChainExists(chain)
 	if err != nil || !ok {
@@ -318,27 +317,6 @@ func addRule(t Table, chain string, spec []string, add func() error) (Outcome, e
 		return Unchanged, err
 	}
 	return Applied, add()
-}
-
-// ruleExists checks a rule. A hook names the ban chain as its target, and
-// iptables fails (rather than answering "no") when that chain is missing;
-// a missing ban chain means no hook, so it is looked at first.
-func ruleExists(t Table, op policy.Operation, spec []string) (bool, error) {
-	if op.Kind == policy.CheckHook || op.Kind == policy.DeleteHook {
-		ok, err := t.ChainExists(string(op.Jump))
-		if err != nil || !ok {
-			return false, err
-		}
-	}
-	return t.Exists(string(op.Chain), spec...)
-}
-
-func deleteRule(t Table, op policy.Operation, spec []string) (Outcome, error) {
-	ok, err := ruleExists(t, op, spec)
-	if err != nil || !ok {
-		return Unchanged, err
-	}
-	return Applied, t.Delete(string(op.Chain), spec...)
 }
 
 func checkOutcome(found bool, err error) (Outcome, error) {

@@ -4,13 +4,16 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/f2b-shim/f2b-shim/internal/firewall"
 	"github.com/f2b-shim/f2b-shim/internal/firewall/fwtest"
+	"github.com/f2b-shim/f2b-shim/internal/hostnet"
 	"github.com/f2b-shim/f2b-shim/internal/state"
 	"github.com/f2b-shim/f2b-shim/policy"
 )
@@ -19,9 +22,33 @@ const chain = "mail-remote-f2b-imap"
 
 func op(t *testing.T, line string) policy.Operation {
 	t.Helper()
-	o, err := policy.Decide(policy.Default(), line, policy.Context{Client: netip.MustParseAddr("192.0.2.10")})
+	o, err := policy.Decide(policy.Default(), line, policy.Context{Client: netip.MustParseAddr("192.0.2.10"), LookupPort: hostnet.LookupPort})
 	require.NoError(t, err)
 	return o
+}
+
+// recorded is a backend with a record in a temp state_dir, kept as the
+// shim keeps it: apply records every change that Apply carried out.
+type recorded struct {
+	firewall.Backend
+	store *state.Store
+}
+
+func withRecord(t *testing.T, b firewall.Backend) *recorded {
+	b.Policy.StateDir = t.TempDir()
+	store, err := state.Open(b.Policy, hostnet.LookupPort, time.Second)
+	require.NoError(t, err)
+	t.Cleanup(func() { store.Close() })
+	b.Record, b.LookupPort = store, hostnet.LookupPort
+	return &recorded{b, store}
+}
+
+func (r *recorded) apply(t *testing.T, o policy.Operation) (firewall.Outcome, error) {
+	out, err := firewall.Apply(r.Backend, o)
+	if err == nil && r.store != nil && state.Changes(o.Kind) {
+		require.NoError(t, r.store.Record(o, out == firewall.Applied, time.Now()))
+	}
+	return out, err
 }
 
 func limit(n int) *policy.Policy {
@@ -31,7 +58,7 @@ func limit(n int) *policy.Policy {
 }
 
 func rules(t firewall.Table, maxBans int) firewall.Backend {
-	return firewall.Backend{Table: t, Policy: limit(maxBans)}
+	return firewall.Backend{Table: t, Policy: limit(maxBans), LookupPort: hostnet.LookupPort}
 }
 
 func TestApplyFollowsFail2bansLifeCycle(t *testing.T) {
@@ -66,19 +93,19 @@ func TestApplyFollowsFail2bansLifeCycle(t *testing.T) {
 		{"unhooking with the chain gone succeeds unchanged", "iptables -w -D INPUT -p tcp --dport 143 -j " + chain, firewall.Unchanged},
 		{"checking a hook with the chain gone is false", "iptables -w -C INPUT -p tcp --dport 143 -j " + chain, firewall.CheckFalse},
 	}
-	for _, backend := range []string{"rules", "rules with the index", "ipset"} {
+	for _, backend := range []string{"rules", "rules with the record", "ipset", "ipset with the record"} {
 		t.Run(backend, func(t *testing.T) {
 			fake, sets := fwtest.New(), fwtest.NewSets()
-			b := rules(fake, 100)
-			switch backend {
-			case "ipset":
+			b := &recorded{Backend: rules(fake, 100)}
+			if strings.HasPrefix(backend, "ipset") {
 				b.Sets = sets
-			case "rules with the index":
-				b.Index = state.Index{Dir: t.TempDir()}
+			}
+			if strings.HasSuffix(backend, "with the record") {
+				b = withRecord(t, b.Backend)
 			}
 			for _, s := range steps {
 				t.Run(s.name, func(t *testing.T) {
-					got, err := firewall.Apply(b, op(t, s.line))
+					got, err := b.apply(t, op(t, s.line))
 					require.NoError(t, err)
 					assert.Equal(t, s.want, got)
 				})
@@ -89,19 +116,17 @@ func TestApplyFollowsFail2bansLifeCycle(t *testing.T) {
 	}
 }
 
-func TestIndexedBansReadTheChainOnlyOnce(t *testing.T) {
+func TestRecordedBansReadTheChainOnlyOnce(t *testing.T) {
 	fake := fwtest.New()
-	idx := state.Index{Dir: t.TempDir()}
-	b := firewall.Backend{Table: fake, Policy: limit(3), Index: idx}
-	for _, l := range []string{"iptables -N " + chain, "iptables -A " + chain + " -j RETURN"} {
-		_, err := firewall.Apply(b, op(t, l))
-		require.NoError(t, err)
-	}
-	// A ban made before the index existed (an upgrade, or by hand).
+	b := withRecord(t, rules(fake, 3))
+	// A chain and a ban made before the record existed (an upgrade, or
+	// by hand): the record does not hold the chain in sync.
+	require.NoError(t, fake.NewChain(chain))
+	require.NoError(t, fake.Append(chain, "-j", "RETURN"))
 	require.NoError(t, fake.Insert(chain, 1, "-s", "203.0.113.1/32", "-j", "DROP"))
 	fake.Calls = nil
 	ban := func(ip string) (firewall.Outcome, error) {
-		return firewall.Apply(b, op(t, "iptables -I "+chain+" 1 -s "+ip+" -j DROP"))
+		return b.apply(t, op(t, "iptables -I "+chain+" 1 -s "+ip+" -j DROP"))
 	}
 	got, err := ban("203.0.113.1")
 	require.NoError(t, err)
@@ -120,11 +145,11 @@ func TestIndexedBansReadTheChainOnlyOnce(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, firewall.Unchanged, got)
 	_, err = ban("203.0.113.4")
-	assert.ErrorIs(t, err, firewall.ErrBanLimit, "the index counts the bans")
-	b.Policy = limit(10)
+	assert.ErrorIs(t, err, firewall.ErrLimit, "the record counts the bans")
+	b.Policy.MaxBansPerChain = 10
 
 	fake.Calls = nil
-	got, err = firewall.Apply(b, op(t, "iptables -D "+chain+" -s 203.0.113.2 -j DROP"))
+	got, err = b.apply(t, op(t, "iptables -D "+chain+" -s 203.0.113.2 -j DROP"))
 	require.NoError(t, err)
 	assert.Equal(t, firewall.Applied, got)
 	assert.Equal(t, []string{"Delete " + chain + " -s 203.0.113.2/32 -j DROP"}, fake.Calls, "one iptables call per unban")
@@ -132,39 +157,103 @@ func TestIndexedBansReadTheChainOnlyOnce(t *testing.T) {
 	require.NoError(t, err, "the unban made room")
 	assert.Equal(t, firewall.Applied, got)
 
-	// A shim killed after marking a ban: the next ban of that address
-	// asks the chain instead of trusting the index.
-	pending := op(t, "iptables -I "+chain+" 1 -s 203.0.113.9 -j DROP")
-	require.NoError(t, idx.MarkPending(pending))
-	require.NoError(t, fake.Insert(chain, 1, pending.RuleSpec()...)) // its iptables call went through
-	got, err = ban("203.0.113.9")
-	require.NoError(t, err)
-	assert.Equal(t, firewall.Unchanged, got, "the killed shim's ban is not doubled")
-	rules, err := fake.List(chain)
-	require.NoError(t, err)
-	assert.Len(t, rules, 1+3+1+1, "-N, three bans, the killed one once, RETURN: %v", rules)
-
-	// An unban whose iptables call fails: the ban is neither lost from
-	// the chain nor doubled by the next ban of that address.
+	// An unban whose iptables call fails is not recorded: the ban is
+	// neither lost from the chain nor doubled by the next ban of it.
 	fake.Fail["Delete"] = errors.New("xtables lock held")
-	_, err = firewall.Apply(b, op(t, "iptables -D "+chain+" -s 203.0.113.9 -j DROP"))
+	_, err = b.apply(t, op(t, "iptables -D "+chain+" -s 203.0.113.4 -j DROP"))
 	require.Error(t, err)
 	delete(fake.Fail, "Delete")
-	got, err = ban("203.0.113.9")
+	got, err = ban("203.0.113.4")
 	require.NoError(t, err)
 	assert.Equal(t, firewall.Unchanged, got, "the ban is still in the chain, once")
-	rules, err = fake.List(chain)
+	rules, err := fake.List(chain)
 	require.NoError(t, err)
-	assert.Len(t, rules, 6)
+	assert.Len(t, rules, 1+3+1, "-N, three bans, RETURN: %v", rules)
 
 	// The chain goes behind the shim's back and comes back empty: the
-	// flush fail2ban's repair sends makes the index forget it.
+	// flush fail2ban's repair sends empties the record too.
 	require.NoError(t, fake.FlushChain(chain))
-	_, err = firewall.Apply(b, op(t, "iptables -F "+chain))
+	_, err = b.apply(t, op(t, "iptables -F "+chain))
 	require.NoError(t, err)
 	got, err = ban("203.0.113.3")
 	require.NoError(t, err)
 	assert.Equal(t, firewall.Applied, got, "a ban the firewall lost is made again")
+
+	// A reboot without restore: fail2ban creates the chain anew, and the
+	// record of the old chain's bans goes with it.
+	require.NoError(t, fake.FlushChain(chain))
+	require.NoError(t, fake.DeleteChain(chain))
+	got, err = b.apply(t, op(t, "iptables -N "+chain))
+	require.NoError(t, err)
+	assert.Equal(t, firewall.Applied, got)
+	got, err = ban("203.0.113.3")
+	require.NoError(t, err)
+	assert.Equal(t, firewall.Applied, got, "the ban goes into the new chain")
+}
+
+func TestHooksAreComparedByEffect(t *testing.T) {
+	for _, withSets := range []bool{false, true} {
+		fake := fwtest.New()
+		b := withRecord(t, rules(fake, 10))
+		if withSets {
+			b.Sets = fwtest.NewSets()
+		}
+		b.Policy.MaxHooksPerChain = 3
+		for _, l := range []string{"iptables -N " + chain, "iptables -I INPUT -p tcp -m multiport --dports imap,imaps -j " + chain} {
+			_, err := b.apply(t, op(t, l))
+			require.NoError(t, err)
+		}
+		steps := []struct {
+			line string
+			want firewall.Outcome
+			err  error
+		}{
+			{"iptables -I INPUT -p tcp -m multiport --dports 993,143 -j " + chain, firewall.Unchanged, nil},
+			{"iptables -C INPUT -p tcp -m multiport --dports 143,993 -j " + chain, firewall.CheckTrue, nil},
+			{"iptables -C INPUT -p tcp -m multiport --dports 143,995 -j " + chain, firewall.CheckFalse, nil},
+			{"iptables -I INPUT -p tcp --dport smtp -j " + chain, firewall.Applied, nil},
+			{"iptables -I INPUT -p tcp -m multiport --dports 25 -j " + chain, firewall.Unchanged, nil},
+			{"iptables -C INPUT -p tcp --dport 25 -j " + chain, firewall.CheckTrue, nil},
+			{"iptables -I INPUT -p udp --dport 25 -j " + chain, firewall.Applied, nil},
+			{"iptables -I INPUT -p tcp --dport 26 -j " + chain, 0, firewall.ErrLimit},
+			{"iptables -D INPUT -p tcp -m multiport --dports imaps,imap -j " + chain, firewall.Applied, nil},
+			{"iptables -C INPUT -p tcp -m multiport --dports 143,993 -j " + chain, firewall.CheckFalse, nil},
+			{"iptables -I INPUT -p tcp --dport 26 -j " + chain, firewall.Applied, nil},
+		}
+		for _, s := range steps {
+			got, err := b.apply(t, op(t, s.line))
+			if s.err != nil {
+				assert.ErrorIs(t, err, s.err, s.line)
+				continue
+			}
+			require.NoError(t, err, s.line)
+			assert.Equal(t, s.want, got, s.line)
+		}
+		rules, err := fake.List("INPUT")
+		require.NoError(t, err)
+		assert.Equal(t, []string{"-P INPUT ACCEPT",
+			"-A INPUT -p tcp -m tcp --dport 26 -j " + chain,
+			"-A INPUT -p udp -m udp --dport 25 -j " + chain,
+			"-A INPUT -p tcp -m tcp --dport smtp -j " + chain}, rules, "(the fake keeps service names; iptables prints 25)")
+	}
+}
+
+func TestChainLimit(t *testing.T) {
+	b := withRecord(t, rules(fwtest.New(), 10))
+	b.Policy.MaxChains = 2
+	for _, name := range []string{"a", "b"} {
+		got, err := b.apply(t, op(t, "iptables -N mail-remote-f2b-"+name))
+		require.NoError(t, err)
+		assert.Equal(t, firewall.Applied, got)
+	}
+	_, err := b.apply(t, op(t, "iptables -N mail-remote-f2b-c"))
+	assert.ErrorIs(t, err, firewall.ErrLimit)
+	_, err = b.apply(t, op(t, "ip6tables -N mail-remote-f2b-c"))
+	assert.NoError(t, err, "the limit is per family")
+	_, err = b.apply(t, op(t, "iptables -X mail-remote-f2b-a"))
+	require.NoError(t, err)
+	_, err = b.apply(t, op(t, "iptables -N mail-remote-f2b-c"))
+	assert.NoError(t, err, "deleting a chain makes room")
 }
 
 func TestSetBackendKeepsTheChainShort(t *testing.T) {
@@ -199,7 +288,7 @@ func TestApplyRefusesBansPastTheLimit(t *testing.T) {
 	}
 	t.Run("a third ban is refused", func(t *testing.T) {
 		_, err := firewall.Apply(rules(fake, 2), op(t, "iptables -I "+chain+" 1 -s 203.0.113.3 -j DROP"))
-		assert.ErrorIs(t, err, firewall.ErrBanLimit)
+		assert.ErrorIs(t, err, firewall.ErrLimit)
 	})
 	t.Run("a duplicate of a ban in place still succeeds", func(t *testing.T) {
 		got, err := firewall.Apply(rules(fake, 2), op(t, "iptables -I "+chain+" 1 -s 203.0.113.2 -j DROP"))

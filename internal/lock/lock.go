@@ -13,7 +13,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/f2b-shim/f2b-shim/internal/owner"
+	"github.com/f2b-shim/f2b-shim/internal/safefile"
 )
 
 // Lock is a held lock.
@@ -31,12 +31,10 @@ func Acquire(dir, name string, deadline time.Time) (*Lock, error) {
 		return nil, err
 	}
 	path := filepath.Join(dir, name)
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	// Never through a link: in the least-privilege install the shim's
+	// user owns dir, and root takes this lock too.
+	f, err := safefile.Open(path, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
-		return nil, err
-	}
-	if err := owner.Inherit(path); err != nil {
-		f.Close()
 		return nil, err
 	}
 	// A blocking flock lets the kernel hand the lock from one waiter to

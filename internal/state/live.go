@@ -2,9 +2,7 @@ package state
 
 import (
 	"fmt"
-	"net"
 	"slices"
-	"strconv"
 	"strings"
 	"time"
 
@@ -26,58 +24,66 @@ func FromLive(s *State, fam policy.Family, b firewall.Backend, ctx policy.Contex
 	if err != nil {
 		return nil, err
 	}
-	judge := func(line string) (policy.Operation, bool) {
-		op, err := policy.Decide(pol, line, ctx)
-		return op, err == nil
-	}
 	for _, name := range chains {
 		if !strings.HasPrefix(name, pol.ChainPrefix) {
 			continue
 		}
-		op, ok := judge(fam.Binary() + " -N " + name)
-		if !ok {
-			foreign = append(foreign, "-N "+name)
-			continue
-		}
-		s.Apply(op, time.Time{})
-		rules, err := t.List(name)
+		bad, err := ChainFromLive(s, fam, policy.Chain(name), b, ctx)
 		if err != nil {
 			return nil, err
 		}
-		rules = ruleLines(rules, name)
-		slices.Reverse(rules) // bans are inserted at the top: the last is the oldest
-		for _, r := range rules {
-			rest := strings.TrimPrefix(r, "-A "+name+" ")
-			if b.Sets != nil && strings.HasPrefix(rest, "-m set --match-set ") {
-				bad, err := fromSet(s, fam, policy.Chain(name), rest, b, judge)
-				if err != nil {
-					return nil, err
-				}
-				foreign = append(foreign, bad...)
-				continue
+		foreign = append(foreign, bad...)
+	}
+	bad, err := HooksFromLive(s, fam, b, ctx, "")
+	return append(foreign, bad...), err
+}
+
+// ChainFromLive reads one ban chain and its rules (or sets) into s.
+func ChainFromLive(s *State, fam policy.Family, name policy.Chain, b firewall.Backend, ctx policy.Context) (foreign []string, err error) {
+	op, err := policy.Decide(b.Policy, fam.Binary()+" -N "+string(name), ctx)
+	if err != nil {
+		return []string{"-N " + string(name)}, nil
+	}
+	rules, err := b.Table.List(string(name))
+	if err != nil {
+		return nil, err
+	}
+	s.Apply(op, time.Time{})
+	rules = ruleLines(rules, string(name))
+	slices.Reverse(rules) // bans are inserted at the top: the last is the oldest
+	for _, r := range rules {
+		rest := strings.TrimPrefix(r, "-A "+string(name)+" ")
+		if b.Sets != nil && strings.HasPrefix(rest, "-m set --match-set ") {
+			bad, err := fromSet(s, fam, name, rest, b, ctx)
+			if err != nil {
+				return nil, err
 			}
-			cmd := fam.Binary() + " -I " + name + " 1 " + rest
-			if rest == "-j RETURN" {
-				cmd = fam.Binary() + " -A " + name + " -j RETURN"
-			}
-			if op, ok := judge(cmd); ok {
-				s.Apply(op, time.Time{})
-			} else {
-				foreign = append(foreign, r)
-			}
+			foreign = append(foreign, bad...)
+			continue
+		}
+		if op, ok := judgeSaved(b.Policy, fam, r, ctx); ok && op.Kind != policy.AddHook {
+			s.Apply(op, time.Time{})
+		} else {
+			foreign = append(foreign, r)
 		}
 	}
-	for _, parent := range pol.ParentChains {
-		rules, err := t.List(parent)
+	return foreign, nil
+}
+
+// HooksFromLive reads the jumps from the policy's parent chains into its
+// ban chains (into only, when it is set).
+func HooksFromLive(s *State, fam policy.Family, b firewall.Backend, ctx policy.Context, only policy.Chain) (foreign []string, err error) {
+	for _, parent := range b.Policy.ParentChains {
+		rules, err := b.Table.List(parent)
 		if err != nil {
 			continue // a parent chain that does not exist holds no hooks
 		}
 		for _, r := range ruleLines(rules, parent) {
 			f := strings.Fields(r)
-			if len(f) < 2 || !strings.HasPrefix(f[len(f)-1], pol.ChainPrefix) {
+			if len(f) < 2 || !strings.HasPrefix(f[len(f)-1], b.Policy.ChainPrefix) || only != "" && f[len(f)-1] != string(only) {
 				continue // not ours
 			}
-			if op, ok := judge(fam.Binary() + " -I " + strings.TrimPrefix(r, "-A ")); ok {
+			if op, ok := judgeSaved(b.Policy, fam, r, ctx); ok && op.Kind == policy.AddHook {
 				s.Apply(op, time.Time{})
 			} else {
 				foreign = append(foreign, r)
@@ -87,16 +93,32 @@ func FromLive(s *State, fam policy.Family, b firewall.Backend, ctx policy.Contex
 	return foreign, nil
 }
 
+// judgeSaved reads an "iptables -S" line back through the policy, as if
+// the mail host had sent it.
+func judgeSaved(pol *policy.Policy, fam policy.Family, line string, ctx policy.Context) (policy.Operation, bool) {
+	c, err := policy.ParseSaved(fam, line)
+	if err != nil {
+		return policy.Operation{}, false
+	}
+	op, err := policy.Authorize(pol, c, ctx)
+	return op, err == nil
+}
+
 // fromSet reads the bans of one set rule, "-m set --match-set NAME src -j T".
-func fromSet(s *State, fam policy.Family, chain policy.Chain, rule string, b firewall.Backend, judge func(string) (policy.Operation, bool)) ([]string, error) {
+func fromSet(s *State, fam policy.Family, chain policy.Chain, rule string, b firewall.Backend, ctx policy.Context) ([]string, error) {
 	f := strings.Fields(rule)
+	whole := "-A " + string(chain) + " " + rule
 	if len(f) < 7 || f[4] != "src" || f[5] != "-j" {
-		return []string{"-A " + string(chain) + " " + rule}, nil
+		return []string{whole}, nil
 	}
 	name, target := f[3], strings.Join(f[6:], " ")
-	probe, ok := judge(fmt.Sprintf("%s -I %s 1 -s %s -j %s", fam.Binary(), chain, map[policy.Family]string{policy.IPv4: "192.0.2.1", policy.IPv6: "2001:db8::1"}[fam], target))
+	judge := func(src string) (policy.Operation, bool) {
+		op, err := policy.Decide(b.Policy, fmt.Sprintf("%s -I %s 1 -s %s -j %s", fam.Binary(), chain, src, target), ctx)
+		return op, err == nil
+	}
+	probe, ok := judge(map[policy.Family]string{policy.IPv4: "192.0.2.1", policy.IPv6: "2001:db8::1"}[fam])
 	if !ok || firewall.SetName(fam, chain, probe.Target) != name {
-		return []string{"-A " + string(chain) + " " + rule}, nil
+		return []string{whole}, nil
 	}
 	members, err := b.Sets.Members(name)
 	if err != nil {
@@ -104,7 +126,7 @@ func fromSet(s *State, fam policy.Family, chain policy.Chain, rule string, b fir
 	}
 	var foreign []string
 	for _, m := range members {
-		if op, ok := judge(fmt.Sprintf("%s -I %s 1 -s %s -j %s", fam.Binary(), chain, m, target)); ok {
+		if op, ok := judge(m); ok {
 			s.Apply(op, time.Time{})
 		} else {
 			foreign = append(foreign, fmt.Sprintf("%s in set %s of %s", m, name, chain))
@@ -123,22 +145,6 @@ func ruleLines(rules []string, chain string) []string {
 	return out
 }
 
-// HookKey identifies a hook by what it matches, with service names
-// resolved through /etc/services, as iptables itself does: the journal
-// keeps "imap,imaps" where the live firewall shows "143,993".
-func HookKey(op policy.Operation) string {
-	ports := make([]string, len(op.Ports))
-	for i, p := range op.Ports {
-		ports[i] = p.String()
-		if p.Name != "" {
-			if n, err := net.LookupPort(op.Proto, p.Name); err == nil {
-				ports[i] = strconv.Itoa(n)
-			}
-		}
-	}
-	return fmt.Sprintf("%s %s %s %s %s", op.Chain, op.Proto, op.Match, strings.Join(ports, ","), op.Jump)
-}
-
 // SetScripts are the restore inputs for the set backend: an "ipset
 // restore" script that makes each set hold exactly the journal's bans, and
 // the iptables-restore script with one set rule per target in use.
@@ -151,13 +157,13 @@ func (s *State) SetScripts(fam policy.Family, pol *policy.Policy, missing func(H
 			name := firewall.SetName(fam, n, tgt)
 			fmt.Fprintf(&sets, "create %s hash:net family %s maxelem %d -exist\nflush %s\n", name, family, pol.MaxBansPerChain, name)
 		}
-		for _, b := range t.Chains[n].Bans {
+		for _, b := range t.Chains[n].Bans() {
 			fmt.Fprintf(&sets, "add %s %s -exist\n", firewall.SetName(fam, n, b.Op.Target), b.Op.Source)
 		}
 	}
 	return sets.String(), s.iptablesScript(fam, missing, func(n policy.Chain, c *Chain) []string {
 		var inUse []policy.Target
-		for _, b := range c.Bans {
+		for _, b := range c.Bans() {
 			if !slices.Contains(inUse, b.Op.Target) {
 				inUse = append(inUse, b.Op.Target)
 			}
@@ -179,8 +185,9 @@ func (s *State) SetScripts(fam policy.Family, pol *policy.Policy, missing func(H
 func (s *State) RestoreScript(fam policy.Family, missing func(Hook) bool) string {
 	return s.iptablesScript(fam, missing, func(_ policy.Chain, c *Chain) []string {
 		var rules []string
-		for i := len(c.Bans) - 1; i >= 0; i-- { // newest first, as -I 1 leaves them
-			rules = append(rules, strings.Join(c.Bans[i].Op.RuleSpec(), " "))
+		bans := c.Bans()
+		for i := len(bans) - 1; i >= 0; i-- { // newest first, as -I 1 leaves them
+			rules = append(rules, strings.Join(bans[i].Op.RuleSpec(), " "))
 		}
 		return rules
 	})

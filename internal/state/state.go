@@ -1,24 +1,28 @@
 // Package state keeps what the shim has put into the firewall, so that it
 // can be restored after a reboot or a flush, listed and reconciled.
 //
-// The journal is a file of JSON lines in state_dir, each holding the
-// canonical command line of one change the shim applied and when. Every
-// line is judged again by the policy when the journal is read, so a
-// journal edited by someone else can never put anything into the firewall
-// that the policy would refuse from the mail host.
+// The record of truth is Store, an embedded transactional database
+// (go.etcd.io/bbolt) in state_dir, one file per policy. Every record read
+// back is judged by the policy again, so a state file edited by someone
+// else can never put anything into the firewall that the policy would
+// refuse from the mail host. State is the in-memory view of it that
+// restore, list and reconcile work on.
 package state
 
 import (
-	"fmt"
+	"cmp"
 	"slices"
 	"time"
 
 	"github.com/f2b-shim/f2b-shim/policy"
 )
 
-// State is the firewall as the journal describes it.
+// State is the firewall as the record describes it.
 type State struct {
 	Tables map[policy.Family]*Table
+	// lookup resolves service names, to tell hooks apart by effect.
+	lookup func(proto, name string) (uint16, bool)
+	seq    int
 }
 
 // Table is one family's part of the state.
@@ -30,15 +34,18 @@ type Table struct {
 // Chain is one ban chain.
 type Chain struct {
 	Return bool
-	Bans   []Ban // oldest first
-	// banned indexes Bans by banKey: a restore replays tens of thousands.
-	banned map[string]bool
+	// bans maps banKey to the ban: every change is O(1), so replaying any
+	// history costs what its length costs, never its square.
+	bans map[string]Ban
 }
 
 // Ban is one ban and when it was put in place.
 type Ban struct {
 	Op    policy.Operation
 	Since time.Time
+	// seq orders bans with the same time (those read from the firewall
+	// have none) in the order they were added.
+	seq int
 }
 
 // Hook is one jump from a parent chain into a ban chain.
@@ -47,16 +54,16 @@ type Hook struct {
 	Since time.Time
 }
 
-// New returns an empty state.
-func New() *State {
-	return &State{Tables: map[policy.Family]*Table{
+// New returns an empty state; lookup resolves service names in hooks.
+func New(lookup func(proto, name string) (uint16, bool)) *State {
+	return &State{lookup: lookup, Tables: map[policy.Family]*Table{
 		policy.IPv4: {Chains: map[policy.Chain]*Chain{}},
 		policy.IPv6: {Chains: map[policy.Chain]*Chain{}},
 	}}
 }
 
 // Changes reports whether an operation of this kind changes the firewall
-// and so belongs in the journal.
+// and so belongs in the record.
 func Changes(k policy.Kind) bool {
 	switch k {
 	case policy.CreateChain, policy.FlushChain, policy.DeleteChain, policy.AddReturn,
@@ -69,10 +76,32 @@ func Changes(k policy.Kind) bool {
 // banKey identifies a ban within its chain.
 func banKey(op policy.Operation) string { return op.Source.String() + " " + op.Target.String() }
 
-// hookKey identifies a hook within its family.
-func hookKey(op policy.Operation) string {
-	return fmt.Sprint(op.Chain, op.RuleSpec())
+// HookKey identifies a hook by its effect (policy.HookEffect), or by its
+// spelling when a service name in it cannot be resolved.
+func (s *State) HookKey(op policy.Operation) string {
+	if e, err := policy.HookEffect(op, s.lookup); err == nil {
+		return e
+	}
+	return op.CommandLine()
 }
+
+// Bans lists the chain's bans, oldest first.
+func (c *Chain) Bans() []Ban {
+	out := make([]Ban, 0, len(c.bans))
+	for _, b := range c.bans {
+		out = append(out, b)
+	}
+	slices.SortFunc(out, func(a, b Ban) int {
+		if c := a.Since.Compare(b.Since); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.seq, b.seq)
+	})
+	return out
+}
+
+// Len is the number of bans in the chain.
+func (c *Chain) Len() int { return len(c.bans) }
 
 // Apply records one change, with the same idempotent meaning the
 // firewall gives it.
@@ -81,7 +110,7 @@ func (s *State) Apply(op policy.Operation, at time.Time) {
 	chain := func() *Chain {
 		c, ok := t.Chains[op.BanChain()]
 		if !ok {
-			c = &Chain{banned: map[string]bool{}}
+			c = &Chain{bans: map[string]Ban{}}
 			t.Chains[op.BanChain()] = c
 		}
 		return c
@@ -91,7 +120,7 @@ func (s *State) Apply(op policy.Operation, at time.Time) {
 		chain()
 	case policy.FlushChain:
 		if c, ok := t.Chains[op.Chain]; ok {
-			c.Return, c.Bans, c.banned = false, nil, map[string]bool{}
+			c.Return, c.bans = false, map[string]Ban{}
 		}
 	case policy.DeleteChain:
 		delete(t.Chains, op.Chain)
@@ -99,53 +128,25 @@ func (s *State) Apply(op policy.Operation, at time.Time) {
 	case policy.AddReturn:
 		chain().Return = true
 	case policy.AddHook:
-		op.Kind = policy.AddHook
-		if !slices.ContainsFunc(t.Hooks, func(h Hook) bool { return hookKey(h.Op) == hookKey(op) }) {
+		key := s.HookKey(op)
+		if !slices.ContainsFunc(t.Hooks, func(h Hook) bool { return s.HookKey(h.Op) == key }) {
 			t.Hooks = append(t.Hooks, Hook{Op: op, Since: at})
 		}
 	case policy.DeleteHook:
-		t.Hooks = slices.DeleteFunc(t.Hooks, func(h Hook) bool { return hookKey(h.Op) == hookKey(op) })
+		key := s.HookKey(op)
+		t.Hooks = slices.DeleteFunc(t.Hooks, func(h Hook) bool { return s.HookKey(h.Op) == key })
 	case policy.AddBan:
 		c, key := chain(), banKey(op)
-		if !c.banned[key] {
-			c.banned[key] = true
-			c.Bans = append(c.Bans, Ban{Op: op, Since: at})
+		if _, ok := c.bans[key]; !ok {
+			s.seq++
+			op.Kind = policy.AddBan
+			c.bans[key] = Ban{Op: op, Since: at, seq: s.seq}
 		}
 	case policy.DeleteBan:
-		if c, ok := t.Chains[op.Chain]; ok && c.banned[banKey(op)] {
-			delete(c.banned, banKey(op))
-			c.Bans = slices.DeleteFunc(c.Bans, func(b Ban) bool { return banKey(b.Op) == banKey(op) })
+		if c, ok := t.Chains[op.Chain]; ok {
+			delete(c.bans, banKey(op))
 		}
 	}
-}
-
-// Entry is one change with its time, as the journal stores it.
-type Entry struct {
-	Time    time.Time
-	Command string
-}
-
-// Entries is the shortest list of changes that rebuilds the state from
-// an empty firewall: chains, their bans oldest first, return rules, hooks.
-func (s *State) Entries() []Entry {
-	var out []Entry
-	for _, fam := range []policy.Family{policy.IPv4, policy.IPv6} {
-		t := s.Tables[fam]
-		for _, name := range sortedChains(t) {
-			c := t.Chains[name]
-			out = append(out, Entry{Command: fam.Binary() + " -w -N " + string(name)})
-			for _, b := range c.Bans {
-				out = append(out, Entry{Time: b.Since, Command: b.Op.CommandLine()})
-			}
-			if c.Return {
-				out = append(out, Entry{Command: fam.Binary() + " -w -A " + string(name) + " -j RETURN"})
-			}
-		}
-		for _, h := range t.Hooks {
-			out = append(out, Entry{Time: h.Since, Command: h.Op.CommandLine()})
-		}
-	}
-	return out
 }
 
 func sortedChains(t *Table) []policy.Chain {
@@ -158,7 +159,7 @@ func sortedChains(t *Table) []policy.Chain {
 }
 
 // KeepTimes copies the times of bans and hooks from an older view of the
-// same firewall (the journal) into s (read from the live firewall).
+// same firewall (the record) into s (read from the live firewall).
 func (s *State) KeepTimes(old *State) {
 	for fam, t := range s.Tables {
 		ot := old.Tables[fam]
@@ -167,19 +168,20 @@ func (s *State) KeepTimes(old *State) {
 			if !ok {
 				continue
 			}
-			for i, b := range c.Bans {
-				for _, ob := range oc.Bans {
-					if banKey(ob.Op) == banKey(b.Op) {
-						c.Bans[i].Since = ob.Since
-					}
+			for key, b := range c.bans {
+				if ob, ok := oc.bans[key]; ok {
+					b.Since = ob.Since
+					c.bans[key] = b
 				}
 			}
 		}
+		since := map[string]time.Time{}
+		for _, oh := range ot.Hooks {
+			since[old.HookKey(oh.Op)] = oh.Since
+		}
 		for i, h := range t.Hooks {
-			for _, oh := range ot.Hooks {
-				if HookKey(oh.Op) == HookKey(h.Op) {
-					t.Hooks[i].Since = oh.Since
-				}
+			if at, ok := since[s.HookKey(h.Op)]; ok {
+				t.Hooks[i].Since = at
 			}
 		}
 	}

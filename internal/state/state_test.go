@@ -1,26 +1,45 @@
 package state
 
 import (
+	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	bolt "go.etcd.io/bbolt"
 
 	"github.com/f2b-shim/f2b-shim/internal/firewall"
 	"github.com/f2b-shim/f2b-shim/internal/firewall/fwtest"
+	"github.com/f2b-shim/f2b-shim/internal/hostnet"
 	"github.com/f2b-shim/f2b-shim/policy"
 )
 
 const chain = "mail-remote-f2b-imap"
 
-func op(t *testing.T, line string) policy.Operation {
+var ctx = policy.Context{LookupPort: hostnet.LookupPort}
+
+func op(t testing.TB, line string) policy.Operation {
 	t.Helper()
-	o, err := policy.Decide(policy.Default(), line, policy.Context{})
+	o, err := policy.Decide(policy.Default(), line, ctx)
 	require.NoError(t, err)
 	return o
+}
+
+func testPolicy(t testing.TB) *policy.Policy {
+	pol := policy.Default()
+	pol.StateDir = t.TempDir()
+	return pol
+}
+
+func open(t testing.TB, pol *policy.Policy) *Store {
+	s, err := Open(pol, hostnet.LookupPort, time.Second)
+	require.NoError(t, err)
+	t.Cleanup(func() { s.Close() })
+	return s
 }
 
 var lifeCycle = []string{
@@ -35,86 +54,163 @@ var lifeCycle = []string{
 	"ip6tables -w -I " + chain + " 1 -s 2001:db8::1 -j DROP",
 }
 
-func TestJournalRoundTrip(t *testing.T) {
-	dir := t.TempDir()
-	want := New()
+func TestStoreRoundTrip(t *testing.T) {
+	pol := testPolicy(t)
+	s := open(t, pol)
+	want := New(hostnet.LookupPort)
 	base := time.Date(2026, 11, 25, 1, 0, 0, 0, time.UTC)
 	for i, l := range lifeCycle {
 		at := base.Add(time.Duration(i) * time.Minute)
 		want.Apply(op(t, l), at)
-		require.NoError(t, Append(dir, Entry{Time: at, Command: op(t, l).CommandLine()}, false))
+		require.NoError(t, s.Record(op(t, l), i != 5 && i != 6, at))
 	}
-	got, problems, err := Load(dir, policy.Default(), policy.Context{})
+	got, problems, err := s.Load(ctx)
 	require.NoError(t, err)
 	assert.Empty(t, problems)
-	assert.Equal(t, want, got)
 	c := got.Tables[policy.IPv4].Chains[chain]
-	require.Len(t, c.Bans, 2, "the duplicate ban is one ban")
-	assert.Equal(t, base.Add(3*time.Minute), c.Bans[0].Since, "a ban keeps the time it was first made")
+	require.Equal(t, 2, c.Len(), "the duplicate ban is one ban")
+	assert.Equal(t, base.Add(3*time.Minute), c.Bans()[0].Since, "a ban keeps the time it was first made")
 	assert.True(t, c.Return)
 	assert.Len(t, got.Tables[policy.IPv4].Hooks, 1)
+	assert.Equal(t, want.Tables[policy.IPv4].Chains[chain].Bans()[1].Op, c.Bans()[1].Op)
 
-	t.Run("a compacted journal describes the same state", func(t *testing.T) {
-		require.NoError(t, Write(dir, got))
-		again, problems, err := Load(dir, policy.Default(), policy.Context{})
-		require.NoError(t, err)
-		assert.Empty(t, problems)
-		assert.Equal(t, got, again)
-		assert.False(t, NeedsCompaction(dir))
+	t.Run("the same hook spelled otherwise is one hook, and its removal removes it", func(t *testing.T) {
+		require.NoError(t, s.Record(op(t, "iptables -w -I INPUT -p tcp -m multiport --dports 993,143 -j "+chain), false, base))
+		got, _, _ := s.Load(ctx)
+		assert.Len(t, got.Tables[policy.IPv4].Hooks, 1)
+		require.NoError(t, s.Record(op(t, "iptables -w -D INPUT -p tcp -m multiport --dports 143,993 -j "+chain), true, base))
+		got, _, _ = s.Load(ctx)
+		assert.Empty(t, got.Tables[policy.IPv4].Hooks)
 	})
 	t.Run("stopping the jail empties the state", func(t *testing.T) {
-		s := got
-		for _, l := range []string{"iptables -w -D INPUT -p tcp -m multiport --dports imap,imaps -j " + chain, "iptables -w -F " + chain, "iptables -w -X " + chain} {
-			s.Apply(op(t, l), base)
+		for _, l := range []string{"iptables -w -F " + chain, "iptables -w -X " + chain} {
+			require.NoError(t, s.Record(op(t, l), true, base))
 		}
-		assert.Empty(t, s.Tables[policy.IPv4].Chains)
-		assert.Empty(t, s.Tables[policy.IPv4].Hooks)
+		got, _, _ := s.Load(ctx)
+		assert.Empty(t, got.Tables[policy.IPv4].Chains)
+		assert.Len(t, got.Tables[policy.IPv6].Chains, 1, "the other family is untouched")
 	})
 }
 
-func TestDamagedOrTamperedJournal(t *testing.T) {
-	dir := t.TempDir()
-	require.NoError(t, Append(dir, Entry{Command: "iptables -w -N " + chain}, false))
-	require.NoError(t, Append(dir, Entry{Command: "iptables -w -I " + chain + " 1 -s 203.0.113.1 -j DROP"}, false))
-	f, err := os.OpenFile(Path(dir), os.O_APPEND|os.O_WRONLY, 0)
-	require.NoError(t, err)
-	for _, bad := range []string{
-		`{"time":"2026-11-25T01:00:00Z","command":"iptables -F INPUT"}`,
-		`{"time":"2026-11-25T01:00:00Z","command":"iptables -w -I ` + chain + ` 1 -s 0.0.0.0/0 -j ACCEPT"}`,
-		`{"time":"2026-11-25T01:00:00Z","command":"iptables -w -C ` + chain + ` -j RETURN"}`,
-		`not json at all`,
-		`{"time":"2026-11-25T01:00:00Z","command":"iptables -w -I ` + chain + ` 1 -s 203.0.113.2 -j DROP"}`,
-		`{"time":"2026-11-25T01:00:00Z","comm`, // torn by a crash
-	} {
-		_, err := f.WriteString(bad + "\n")
-		require.NoError(t, err)
+// TestTamperedStateIsJudgedAgain writes records into the state file
+// behind the shim's back, as its user could: none becomes a rule.
+func TestTamperedStateIsJudgedAgain(t *testing.T) {
+	pol := testPolicy(t)
+	s := open(t, pol)
+	for _, l := range lifeCycle[:4] {
+		require.NoError(t, s.Record(op(t, l), true, time.Now()))
 	}
-	require.NoError(t, f.Close())
-	s, problems, err := Load(dir, policy.Default(), policy.Context{})
+	require.NoError(t, s.db.Update(func(tx *bolt.Tx) error {
+		c, err := chainBucket(tx, policy.IPv4, chain, true)
+		require.NoError(t, err)
+		require.NoError(t, c.Bucket(bansBucket).Put([]byte("0.0.0.0/0 ACCEPT"), encodeTime(time.Now())))
+		require.NoError(t, c.Bucket(bansBucket).Put([]byte("127.0.0.1/32 DROP"), encodeTime(time.Now())))
+		require.NoError(t, c.Bucket(hooksBucket).Put([]byte("iptables -w -F INPUT"), nil))
+		require.NoError(t, c.Bucket(hooksBucket).Put([]byte("iptables -w -I INPUT -p udp -j "+chain), nil))
+		f := tx.Bucket(famBucket(policy.IPv4))
+		_, err = f.CreateBucket([]byte("INPUT"))
+		return err
+	}))
+	got, problems, err := s.Load(ctx)
 	require.NoError(t, err)
 	assert.Len(t, problems, 5, "%v", problems)
-	bans := s.Tables[policy.IPv4].Chains[chain].Bans
-	require.Len(t, bans, 2, "the good lines around the bad ones still count")
-	assert.Equal(t, "203.0.113.2/32", bans[1].Op.Source.String())
-	assert.Empty(t, s.Tables[policy.IPv4].Hooks, "a tampered line never becomes a rule")
+	assert.Equal(t, 1, got.Tables[policy.IPv4].Chains[chain].Len(), "the good record still counts")
+	assert.Len(t, got.Tables[policy.IPv4].Hooks, 1)
+	assert.NotContains(t, got.Tables[policy.IPv4].Chains, policy.Chain("INPUT"))
+}
+
+// TestPoliciesSharingAStateDirKeepTheirOwnState is finding 4 of the
+// hardening issue: one policy's changes never touch the other's record.
+func TestPoliciesSharingAStateDirKeepTheirOwnState(t *testing.T) {
+	a := testPolicy(t)
+	b := policy.Default()
+	b.Name, b.ChainPrefix, b.StateDir = "mx2", "mail-remote-mx2-", a.StateDir
+	sa, sb := open(t, a), open(t, b)
+	require.NoError(t, sa.Record(op(t, "iptables -N "+chain), true, time.Now()))
+	require.NoError(t, sa.Record(op(t, "iptables -I "+chain+" 1 -s 203.0.113.1 -j DROP"), true, time.Now()))
+	opB, err := policy.Decide(b, "iptables -I mail-remote-mx2-imap 1 -s 203.0.113.2 -j DROP", ctx)
+	require.NoError(t, err)
+	for range 100 {
+		require.NoError(t, sb.Record(opB, true, time.Now()))
+	}
+	gotA, problems, err := sa.Load(ctx)
+	require.NoError(t, err)
+	assert.Empty(t, problems)
+	assert.Equal(t, 1, gotA.Tables[policy.IPv4].Chains[chain].Len())
+	gotB, problems, err := sb.Load(ctx)
+	require.NoError(t, err)
+	assert.Empty(t, problems)
+	assert.Equal(t, 1, gotB.Tables[policy.IPv4].Chains["mail-remote-mx2-imap"].Len())
+	assert.NotEqual(t, Path(a), Path(b))
+}
+
+func TestIntentSurvivesUntilRecorded(t *testing.T) {
+	pol := testPolicy(t)
+	s := open(t, pol)
+	ban := op(t, "iptables -I "+chain+" 1 -s 203.0.113.1 -j DROP")
+	require.NoError(t, s.SetIntent(ban))
+	require.NoError(t, s.Close())
+	s = open(t, pol)
+	got, ok, err := s.Intent(ctx)
+	require.NoError(t, err)
+	require.True(t, ok, "a shim killed after SetIntent leaves the intent")
+	assert.Equal(t, ban, got)
+	require.NoError(t, s.Record(ban, true, time.Now()))
+	_, ok, err = s.Intent(ctx)
+	require.NoError(t, err)
+	assert.False(t, ok, "recording the change clears it")
+}
+
+// TestImportOfTheOldJournal carries an upgraded proxy's journal over, and
+// leaves another policy's lines to that policy.
+func TestImportOfTheOldJournal(t *testing.T) {
+	pol := testPolicy(t)
+	lines := []string{
+		`{"time":"2026-11-25T01:00:00Z","command":"iptables -w -N ` + chain + `"}`,
+		`{"time":"2026-11-25T01:01:00Z","command":"iptables -w -I ` + chain + ` 1 -s 203.0.113.1/32 -j DROP"}`,
+		`{"time":"2026-11-25T01:02:00Z","command":"iptables -w -I ` + chain + ` 1 -s 203.0.113.2/32 -j DROP"}`,
+		`{"time":"2026-11-25T01:03:00Z","command":"iptables -w -D ` + chain + ` -s 203.0.113.2/32 -j DROP"}`,
+		`{"time":"2026-11-25T01:04:00Z","command":"iptables -w -I INPUT -p tcp -m tcp --dport 25 -j ` + chain + `"}`,
+		`{"time":"2026-11-25T01:04:00Z","command":"iptables -w -I mail-remote-mx2-imap 1 -s 203.0.113.9/32 -j DROP"}`,
+		`{"time":"2026-11-25T01:05:00Z","command":"iptables -w -I INPUT -p tcp --dport 25 -j ` + chain + `"}`,
+		`not json`,
+	}
+	require.NoError(t, os.WriteFile(filepath.Join(pol.StateDir, "journal.jsonl"), []byte(strings.Join(lines, "\n")+"\n"), 0o640))
+	s := open(t, pol)
+	got, problems, err := s.Load(ctx)
+	require.NoError(t, err)
+	assert.Empty(t, problems)
+	c := got.Tables[policy.IPv4].Chains[chain]
+	require.NotNil(t, c)
+	require.Equal(t, 1, c.Len())
+	assert.Equal(t, "203.0.113.1/32", c.Bans()[0].Op.Source.String())
+	assert.Equal(t, time.Date(2026, 11, 25, 1, 1, 0, 0, time.UTC), c.Bans()[0].Since)
+	assert.Len(t, got.Tables[policy.IPv4].Hooks, 1)
+	synced, err := s.Synced(policy.IPv4, chain)
+	require.NoError(t, err)
+	assert.False(t, synced, "the rule backend reads an imported chain once before trusting it")
 }
 
 func TestFromLiveAndRestoreScript(t *testing.T) {
 	fake := fwtest.New()
+	b := firewall.Backend{Table: fake, Policy: policy.Default(), LookupPort: hostnet.LookupPort}
 	for _, l := range lifeCycle[:5] {
-		_, err := firewall.Apply(firewall.Backend{Table: fake, Policy: policy.Default()}, op(t, l))
+		_, err := firewall.Apply(b, op(t, l))
 		require.NoError(t, err)
 	}
+	_, err := firewall.Apply(b, op(t, "iptables -I INPUT -p tcp --dport 25 -j "+chain))
+	require.NoError(t, err)
 	require.NoError(t, fake.NewChain("mail-remote-f2b-odd"))
 	require.NoError(t, fake.Insert("mail-remote-f2b-odd", 1, "-s", "0.0.0.0/0", "-j", "ACCEPT"))
 
-	s := New()
-	foreign, err := FromLive(s, policy.IPv4, firewall.Backend{Table: fake, Policy: policy.Default()}, policy.Context{})
+	s := New(hostnet.LookupPort)
+	foreign, err := FromLive(s, policy.IPv4, b, ctx)
 	require.NoError(t, err)
 	assert.Equal(t, []string{"-A mail-remote-f2b-odd -s 0.0.0.0/0 -j ACCEPT"}, foreign)
 	c := s.Tables[policy.IPv4].Chains[chain]
-	require.Len(t, c.Bans, 2)
-	assert.Equal(t, "203.0.113.1/32", c.Bans[0].Op.Source.String(), "the oldest ban is the lowest rule")
+	require.Equal(t, 2, c.Len())
+	assert.Equal(t, "203.0.113.1/32", c.Bans()[0].Op.Source.String(), "the oldest ban is the lowest rule")
+	assert.Len(t, s.Tables[policy.IPv4].Hooks, 2, "the single-port hook, printed as -m tcp --dport 25, is read back")
 
 	script := s.RestoreScript(policy.IPv4, func(Hook) bool { return true })
 	assert.Equal(t, strings.Join([]string{
@@ -124,6 +220,60 @@ func TestFromLiveAndRestoreScript(t *testing.T) {
 		"-A mail-remote-f2b-imap -s 203.0.113.2/32 -j REJECT --reject-with icmp-port-unreachable",
 		"-A mail-remote-f2b-imap -s 203.0.113.1/32 -j DROP",
 		"-A mail-remote-f2b-imap -j RETURN",
+		"-I INPUT -p tcp --dport 25 -j mail-remote-f2b-imap",
 		"-I INPUT -p tcp -m multiport --dports imap,imaps -j mail-remote-f2b-imap",
 		"COMMIT", ""}, "\n"), script)
+}
+
+// BenchmarkRequestAfterLongHistory is finding 3 of the hardening issue:
+// a request's cost must not grow with the history. The store holds
+// 20,000 bans after 10,000 ban/unban cycles; each iteration is one ban
+// and its unban, recorded as the shim records them (fsync'd).
+func BenchmarkRequestAfterLongHistory(b *testing.B) {
+	for _, history := range []int{0, 20000} {
+		b.Run(fmt.Sprintf("bans=%d", history), func(b *testing.B) {
+			pol := testPolicy(b)
+			s := open(b, pol)
+			preload(b, s, history)
+			ban := op(b, "iptables -I "+chain+" 1 -s 198.51.100.1 -j DROP")
+			unban := op(b, "iptables -D "+chain+" -s 198.51.100.1 -j DROP")
+			for b.Loop() {
+				require.NoError(b, s.SetIntent(ban))
+				require.NoError(b, s.Record(ban, true, time.Now()))
+				require.NoError(b, s.SetIntent(unban))
+				require.NoError(b, s.Record(unban, true, time.Now()))
+			}
+		})
+	}
+}
+
+// BenchmarkLoadAfterLongHistory measures what restore and list read.
+func BenchmarkLoadAfterLongHistory(b *testing.B) {
+	pol := testPolicy(b)
+	s := open(b, pol)
+	preload(b, s, 20000)
+	for b.Loop() {
+		st, problems, err := s.Load(ctx)
+		require.NoError(b, err)
+		require.Empty(b, problems)
+		require.Equal(b, 20000, st.Tables[policy.IPv4].Chains[chain].Len())
+	}
+}
+
+// preload records n bans, then n/2 ban/unban cycles, in one transaction
+// (the history a busy proxy builds over weeks).
+func preload(b testing.TB, s *Store, n int) {
+	require.NoError(b, s.db.Update(func(tx *bolt.Tx) error {
+		at := time.Now()
+		require.NoError(b, s.record(tx, op(b, "iptables -N "+chain), true, at))
+		for i := range n {
+			require.NoError(b, s.record(tx, op(b, fmt.Sprintf("iptables -I %s 1 -s 10.%d.%d.%d -j DROP", chain, i>>16&255, i>>8&255, i&255)), true, at))
+		}
+		for i := range n / 2 {
+			l := fmt.Sprintf("-s 10.200.%d.%d -j DROP", i>>8&255, i&255)
+			require.NoError(b, s.record(tx, op(b, "iptables -I "+chain+" 1 "+l), true, at))
+			require.NoError(b, s.record(tx, op(b, "iptables -D "+chain+" "+l), true, at))
+		}
+		return nil
+	}))
 }

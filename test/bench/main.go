@@ -185,7 +185,7 @@ func preload(ns, rawNS *netns.NS, dir, pol, shim string, v variant, n int) (time
 	if err := os.MkdirAll(stateDir, 0o750); err != nil {
 		return 0, err
 	}
-	s := state.New()
+	s := state.New(nil)
 	for _, l := range []string{"iptables -w -N " + chain, "iptables -w -A " + chain + " -j RETURN"} {
 		op, _ := policy.Decide(policy.Default(), l, policy.Context{})
 		s.Apply(op, time.Now())
@@ -203,7 +203,9 @@ func preload(ns, rawNS *netns.NS, dir, pol, shim string, v variant, n int) (time
 		fmt.Fprintf(&raw, "-A %s -s %s/32 -j DROP\n", rawChain, benchAddr(i))
 	}
 	raw.WriteString("COMMIT\n")
-	if err := state.Write(stateDir, s); err != nil {
+	benchPol := policy.Default()
+	benchPol.Name, benchPol.StateDir = "bench", stateDir
+	if err := state.Save(benchPol, s); err != nil {
 		return 0, err
 	}
 	start := time.Now()

@@ -108,7 +108,7 @@ func (f *Fake) Exists(chain string, spec ...string) (bool, error) {
 	if err := f.checkJump(spec); err != nil {
 		return false, err
 	}
-	return slices.Contains(f.chains[chain], strings.Join(spec, " ")), nil
+	return slices.Contains(f.chains[chain], saved(spec)), nil
 }
 
 func (f *Fake) checkJump(spec []string) error {
@@ -119,6 +119,15 @@ func (f *Fake) checkJump(spec []string) error {
 		}
 	}
 	return nil
+}
+
+// saved is a rule as "iptables -S" prints it: a single-port match
+// carries its protocol's match, "-p tcp -m tcp --dport 25".
+func saved(spec []string) string {
+	if len(spec) >= 3 && spec[0] == "-p" && spec[2] == "--dport" {
+		spec = slices.Concat(spec[:2], []string{"-m", spec[1]}, spec[2:])
+	}
+	return strings.Join(spec, " ")
 }
 
 // Insert implements firewall.Table.
@@ -136,7 +145,7 @@ func (f *Fake) Insert(chain string, pos int, spec ...string) error {
 	if pos < 1 || pos > len(rules)+1 {
 		return fmt.Errorf("index of insertion too big")
 	}
-	f.chains[chain] = slices.Insert(rules, pos-1, strings.Join(spec, " "))
+	f.chains[chain] = slices.Insert(rules, pos-1, saved(spec))
 	return nil
 }
 
@@ -148,7 +157,7 @@ func (f *Fake) Append(chain string, spec ...string) error {
 	if _, ok := f.chains[chain]; !ok {
 		return fmt.Errorf("no chain %s", chain)
 	}
-	f.chains[chain] = append(f.chains[chain], strings.Join(spec, " "))
+	f.chains[chain] = append(f.chains[chain], saved(spec))
 	return nil
 }
 
@@ -161,7 +170,7 @@ func (f *Fake) Delete(chain string, spec ...string) error {
 	if !ok {
 		return &firewall.CommandError{Status: 1, Stderr: "iptables: No chain/target/match by that name.\n"}
 	}
-	i := slices.Index(rules, strings.Join(spec, " "))
+	i := slices.Index(rules, saved(spec))
 	if i < 0 {
 		return &firewall.CommandError{Status: 1, Stderr: "iptables: Bad rule (does a matching rule exist in that chain?).\n"}
 	}

@@ -1,0 +1,600 @@
+package state
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+
+	"github.com/f2b-shim/f2b-shim/internal/safefile"
+	"github.com/f2b-shim/f2b-shim/policy"
+)
+
+// Store is one policy's record of what the shim has put into the
+// firewall: state_dir/NAME.db, a bbolt database. Each policy has its own
+// file, so policies that share a state_dir never read or rewrite each
+// other's state.
+//
+// Layout: a bucket per family ("ipv4", "ipv6"), in it a bucket per ban
+// chain, and in that a bucket "bans" (key: "SOURCE TARGET", value: the
+// time it was banned), a bucket "hooks" (key: the hook's canonical
+// command line, value: its time), the key "return" when the chain ends
+// in a RETURN rule, and "synced" when the rule backend may trust "bans"
+// to be what the live chain holds. The bucket "meta" holds "intent": the
+// change in flight, set before the firewall is touched and cleared with
+// the record of it, so that the next request finds a change a crash cut
+// short and reads that chain back from the firewall.
+//
+// Every change is one transaction of O(log n) work: no request pays for
+// the history before it.
+type Store struct {
+	db     *bolt.DB
+	pol    *policy.Policy
+	lookup func(proto, name string) (uint16, bool)
+}
+
+var (
+	metaBucket  = []byte("meta")
+	intentKey   = []byte("intent")
+	bansBucket  = []byte("bans")
+	hooksBucket = []byte("hooks")
+	returnKey   = []byte("return")
+	syncedKey   = []byte("synced")
+	countKey    = []byte("count")
+)
+
+// Path is the policy's state file.
+func Path(pol *policy.Policy) string { return filepath.Join(pol.StateDir, pol.Name+".db") }
+
+// Open opens the policy's state, creating state_dir and the file when
+// they are missing. The caller holds the policy's lock. The first open
+// imports the journal of f2b-shim versions before the store (see
+// importJournal). timeout bounds the wait for bbolt's own file lock.
+func Open(pol *policy.Policy, lookup func(proto, name string) (uint16, bool), timeout time.Duration) (*Store, error) {
+	if err := os.MkdirAll(pol.StateDir, 0o750); err != nil {
+		return nil, err
+	}
+	path := Path(pol)
+	_, statErr := os.Lstat(path)
+	fresh := errors.Is(statErr, os.ErrNotExist)
+	db, err := bolt.Open(path, 0o640, &bolt.Options{
+		Timeout:  timeout,
+		OpenFile: safefile.Open,
+		// The shim holds the file for one request; a small initial map
+		// keeps its start cheap, and bbolt grows it as needed.
+		InitialMmapSize: 0,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("state %s: %w", path, err)
+	}
+	s := &Store{db: db, pol: pol, lookup: lookup}
+	if fresh {
+		if err := s.importJournal(); err != nil {
+			db.Close()
+			return nil, fmt.Errorf("importing %s into %s: %w", legacyJournal(pol), path, err)
+		}
+	}
+	return s, nil
+}
+
+// Close closes the file.
+func (s *Store) Close() error { return s.db.Close() }
+
+func famBucket(fam policy.Family) []byte { return []byte(fam.String()) }
+
+// chainBucket returns the chain's bucket, creating it when create is set.
+func chainBucket(tx *bolt.Tx, fam policy.Family, chain policy.Chain, create bool) (*bolt.Bucket, error) {
+	if !create {
+		f := tx.Bucket(famBucket(fam))
+		if f == nil {
+			return nil, nil
+		}
+		return f.Bucket([]byte(chain)), nil
+	}
+	f, err := tx.CreateBucketIfNotExists(famBucket(fam))
+	if err != nil {
+		return nil, err
+	}
+	c, err := f.CreateBucketIfNotExists([]byte(chain))
+	if err != nil {
+		return nil, err
+	}
+	if _, err := c.CreateBucketIfNotExists(bansBucket); err != nil {
+		return nil, err
+	}
+	_, err = c.CreateBucketIfNotExists(hooksBucket)
+	return c, err
+}
+
+func encodeTime(t time.Time) []byte {
+	return binary.BigEndian.AppendUint64(nil, uint64(t.UnixNano()))
+}
+
+func decodeTime(b []byte) time.Time {
+	if len(b) != 8 {
+		return time.Time{}
+	}
+	n := int64(binary.BigEndian.Uint64(b))
+	if n == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, n).UTC()
+}
+
+func count(c *bolt.Bucket) int {
+	b := c.Get(countKey)
+	if len(b) != 8 {
+		return 0
+	}
+	return int(binary.BigEndian.Uint64(b))
+}
+
+func setCount(c *bolt.Bucket, n int) error {
+	return c.Put(countKey, binary.BigEndian.AppendUint64(nil, uint64(max(n, 0))))
+}
+
+// SetIntent notes the change about to be made. It is written without
+// fsync: it only needs to survive the shim being killed (the page cache
+// keeps it); a power cut loses the firewall too, and restore rebuilds it.
+func (s *Store) SetIntent(op policy.Operation) error {
+	s.db.NoSync = true
+	defer func() { s.db.NoSync = false }()
+	return s.db.Update(func(tx *bolt.Tx) error {
+		m, err := tx.CreateBucketIfNotExists(metaBucket)
+		if err != nil {
+			return err
+		}
+		return m.Put(intentKey, []byte(op.CommandLine()))
+	})
+}
+
+// ClearIntent forgets the change in flight, when it changed nothing.
+func (s *Store) ClearIntent() error {
+	s.db.NoSync = true
+	defer func() { s.db.NoSync = false }()
+	return s.db.Update(func(tx *bolt.Tx) error {
+		if m := tx.Bucket(metaBucket); m != nil {
+			return m.Delete(intentKey)
+		}
+		return nil
+	})
+}
+
+// Intent is the change a shim started and never recorded, judged by the
+// policy again; ok is false when there is none (or it does not judge).
+func (s *Store) Intent(ctx policy.Context) (op policy.Operation, ok bool, err error) {
+	var line string
+	err = s.db.View(func(tx *bolt.Tx) error {
+		if m := tx.Bucket(metaBucket); m != nil {
+			line = string(m.Get(intentKey))
+		}
+		return nil
+	})
+	if err != nil || line == "" {
+		return op, false, err
+	}
+	op, err = policy.Decide(s.pol, line, ctx)
+	return op, err == nil, nil
+}
+
+// Record writes one change that was carried out (applied says whether
+// it changed the firewall), and clears the intent, in one fsync'd
+// transaction.
+func (s *Store) Record(op policy.Operation, applied bool, at time.Time) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		if m := tx.Bucket(metaBucket); m != nil {
+			if err := m.Delete(intentKey); err != nil {
+				return err
+			}
+		}
+		return s.record(tx, op, applied, at)
+	})
+}
+
+func (s *Store) record(tx *bolt.Tx, op policy.Operation, applied bool, at time.Time) error {
+	fam, chain := op.Family, op.BanChain()
+	switch op.Kind {
+	case policy.CreateChain:
+		if applied {
+			// The chain was not there: whatever was recorded for it is
+			// gone from the firewall (a reboot without restore), and the
+			// new chain is empty, so the record starts empty and in sync.
+			if err := dropChain(tx, fam, chain); err != nil {
+				return err
+			}
+		}
+		c, err := chainBucket(tx, fam, chain, true)
+		if err != nil || !applied {
+			return err
+		}
+		return c.Put(syncedKey, nil)
+	case policy.FlushChain:
+		c, err := chainBucket(tx, fam, chain, false)
+		if err != nil || c == nil {
+			return err
+		}
+		if err := c.DeleteBucket(bansBucket); err != nil && !errors.Is(err, bolt.ErrBucketNotFound) {
+			return err
+		}
+		if _, err := c.CreateBucket(bansBucket); err != nil {
+			return err
+		}
+		if err := errors.Join(c.Delete(returnKey), setCount(c, 0)); err != nil {
+			return err
+		}
+		return c.Put(syncedKey, nil)
+	case policy.DeleteChain:
+		return dropChain(tx, fam, chain)
+	case policy.AddReturn:
+		c, err := chainBucket(tx, fam, chain, true)
+		if err != nil {
+			return err
+		}
+		return c.Put(returnKey, nil)
+	case policy.AddHook, policy.DeleteHook:
+		c, err := chainBucket(tx, fam, chain, true)
+		if err != nil {
+			return err
+		}
+		hooks := c.Bucket(hooksBucket)
+		if op.Kind == policy.DeleteHook {
+			// The firewall layer removed the live hook with the same
+			// effect, whatever its spelling; so does the record.
+			return s.deleteHooks(hooks, op)
+		}
+		if !applied {
+			return nil // a hook with this effect is there already
+		}
+		add := op
+		add.Kind = policy.AddHook
+		return hooks.Put([]byte(add.CommandLine()), encodeTime(at))
+	case policy.AddBan, policy.DeleteBan:
+		c, err := chainBucket(tx, fam, chain, true)
+		if err != nil {
+			return err
+		}
+		bans, key := c.Bucket(bansBucket), []byte(banKey(op))
+		had := bans.Get(key) != nil
+		if op.Kind == policy.AddBan && !had {
+			if err := bans.Put(key, encodeTime(at)); err != nil {
+				return err
+			}
+			return setCount(c, count(c)+1)
+		}
+		if op.Kind == policy.DeleteBan && had {
+			if err := bans.Delete(key); err != nil {
+				return err
+			}
+			return setCount(c, count(c)-1)
+		}
+	}
+	return nil
+}
+
+// deleteHooks removes the hooks recorded with the same parent, protocol
+// and ports as op: the firewall layer removed the live one whatever its
+// spelling, and when it found none, the record had it wrong.
+func (s *Store) deleteHooks(hooks *bolt.Bucket, op policy.Operation) error {
+	var drop [][]byte
+	err := hooks.ForEach(func(k, _ []byte) error {
+		c, err := policy.ParseCommand(string(k))
+		if err == nil && s.sameHook(policy.Operation{Command: c}, op) {
+			drop = append(drop, bytes.Clone(k))
+		}
+		return nil
+	})
+	for _, k := range drop {
+		err = errors.Join(err, hooks.Delete(k))
+	}
+	return err
+}
+
+// sameHook compares two hooks by effect, or by their words apart from
+// the kind of command when a service name does not resolve.
+func (s *Store) sameHook(a, b policy.Operation) bool {
+	a.Kind, b.Kind = policy.AddHook, policy.AddHook
+	if a.CommandLine() == b.CommandLine() {
+		return true
+	}
+	ea, errA := policy.HookEffect(a, s.lookup)
+	eb, errB := policy.HookEffect(b, s.lookup)
+	return errA == nil && errB == nil && ea == eb
+}
+
+func dropChain(tx *bolt.Tx, fam policy.Family, chain policy.Chain) error {
+	f := tx.Bucket(famBucket(fam))
+	if f == nil {
+		return nil
+	}
+	if err := f.DeleteBucket([]byte(chain)); err != nil && !errors.Is(err, bolt.ErrBucketNotFound) {
+		return err
+	}
+	return nil
+}
+
+// Chains is the number of chains recorded for the family.
+func (s *Store) Chains(fam policy.Family) (int, error) {
+	n := 0
+	err := s.db.View(func(tx *bolt.Tx) error {
+		if f := tx.Bucket(famBucket(fam)); f != nil {
+			return f.ForEachBucket(func([]byte) error { n++; return nil })
+		}
+		return nil
+	})
+	return n, err
+}
+
+// HasChain reports whether the chain is recorded.
+func (s *Store) HasChain(fam policy.Family, chain policy.Chain) (bool, error) {
+	var ok bool
+	err := s.db.View(func(tx *bolt.Tx) error {
+		c, err := chainBucket(tx, fam, chain, false)
+		ok = c != nil
+		return err
+	})
+	return ok, err
+}
+
+// Synced reports whether the record's bans of the chain may be taken for
+// what the live chain holds.
+func (s *Store) Synced(fam policy.Family, chain policy.Chain) (bool, error) {
+	var ok bool
+	err := s.db.View(func(tx *bolt.Tx) error {
+		c, err := chainBucket(tx, fam, chain, false)
+		ok = c != nil && c.Get(syncedKey) != nil
+		return err
+	})
+	return ok, err
+}
+
+// HasBan reports whether the ban is recorded.
+func (s *Store) HasBan(op policy.Operation) (bool, error) {
+	var ok bool
+	err := s.db.View(func(tx *bolt.Tx) error {
+		c, err := chainBucket(tx, op.Family, op.Chain, false)
+		ok = c != nil && c.Bucket(bansBucket) != nil && c.Bucket(bansBucket).Get([]byte(banKey(op))) != nil
+		return err
+	})
+	return ok, err
+}
+
+// BanCount is the number of bans recorded in the chain.
+func (s *Store) BanCount(fam policy.Family, chain policy.Chain) (int, error) {
+	var n int
+	err := s.db.View(func(tx *bolt.Tx) error {
+		c, err := chainBucket(tx, fam, chain, false)
+		if c != nil {
+			n = count(c)
+		}
+		return err
+	})
+	return n, err
+}
+
+// Learn replaces the chain's recorded bans with those read from the live
+// chain, keeping the times of bans that stay, and marks it in sync.
+func (s *Store) Learn(fam policy.Family, chain policy.Chain, bans []policy.Operation) error {
+	return s.db.Update(func(tx *bolt.Tx) error { return learn(tx, fam, chain, bans) })
+}
+
+func learn(tx *bolt.Tx, fam policy.Family, chain policy.Chain, bans []policy.Operation) error {
+	c, err := chainBucket(tx, fam, chain, true)
+	if err != nil {
+		return err
+	}
+	since := map[string][]byte{}
+	if err := forEach(c.Bucket(bansBucket), func(k, v []byte) error { since[string(k)] = bytes.Clone(v); return nil }); err != nil {
+		return err
+	}
+	if err := c.DeleteBucket(bansBucket); err != nil {
+		return err
+	}
+	fresh, err := c.CreateBucket(bansBucket)
+	if err != nil {
+		return err
+	}
+	n := 0
+	for _, b := range bans {
+		key := banKey(b)
+		if fresh.Get([]byte(key)) != nil {
+			continue
+		}
+		at := since[key]
+		if at == nil {
+			at = encodeTime(time.Time{})
+		}
+		if err := fresh.Put([]byte(key), at); err != nil {
+			return err
+		}
+		n++
+	}
+	if err := setCount(c, n); err != nil {
+		return err
+	}
+	return c.Put(syncedKey, nil)
+}
+
+// MarkSynced marks every chain of the family in sync, after a restore
+// made the firewall equal to the record.
+func (s *Store) MarkSynced(fam policy.Family) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		f := tx.Bucket(famBucket(fam))
+		if f == nil {
+			return nil
+		}
+		return f.ForEachBucket(func(name []byte) error { return f.Bucket(name).Put(syncedKey, nil) })
+	})
+}
+
+// Replace makes the record equal to st (read back from the live
+// firewall), every chain in sync; the chains of fams not in st are left.
+func (s *Store) Replace(st *State, fams ...policy.Family) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		for _, fam := range fams {
+			if err := tx.DeleteBucket(famBucket(fam)); err != nil && !errors.Is(err, bolt.ErrBucketNotFound) {
+				return err
+			}
+			if err := writeTable(tx, fam, st.Tables[fam], true); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// ReplaceChain makes the record of one chain, and of the hooks into it,
+// equal to what st holds for it.
+func (s *Store) ReplaceChain(st *State, fam policy.Family, chain policy.Chain) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		if err := dropChain(tx, fam, chain); err != nil {
+			return err
+		}
+		t := st.Tables[fam]
+		only := &Table{Chains: map[policy.Chain]*Chain{}}
+		if c, ok := t.Chains[chain]; ok {
+			only.Chains[chain] = c
+		}
+		for _, h := range t.Hooks {
+			if h.Op.Jump == chain {
+				only.Hooks = append(only.Hooks, h)
+			}
+		}
+		return writeTable(tx, fam, only, true)
+	})
+}
+
+func writeTable(tx *bolt.Tx, fam policy.Family, t *Table, synced bool) error {
+	for name, c := range t.Chains {
+		b, err := chainBucket(tx, fam, name, true)
+		if err != nil {
+			return err
+		}
+		bans := b.Bucket(bansBucket)
+		for _, ban := range c.Bans() {
+			if err := bans.Put([]byte(banKey(ban.Op)), encodeTime(ban.Since)); err != nil {
+				return err
+			}
+		}
+		if err := setCount(b, c.Len()); err != nil {
+			return err
+		}
+		if c.Return {
+			if err := b.Put(returnKey, nil); err != nil {
+				return err
+			}
+		}
+		if synced {
+			if err := b.Put(syncedKey, nil); err != nil {
+				return err
+			}
+		}
+	}
+	for _, h := range t.Hooks {
+		b, err := chainBucket(tx, fam, h.Op.Jump, true)
+		if err != nil {
+			return err
+		}
+		add := h.Op
+		add.Kind = policy.AddHook
+		if err := b.Bucket(hooksBucket).Put([]byte(add.CommandLine()), encodeTime(h.Since)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// forEach is Bucket.ForEach that takes a missing bucket (a state file
+// edited by hand) as an empty one.
+func forEach(b *bolt.Bucket, fn func(k, v []byte) error) error {
+	if b == nil {
+		return nil
+	}
+	return b.ForEach(fn)
+}
+
+// Problem is a record that could not be used.
+type Problem struct {
+	Where  string
+	Reason string
+}
+
+func (p Problem) String() string { return fmt.Sprintf("%s: %s", p.Where, p.Reason) }
+
+// Load reads the whole record through the policy. Records the policy
+// refuses are skipped and reported; the rest still count.
+func (s *Store) Load(ctx policy.Context) (*State, []Problem, error) {
+	st := New(ctx.LookupPort)
+	var problems []Problem
+	judge := func(where, line string, at time.Time) {
+		op, err := policy.Decide(s.pol, line, ctx)
+		if err == nil && !Changes(op.Kind) {
+			err = fmt.Errorf("%s changes nothing", op.Kind)
+		}
+		if err != nil {
+			problems = append(problems, Problem{where, fmt.Sprintf("%q refused: %v", line, err)})
+			return
+		}
+		st.Apply(op, at)
+	}
+	err := s.db.View(func(tx *bolt.Tx) error {
+		for _, fam := range []policy.Family{policy.IPv4, policy.IPv6} {
+			f := tx.Bucket(famBucket(fam))
+			if f == nil {
+				continue
+			}
+			err := f.ForEachBucket(func(name []byte) error {
+				c := f.Bucket(name)
+				if c == nil {
+					return nil
+				}
+				where := fam.String() + "/" + string(name)
+				judge(where, fmt.Sprintf("%s -w -N %s", fam.Binary(), name), time.Time{})
+				type ban struct {
+					line string
+					at   time.Time
+				}
+				var bans []ban
+				if err := forEach(c.Bucket(bansBucket), func(k, v []byte) error {
+					src, target, _ := bytes.Cut(k, []byte(" "))
+					bans = append(bans, ban{fmt.Sprintf("%s -w -I %s 1 -s %s -j %s", fam.Binary(), name, src, target), decodeTime(v)})
+					return nil
+				}); err != nil {
+					return err
+				}
+				// Oldest first, so that the state keeps the firewall's order.
+				slices.SortStableFunc(bans, func(a, b ban) int { return a.at.Compare(b.at) })
+				for _, b := range bans {
+					judge(where, b.line, b.at)
+				}
+				if c.Get(returnKey) != nil {
+					judge(where, fmt.Sprintf("%s -w -A %s -j RETURN", fam.Binary(), name), time.Time{})
+				}
+				return forEach(c.Bucket(hooksBucket), func(k, v []byte) error {
+					judge(where, string(k), decodeTime(v))
+					return nil
+				})
+			})
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	return st, problems, err
+}
+
+// Save replaces the policy's whole record with st, for tools and tests
+// that prepare a state; the shim itself records change by change.
+func Save(pol *policy.Policy, st *State) error {
+	s, err := Open(pol, st.lookup, time.Second)
+	if err != nil {
+		return err
+	}
+	return errors.Join(s.Replace(st, policy.IPv4, policy.IPv6), s.Close())
+}
