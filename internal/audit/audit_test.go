@@ -4,8 +4,8 @@ import (
 	"bufio"
 	"crypto/sha256"
 	"encoding/hex"
-	"fmt"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -73,11 +73,11 @@ func TestRecordKeepsRawBytesWhenTextCannot(t *testing.T) {
 // and as much of its start as fits.
 func TestEveryLineFitsInMaxLine(t *testing.T) {
 	worst := []string{
-		strings.Repeat("\x01", 4096),                      // each byte escapes to six
-		strings.Repeat("\xff", 4096),                      // invalid: U+FFFD escapes plus base64
-		strings.Repeat("\u2028", 2000),                    // three bytes, escaped to six
-		strings.Repeat("A", 1<<20),                        // a megabyte
-		strings.Repeat("é\x01\xff\"", 3000),              // mixed
+		strings.Repeat("\x01", 4096),                             // each byte escapes to six
+		strings.Repeat("\xff", 4096),                             // invalid: U+FFFD escapes plus base64
+		strings.Repeat("\u2028", 2000),                           // three bytes, escaped to six
+		strings.Repeat("A", 1<<20),                               // a megabyte
+		strings.Repeat("é\x01\xff\"", 3000),                      // mixed
 		"iptables -I mail-remote-f2b-x 1 -s 203.0.113.1 -j DROP", // an ordinary line
 	}
 	longest := 0
