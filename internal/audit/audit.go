@@ -239,7 +239,7 @@ func (l *Log) Write(r Record) error {
 		return err
 	}
 	if coalesce {
-		pending[r.ClientIP] = pendingDenials{Second: sec, Policy: r.Policy}
+		pending[r.ClientIP] = pendingDenials{Second: sec, Policy: r.Policy, UID: r.UID}
 	}
 	return l.writePending(pending)
 }
@@ -250,11 +250,12 @@ type pendingDenials struct {
 	Second int64  `json:"second"`
 	Count  int    `json:"count"`
 	Policy string `json:"policy"`
+	UID    int    `json:"uid"`
 }
 
 func (p pendingDenials) record(client string) Record {
 	return Record{
-		Time: time.Unix(p.Second, 0).UTC(), Policy: p.Policy, ClientIP: client,
+		Time: time.Unix(p.Second, 0).UTC(), Policy: p.Policy, UID: p.UID, ClientIP: client,
 		Decision: Deny, Result: "coalesced", Exit: 3, Count: p.Count,
 		Reason: Text(fmt.Sprintf("%d more denials of this client in this second; the first is logged in full", p.Count)),
 	}

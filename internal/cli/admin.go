@@ -371,6 +371,9 @@ func runReconcile(args []string, stdout, stderr io.Writer, deps Deps) int {
 				continue
 			}
 			b := backends[d.fam]
+			// The record is what is missing from the firewall: ask the
+			// chain, not the record, whether a ban is there.
+			b.Record = nil
 			if _, err := firewall.Apply(b, *d.fix); err != nil {
 				fmt.Fprintf(stderr, "f2b-shim: reconcile --fix: %s: %s\n", d.fix.CommandLine(), oneLine.Replace(err.Error()))
 				return ExitFirewall

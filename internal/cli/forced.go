@@ -182,6 +182,11 @@ func finishCutShort(store *state.Store, pol *policy.Policy, ctx policy.Context, 
 	if err := store.ReplaceChain(live, op.Family, chain); err != nil {
 		return "an earlier change was cut short, and the state could not be repaired: " + err.Error()
 	}
+	if op.Kind == policy.AddBan || op.Kind == policy.DeleteBan {
+		if err := store.Unsettle(op); err != nil {
+			return "state: " + err.Error()
+		}
+	}
 	if err := store.ClearIntent(); err != nil {
 		return "state: " + err.Error()
 	}

@@ -10,6 +10,7 @@ package firewall
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 
 	"github.com/f2b-shim/f2b-shim/policy"
@@ -80,6 +81,10 @@ type Record interface {
 	Learn(fam policy.Family, chain policy.Chain, bans []policy.Operation) error
 	HasBan(op policy.Operation) (bool, error)
 	BanCount(fam policy.Family, chain policy.Chain) (int, error)
+	// Unsettled reports whether a change to this ban may have reached the
+	// firewall after the record was made: its shim was killed while its
+	// iptables call still ran. Recording the ban settles it.
+	Unsettled(op policy.Operation) (bool, error)
 }
 
 // Apply carries out op. The caller holds the policy's lock, so the check
@@ -142,7 +147,7 @@ func checkChainLimit(b Backend, op policy.Operation) error {
 		return err
 	}
 	if n >= b.Policy.MaxChains {
-		return fmt.Errorf("%w: there are already %d %s chains (max_chains); delete one, or raise the limit in the policy", ErrLimit, n, op.Family)
+		return fmt.Errorf("chain %w: there are already %d %s chains (max_chains); delete one, or raise the limit in the policy", ErrLimit, n, op.Family)
 	}
 	return nil
 }
@@ -173,7 +178,7 @@ func addBanRule(t Table, chain string, spec []string, maxBans int) (Outcome, err
 }
 
 func banLimit(chain string, n int) error {
-	return fmt.Errorf("%w: chain %q already holds %d bans (max_bans_per_chain); unban some or raise the limit in the policy", ErrLimit, chain, n)
+	return fmt.Errorf("ban %w: chain %q already holds %d bans (max_bans_per_chain); unban some or raise the limit in the policy", ErrLimit, chain, n)
 }
 
 // addBanRecorded bans with one iptables call: the record says whether
@@ -205,8 +210,20 @@ func addBanRecorded(b Backend, op policy.Operation) (Outcome, error) {
 			return 0, err
 		}
 	}
-	has, err := b.Record.HasBan(op)
-	if err != nil || has {
+	unsettled, err := b.Record.Unsettled(op)
+	if err != nil {
+		return 0, err
+	}
+	if unsettled {
+		// Ask the chain itself, once: the record may be behind.
+		rules, err := t.List(chain)
+		if err != nil {
+			return 0, err
+		}
+		if slices.Contains(rules, "-A "+chain+" "+strings.Join(op.RuleSpec(), " ")) {
+			return Unchanged, nil
+		}
+	} else if has, err := b.Record.HasBan(op); err != nil || has {
 		return Unchanged, err
 	}
 	n, err := b.Record.BanCount(op.Family, op.Chain)
@@ -267,7 +284,7 @@ func applySet(b Backend, op policy.Operation) (out Outcome, done bool, err error
 		}
 		added, err := sets.Add(name, op.Source.String())
 		if errors.Is(err, ErrSetFull) {
-			return 0, true, fmt.Errorf("%w: set %s of chain %q already holds max_bans_per_chain (%d) bans with target %q; unban some or raise the limit", ErrLimit, name, chain, b.Policy.MaxBansPerChain, op.Target)
+			return 0, true, fmt.Errorf("ban %w: set %s of chain %q already holds max_bans_per_chain (%d) bans with target %q; unban some or raise the limit", ErrLimit, name, chain, b.Policy.MaxBansPerChain, op.Target)
 		}
 		if err != nil || !added {
 			return Unchanged, true, err

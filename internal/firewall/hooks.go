@@ -97,7 +97,7 @@ func applyHook(b Backend, op policy.Operation) (Outcome, error) {
 		return Unchanged, nil
 	}
 	if len(live) >= b.Policy.MaxHooksPerChain {
-		return 0, fmt.Errorf("%w: %d rules already jump to %s chain %q (max_hooks_per_chain); remove one, or raise the limit in the policy", ErrLimit, len(live), op.Family, op.Jump)
+		return 0, fmt.Errorf("hook %w: %d rules already jump to %s chain %q (max_hooks_per_chain); remove one, or raise the limit in the policy", ErrLimit, len(live), op.Family, op.Jump)
 	}
 	return Applied, b.Table.Insert(string(op.Chain), 1, op.RuleSpec()...)
 }

@@ -40,8 +40,9 @@ type Store struct {
 }
 
 var (
-	metaBucket  = []byte("meta")
-	intentKey   = []byte("intent")
+	metaBucket      = []byte("meta")
+	intentKey       = []byte("intent")
+	unsettledBucket = []byte("unsettled")
 	bansBucket  = []byte("bans")
 	hooksBucket = []byte("hooks")
 	returnKey   = []byte("return")
@@ -193,8 +194,54 @@ func (s *Store) Record(op policy.Operation, applied bool, at time.Time) error {
 				return err
 			}
 		}
+		if u := tx.Bucket(unsettledBucket); u != nil && (op.Kind == policy.AddBan || op.Kind == policy.DeleteBan) {
+			if err := u.Delete(unsettledKey(op)); err != nil {
+				return err
+			}
+		}
 		return s.record(tx, op, applied, at)
 	})
+}
+
+// RecordBatch records several changes in one transaction, one fsync:
+// for tools and tests that replay a history.
+func (s *Store) RecordBatch(ops []policy.Operation, at time.Time) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		for _, op := range ops {
+			if err := s.record(tx, op, true, at); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+func unsettledKey(op policy.Operation) []byte {
+	return []byte(op.Family.String() + " " + string(op.Chain) + " " + banKey(op))
+}
+
+// Unsettle marks a ban whose change a killed shim may still make: its
+// iptables call can outlive it while it waits for the xtables lock. The
+// next ban of that address asks the chain instead of the record.
+func (s *Store) Unsettle(op policy.Operation) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		u, err := tx.CreateBucketIfNotExists(unsettledBucket)
+		if err != nil {
+			return err
+		}
+		return u.Put(unsettledKey(op), nil)
+	})
+}
+
+// Unsettled implements firewall.Record.
+func (s *Store) Unsettled(op policy.Operation) (bool, error) {
+	var ok bool
+	err := s.db.View(func(tx *bolt.Tx) error {
+		u := tx.Bucket(unsettledBucket)
+		ok = u != nil && u.Get(unsettledKey(op)) != nil
+		return nil
+	})
+	return ok, err
 }
 
 func (s *Store) record(tx *bolt.Tx, op policy.Operation, applied bool, at time.Time) error {

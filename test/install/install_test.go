@@ -81,12 +81,36 @@ func TestInstallUserMode(t *testing.T) {
 	caps, err := exec.Command("getcap", sbin).CombinedOutput()
 	require.NoError(t, err)
 	assert.Contains(t, string(caps), "cap_net_admin,cap_net_raw=ep")
+	userUID, userGID := f[2], f[3]
 	uid, gid, mode := owner(t, sbin)
-	assert.Equal(t, [3]any{uint32(0), uint32(0), os.FileMode(0o755)}, [3]any{uid, gid, mode}, "root-owned, no setuid")
+	assert.Equal(t, "0:"+userGID+":750", fmt.Sprintf("%d:%d:%o", uid, gid, mode), "root-owned, the shim's group may run it, others may not")
 	st, _ := os.Stat(sbin)
 	assert.Zero(t, st.Mode()&os.ModeSetuid)
+	t.Run("another local user cannot run the binary that holds CAP_NET_ADMIN", func(t *testing.T) {
+		nstest.RequireRoot(t, "setpriv")
+		// Open the path for everyone, so that only the binary's own mode
+		// stands in the way; a 0755 copy beside it shows the test can fail.
+		for d := sbin; d != "/"; d = filepath.Dir(d) {
+			if st, err := os.Stat(d); err == nil && st.IsDir() && st.Mode().Perm()&0o005 != 0o005 {
+				require.NoError(t, os.Chmod(d, st.Mode().Perm()|0o005))
+			}
+		}
+		open := filepath.Join(filepath.Dir(sbin), "f2b-shim-0755")
+		data, err := os.ReadFile(sbin)
+		require.NoError(t, err)
+		require.NoError(t, os.WriteFile(open, data, 0o755))
+		defer os.Remove(open)
+		asNobody := func(bin string) (string, error) {
+			out, err := exec.Command("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", bin, "version").CombinedOutput()
+			return string(out), err
+		}
+		out, err := asNobody(open)
+		assert.NoError(t, err, "a 0755 copy runs as nobody: %s", out)
+		out, err = asNobody(sbin)
+		assert.Error(t, err, "the installed binary does not")
+		assert.Contains(t, out, "Permission denied")
+	})
 
-	userUID, userGID := f[2], f[3]
 	for path, want := range map[string]string{
 		"etc/f2b-shim/policy.toml":            "0:" + userGID + ":640",
 		"var/lib/f2b-shim":                    userUID + ":" + userGID + ":750",

@@ -119,7 +119,7 @@ func TestUnprivilegedUserLimits(t *testing.T) {
 		u := newUserSetup(t, "nft", true)
 		ns, _, _ := setup(t, "nft", "")
 		require.Equal(t, 0, asUser(t, ns, u, "", create, u.bin, "--policy", u.pol).Code)
-		require.NoError(t, os.Remove(filepath.Join(u.dir, "state", "lock")))
+		require.NoError(t, os.Remove(filepath.Join(u.dir, "state", loadPolicy(t, u.pol).Name+".lock")))
 		require.NoError(t, os.Remove(u.audit))
 		for _, args := range [][]string{{"list"}, {"reconcile", "--fix"}, {"restore"}} {
 			cmd := ns.Command(u.bin, append(args[:1:1], append([]string{"--policy", u.pol}, args[1:]...)...)...)

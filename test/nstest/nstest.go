@@ -96,8 +96,17 @@ type Result struct {
 // SSH_ORIGINAL_COMMAND and SSH_CONNECTION set.
 func (ns *Netns) Shim(t testing.TB, bin, policyPath, line string) Result {
 	t.Helper()
+	return ns.ShimFrom(t, bin, policyPath, line, "192.0.2.10")
+}
+
+// ShimFrom is Shim for a request from another ssh client address. The
+// shim coalesces a client's denials within one second in the audit log,
+// so a test that checks one audit line per denial sends them from
+// different clients.
+func (ns *Netns) ShimFrom(t testing.TB, bin, policyPath, line, client string) Result {
+	t.Helper()
 	cmd := ns.Command(bin, "--policy", policyPath)
-	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "SSH_ORIGINAL_COMMAND=" + line, "SSH_CONNECTION=192.0.2.10 50022 192.0.2.7 22"}
+	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "SSH_ORIGINAL_COMMAND=" + line, "SSH_CONNECTION=" + client + " 50022 192.0.2.7 22"}
 	return RunCmd(t, cmd)
 }
 
