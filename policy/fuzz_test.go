@@ -76,9 +76,47 @@ func FuzzDecide(f *testing.F) {
 			require.NotContains(t, w, " ")
 			require.False(t, strings.HasPrefix(w, "--") && !slices.Contains([]string{"--dport", "--dports", "--reject-with"}, w), "option %q", w)
 		}
+		// A hook that goes in stays off the proxy's local port range and
+		// never covers every port (hook_ports is empty by default).
+		if op.Kind == AddHook {
+			ports, err := op.hookPorts(testServices)
+			require.NoError(t, err)
+			for _, r := range ports {
+				require.False(t, r.Lo <= DefaultLocalPorts.Hi && DefaultLocalPorts.Lo <= r.Hi, "hook on %v", ports)
+			}
+		}
 		// It round-trips through its canonical command line.
 		again, err := decide(t, op.CommandLine())
 		require.NoError(t, err, "canonical form %q", op.CommandLine())
 		assert.Equal(t, op, again)
+	})
+}
+
+// FuzzParseSaved feeds arbitrary "iptables -S" lines to the reader that
+// restore, reconcile and crash recovery use: whatever it accepts is a
+// rule the grammar makes, and round-trips through its canonical form.
+func FuzzParseSaved(f *testing.F) {
+	for _, s := range []string{
+		"-A INPUT -p tcp -m tcp --dport 25 -j " + chain,
+		"-A INPUT -p tcp -m multiport --dports 110,995,143,993,4190 -j " + chain,
+		"-A " + chain + " -s 203.0.113.4/32 -j REJECT --reject-with icmp-port-unreachable",
+		"-A " + chain + " -j RETURN",
+		"-A " + chain + " -m set --match-set f2b-0123456789ab src -j DROP",
+		"-A INPUT -p tcp -m tcp --dport 25 -m comment --comment x -j " + chain,
+		"-N " + chain,
+	} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, line string) {
+		c, err := ParseSaved(IPv4, line)
+		if err != nil {
+			var d *Denial
+			require.ErrorAs(t, err, &d)
+			return
+		}
+		require.Contains(t, []Kind{AddHook, AddBan, AddReturn}, c.Kind)
+		again, err := ParseCommand(Operation{c}.CommandLine())
+		require.NoError(t, err)
+		assert.Equal(t, c, again)
 	})
 }

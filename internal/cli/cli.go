@@ -83,10 +83,12 @@ const usage = `f2b-shim: the forced command that lets a fail2ban host manage its
 Usage:
   f2b-shim [--policy FILE]                   run as sshd's command= (reads SSH_ORIGINAL_COMMAND)
   f2b-shim check [--policy FILE] 'COMMAND'   show how COMMAND parses and whether the policy allows it
-  f2b-shim restore [--policy FILE]           put the journal's chains, bans and hooks back (at boot)
+  f2b-shim restore [--policy FILE | --all [--dir DIR]]
+                                             put the state's chains, bans and hooks back (at boot);
+                                             --all: every policy file in DIR (default /etc/f2b-shim)
   f2b-shim list [--policy FILE] [--json] [CHAIN]
                                              show the chains, hooks and bans the shim has made
-  f2b-shim reconcile [--policy FILE] [--fix] compare the journal with the firewall; --fix re-applies what is missing
+  f2b-shim reconcile [--policy FILE] [--fix] compare the state with the firewall; --fix re-applies what is missing
   f2b-shim audit [--policy FILE] [--since T] [--until T] [--client NAME] [--denied] [--ip ADDR]
                  [--chain CHAIN] [--summary | --json]
                                              review the audit log, rotated files included

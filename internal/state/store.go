@@ -43,11 +43,11 @@ var (
 	metaBucket      = []byte("meta")
 	intentKey       = []byte("intent")
 	unsettledBucket = []byte("unsettled")
-	bansBucket  = []byte("bans")
-	hooksBucket = []byte("hooks")
-	returnKey   = []byte("return")
-	syncedKey   = []byte("synced")
-	countKey    = []byte("count")
+	bansBucket      = []byte("bans")
+	hooksBucket     = []byte("hooks")
+	returnKey       = []byte("return")
+	syncedKey       = []byte("synced")
+	countKey        = []byte("count")
 )
 
 // Path is the policy's state file.

@@ -44,7 +44,11 @@ type config struct {
 	connTime time.Duration
 	connRuns int
 	out      string
+	only     string
 }
+
+// runs reports whether the part is to run.
+func (c config) runs(part string) bool { return c.only == "" || c.only == part }
 
 func main() {
 	if len(os.Args) > 1 {
@@ -59,11 +63,13 @@ func main() {
 	}
 	quick := flag.Bool("quick", false, "a short run, as a smoke test: N = 0 and 100, few repetitions")
 	out := flag.String("out", "bench-out", "directory for results.md and latency.png")
+	only := flag.String("only", "", "run one part: latency, sshd, packets or hooks")
 	flag.Parse()
 	c := config{ns: []int{0, 1000, 10000, 50000}, reps: 15, e2eBans: 50, connTime: 2 * time.Second, connRuns: 3, out: *out}
 	if *quick {
 		c = config{ns: []int{0, 100}, reps: 3, e2eBans: 5, connTime: 300 * time.Millisecond, connRuns: 1, out: *out}
 	}
+	c.only = *only
 	if err := run(c); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
@@ -107,22 +113,33 @@ func run(c config) error {
 	host, _ := os.Hostname()
 	fmt.Fprintf(&md, "Measured %s on %s (%d CPUs), medians of %d runs each, times in milliseconds.\n\n", time.Now().Format("2006-01-02"), host, numCPU(), c.reps)
 
-	lat, err := latencies(c, tmp, shim, self)
-	if err != nil {
-		return err
+	if c.runs("latency") {
+		lat, err := latencies(c, tmp, shim, self)
+		if err != nil {
+			return err
+		}
+		writeLatency(&md, c, lat)
+		if err := plot(c, lat); err != nil {
+			fmt.Fprintln(os.Stderr, "bench: no plot:", err)
+		}
 	}
-	writeLatency(&md, c, lat)
-	if err := plot(c, lat); err != nil {
-		fmt.Fprintln(os.Stderr, "bench: no plot:", err)
+	if c.runs("sshd") {
+		rates, err := throughput(c, shim)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(&md, "\n### Bans per second through sshd (ControlMaster, one ssh per ban, %d bans)\n\n| via | bans/s | ratio to raw |\n|---|---|---|\n", c.e2eBans)
+		fmt.Fprintf(&md, "| raw iptables (a key without the shim) | %.1f | 1.00 |\n| f2b-shim | %.1f | %.2f |\n", rates[0], rates[1], rates[1]/rates[0])
 	}
-	rates, err := throughput(c, shim)
-	if err != nil {
-		return err
+	if c.runs("packets") {
+		if err := packets(c, &md, tmp, shim, self); err != nil {
+			return err
+		}
 	}
-	fmt.Fprintf(&md, "\n### Bans per second through sshd (ControlMaster, one ssh per ban, %d bans)\n\n| via | bans/s | ratio to raw |\n|---|---|---|\n", c.e2eBans)
-	fmt.Fprintf(&md, "| raw iptables (a key without the shim) | %.1f | 1.00 |\n| f2b-shim | %.1f | %.2f |\n", rates[0], rates[1], rates[1]/rates[0])
-	if err := packets(c, &md, tmp, shim, self); err != nil {
-		return err
+	if c.runs("hooks") {
+		if err := hooks(c, &md, tmp, shim, self); err != nil {
+			return err
+		}
 	}
 	fmt.Print(md.String())
 	return os.WriteFile(filepath.Join(c.out, "results.md"), []byte(md.String()), 0o644)
@@ -439,28 +456,9 @@ func packets(c config, md *strings.Builder, tmp, shim, self string) error {
 			if err != nil {
 				return err
 			}
-			proxy, err := newNS("pxy")
+			proxy, client, err := pair()
 			if err != nil {
 				return err
-			}
-			client, err := newNS("cli")
-			if err != nil {
-				return err
-			}
-			for _, step := range [][]string{
-				{proxy.Name, "ip", "link", "add", "p0", "type", "veth", "peer", "name", "c0", "netns", client.Name},
-				{proxy.Name, "ip", "addr", "add", "198.51.100.1/24", "dev", "p0"},
-				{client.Name, "ip", "addr", "add", "198.51.100.2/24", "dev", "c0"},
-				{proxy.Name, "ip", "link", "set", "p0", "up"},
-				{client.Name, "ip", "link", "set", "c0", "up"},
-			} {
-				ns := proxy
-				if step[0] == client.Name {
-					ns = client
-				}
-				if _, err := ns.Run(step[1], step[2:]...); err != nil {
-					return err
-				}
 			}
 			pol, err := writePolicy(dir, v)
 			if err != nil {
@@ -469,38 +467,160 @@ func packets(c config, md *strings.Builder, tmp, shim, self string) error {
 			if _, err := preload(proxy, nil, dir, pol, shim, v, n); err != nil {
 				return err
 			}
-			hook := proxy.Command(shim, "--policy", pol)
-			hook.Env = []string{"SSH_ORIGINAL_COMMAND=iptables -w -I INPUT -p tcp --dport 143 -j " + chain}
-			if out, err := hook.CombinedOutput(); err != nil {
-				return fmt.Errorf("hook: %v: %s", err, out)
-			}
-			srv := proxy.Command(self, "serve", "198.51.100.1:143")
-			if err := srv.Start(); err != nil {
+			if err := shimLine(proxy, shim, pol, "iptables -w -I INPUT -p tcp --dport 143 -j "+chain); err != nil {
 				return err
 			}
-			time.Sleep(200 * time.Millisecond)
-			var rates []float64
-			for range c.connRuns {
-				out, err := client.Command(self, "connect", "198.51.100.1:143", c.connTime.String()).Output()
-				if err != nil {
-					srv.Process.Kill()
-					srv.Wait()
-					return fmt.Errorf("connect: %v", err)
-				}
-				var r float64
-				fmt.Sscan(string(out), &r)
-				rates = append(rates, r)
+			rate, err := connRate(c, proxy, client, self)
+			if err != nil {
+				return err
 			}
-			srv.Process.Kill()
-			srv.Wait()
-			slices.Sort(rates)
-			rate := rates[len(rates)/2]
 			if n == c.ns[0] {
 				base = rate
 			}
 			fmt.Fprintf(md, "| %s | %d | %.0f | %.0f%% |\n", v, n, rate, 100*rate/base)
 			fmt.Fprintf(os.Stderr, "bench: %-13s N=%-6d %.0f connections/s\n", v, n, rate)
 		}
+	}
+	return nil
+}
+
+// pair makes a proxy and a client namespace joined by a veth pair.
+func pair() (proxy, client *netns.NS, err error) {
+	if proxy, err = newNS("pxy"); err != nil {
+		return nil, nil, err
+	}
+	if client, err = newNS("cli"); err != nil {
+		return nil, nil, err
+	}
+	for _, step := range [][]string{
+		{proxy.Name, "ip", "link", "add", "p0", "type", "veth", "peer", "name", "c0", "netns", client.Name},
+		{proxy.Name, "ip", "addr", "add", "198.51.100.1/24", "dev", "p0"},
+		{client.Name, "ip", "addr", "add", "198.51.100.2/24", "dev", "c0"},
+		{proxy.Name, "ip", "link", "set", "p0", "up"},
+		{client.Name, "ip", "link", "set", "c0", "up"},
+	} {
+		ns := proxy
+		if step[0] == client.Name {
+			ns = client
+		}
+		if _, err := ns.Run(step[1], step[2:]...); err != nil {
+			return nil, nil, err
+		}
+	}
+	return proxy, client, nil
+}
+
+// shimLine runs one forced command in ns.
+func shimLine(ns *netns.NS, shim, pol, line string) error {
+	cmd := ns.Command(shim, "--policy", pol)
+	cmd.Env = []string{"SSH_ORIGINAL_COMMAND=" + line}
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("%s: %v: %s", line, err, out)
+	}
+	return nil
+}
+
+// connRate is the median rate of TCP connections from client to a
+// server on the proxy's port 143.
+func connRate(c config, proxy, client *netns.NS, self string) (float64, error) {
+	srv := proxy.Command(self, "serve", "198.51.100.1:143")
+	if err := srv.Start(); err != nil {
+		return 0, err
+	}
+	defer func() { srv.Process.Kill(); srv.Wait() }()
+	time.Sleep(200 * time.Millisecond)
+	var rates []float64
+	for range c.connRuns {
+		out, err := client.Command(self, "connect", "198.51.100.1:143", c.connTime.String()).Output()
+		if err != nil {
+			return 0, fmt.Errorf("connect: %v", err)
+		}
+		var r float64
+		fmt.Sscan(string(out), &r)
+		rates = append(rates, r)
+	}
+	slices.Sort(rates)
+	return rates[len(rates)/2], nil
+}
+
+// hooks measures the packet path with as many hooks as the defaults
+// allow (max_chains chains, max_hooks_per_chain hooks each, every hook
+// matching the probed port), against none and one, and against what the
+// main before the bounds let one chain have (999 hooks). Each chain holds
+// its RETURN rule and bans bans (rule backend, nft), made with
+// iptables-restore; the hooks go through the shim, which must accept them.
+func hooks(c config, md *strings.Builder, tmp, shim, self string) error {
+	def := policy.Default()
+	bans := 758 // the finding's chain
+	if c.reps < 5 {
+		bans = 10
+	}
+	fmt.Fprintf(md, "\n### TCP connections per second with many hooks (nft, rule backend, %d bans per chain; median of %d runs of %s)\n\n| hooks | connections/s | share of no hook |\n|---|---|---|\n", bans, c.connRuns, c.connTime)
+	cases := []struct {
+		name           string
+		chains, perHook int
+		viaShim        bool
+	}{
+		{"none", 1, 0, true},
+		{"1 chain, 1 hook", 1, 1, true},
+		{fmt.Sprintf("the defaults' maximum: %d chains × %d hooks", def.MaxChains, def.MaxHooksPerChain), def.MaxChains, def.MaxHooksPerChain, true},
+		{"1 chain × 999 hooks (what the main before max_hooks_per_chain allowed)", 1, 999, false},
+	}
+	var base float64
+	for _, cs := range cases {
+		dir, err := os.MkdirTemp(tmp, "hooks-")
+		if err != nil {
+			return err
+		}
+		proxy, client, err := pair()
+		if err != nil {
+			return err
+		}
+		pol, err := writePolicy(dir, variant{ipt: "nft", bans: "rules"})
+		if err != nil {
+			return err
+		}
+		var script strings.Builder
+		script.WriteString("*filter\n")
+		for i := range cs.chains {
+			fmt.Fprintf(&script, ":%s%d - [0:0]\n", chain, i)
+		}
+		for i := range cs.chains {
+			for b := range bans {
+				fmt.Fprintf(&script, "-A %s%d -s %s/32 -j DROP\n", chain, i, benchAddr(b))
+			}
+			fmt.Fprintf(&script, "-A %s%d -j RETURN\n", chain, i)
+			if !cs.viaShim {
+				for h := range cs.perHook {
+					fmt.Fprintf(&script, "-A INPUT -p tcp --dport 143:%d -j %s%d\n", 143+h, chain, i)
+				}
+			}
+		}
+		script.WriteString("COMMIT\n")
+		restore := proxy.Command("iptables-nft-restore", "--noflush")
+		restore.Stdin = strings.NewReader(script.String())
+		if out, err := restore.CombinedOutput(); err != nil {
+			return fmt.Errorf("hooks preload: %v: %s", err, out)
+		}
+		if cs.viaShim {
+			for i := range cs.chains {
+				for h := range cs.perHook {
+					// Each hook matches port 143, with another port set.
+					if err := shimLine(proxy, shim, pol, fmt.Sprintf("iptables -w -I INPUT -p tcp --dport 143:%d -j %s%d", 143+h, chain, i)); err != nil {
+						return err
+					}
+				}
+			}
+		}
+		rate, err := connRate(c, proxy, client, self)
+		if err != nil {
+			return err
+		}
+		if base == 0 {
+			base = rate
+		}
+		fmt.Fprintf(md, "| %s | %.0f | %.0f%% |\n", cs.name, rate, 100*rate/base)
+		fmt.Fprintf(os.Stderr, "bench: hooks %-70s %.0f connections/s\n", cs.name, rate)
 	}
 	return nil
 }

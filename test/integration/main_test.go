@@ -19,7 +19,11 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
-	shim, err = nstest.BuildShim(dir)
+	// F2B_SHIM_BINARY runs the system tests against another build, such
+	// as an older release, to show which attacks it lets through.
+	if shim = os.Getenv("F2B_SHIM_BINARY"); shim == "" {
+		shim, err = nstest.BuildShim(dir)
+	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)

@@ -85,7 +85,7 @@ func TestRestoreTenThousandBans(t *testing.T) {
 			for i := range 10000 {
 				s.Apply(decideOp(t, fmt.Sprintf("iptables -w -I %s 1 -s 10.%d.%d.%d -j DROP", chain, i>>16&255, i>>8&255, i&255)), at)
 			}
-					require.NoError(t, state.Save(loadPolicy(t, pol), s))
+			require.NoError(t, state.Save(loadPolicy(t, pol), s))
 			start := time.Now()
 			r := admin(t, ns, pol, "restore")
 			took := time.Since(start)
