@@ -557,9 +557,9 @@ func hooks(c config, md *strings.Builder, tmp, shim, self string) error {
 	}
 	fmt.Fprintf(md, "\n### TCP connections per second with many hooks (nft, rule backend, %d bans per chain; median of %d runs of %s)\n\n| hooks | connections/s | share of no hook |\n|---|---|---|\n", bans, c.connRuns, c.connTime)
 	cases := []struct {
-		name           string
+		name            string
 		chains, perHook int
-		viaShim        bool
+		viaShim         bool
 	}{
 		{"none", 1, 0, true},
 		{"1 chain, 1 hook", 1, 1, true},
