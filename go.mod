@@ -12,9 +12,13 @@ require (
 // Test-only.
 require github.com/stretchr/testify v1.12.1
 
-require go.etcd.io/bbolt v1.4.3
+require (
+	github.com/vishvananda/netlink v1.3.1
+	go.etcd.io/bbolt v1.4.3
+)
 
 require (
+	github.com/vishvananda/netns v0.0.5 // indirect
 	go.yaml.in/yaml/v3 v3.0.5 // indirect
 	golang.org/x/sys v0.29.0 // indirect
 )

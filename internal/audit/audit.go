@@ -212,6 +212,7 @@ func (l *Log) Write(r Record) error {
 		pending[r.ClientIP] = p
 		return l.writePending(pending)
 	}
+	hadPending := len(pending) > 0
 	var out []byte
 	for client, p := range pending {
 		if p.Count > 0 {
@@ -240,6 +241,9 @@ func (l *Log) Write(r Record) error {
 	}
 	if coalesce {
 		pending[r.ClientIP] = pendingDenials{Second: sec, Policy: r.Policy, UID: r.UID}
+	}
+	if !hadPending && len(pending) == 0 {
+		return nil // the side file is empty already, or absent
 	}
 	return l.writePending(pending)
 }

@@ -41,7 +41,7 @@ func RealDeps() Deps {
 			return firewall.Open(fam, backend, wait)
 		},
 		Restore:  firewall.Restore,
-		OpenSets: func() (firewall.Sets, error) { return firewall.OpenIPSet() },
+		OpenSets: func() (firewall.Sets, error) { return firewall.NetlinkSets{}, nil },
 		RestoreSets: func(script string) error {
 			s, err := firewall.OpenIPSet()
 			if err != nil {

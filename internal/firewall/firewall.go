@@ -85,6 +85,10 @@ type Record interface {
 	// firewall after the record was made: its shim was killed while its
 	// iptables call still ran. Recording the ban settles it.
 	Unsettled(op policy.Operation) (bool, error)
+	// SetRule reports whether the set backend's rule for the chain and
+	// target is known to be in the chain; MarkSetRule notes that it is.
+	SetRule(fam policy.Family, chain policy.Chain, t policy.Target) (bool, error)
+	MarkSetRule(fam policy.Family, chain policy.Chain, t policy.Target) error
 }
 
 // Apply carries out op. The caller holds the policy's lock, so the check
@@ -270,24 +274,28 @@ func applySet(b Backend, op policy.Operation) (out Outcome, done bool, err error
 	t, sets, chain := b.Table, b.Sets, string(op.Chain)
 	switch op.Kind {
 	case policy.AddBan:
-		ok, err := t.ChainExists(chain)
-		if err != nil || !ok {
-			return 0, true, errors.Join(err, fmt.Errorf("chain %q does not exist; fail2ban creates it at actionstart", chain))
-		}
+		// The ordinary ban is one netlink message: the set and its rule
+		// are made once, and the record remembers the rule, so neither is
+		// asked about again; a missing set says so itself.
 		name := SetName(op.Family, op.Chain, op.Target)
-		if err := sets.Create(name, op.Family, b.Policy.MaxBansPerChain); err != nil {
-			return 0, true, err
-		}
-		match := append([]string{"-m", "set", "--match-set", name, "src"}, op.Target.Args()...)
-		if _, err := addRule(t, chain, match, func() error { return t.Insert(chain, 1, match...) }); err != nil {
-			return 0, true, err
-		}
 		added, err := sets.Add(name, op.Source.String())
+		if errors.Is(err, ErrNoSet) {
+			if err := sets.Create(name, op.Family, b.Policy.MaxBansPerChain); err != nil {
+				return 0, true, err
+			}
+			added, err = sets.Add(name, op.Source.String())
+		}
 		if errors.Is(err, ErrSetFull) {
 			return 0, true, fmt.Errorf("ban %w: set %s of chain %q already holds max_bans_per_chain (%d) bans with target %q; unban some or raise the limit", ErrLimit, name, chain, b.Policy.MaxBansPerChain, op.Target)
 		}
-		if err != nil || !added {
-			return Unchanged, true, err
+		if err != nil {
+			return 0, true, err
+		}
+		if err := ensureSetRule(b, op, name); err != nil {
+			return 0, true, err
+		}
+		if !added {
+			return Unchanged, true, nil
 		}
 		return Applied, true, nil
 	case policy.DeleteBan:
@@ -318,6 +326,33 @@ func applySet(b Backend, op policy.Operation) (out Outcome, done bool, err error
 		return out, true, nil
 	}
 	return 0, false, nil
+}
+
+// ensureSetRule makes sure the chain matches the set: "-m set
+// --match-set NAME src -j TARGET", at the top, where fail2ban's bans go.
+// It reads the chain (never "-C", which ip6tables-legacy answers without
+// looking at the match) unless the record knows the rule is there.
+func ensureSetRule(b Backend, op policy.Operation, name string) error {
+	if b.Record != nil {
+		if ok, err := b.Record.SetRule(op.Family, op.Chain, op.Target); err != nil || ok {
+			return err
+		}
+	}
+	chain := string(op.Chain)
+	match := append([]string{"-m", "set", "--match-set", name, "src"}, op.Target.Args()...)
+	rules, err := b.Table.List(chain)
+	if err != nil {
+		return errors.Join(err, fmt.Errorf("chain %q: fail2ban creates it at actionstart", chain))
+	}
+	if !slices.Contains(rules, "-A "+chain+" "+strings.Join(match, " ")) {
+		if err := b.Table.Insert(chain, 1, match...); err != nil {
+			return err
+		}
+	}
+	if b.Record != nil {
+		return b.Record.MarkSetRule(op.Family, op.Chain, op.Target)
+	}
+	return nil
 }
 
 func ifPresent(t Table, chain string, change func() error) (Outcome, error) {

@@ -93,8 +93,19 @@ func (e *CommandError) Error() string {
 func (e *CommandError) Unwrap() error { return e.err }
 
 // IPTables is the real Table, for the filter table of one family.
+//
+// go-iptables runs "iptables --version" when it is set up, to learn what
+// the binary supports; that costs a process per request, as much as the
+// ban itself. So the handle is made only when a call needs it, and the
+// three calls a ban, an unban and fail2ban's start make in the ordinary
+// case (insert, append, delete a rule) run iptables directly, with the
+// same arguments go-iptables gives them on every iptables this shim
+// supports (1.6.2 and later: -C, --wait and --wait N all exist).
 type IPTables struct {
-	ipt *iptables.IPTables
+	path  string
+	proto iptables.Protocol
+	wait  int
+	ipt   *iptables.IPTables
 }
 
 // Open returns the real Table for a family and backend. wait bounds each
@@ -108,12 +119,26 @@ func Open(fam policy.Family, backend string, wait time.Duration) (*IPTables, err
 	if fam == policy.IPv6 {
 		proto = iptables.ProtocolIPv6
 	}
-	secs := max(1, int(math.Ceil(wait.Seconds())))
-	ipt, err := iptables.New(iptables.IPFamily(proto), iptables.Path(path), iptables.Timeout(secs))
-	if err != nil {
-		return nil, fmt.Errorf("cannot run %s: %v", path, err)
+	return &IPTables{path: path, proto: proto, wait: max(1, int(math.Ceil(wait.Seconds())))}, nil
+}
+
+// handle is the go-iptables handle, made on first use.
+func (t *IPTables) handle() (*iptables.IPTables, error) {
+	if t.ipt != nil {
+		return t.ipt, nil
 	}
-	return &IPTables{ipt: ipt}, nil
+	ipt, err := iptables.New(iptables.IPFamily(t.proto), iptables.Path(t.path), iptables.Timeout(t.wait))
+	if err != nil {
+		return nil, fmt.Errorf("cannot run %s: %v", t.path, err)
+	}
+	t.ipt = ipt
+	return ipt, nil
+}
+
+// change runs one rule change the way go-iptables would.
+func (t *IPTables) change(args ...string) error {
+	_, err := runTool(t.path, "", append([]string{"-t", table, "--wait", strconv.Itoa(t.wait)}, args...)...)
+	return err
 }
 
 // wrap turns go-iptables' error into a CommandError with iptables' own
@@ -134,49 +159,65 @@ const table = policy.Table
 
 // ChainExists implements Table.
 func (t *IPTables) ChainExists(chain string) (bool, error) {
-	ok, err := t.ipt.ChainExists(table, chain)
+	ipt, err := t.handle()
+	if err != nil {
+		return false, err
+	}
+	ok, err := ipt.ChainExists(table, chain)
 	return ok, wrap(err)
 }
 
 // NewChain implements Table.
-func (t *IPTables) NewChain(chain string) error { return wrap(t.ipt.NewChain(table, chain)) }
+func (t *IPTables) NewChain(chain string) error { return t.change("-N", chain) }
 
-// FlushChain implements Table. go-iptables' ClearChain creates a missing
-// chain; Apply only calls this for a chain it has seen.
-func (t *IPTables) FlushChain(chain string) error { return wrap(t.ipt.ClearChain(table, chain)) }
+// FlushChain implements Table. Apply only calls this for a chain it has
+// seen.
+func (t *IPTables) FlushChain(chain string) error { return t.change("-F", chain) }
 
 // DeleteChain implements Table.
-func (t *IPTables) DeleteChain(chain string) error { return wrap(t.ipt.DeleteChain(table, chain)) }
+func (t *IPTables) DeleteChain(chain string) error { return t.change("-X", chain) }
 
 // Exists implements Table.
 func (t *IPTables) Exists(chain string, spec ...string) (bool, error) {
-	ok, err := t.ipt.Exists(table, chain, spec...)
+	ipt, err := t.handle()
+	if err != nil {
+		return false, err
+	}
+	ok, err := ipt.Exists(table, chain, spec...)
 	return ok, wrap(err)
 }
 
 // Insert implements Table.
 func (t *IPTables) Insert(chain string, pos int, spec ...string) error {
-	return wrap(t.ipt.Insert(table, chain, pos, spec...))
+	return t.change(append([]string{"-I", chain, strconv.Itoa(pos)}, spec...)...)
 }
 
 // Append implements Table.
 func (t *IPTables) Append(chain string, spec ...string) error {
-	return wrap(t.ipt.Append(table, chain, spec...))
+	return t.change(append([]string{"-A", chain}, spec...)...)
 }
 
 // Delete implements Table.
 func (t *IPTables) Delete(chain string, spec ...string) error {
-	return wrap(t.ipt.Delete(table, chain, spec...))
+	return t.change(append([]string{"-D", chain}, spec...)...)
 }
 
 // ListChains implements Table.
 func (t *IPTables) ListChains() ([]string, error) {
-	chains, err := t.ipt.ListChains(table)
+	ipt, err := t.handle()
+	if err != nil {
+		return nil, err
+	}
+	chains, err := ipt.ListChains(table)
 	return chains, wrap(err)
 }
 
 // List implements Table.
 func (t *IPTables) List(chain string) ([]string, error) {
-	rules, err := t.ipt.List(table, chain)
+	ipt, err := t.handle()
+	if err != nil {
+		return nil, err
+	}
+	rules, err := ipt.List(table, chain)
 	return rules, wrap(err)
 }

@@ -1,7 +1,6 @@
 package fwtest
 
 import (
-	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -43,7 +42,7 @@ func (f *FakeSets) Add(name, entry string) (bool, error) {
 	f.call("add %s %s", name, entry)
 	set, ok := f.sets[name]
 	if !ok {
-		return false, errors.New("the set with the given name does not exist")
+		return false, firewall.ErrNoSet
 	}
 	p := netip.MustParsePrefix(entry)
 	if slices.Contains(set, p) {

@@ -19,6 +19,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"strconv"
 	"strings"
@@ -26,6 +27,7 @@ import (
 	"time"
 
 	"github.com/f2b-shim/f2b-shim/internal/firewall"
+	"github.com/f2b-shim/f2b-shim/internal/state"
 	"github.com/f2b-shim/f2b-shim/policy"
 	"github.com/f2b-shim/f2b-shim/test/netns"
 )
@@ -76,6 +78,9 @@ type Lab struct {
 	// Keep leaves Dir in place after Down, for reading its logs.
 	Keep       bool
 	f2bRunning bool
+	// bench (UpBench) also lets root log in with forced commands, with
+	// /bin/sh as its shell in the proxy's copy of /etc/passwd.
+	bench bool
 }
 
 // RepoRoot is the f2b-shim checkout this package lives in.
@@ -87,11 +92,24 @@ func RepoRoot() string {
 // Up builds the hosts. shim is the f2b-shim binary. On error, whatever
 // was made is removed; otherwise Down removes it.
 func Up(shim string, mode Mode, backend string) (l *Lab, err error) {
+	return up(&Lab{Mode: mode, Backend: backend}, shim)
+}
+
+// UpBench builds the hosts for the benchmark: the shim's key logs into
+// the f2b-shim user, whose shell is /bin/sh, as the shipped install has
+// it; and root, for the raw and floor keys (AddRawKey, AddFloorKey), also
+// logs in with /bin/sh, in the proxy's own copy of /etc/passwd, so that
+// no login reads shell rc files that would cost more than the shim.
+func UpBench(shim, backend string) (*Lab, error) {
+	return up(&Lab{Mode: UserMode, Backend: backend, bench: true}, shim)
+}
+
+func up(l *Lab, shim string) (_ *Lab, err error) {
 	dir, err := os.MkdirTemp("", netns.Prefix+"lab-")
 	if err != nil {
 		return nil, err
 	}
-	l = &Lab{Dir: dir, Mode: mode, Backend: backend}
+	l.Dir = dir
 	defer func() {
 		if err != nil {
 			l.Down()
@@ -204,7 +222,7 @@ func (l *Lab) proxyFiles() error {
 	// The line from examples/ssh/authorized_keys, with this lab's paths.
 	keyLine := fmt.Sprintf("restrict,from=%q,command=\"%s --policy %s\" %s", MailV4, l.Shim, l.path("policy.toml"), pub)
 	rootLogin := "forced-commands-only"
-	if l.Mode == UserMode {
+	if l.Mode == UserMode && !l.bench {
 		rootLogin = "no"
 	}
 	sshd := strings.Join([]string{
@@ -270,11 +288,26 @@ func (l *Lab) accounts(passwd, group, shadow string) error {
 		if err != nil {
 			return err
 		}
+		if name == "passwd" && l.bench {
+			data = rootShell(data)
+		}
 		if err := l.write("etc-"+name, string(data)+extra, 0o644); err != nil {
 			return err
 		}
 	}
 	return os.Chmod(l.path("etc-shadow"), 0o600)
+}
+
+// rootShell gives root /bin/sh in a copy of /etc/passwd.
+func rootShell(passwd []byte) []byte {
+	lines := strings.Split(string(passwd), "\n")
+	for i, l := range lines {
+		if f := strings.Split(l, ":"); len(f) == 7 && f[0] == "root" {
+			f[6] = "/bin/sh"
+			lines[i] = strings.Join(f, ":")
+		}
+	}
+	return []byte(strings.Join(lines, "\n"))
 }
 
 // start runs a long-lived program in a namespace, logging to Dir/<log>.
@@ -523,40 +556,113 @@ func (l *Lab) FlushProxy() error {
 	return err
 }
 
+// SetPolicy sets one key of the proxy's policy to a TOML value, such as
+// SetPolicy("backend", `"ipset"`); the shim reads its policy on every
+// request.
+func (l *Lab) SetPolicy(key, value string) error {
+	if key == "backend" {
+		l.Backend = strings.Trim(value, `"`)
+	}
+	data, err := os.ReadFile(l.path("policy.toml"))
+	if err != nil {
+		return err
+	}
+	line := []byte(key + " = " + value)
+	re := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(key) + ` = .*$`)
+	if re.Match(data) {
+		data = re.ReplaceAll(data, line)
+	} else {
+		data = append(append(data, line...), '\n')
+	}
+	return os.WriteFile(l.path("policy.toml"), data, 0o640)
+}
+
+// Preload records n bans (10.x.y.z) in chain in the proxy's state and
+// puts them in place with "f2b-shim restore": a proxy with n bans.
+func (l *Lab) Preload(chain string, n int) error {
+	data, err := os.ReadFile(l.path("policy.toml"))
+	if err != nil {
+		return err
+	}
+	pol, err := policy.Parse(data)
+	if err != nil {
+		return err
+	}
+	s, err := state.Open(pol, nil, time.Second)
+	if err != nil {
+		return err
+	}
+	var ops []policy.Operation
+	for i := range n {
+		op, err := policy.Decide(pol, fmt.Sprintf("iptables -w -I %s 1 -s 10.%d.%d.%d -j DROP", chain, i>>16&255, i>>8&255, i&255), policy.Context{})
+		if err != nil {
+			s.Close()
+			return err
+		}
+		ops = append(ops, op)
+	}
+	if err := errors.Join(s.RecordBatch(ops, time.Now()), s.Close()); err != nil {
+		return err
+	}
+	if code, out := l.Admin("restore"); code != 0 {
+		return fmt.Errorf("restore: %s", out)
+	}
+	return nil
+}
+
 // AddRawKey gives the mail host a second key to the proxy's root, one
 // that runs any command without the shim, for the benchmark's raw
 // iptables baseline; RawSSH uses it. Root mode only, and never in a test
 // that checks what the shim's key may do.
 func (l *Lab) AddRawKey() error {
-	if err := l.keygen("id_raw"); err != nil {
+	// A forced command that runs whatever the client asked for, so that
+	// "PermitRootLogin forced-commands-only" admits the key; exec keeps
+	// it to the one process a plain root key would start.
+	return l.addRootKey("raw", `exec $SSH_ORIGINAL_COMMAND`)
+}
+
+// AddFloorKey gives the mail host a root key whose forced command is
+// /bin/true: the cost of an ssh session itself, the floor under raw
+// iptables and the shim alike. FloorSSH uses it.
+func (l *Lab) AddFloorKey() error { return l.addRootKey("floor", "/bin/true") }
+
+func (l *Lab) addRootKey(name, command string) error {
+	if err := l.keygen("id_" + name); err != nil {
 		return err
 	}
-	pub, err := os.ReadFile(l.path("id_raw.pub"))
+	pub, err := os.ReadFile(l.path("id_" + name + ".pub"))
 	if err != nil {
 		return err
 	}
-	f, err := os.OpenFile(l.path("authorized_keys.root"), os.O_APPEND|os.O_WRONLY, 0)
+	f, err := os.OpenFile(l.path("authorized_keys.root"), os.O_APPEND|os.O_WRONLY|os.O_CREATE, 0o644)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
-	// A forced command that runs whatever the client asked for, so that
-	// "PermitRootLogin forced-commands-only" admits the key; exec keeps
-	// it to the one process a plain root key would start.
-	if _, err := f.WriteString(`restrict,command="exec $SSH_ORIGINAL_COMMAND" ` + string(pub)); err != nil {
+	if _, err := fmt.Fprintf(f, "restrict,command=%q %s", command, pub); err != nil {
 		return err
 	}
 	cfg, err := os.ReadFile(l.path("ssh_config"))
 	if err != nil {
 		return err
 	}
-	raw := strings.NewReplacer(l.path("id_ed25519"), l.path("id_raw"), "f2b-shim-%C", "raw-%C").Replace(string(cfg))
-	return l.write("ssh_config_raw", raw, 0o644)
+	conf := strings.NewReplacer(l.path("id_ed25519"), l.path("id_"+name), "f2b-shim-%C", name+"-%C", "User "+string(l.Mode), "User root").Replace(string(cfg))
+	return l.write("ssh_config_"+name, conf, 0o644)
+}
+
+// SSHArgs is how the mail host runs ssh with one of the lab's keys: ""
+// (the shim's), "raw" or "floor"; for a loop that runs inside the mail
+// host's namespace, so that "ip netns exec" is not timed.
+func (l *Lab) SSHArgs(key string) []string {
+	if key == "" {
+		return []string{"-F", l.path("ssh_config"), "-i", l.path("id_ed25519")}
+	}
+	return []string{"-F", l.path("ssh_config_" + key), "-i", l.path("id_" + key)}
 }
 
 // RawSSH runs ssh from the mail host with the raw key (see AddRawKey).
 func (l *Lab) RawSSH(args ...string) (int, string) {
-	return exitCode(l.Mail.Command("ssh", append([]string{"-F", l.path("ssh_config_raw"), "-i", l.path("id_raw")}, args...)...))
+	return exitCode(l.Mail.Command("ssh", append(l.SSHArgs("raw"), args...)...))
 }
 
 // MailCommand runs any program on the mail host, e.g. scp or sftp.

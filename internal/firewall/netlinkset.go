@@ -1,0 +1,147 @@
+package firewall
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"syscall"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
+
+	"github.com/f2b-shim/f2b-shim/policy"
+)
+
+// NetlinkSets is the real Sets: it talks to the kernel's ipset over
+// netlink (github.com/vishvananda/netlink), so that a ban with the set
+// backend starts no process at all; the ipset tool took one per call.
+// The shim's own CAP_NET_ADMIN (root's, or the binary's file capability)
+// is what the kernel asks for.
+type NetlinkSets struct{}
+
+// ErrNoSet is returned by Add when the set does not exist yet.
+var ErrNoSet = errors.New("no such set")
+
+func entry(cidr string) (*netlink.IPSetEntry, error) {
+	p, err := netip.ParsePrefix(cidr)
+	if err != nil {
+		a, err2 := netip.ParseAddr(cidr)
+		if err2 != nil {
+			return nil, fmt.Errorf("set entry %q is not an address or prefix", cidr)
+		}
+		p = netip.PrefixFrom(a, a.BitLen())
+	}
+	return &netlink.IPSetEntry{IP: net.IP(p.Addr().AsSlice()), CIDR: uint8(p.Bits())}, nil
+}
+
+func isErr(err error, code int) bool { return errors.Is(err, nl.IPSetError(code)) }
+
+// ipsetHashFull is the kernel's "hash is full" (IPSET_ERR_HASH_FULL, the
+// first type-specific code of hash types).
+const ipsetHashFull = nl.IPSET_ERR_TYPE_SPECIFIC
+
+func setErr(op, name string, err error) error {
+	return fmt.Errorf("ipset %s %s: %w", op, name, err)
+}
+
+// Create implements Sets: like "ipset create -exist".
+func (NetlinkSets) Create(name string, fam policy.Family, maxelem int) error {
+	family := uint8(syscall.AF_INET)
+	if fam == policy.IPv6 {
+		family = syscall.AF_INET6
+	}
+	err := netlink.IpsetCreate(name, "hash:net", netlink.IpsetCreateOptions{Replace: true, Family: family, MaxElements: uint32(maxelem)})
+	if err != nil {
+		return setErr("create", name, err)
+	}
+	return nil
+}
+
+// Add implements Sets.
+func (NetlinkSets) Add(name, cidr string) (bool, error) {
+	e, err := entry(cidr)
+	if err != nil {
+		return false, err
+	}
+	err = netlink.IpsetAdd(name, e)
+	switch {
+	case err == nil:
+		return true, nil
+	case isErr(err, nl.IPSET_ERR_EXIST):
+		return false, nil
+	case isErr(err, ipsetHashFull):
+		return false, ErrSetFull
+	case errors.Is(err, syscall.ENOENT):
+		return false, ErrNoSet
+	}
+	return false, setErr("add", name, err)
+}
+
+// Del implements Sets.
+func (NetlinkSets) Del(name, cidr string) (bool, error) {
+	e, err := entry(cidr)
+	if err != nil {
+		return false, err
+	}
+	err = netlink.IpsetDel(name, e)
+	if err == nil {
+		return true, nil
+	}
+	if isErr(err, nl.IPSET_ERR_EXIST) || errors.Is(err, syscall.ENOENT) {
+		return false, nil
+	}
+	return false, setErr("del", name, err)
+}
+
+// Test implements Sets.
+func (NetlinkSets) Test(name, cidr string) (bool, error) {
+	e, err := entry(cidr)
+	if err != nil {
+		return false, err
+	}
+	ok, err := netlink.IpsetTest(name, e)
+	if errors.Is(err, syscall.ENOENT) {
+		return false, nil
+	}
+	if err != nil {
+		return false, setErr("test", name, err)
+	}
+	return ok, nil
+}
+
+// Flush implements Sets.
+func (NetlinkSets) Flush(name string) error {
+	if err := netlink.IpsetFlush(name); err != nil && !errors.Is(err, syscall.ENOENT) {
+		return setErr("flush", name, err)
+	}
+	return nil
+}
+
+// Destroy implements Sets.
+func (NetlinkSets) Destroy(name string) error {
+	if err := netlink.IpsetDestroy(name); err != nil && !errors.Is(err, syscall.ENOENT) {
+		return setErr("destroy", name, err)
+	}
+	return nil
+}
+
+// Members implements Sets.
+func (NetlinkSets) Members(name string) ([]string, error) {
+	r, err := netlink.IpsetList(name)
+	if errors.Is(err, syscall.ENOENT) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, setErr("list", name, err)
+	}
+	out := make([]string, 0, len(r.Entries))
+	for _, e := range r.Entries {
+		a, ok := netip.AddrFromSlice(e.IP)
+		if !ok {
+			continue
+		}
+		out = append(out, netip.PrefixFrom(a.Unmap(), int(e.CIDR)).String())
+	}
+	return out, nil
+}
