@@ -39,7 +39,8 @@ type harness struct {
 
 func newHarness(t *testing.T) *harness {
 	dir := t.TempDir()
-	h := &harness{t: t, pol: policy.Default(), sets: fwtest.NewSets(), tables: map[policy.Family]*fwtest.Fake{policy.IPv4: fwtest.New(), policy.IPv6: fwtest.New()}}
+	v4, v6 := fwtest.New(), fwtest.New()
+	h := &harness{t: t, pol: policy.Default(), sets: fwtest.NewSets(v4, v6), tables: map[policy.Family]*fwtest.Fake{policy.IPv4: v4, policy.IPv6: v6}}
 	h.pol.AuditLog = filepath.Join(dir, "log", "audit.jsonl")
 	h.pol.StateDir = filepath.Join(dir, "state")
 	h.deps = Deps{

@@ -85,10 +85,6 @@ type Record interface {
 	// firewall after the record was made: its shim was killed while its
 	// iptables call still ran. Recording the ban settles it.
 	Unsettled(op policy.Operation) (bool, error)
-	// SetRule reports whether the set backend's rule for the chain and
-	// target is known to be in the chain; MarkSetRule notes that it is.
-	SetRule(fam policy.Family, chain policy.Chain, t policy.Target) (bool, error)
-	MarkSetRule(fam policy.Family, chain policy.Chain, t policy.Target) error
 }
 
 // Apply carries out op. The caller holds the policy's lock, so the check
@@ -274,9 +270,11 @@ func applySet(b Backend, op policy.Operation) (out Outcome, done bool, err error
 	t, sets, chain := b.Table, b.Sets, string(op.Chain)
 	switch op.Kind {
 	case policy.AddBan:
-		// The ordinary ban is one netlink message: the set and its rule
-		// are made once, and the record remembers the rule, so neither is
-		// asked about again; a missing set says so itself.
+		// The ordinary ban is two netlink messages and no process: the
+		// set says itself when it is missing, and its reference count
+		// when its rule is gone (a flush behind the shim's back), and only
+		// then is the chain read. A chain that is gone fails the ban, so
+		// that fail2ban's actioncheck notices and repairs the proxy.
 		name := SetName(op.Family, op.Chain, op.Target)
 		added, err := sets.Add(name, op.Source.String())
 		if errors.Is(err, ErrNoSet) {
@@ -291,8 +289,14 @@ func applySet(b Backend, op policy.Operation) (out Outcome, done bool, err error
 		if err != nil {
 			return 0, true, err
 		}
-		if err := ensureSetRule(b, op, name); err != nil {
+		refs, err := sets.References(name)
+		if err != nil {
 			return 0, true, err
+		}
+		if refs == 0 {
+			if err := ensureSetRule(b, op, name); err != nil {
+				return 0, true, err
+			}
 		}
 		if !added {
 			return Unchanged, true, nil
@@ -330,29 +334,19 @@ func applySet(b Backend, op policy.Operation) (out Outcome, done bool, err error
 
 // ensureSetRule makes sure the chain matches the set: "-m set
 // --match-set NAME src -j TARGET", at the top, where fail2ban's bans go.
-// It reads the chain (never "-C", which ip6tables-legacy answers without
-// looking at the match) unless the record knows the rule is there.
+// It reads the chain, never "-C", which ip6tables-legacy answers without
+// looking at the match.
 func ensureSetRule(b Backend, op policy.Operation, name string) error {
-	if b.Record != nil {
-		if ok, err := b.Record.SetRule(op.Family, op.Chain, op.Target); err != nil || ok {
-			return err
-		}
-	}
 	chain := string(op.Chain)
 	match := append([]string{"-m", "set", "--match-set", name, "src"}, op.Target.Args()...)
 	rules, err := b.Table.List(chain)
 	if err != nil {
 		return errors.Join(err, fmt.Errorf("chain %q: fail2ban creates it at actionstart", chain))
 	}
-	if !slices.Contains(rules, "-A "+chain+" "+strings.Join(match, " ")) {
-		if err := b.Table.Insert(chain, 1, match...); err != nil {
-			return err
-		}
+	if slices.Contains(rules, "-A "+chain+" "+strings.Join(match, " ")) {
+		return nil
 	}
-	if b.Record != nil {
-		return b.Record.MarkSetRule(op.Family, op.Chain, op.Target)
-	}
-	return nil
+	return b.Table.Insert(chain, 1, match...)
 }
 
 func ifPresent(t Table, chain string, change func() error) (Outcome, error) {

@@ -95,7 +95,8 @@ func TestApplyFollowsFail2bansLifeCycle(t *testing.T) {
 	}
 	for _, backend := range []string{"rules", "rules with the record", "ipset", "ipset with the record"} {
 		t.Run(backend, func(t *testing.T) {
-			fake, sets := fwtest.New(), fwtest.NewSets()
+			fake := fwtest.New()
+			sets := fwtest.NewSets(fake)
 			b := &recorded{Backend: rules(fake, 100)}
 			if strings.HasPrefix(backend, "ipset") {
 				b.Sets = sets
@@ -196,7 +197,7 @@ func TestHooksAreComparedByEffect(t *testing.T) {
 		fake := fwtest.New()
 		b := withRecord(t, rules(fake, 10))
 		if withSets {
-			b.Sets = fwtest.NewSets()
+			b.Sets = fwtest.NewSets(fake)
 		}
 		b.Policy.MaxHooksPerChain = 3
 		for _, l := range []string{"iptables -N " + chain, "iptables -I INPUT -p tcp -m multiport --dports imap,imaps -j " + chain} {
@@ -257,7 +258,8 @@ func TestChainLimit(t *testing.T) {
 }
 
 func TestSetBackendKeepsTheChainShort(t *testing.T) {
-	fake, sets := fwtest.New(), fwtest.NewSets()
+	fake := fwtest.New()
+	sets := fwtest.NewSets(fake)
 	b := firewall.Backend{Table: fake, Sets: sets, Policy: limit(1000)}
 	for _, l := range []string{"iptables -N " + chain, "iptables -A " + chain + " -j RETURN"} {
 		_, err := firewall.Apply(b, op(t, l))
@@ -311,4 +313,36 @@ func TestApplyPassesFirewallErrorsOn(t *testing.T) {
 
 	_, err = firewall.Apply(rules(fwtest.New(), 10), op(t, "iptables -I "+chain+" 1 -s 203.0.113.1 -j DROP"))
 	assert.Error(t, err, "a ban into a missing chain fails, as in iptables")
+}
+
+// TestSetBackendNoticesAFlushBehindItsBack: the ordinary set ban reads
+// neither the chain nor the rule; a set whose rule is gone (an outside
+// "iptables -F") says so by its reference count, and the rule comes back;
+// a chain that is gone fails the ban, which makes fail2ban repair it.
+func TestSetBackendNoticesAFlushBehindItsBack(t *testing.T) {
+	fake := fwtest.New()
+	sets := fwtest.NewSets(fake)
+	b := firewall.Backend{Table: fake, Sets: sets, Policy: limit(100)}
+	for _, l := range []string{"iptables -N " + chain, "iptables -A " + chain + " -j RETURN", "iptables -I " + chain + " 1 -s 203.0.113.1 -j DROP"} {
+		_, err := firewall.Apply(b, op(t, l))
+		require.NoError(t, err)
+	}
+	fake.Calls = nil
+	got, err := firewall.Apply(b, op(t, "iptables -I "+chain+" 1 -s 203.0.113.2 -j DROP"))
+	require.NoError(t, err)
+	assert.Equal(t, firewall.Applied, got)
+	assert.Empty(t, fake.Calls, "an ordinary ban runs no iptables")
+
+	require.NoError(t, fake.FlushChain(chain))
+	got, err = firewall.Apply(b, op(t, "iptables -I "+chain+" 1 -s 203.0.113.3 -j DROP"))
+	require.NoError(t, err)
+	assert.Equal(t, firewall.Applied, got)
+	rules, err := fake.List(chain)
+	require.NoError(t, err)
+	assert.Contains(t, rules, "-A "+chain+" -m set --match-set "+firewall.SetName(policy.IPv4, chain, policy.Target{Kind: policy.Drop})+" src -j DROP", "the rule is back")
+
+	require.NoError(t, fake.FlushChain(chain))
+	require.NoError(t, fake.DeleteChain(chain))
+	_, err = firewall.Apply(b, op(t, "iptables -I "+chain+" 1 -s 203.0.113.4 -j DROP"))
+	assert.Error(t, err, "a ban into a chain that is gone fails")
 }

@@ -28,6 +28,8 @@ type Sets interface {
 	Destroy(name string) error
 	// Members lists a set's entries; none for a set that does not exist.
 	Members(name string) ([]string, error)
+	// References counts the iptables rules that use the set.
+	References(name string) (int, error)
 }
 
 // ErrSetFull is returned when a ban set already holds max_bans_per_chain entries.

@@ -1,6 +1,7 @@
 package firewall
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -9,6 +10,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
+	"golang.org/x/sys/unix"
 
 	"github.com/f2b-shim/f2b-shim/policy"
 )
@@ -144,4 +146,51 @@ func (NetlinkSets) Members(name string) ([]string, error) {
 		out = append(out, netip.PrefixFrom(a.Unmap(), int(e.CIDR)).String())
 	}
 	return out, nil
+}
+
+// ipsetFlagListHeader asks a list for the set's header only
+// (IPSET_FLAG_LIST_HEADER in linux/netfilter/ipset/ip_set.h), as
+// "ipset list -t" does; vishvananda/netlink has no call for it.
+const ipsetFlagListHeader = 1 << 2
+
+// References is how many iptables rules use the set: the set backend's
+// rule in the chain holds one. It reads only the set's header, so its cost
+// does not grow with the set.
+func (NetlinkSets) References(name string) (int, error) {
+	req := nl.NewNetlinkRequest(nl.IPSET_CMD_LIST|(unix.NFNL_SUBSYS_IPSET<<8), nl.GetIpsetFlags(nl.IPSET_CMD_LIST))
+	req.AddData(&nl.Nfgenmsg{NfgenFamily: uint8(unix.AF_NETLINK), Version: nl.NFNETLINK_V0})
+	req.AddData(nl.NewRtAttr(nl.IPSET_ATTR_PROTOCOL, nl.Uint8Attr(nl.IPSET_PROTOCOL)))
+	req.AddData(nl.NewRtAttr(nl.IPSET_ATTR_SETNAME, nl.ZeroTerminated(name)))
+	req.AddData(&nl.Uint32Attribute{Type: nl.IPSET_ATTR_FLAGS | nl.NLA_F_NET_BYTEORDER, Value: ipsetFlagListHeader})
+	msgs, err := req.Execute(unix.NETLINK_NETFILTER, 0)
+	if errors.Is(err, syscall.ENOENT) {
+		return 0, ErrNoSet
+	}
+	if err != nil {
+		return 0, setErr("list -t", name, err)
+	}
+	for _, msg := range msgs {
+		if len(msg) < nl.SizeofNfgenmsg {
+			continue
+		}
+		attrs, err := nl.ParseRouteAttr(msg[nl.SizeofNfgenmsg:])
+		if err != nil {
+			return 0, setErr("list -t", name, err)
+		}
+		for _, a := range attrs {
+			if a.Attr.Type&nl.NLA_TYPE_MASK != nl.IPSET_ATTR_DATA {
+				continue
+			}
+			data, err := nl.ParseRouteAttr(a.Value)
+			if err != nil {
+				return 0, setErr("list -t", name, err)
+			}
+			for _, d := range data {
+				if d.Attr.Type&nl.NLA_TYPE_MASK == nl.IPSET_ATTR_REFERENCES && len(d.Value) == 4 {
+					return int(binary.BigEndian.Uint32(d.Value)), nil
+				}
+			}
+		}
+	}
+	return 0, fmt.Errorf("ipset list -t %s: the kernel sent no reference count", name)
 }

@@ -233,34 +233,6 @@ func (s *Store) Unsettle(op policy.Operation) error {
 	})
 }
 
-func setRuleKey(t policy.Target) []byte { return []byte("setrule " + t.String()) }
-
-// SetRule implements firewall.Record.
-func (s *Store) SetRule(fam policy.Family, chain policy.Chain, t policy.Target) (bool, error) {
-	var ok bool
-	err := s.db.View(func(tx *bolt.Tx) error {
-		c, err := chainBucket(tx, fam, chain, false)
-		ok = c != nil && c.Get(setRuleKey(t)) != nil
-		return err
-	})
-	return ok, err
-}
-
-// MarkSetRule implements firewall.Record. It is written without fsync:
-// after a power cut the firewall is gone too, and the first ban after
-// the restore reads the chain again.
-func (s *Store) MarkSetRule(fam policy.Family, chain policy.Chain, t policy.Target) error {
-	s.db.NoSync = true
-	defer func() { s.db.NoSync = false }()
-	return s.db.Update(func(tx *bolt.Tx) error {
-		c, err := chainBucket(tx, fam, chain, true)
-		if err != nil {
-			return err
-		}
-		return c.Put(setRuleKey(t), nil)
-	})
-}
-
 // Unsettled implements firewall.Record.
 func (s *Store) Unsettled(op policy.Operation) (bool, error) {
 	var ok bool
@@ -300,7 +272,7 @@ func (s *Store) record(tx *bolt.Tx, op policy.Operation, applied bool, at time.T
 		if _, err := c.CreateBucket(bansBucket); err != nil {
 			return err
 		}
-		if err := errors.Join(c.Delete(returnKey), setCount(c, 0), forgetSetRules(c)); err != nil {
+		if err := errors.Join(c.Delete(returnKey), setCount(c, 0)); err != nil {
 			return err
 		}
 		return c.Put(syncedKey, nil)
@@ -380,23 +352,6 @@ func (s *Store) sameHook(a, b policy.Operation) bool {
 	ea, errA := policy.HookEffect(a, s.lookup)
 	eb, errB := policy.HookEffect(b, s.lookup)
 	return errA == nil && errB == nil && ea == eb
-}
-
-// forgetSetRules drops the marks of the chain's set rules: a flush
-// removed them.
-func forgetSetRules(c *bolt.Bucket) error {
-	var keys [][]byte
-	cur := c.Cursor()
-	prefix := []byte("setrule ")
-	for k, _ := cur.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = cur.Next() {
-		keys = append(keys, bytes.Clone(k))
-	}
-	for _, k := range keys {
-		if err := c.Delete(k); err != nil {
-			return err
-		}
-	}
-	return nil
 }
 
 func dropChain(tx *bolt.Tx, fam policy.Family, chain policy.Chain) error {

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 
 	"github.com/f2b-shim/f2b-shim/internal/firewall"
 	"github.com/f2b-shim/f2b-shim/policy"
@@ -15,11 +16,34 @@ type FakeSets struct {
 	sets    map[string][]netip.Prefix
 	maxelem map[string]int
 	Calls   []string
+	// tables hold the rules that reference the sets, as the kernel counts
+	// them for References.
+	tables []*Fake
 }
 
-// NewSets returns a FakeSets with no set.
-func NewSets() *FakeSets {
-	return &FakeSets{sets: map[string][]netip.Prefix{}, maxelem: map[string]int{}}
+// NewSets returns a FakeSets with no set, whose rules live in tables.
+func NewSets(tables ...*Fake) *FakeSets {
+	return &FakeSets{sets: map[string][]netip.Prefix{}, maxelem: map[string]int{}, tables: tables}
+}
+
+// References implements firewall.Sets: the rules of the table that match
+// the set.
+func (f *FakeSets) References(name string) (int, error) {
+	f.call("references %s", name)
+	if _, ok := f.sets[name]; !ok {
+		return 0, firewall.ErrNoSet
+	}
+	n := 0
+	for _, t := range f.tables {
+		for _, rules := range t.chains {
+			for _, r := range rules {
+				if strings.Contains(r, "--match-set "+name+" ") {
+					n++
+				}
+			}
+		}
+	}
+	return n, nil
 }
 
 var _ firewall.Sets = (*FakeSets)(nil)
