@@ -9,12 +9,11 @@ require (
 	github.com/google/shlex v0.0.0-20191202100458-e7afc7fbc510 // splitting SSH_ORIGINAL_COMMAND into words
 	github.com/vishvananda/netlink v1.3.1 // the set backend's ipsets, over netlink, without a process per ban
 	go.etcd.io/bbolt v1.4.3 // the state: crash-safe, transactional, O(log n) per change
+	golang.org/x/sys v0.29.0 // netlink constants for the ipset header query
 )
 
 // Test-only.
 require github.com/stretchr/testify v1.12.1
-
-require golang.org/x/sys v0.29.0
 
 require (
 	github.com/vishvananda/netns v0.0.5 // indirect
