@@ -9,13 +9,25 @@ require (
 	github.com/google/shlex v0.0.0-20191202100458-e7afc7fbc510 // splitting SSH_ORIGINAL_COMMAND into words
 	github.com/vishvananda/netlink v1.3.1 // the set backend's ipsets, over netlink, without a process per ban
 	go.etcd.io/bbolt v1.4.3 // the state: crash-safe, transactional, O(log n) per change
-	golang.org/x/sys v0.29.0 // netlink constants for the ipset header query
+	golang.org/x/sys v0.49.0 // netlink constants for the ipset header query
 )
 
 // Test-only.
 require github.com/stretchr/testify v1.12.1
 
 require (
+	github.com/prometheus/client_golang v1.23.2
+	github.com/prometheus/common v0.73.1
+)
+
+require (
+	github.com/beorn7/perks v1.0.1 // indirect
+	github.com/cespare/xxhash/v2 v2.3.0 // indirect
+	github.com/munnerz/goautoneg v0.0.0-20191010083416-a7dc8b61c822 // indirect
+	github.com/pandatix/go-abnf v0.5.3 // indirect
+	github.com/prometheus/client_model v0.6.3 // indirect
+	github.com/prometheus/procfs v0.21.0 // indirect
 	github.com/vishvananda/netns v0.0.5 // indirect
 	go.yaml.in/yaml/v3 v3.0.5 // indirect
+	google.golang.org/protobuf v1.36.12 // indirect
 )

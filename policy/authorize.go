@@ -40,6 +40,11 @@ var alwaysNeverBan = []netip.Prefix{
 // Operation is a Command that Authorize has allowed under a policy.
 type Operation struct {
 	Command
+	// Member is the one address a ban, unban or check named when the
+	// policy widens it (ban_prefix_v6, ban_prefix_v4): Source is then the
+	// prefix that goes into the firewall, and Member the address it is
+	// banned for. The prefix stays until every member is unbanned.
+	Member netip.Prefix
 }
 
 // Decide parses a command line and authorizes it: the whole judgement
@@ -74,6 +79,7 @@ func Authorize(pol *Policy, c Command, ctx Context) (Operation, error) {
 			}
 		}
 	}
+	op := Operation{Command: c}
 	if c.isBan() {
 		if err := pol.checkTarget(c.Target); err != nil {
 			return Operation{}, err
@@ -81,8 +87,28 @@ func Authorize(pol *Policy, c Command, ctx Context) (Operation, error) {
 		if err := pol.checkSource(c.Source, ctx); err != nil {
 			return Operation{}, err
 		}
+		if wide := pol.widen(c.Source); wide != c.Source {
+			// never_ban and the minimum prefix hold for what goes in.
+			if err := pol.checkSource(wide, ctx); err != nil {
+				return Operation{}, deny("widened to %s (ban_prefix): %v", wide, err)
+			}
+			op.Member, op.Source = c.Source, wide
+		}
 	}
-	return Operation{Command: c}, nil
+	return op, nil
+}
+
+// widen turns a ban of one address into a ban of its ban_prefix_v6 (or
+// ban_prefix_v4) prefix; prefixes and unwidened families stay as they are.
+func (pol *Policy) widen(src netip.Prefix) netip.Prefix {
+	bits := pol.BanPrefixV4
+	if src.Addr().Is6() {
+		bits = pol.BanPrefixV6
+	}
+	if src.Bits() != src.Addr().BitLen() || bits >= src.Bits() || bits == 0 {
+		return src
+	}
+	return netip.PrefixFrom(src.Addr(), bits).Masked()
 }
 
 func (pol *Policy) checkBanChain(c Chain) error {

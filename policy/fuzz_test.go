@@ -115,7 +115,7 @@ func FuzzParseSaved(f *testing.F) {
 			return
 		}
 		require.Contains(t, []Kind{AddHook, AddBan, AddReturn}, c.Kind)
-		again, err := ParseCommand(Operation{c}.CommandLine())
+		again, err := ParseCommand(Operation{Command: c}.CommandLine())
 		require.NoError(t, err)
 		assert.Equal(t, c, again)
 	})

@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -60,7 +61,7 @@ func TestHookEffectIgnoresSpelling(t *testing.T) {
 	effect := func(line string) string {
 		c, err := ParseCommand(line)
 		require.NoError(t, err)
-		e, err := HookEffect(Operation{c}, testServices)
+		e, err := HookEffect(Operation{Command: c}, testServices)
 		require.NoError(t, err)
 		return e
 	}
@@ -212,10 +213,49 @@ func TestParseSavedReadsWhatIptablesPrints(t *testing.T) {
 	for _, tt := range tests {
 		c, err := ParseSaved(tt.fam, tt.saved)
 		require.NoError(t, err, tt.saved)
-		assert.Equal(t, tt.want, Operation{c}.CommandLine())
+		assert.Equal(t, tt.want, Operation{Command: c}.CommandLine())
 	}
 	for _, bad := range []string{"-N " + chain, "-P INPUT ACCEPT", "-A INPUT -p tcp -m tcp --sport 25 -j " + chain, "-A INPUT -p tcp -m udp --dport 25 -j " + chain, "-A " + chain + " -s 0.0.0.0/0 -j ACCEPT", "", "-A"} {
 		_, err := ParseSaved(IPv4, bad)
 		assert.Error(t, err, bad)
 	}
+}
+
+func TestSafeguardKeys(t *testing.T) {
+	pol, err := Parse(nil)
+	require.NoError(t, err)
+	assert.Equal(t, 30*24*time.Hour, pol.MaxBanTime, "30 days by default")
+	assert.Equal(t, 10000, pol.MaxNewBansPerMinute)
+	assert.Equal(t, 128, pol.BanPrefixV6)
+	assert.False(t, pol.DryRun)
+	pol, err = Parse([]byte("max_ban_time = \"1d12h\"\nban_prefix_v6 = 64\nban_prefix_v4 = 28\nmax_new_bans_per_minute = 5\ndry_run = true\nmin_prefix_v4 = 24\n"))
+	require.NoError(t, err)
+	assert.Equal(t, 36*time.Hour, pol.MaxBanTime)
+	assert.Equal(t, 64, pol.BanPrefixV6)
+	assert.Equal(t, 28, pol.BanPrefixV4)
+	assert.True(t, pol.DryRun)
+	pol, err = Parse([]byte(`max_ban_time = "0"`))
+	require.NoError(t, err)
+	assert.Zero(t, pol.MaxBanTime, "0 keeps bans")
+	for _, bad := range []string{`max_ban_time = "soon"`, `max_ban_time = "-1h"`, "ban_prefix_v6 = 48", "ban_prefix_v4 = 33", "max_new_bans_per_minute = 0"} {
+		_, err := Parse([]byte(bad))
+		assert.Error(t, err, bad)
+	}
+}
+
+func TestBanPrefixWidensOneAddress(t *testing.T) {
+	pol := Default()
+	pol.BanPrefixV6 = 64
+	op, err := Decide(pol, "ip6tables -I "+chain+" 1 -s 2001:db8:1:2::10 -j DROP", testContext())
+	require.NoError(t, err)
+	assert.Equal(t, "2001:db8:1:2::/64", op.Source.String())
+	assert.Equal(t, "2001:db8:1:2::10/128", op.Member.String())
+	op, err = Decide(pol, "ip6tables -I "+chain+" 1 -s 2001:db8:1:3::/64 -j DROP", testContext())
+	require.NoError(t, err)
+	assert.False(t, op.Member.IsValid(), "a prefix is banned as it is")
+	_, err = Decide(pol, "ip6tables -I "+chain+" 1 -s 2001:db8:7::99 -j DROP", testContext())
+	assert.ErrorContains(t, err, "widened", "the /64 holds the proxy's own address")
+	op, err = Decide(pol, "iptables -I "+chain+" 1 -s 203.0.113.9 -j DROP", testContext())
+	require.NoError(t, err)
+	assert.False(t, op.Member.IsValid(), "IPv4 is not widened unless ban_prefix_v4 says so")
 }

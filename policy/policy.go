@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -46,6 +47,19 @@ type Policy struct {
 	// NAT64Prefixes are NAT64 prefixes besides the well-known ones, whose
 	// addresses are judged as the IPv4 addresses they carry.
 	NAT64Prefixes []netip.Prefix `toml:"-"`
+	// MaxBanTime is the longest a ban stays on the proxy without being
+	// made again ("f2b-shim expire" lifts older ones); 0 keeps bans until
+	// they are lifted.
+	MaxBanTime time.Duration `toml:"-"`
+	// BanPrefixV6 and BanPrefixV4 widen a ban of one address to its
+	// prefix of that length (128 and 32: no change).
+	BanPrefixV6 int `toml:"ban_prefix_v6"`
+	BanPrefixV4 int `toml:"ban_prefix_v4"`
+	// MaxNewBansPerMinute bounds the bans that change the firewall, for
+	// one-shot and stream requests together.
+	MaxNewBansPerMinute int `toml:"max_new_bans_per_minute"`
+	// DryRun judges, audits and answers every request, and applies none.
+	DryRun bool `toml:"dry_run"`
 }
 
 // Limits on the policy itself, each with its reason.
@@ -67,6 +81,17 @@ const (
 )
 
 // Defaults of the bounds, and why they are what they are:
+//   - defaultMaxBanTime: a ban outlives a dead or retired mail host by at
+//     most this. fail2ban's own longest ban in its shipped jails is the
+//     recidive jail's week, and bantime.increment grows a repeat
+//     offender's ban with every re-ban, which refreshes the time here; 30
+//     days is far past both, and short enough that a host restored from
+//     an old backup does not leave bans for months.
+//   - defaultMaxNewBans: after a restart fail2ban 1.x sends every ban of
+//     its database again, one a few milliseconds apart; a busy mail host
+//     holds thousands, and a restore-and-restart must pass. 10,000 a
+//     minute passes that, and still makes a compromised host take five
+//     minutes, each refused ban audited, to fill max_bans_per_chain.
 //   - defaultMaxChains: fail2ban makes one chain per jail and family; a
 //     busy mail host runs ten to twenty jails (postfix, postfix-sasl,
 //     dovecot, sieve, roundcube, recidive ...). 32 leaves room for that
@@ -76,8 +101,12 @@ const (
 //     pair, so chain="INPUT,FORWARD" and protocol="tcp,udp" make 4; 8
 //     leaves room for a third parent or protocol.
 const (
-	defaultMaxChains = 32
-	defaultMaxHooks  = 8
+	defaultMaxChains  = 32
+	defaultMaxHooks   = 8
+	defaultMaxBanTime = 30 * 24 * time.Hour
+	defaultMaxNewBans = 10000
+	// maxNewBansLimit keeps a typo from switching the quota off.
+	maxNewBansLimit = 1_000_000
 )
 
 // Default returns the built-in policy, the one used without --policy.
@@ -88,22 +117,26 @@ func Default() *Policy {
 	}
 	slices.Sort(with)
 	return &Policy{
-		Name:             "default",
-		ChainPrefix:      "mail-remote-f2b-",
-		ParentChains:     []string{"INPUT"},
-		Protocols:        []string{"tcp", "udp"},
-		Targets:          []string{"REJECT", "DROP"},
-		RejectWith:       with,
-		MinPrefixV4:      24,
-		MinPrefixV6:      64,
-		MaxBansPerChain:  50000,
-		AuditLog:         "/var/log/f2b-shim/audit.jsonl",
-		StateDir:         "/var/lib/f2b-shim",
-		LockTimeout:      10 * time.Second,
-		IptablesBackend:  "auto",
-		Backend:          "rules",
-		MaxChains:        defaultMaxChains,
-		MaxHooksPerChain: defaultMaxHooks,
+		Name:                "default",
+		ChainPrefix:         "mail-remote-f2b-",
+		ParentChains:        []string{"INPUT"},
+		Protocols:           []string{"tcp", "udp"},
+		Targets:             []string{"REJECT", "DROP"},
+		RejectWith:          with,
+		MinPrefixV4:         24,
+		MinPrefixV6:         64,
+		MaxBansPerChain:     50000,
+		AuditLog:            "/var/log/f2b-shim/audit.jsonl",
+		StateDir:            "/var/lib/f2b-shim",
+		LockTimeout:         10 * time.Second,
+		IptablesBackend:     "auto",
+		Backend:             "rules",
+		MaxChains:           defaultMaxChains,
+		MaxHooksPerChain:    defaultMaxHooks,
+		MaxBanTime:          defaultMaxBanTime,
+		BanPrefixV6:         128,
+		BanPrefixV4:         32,
+		MaxNewBansPerMinute: defaultMaxNewBans,
 	}
 }
 
@@ -115,13 +148,14 @@ type file struct {
 	LockTimeout   string   `toml:"lock_timeout"`
 	HookPorts     []string `toml:"hook_ports"`
 	NAT64Prefixes []string `toml:"nat64_prefixes"`
+	MaxBanTime    string   `toml:"max_ban_time"`
 }
 
 // Parse reads a TOML policy on top of the defaults. Unknown keys are an
 // error: a misspelt key would otherwise silently keep a default.
 func Parse(data []byte) (*Policy, error) {
 	pol := Default()
-	f := file{Policy: pol, LockTimeout: pol.LockTimeout.String()}
+	f := file{Policy: pol, LockTimeout: pol.LockTimeout.String(), MaxBanTime: "30d"}
 	md, err := toml.NewDecoder(bytes.NewReader(data)).Decode(&f)
 	if err != nil {
 		return nil, fmt.Errorf("policy is not valid TOML: %v", err)
@@ -135,6 +169,9 @@ func Parse(data []byte) (*Policy, error) {
 	}
 	if pol.LockTimeout, err = time.ParseDuration(f.LockTimeout); err != nil {
 		return nil, fmt.Errorf("lock_timeout %q is not a duration like \"10s\"", f.LockTimeout)
+	}
+	if pol.MaxBanTime, err = ParseDays(f.MaxBanTime); err != nil {
+		return nil, fmt.Errorf("max_ban_time %q is not a duration like \"30d\" or \"12h\" (\"0\" keeps bans until they are lifted)", f.MaxBanTime)
 	}
 	for _, s := range f.NeverBan {
 		p, err := parseNeverBan(s)
@@ -230,6 +267,18 @@ func (p *Policy) Validate() error {
 	if p.Backend != "rules" && p.Backend != "ipset" {
 		return fmt.Errorf("backend %q must be \"rules\" or \"ipset\"", p.Backend)
 	}
+	if p.MaxBanTime < 0 {
+		return fmt.Errorf("max_ban_time %s must not be negative", p.MaxBanTime)
+	}
+	if p.BanPrefixV6 < p.MinPrefixV6 || p.BanPrefixV6 > 128 {
+		return fmt.Errorf("ban_prefix_v6 %d must be from min_prefix_v6 (%d) to 128", p.BanPrefixV6, p.MinPrefixV6)
+	}
+	if p.BanPrefixV4 < p.MinPrefixV4 || p.BanPrefixV4 > 32 {
+		return fmt.Errorf("ban_prefix_v4 %d must be from min_prefix_v4 (%d) to 32", p.BanPrefixV4, p.MinPrefixV4)
+	}
+	if p.MaxNewBansPerMinute < 1 || p.MaxNewBansPerMinute > maxNewBansLimit {
+		return fmt.Errorf("max_new_bans_per_minute %d must be from 1 to %d", p.MaxNewBansPerMinute, maxNewBansLimit)
+	}
 	if p.MaxChains < 1 || p.MaxChains > maxChainsLimit {
 		return fmt.Errorf("max_chains %d must be from 1 to %d", p.MaxChains, maxChainsLimit)
 	}
@@ -237,6 +286,28 @@ func (p *Policy) Validate() error {
 		return fmt.Errorf("max_hooks_per_chain %d must be from 1 to %d", p.MaxHooksPerChain, maxHooksLimit)
 	}
 	return nil
+}
+
+// ParseDays parses a duration that may also count days: "30d", "1d12h",
+// "90m"; "0" is zero.
+func ParseDays(s string) (time.Duration, error) {
+	if s == "0" {
+		return 0, nil
+	}
+	days, rest, found := strings.Cut(s, "d")
+	if !found {
+		return time.ParseDuration(s)
+	}
+	n, err := strconv.Atoi(days)
+	if err != nil || n < 0 || n > 3650 {
+		return 0, fmt.Errorf("bad number of days %q", days)
+	}
+	d := time.Duration(n) * 24 * time.Hour
+	if rest == "" {
+		return d, nil
+	}
+	more, err := time.ParseDuration(rest)
+	return d + more, err
 }
 
 // builtinChains are the built-in chains of every iptables table.

@@ -52,6 +52,9 @@ type Record struct {
 	// Count, on a "coalesced" line, is how many denials of the client in
 	// that second were not written out one by one (see Log.Write).
 	Count int `json:"count,omitempty"`
+	// Prev is the SHA-256 of the line before this one: the hash chain
+	// that "f2b-shim audit --verify" checks (see chain.go).
+	Prev string `json:"prev,omitempty"`
 }
 
 // Op is the typed operation, as the policy understood it.
@@ -59,13 +62,15 @@ type Op struct {
 	Kind   string `json:"kind"`
 	Family string `json:"family"`
 	// Chain is always the ban chain; Parent is set for hooks.
-	Chain     string `json:"chain"`
-	Parent    string `json:"parent,omitempty"`
-	Proto     string `json:"proto,omitempty"`
-	Match     string `json:"match,omitempty"`
-	Ports     string `json:"ports,omitempty"`
-	Source    string `json:"source,omitempty"`
-	Target    string `json:"target,omitempty"`
+	Chain  string `json:"chain"`
+	Parent string `json:"parent,omitempty"`
+	Proto  string `json:"proto,omitempty"`
+	Match  string `json:"match,omitempty"`
+	Ports  string `json:"ports,omitempty"`
+	Source string `json:"source,omitempty"`
+	Target string `json:"target,omitempty"`
+	// Member is the address a widened ban (ban_prefix_v6/v4) stands for.
+	Member    string `json:"member,omitempty"`
 	Canonical string `json:"canonical"`
 }
 
@@ -144,6 +149,9 @@ const reserve = 64 << 10
 type Log struct {
 	f    *os.File
 	path string
+	// Prev is the prev of the last line Write wrote: the chain's head as
+	// it was, for the copy that goes to syslog.
+	Prev string
 }
 
 // Open opens path for appending, creating it and its directory, and
@@ -155,7 +163,7 @@ func Open(path string) (*Log, error) {
 	}
 	// Never through a link: in the least-privilege install the shim's
 	// user owns the directory, and root's restore writes here too.
-	f, err := safefile.Open(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640)
+	f, err := safefile.Open(path, os.O_RDWR|os.O_APPEND|os.O_CREATE, 0o640)
 	if err != nil {
 		return nil, err
 	}
@@ -213,22 +221,33 @@ func (l *Log) Write(r Record) error {
 		return l.writePending(pending)
 	}
 	hadPending := len(pending) > 0
-	var out []byte
-	for client, p := range pending {
-		if p.Count > 0 {
-			line, err := p.record(client).Line()
-			if err != nil {
-				return err
-			}
-			out = append(out, line...)
-		}
-		delete(pending, client)
-	}
-	line, err := r.Line()
+	head, err := chainHead(l.f, l.path)
 	if err != nil {
 		return err
 	}
-	out = append(out, line...)
+	var out []byte
+	link := func(r Record) error {
+		r.Prev = head
+		line, err := r.Line()
+		if err != nil {
+			return err
+		}
+		out = append(out, line...)
+		head = LineHash(line)
+		l.Prev = r.Prev
+		return nil
+	}
+	for client, p := range pending {
+		if p.Count > 0 {
+			if err := link(p.record(client)); err != nil {
+				return err
+			}
+		}
+		delete(pending, client)
+	}
+	if err := link(r); err != nil {
+		return err
+	}
 	n, err := l.f.Write(out)
 	if err == nil && n != len(out) {
 		err = fmt.Errorf("short write (%d of %d bytes)", n, len(out))
@@ -307,6 +326,8 @@ func (l *Log) writePending(m map[string]pendingDenials) error {
 	_, err = f.WriteAt(data, 0)
 	return errors.Join(err, f.Truncate(int64(len(data))), f.Close())
 }
+
+func jsonUnmarshal(data []byte, v any) error { return json.Unmarshal(data, v) }
 
 // Line is the record as one line of JSON, newline included, at most
 // MaxLine bytes: the untrusted texts are capped, and the command is cut

@@ -46,6 +46,15 @@ func Read(path string) ([]Entry, []string, error) {
 	return out, bad, nil
 }
 
+// ReadCurrent reads the current audit log only, not its rotations.
+func ReadCurrent(path string) ([]Entry, []string, error) {
+	entries, bad, err := readFile(path)
+	if os.IsNotExist(err) {
+		return nil, nil, nil
+	}
+	return entries, bad, err
+}
+
 // rotations lists path's rotated files, the highest number (the oldest)
 // first, then path itself.
 func rotations(path string) ([]string, error) {

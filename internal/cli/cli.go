@@ -90,8 +90,17 @@ Usage:
                                              show the chains, hooks and bans the shim has made
   f2b-shim reconcile [--policy FILE] [--fix] compare the state with the firewall; --fix re-applies what is missing
   f2b-shim audit [--policy FILE] [--since T] [--until T] [--client NAME] [--denied] [--ip ADDR]
-                 [--chain CHAIN] [--summary | --json]
-                                             review the audit log, rotated files included
+                 [--chain CHAIN] [--summary | --json | --verify]
+                                             review the audit log, rotated files included;
+                                             --verify checks its hash chain
+  f2b-shim ban [--policy FILE] [--target T] CHAIN ADDRESS
+  f2b-shim unban [--policy FILE] CHAIN ADDRESS
+                                             the admin's own ban or unban, judged, recorded and audited
+  f2b-shim prune [--policy FILE] CHAIN       retire a chain: unhook, flush, delete, forget
+  f2b-shim expire [--policy FILE | --all [--dir DIR]]
+                                             lift bans older than max_ban_time (a timer runs it)
+  f2b-shim metrics [--policy FILE | --all [--dir DIR]] [--out FILE]
+                                             Prometheus text for node_exporter's textfile collector
   f2b-shim version                           print the version
   f2b-shim help                              print this text
 
@@ -119,6 +128,14 @@ func Run(args []string, env Env, stdout, stderr io.Writer, deps Deps) int {
 			return runReconcile(args[1:], stdout, stderr, deps)
 		case "audit":
 			return runAudit(args[1:], stdout, stderr, deps)
+		case "expire":
+			return runExpire(args[1:], stdout, stderr, deps)
+		case "ban", "unban":
+			return runBanUnban(args[0], args[1:], stdout, stderr, deps)
+		case "prune":
+			return runPrune(args[1:], stdout, stderr, deps)
+		case "metrics":
+			return runMetrics(args[1:], stderr)
 		case "version":
 			if len(args) > 1 {
 				return usageError(stderr, "version takes no arguments")

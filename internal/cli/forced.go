@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -58,7 +59,9 @@ func runForced(policyPath string, env Env, stderr io.Writer, deps Deps) int {
 		}
 		if pol.Syslog {
 			// The file is the record of truth; syslog is a copy for log
-			// pipelines, so its failure changes nothing.
+			// pipelines, so its failure changes nothing. The copy carries
+			// the chain's link, so a rewrite of the file shows against it.
+			rec.Prev = log.Prev
 			_ = deps.Syslog(rec)
 		}
 		return code
@@ -81,6 +84,11 @@ func runForced(policyPath string, env Env, stderr io.Writer, deps Deps) int {
 		return finish(ExitDenied, "denied", "denied: "+err.Error())
 	}
 	rec.Decision, rec.Op = audit.Allow, opRecord(op)
+	if pol.DryRun && state.Changes(op.Kind) {
+		// Judged and audited as it would be; the firewall and the state
+		// are left alone, so an admin can roll the shim out and watch.
+		return finish(ExitOK, "dry-run", "")
+	}
 
 	if err := deps.PrepareExec(); err != nil {
 		rec.Reason = audit.Text(err.Error())
@@ -115,7 +123,33 @@ func runForced(policyPath string, env Env, stderr io.Writer, deps Deps) int {
 		err = store.SetIntent(op)
 	}
 	var outcome firewall.Outcome
-	if err == nil {
+	lifted := true // for a widened unban: whether the prefix goes
+	switch {
+	case err != nil:
+	case op.Kind == policy.AddBan:
+		err = checkQuota(store, pol, op, deps.Now())
+		if err == nil {
+			outcome, err = firewall.Apply(b, op)
+		}
+	case op.Member.IsValid() && op.Kind == policy.DeleteBan:
+		// The prefix stays while it is banned for other addresses.
+		var others []string
+		if others, err = otherMembers(store, op); err == nil && len(others) > 0 {
+			lifted, outcome = false, firewall.Unchanged
+			rec.State = audit.Text(fmt.Sprintf("%s stays banned for %d other address(es) in it", op.Source, len(others)))
+		} else if err == nil {
+			outcome, err = firewall.Apply(b, op)
+		}
+	case op.Member.IsValid() && op.Kind == policy.CheckBan:
+		// A check answers for the address it names, not for its prefix.
+		var members []string
+		if members, err = store.Members(op); err == nil {
+			outcome = firewall.CheckFalse
+			if slices.Contains(members, op.Member.String()) {
+				outcome = firewall.CheckTrue
+			}
+		}
+	default:
 		outcome, err = firewall.Apply(b, op)
 	}
 	if err != nil {
@@ -131,7 +165,11 @@ func runForced(policyPath string, env Env, stderr io.Writer, deps Deps) int {
 		return finish(ExitFirewall, "failed", "firewall: "+err.Error())
 	}
 	if changes {
-		if err := store.Record(op, outcome == firewall.Applied, start.UTC()); err != nil {
+		applied := outcome == firewall.Applied
+		if op.Member.IsValid() && op.Kind == policy.DeleteBan {
+			applied = lifted
+		}
+		if err := store.RecordRequest(op, applied, start.UTC()); err != nil {
 			// The change is in the firewall; the next request finds the
 			// intent and reads the chain back from it.
 			rec.State = audit.Text(strings.TrimPrefix(string(rec.State)+"; state not written: "+err.Error()+"; run \"f2b-shim reconcile --fix\" on the proxy", "; "))
@@ -142,6 +180,28 @@ func runForced(policyPath string, env Env, stderr io.Writer, deps Deps) int {
 		code = ExitCheckFalse
 	}
 	return finish(code, outcome.String(), "")
+}
+
+// checkQuota refuses a ban that would change the firewall once
+// max_new_bans_per_minute bans have, in the last minute: a compromised
+// mail host cannot fill the proxy in seconds. A ban already in place is
+// not new, and goes through.
+func checkQuota(store *state.Store, pol *policy.Policy, op policy.Operation, now time.Time) error {
+	n, err := store.NewBans(now)
+	if err != nil || n < pol.MaxNewBansPerMinute {
+		return err
+	}
+	if has, err := store.HasBan(op); err != nil || has {
+		return err
+	}
+	return fmt.Errorf("ban quota %w: %d bans were made in the last minute (max_new_bans_per_minute); wait, or raise the limit in the policy", firewall.ErrLimit, n)
+}
+
+// otherMembers lists the addresses a widened ban stands for, besides the
+// one this request names.
+func otherMembers(store *state.Store, op policy.Operation) ([]string, error) {
+	members, err := store.Members(op)
+	return slices.DeleteFunc(members, func(m string) bool { return m == op.Member.String() }), err
 }
 
 // lockName is the policy's lock file in state_dir.
@@ -227,6 +287,9 @@ func opRecord(op policy.Operation) *audit.Op {
 	}
 	if op.Source.IsValid() {
 		r.Source, r.Target = op.Source.String(), op.Target.String()
+	}
+	if op.Member.IsValid() {
+		r.Member = op.Member.String()
 	}
 	return r
 }

@@ -43,6 +43,9 @@ type Chain struct {
 type Ban struct {
 	Op    policy.Operation
 	Since time.Time
+	// Last is when it was last made: a re-ban refreshes it, and
+	// max_ban_time counts from it.
+	Last time.Time
 	// seq orders bans with the same time (those read from the firewall
 	// have none) in the order they were added.
 	seq int
@@ -140,7 +143,10 @@ func (s *State) Apply(op policy.Operation, at time.Time) {
 		if _, ok := c.bans[key]; !ok {
 			s.seq++
 			op.Kind = policy.AddBan
-			c.bans[key] = Ban{Op: op, Since: at, seq: s.seq}
+			c.bans[key] = Ban{Op: op, Since: at, Last: at, seq: s.seq}
+		} else if b := c.bans[key]; at.After(b.Last) {
+			b.Last = at
+			c.bans[key] = b
 		}
 	case policy.DeleteBan:
 		if c, ok := t.Chains[op.Chain]; ok {
@@ -185,6 +191,32 @@ func (s *State) KeepTimes(old *State) {
 			}
 		}
 	}
+}
+
+// refresh sets when the ban with the given key was last made.
+func (s *State) refresh(fam policy.Family, chain policy.Chain, key string, last time.Time) {
+	if c, ok := s.Tables[fam].Chains[chain]; ok {
+		if b, ok := c.bans[key]; ok && !last.IsZero() {
+			b.Last = last
+			c.bans[key] = b
+		}
+	}
+}
+
+// Expired lists the bans last made before cutoff, oldest first.
+func (s *State) Expired(cutoff time.Time) []Ban {
+	var out []Ban
+	for _, fam := range []policy.Family{policy.IPv4, policy.IPv6} {
+		t := s.Tables[fam]
+		for _, name := range t.ChainNames() {
+			for _, b := range t.Chains[name].Bans() {
+				if !b.Last.IsZero() && b.Last.Before(cutoff) {
+					out = append(out, b)
+				}
+			}
+		}
+	}
+	return out
 }
 
 // ChainNames lists a family's chains in name order.

@@ -277,3 +277,36 @@ func preload(b testing.TB, s *Store, n int) {
 		return nil
 	}))
 }
+
+func TestQuotaCountsNewBansOverAMinute(t *testing.T) {
+	s := open(t, testPolicy(t))
+	t0 := time.Unix(1_800_000_000, 0)
+	for i := range 5 {
+		ban := op(t, fmt.Sprintf("iptables -I %s 1 -s 203.0.113.%d -j DROP", chain, i+1))
+		require.NoError(t, s.RecordRequest(ban, true, t0.Add(time.Duration(i)*10*time.Second)))
+	}
+	require.NoError(t, s.RecordRequest(op(t, "iptables -I "+chain+" 1 -s 203.0.113.1 -j DROP"), false, t0.Add(45*time.Second)))
+	require.NoError(t, s.Record(op(t, "iptables -I "+chain+" 1 -s 203.0.113.9 -j DROP"), true, t0.Add(45*time.Second)))
+	n, err := s.NewBans(t0.Add(45 * time.Second))
+	require.NoError(t, err)
+	assert.Equal(t, 5, n, "unchanged bans and admin records do not count")
+	n, err = s.NewBans(t0.Add(75 * time.Second))
+	require.NoError(t, err)
+	assert.Equal(t, 3, n, "the bans at 0 and 10 s are more than a minute old at 75 s")
+}
+
+func TestReBanRefreshesTheTime(t *testing.T) {
+	s := open(t, testPolicy(t))
+	t0 := time.Unix(1_800_000_000, 0).UTC()
+	ban := op(t, "iptables -I "+chain+" 1 -s 203.0.113.1 -j DROP")
+	require.NoError(t, s.Record(op(t, "iptables -N "+chain), true, t0))
+	require.NoError(t, s.Record(ban, true, t0))
+	require.NoError(t, s.Record(ban, false, t0.Add(time.Hour)))
+	st, _, err := s.Load(ctx)
+	require.NoError(t, err)
+	b := st.Tables[policy.IPv4].Chains[chain].Bans()[0]
+	assert.Equal(t, t0, b.Since)
+	assert.Equal(t, t0.Add(time.Hour), b.Last)
+	assert.Empty(t, st.Expired(t0.Add(30*time.Minute)))
+	assert.Len(t, st.Expired(t0.Add(2*time.Hour)), 1)
+}

@@ -5,9 +5,11 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -114,18 +116,36 @@ func chainBucket(tx *bolt.Tx, fam policy.Family, chain policy.Chain, create bool
 }
 
 func encodeTime(t time.Time) []byte {
+	if t.IsZero() {
+		return binary.BigEndian.AppendUint64(nil, 0)
+	}
 	return binary.BigEndian.AppendUint64(nil, uint64(t.UnixNano()))
 }
 
+// encodeBan is a ban's value: when it was first made, and when it was
+// last made (a re-ban refreshes it; max_ban_time counts from it).
+func encodeBan(since, last time.Time) []byte {
+	return append(encodeTime(since), encodeTime(last)...)
+}
+
 func decodeTime(b []byte) time.Time {
-	if len(b) != 8 {
+	if len(b) < 8 {
 		return time.Time{}
 	}
-	n := int64(binary.BigEndian.Uint64(b))
+	n := int64(binary.BigEndian.Uint64(b[:8]))
 	if n == 0 {
 		return time.Time{}
 	}
 	return time.Unix(0, n).UTC()
+}
+
+// decodeLast is when a ban was last made: its second time, or its first
+// for a value with one.
+func decodeLast(b []byte) time.Time {
+	if len(b) >= 16 {
+		return decodeTime(b[8:])
+	}
+	return decodeTime(b)
 }
 
 func count(c *bolt.Bucket) int {
@@ -188,7 +208,22 @@ func (s *Store) Intent(ctx policy.Context) (op policy.Operation, ok bool, err er
 // it changed the firewall), and clears the intent, in one fsync'd
 // transaction.
 func (s *Store) Record(op policy.Operation, applied bool, at time.Time) error {
+	return s.recordTx(op, applied, at, false)
+}
+
+// RecordRequest is Record for a request from the mail host: a ban that
+// changed the firewall also counts against max_new_bans_per_minute.
+func (s *Store) RecordRequest(op policy.Operation, applied bool, at time.Time) error {
+	return s.recordTx(op, applied, at, true)
+}
+
+func (s *Store) recordTx(op policy.Operation, applied bool, at time.Time, quota bool) error {
 	return s.db.Update(func(tx *bolt.Tx) error {
+		if quota && applied && op.Kind == policy.AddBan {
+			if err := countNewBan(tx, at); err != nil {
+				return err
+			}
+		}
 		if m := tx.Bucket(metaBucket); m != nil {
 			if err := m.Delete(intentKey); err != nil {
 				return err
@@ -306,15 +341,26 @@ func (s *Store) record(tx *bolt.Tx, op policy.Operation, applied bool, at time.T
 		if err != nil {
 			return err
 		}
+		if err := recordMember(c, op); err != nil {
+			return err
+		}
 		bans, key := c.Bucket(bansBucket), []byte(banKey(op))
-		had := bans.Get(key) != nil
-		if op.Kind == policy.AddBan && !had {
-			if err := bans.Put(key, encodeTime(at)); err != nil {
+		old := bans.Get(key)
+		if op.Kind == policy.AddBan {
+			// A re-ban refreshes the time max_ban_time counts from.
+			since := at
+			if old != nil {
+				since = decodeTime(old)
+			}
+			if err := bans.Put(key, encodeBan(since, at)); err != nil {
 				return err
 			}
-			return setCount(c, count(c)+1)
+			if old == nil {
+				return setCount(c, count(c)+1)
+			}
+			return nil
 		}
-		if op.Kind == policy.DeleteBan && had {
+		if old != nil && (op.Member == (netip.Prefix{}) || applied) {
 			if err := bans.Delete(key); err != nil {
 				return err
 			}
@@ -322,6 +368,61 @@ func (s *Store) record(tx *bolt.Tx, op policy.Operation, applied bool, at time.T
 		}
 	}
 	return nil
+}
+
+// membersBucket holds, for a widened ban (ban_prefix_v6/v4), the
+// addresses it was made for: "PREFIX TARGET ADDRESS".
+var membersBucket = []byte("members")
+
+func memberKey(op policy.Operation) []byte {
+	return []byte(banKey(op) + " " + op.Member.String())
+}
+
+// recordMember adds or removes the address a widened ban was made for;
+// an unban of the prefix itself forgets all of them.
+func recordMember(c *bolt.Bucket, op policy.Operation) error {
+	m, err := c.CreateBucketIfNotExists(membersBucket)
+	if err != nil {
+		return err
+	}
+	switch {
+	case op.Member != (netip.Prefix{}) && op.Kind == policy.AddBan:
+		return m.Put(memberKey(op), nil)
+	case op.Member != (netip.Prefix{}):
+		return m.Delete(memberKey(op))
+	case op.Kind == policy.DeleteBan:
+		for _, k := range keysWithPrefix(m, banKey(op)+" ") {
+			if err := m.Delete(k); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+func keysWithPrefix(b *bolt.Bucket, prefix string) [][]byte {
+	var out [][]byte
+	c := b.Cursor()
+	for k, _ := c.Seek([]byte(prefix)); k != nil && bytes.HasPrefix(k, []byte(prefix)); k, _ = c.Next() {
+		out = append(out, bytes.Clone(k))
+	}
+	return out
+}
+
+// Members lists the addresses a widened ban stands for.
+func (s *Store) Members(op policy.Operation) ([]string, error) {
+	var out []string
+	err := s.db.View(func(tx *bolt.Tx) error {
+		c, err := chainBucket(tx, op.Family, op.Chain, false)
+		if err != nil || c == nil || c.Bucket(membersBucket) == nil {
+			return err
+		}
+		for _, k := range keysWithPrefix(c.Bucket(membersBucket), banKey(op)+" ") {
+			out = append(out, strings.TrimPrefix(string(k), banKey(op)+" "))
+		}
+		return nil
+	})
+	return out, err
 }
 
 // deleteHooks removes the hooks recorded with the same parent, protocol
@@ -363,6 +464,61 @@ func dropChain(tx *bolt.Tx, fam policy.Family, chain policy.Chain) error {
 		return err
 	}
 	return nil
+}
+
+// quotaBucket counts, per second (the key, big-endian Unix time), the
+// bans that changed the firewall, for max_new_bans_per_minute; seconds
+// older than a minute are dropped as new ones come.
+var quotaBucket = []byte("quota")
+
+// quotaWindow is the window max_new_bans_per_minute counts over.
+const quotaWindow = 60
+
+// NewBans is how many bans changed the firewall in the minute up to now.
+func (s *Store) NewBans(now time.Time) (int, error) {
+	n := 0
+	err := s.db.View(func(tx *bolt.Tx) error {
+		m := tx.Bucket(metaBucket)
+		if m == nil || m.Bucket(quotaBucket) == nil {
+			return nil
+		}
+		c := m.Bucket(quotaBucket).Cursor()
+		from := binary.BigEndian.AppendUint64(nil, uint64(now.Unix()-quotaWindow+1))
+		for k, v := c.Seek(from); k != nil; k, v = c.Next() {
+			n += int(binary.BigEndian.Uint64(v))
+		}
+		return nil
+	})
+	return n, err
+}
+
+// countNewBan adds one to the current second's count.
+func countNewBan(tx *bolt.Tx, at time.Time) error {
+	m, err := tx.CreateBucketIfNotExists(metaBucket)
+	if err != nil {
+		return err
+	}
+	q, err := m.CreateBucketIfNotExists(quotaBucket)
+	if err != nil {
+		return err
+	}
+	cutoff := uint64(at.Unix() - quotaWindow)
+	var old [][]byte
+	c := q.Cursor()
+	for k, _ := c.First(); k != nil && binary.BigEndian.Uint64(k) <= cutoff; k, _ = c.Next() {
+		old = append(old, bytes.Clone(k))
+	}
+	for _, k := range old {
+		if err := q.Delete(k); err != nil {
+			return err
+		}
+	}
+	key := binary.BigEndian.AppendUint64(nil, uint64(at.Unix()))
+	n := uint64(0)
+	if v := q.Get(key); len(v) == 8 {
+		n = binary.BigEndian.Uint64(v)
+	}
+	return q.Put(key, binary.BigEndian.AppendUint64(nil, n+1))
 }
 
 // Chains is the number of chains recorded for the family.
@@ -524,7 +680,7 @@ func writeTable(tx *bolt.Tx, fam policy.Family, t *Table, synced bool) error {
 		}
 		bans := b.Bucket(bansBucket)
 		for _, ban := range c.Bans() {
-			if err := bans.Put([]byte(banKey(ban.Op)), encodeTime(ban.Since)); err != nil {
+			if err := bans.Put([]byte(banKey(ban.Op)), encodeBan(ban.Since, ban.Last)); err != nil {
 				return err
 			}
 		}
@@ -603,13 +759,13 @@ func (s *Store) Load(ctx policy.Context) (*State, []Problem, error) {
 				where := fam.String() + "/" + string(name)
 				judge(where, fmt.Sprintf("%s -w -N %s", fam.Binary(), name), time.Time{})
 				type ban struct {
-					line string
-					at   time.Time
+					line, key string
+					at, last  time.Time
 				}
 				var bans []ban
 				if err := forEach(c.Bucket(bansBucket), func(k, v []byte) error {
 					src, target, _ := bytes.Cut(k, []byte(" "))
-					bans = append(bans, ban{fmt.Sprintf("%s -w -I %s 1 -s %s -j %s", fam.Binary(), name, src, target), decodeTime(v)})
+					bans = append(bans, ban{fmt.Sprintf("%s -w -I %s 1 -s %s -j %s", fam.Binary(), name, src, target), string(k), decodeTime(v), decodeLast(v)})
 					return nil
 				}); err != nil {
 					return err
@@ -618,6 +774,7 @@ func (s *Store) Load(ctx policy.Context) (*State, []Problem, error) {
 				slices.SortStableFunc(bans, func(a, b ban) int { return a.at.Compare(b.at) })
 				for _, b := range bans {
 					judge(where, b.line, b.at)
+					st.refresh(fam, policy.Chain(name), b.key, b.last)
 				}
 				if c.Get(returnKey) != nil {
 					judge(where, fmt.Sprintf("%s -w -A %s -j RETURN", fam.Binary(), name), time.Time{})

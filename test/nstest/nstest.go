@@ -45,18 +45,20 @@ func RequireRoot(t testing.TB, tools ...string) {
 	t.Skip(msg)
 }
 
-// BuildShim builds the f2b-shim binary into dir and returns its path.
+// BuildShim builds the f2b-shim binary, and f2b-shim-metrics beside it,
+// into dir and returns the shim's path.
 func BuildShim(dir string) (string, error) {
 	_, self, _, _ := runtime.Caller(0)
 	root := filepath.Join(filepath.Dir(self), "..", "..")
-	out := filepath.Join(dir, "f2b-shim")
-	cmd := exec.Command("go", "build", "-trimpath", "-o", out, "./cmd/f2b-shim")
-	cmd.Dir = root
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if b, err := cmd.CombinedOutput(); err != nil {
-		return "", fmt.Errorf("go build: %v\n%s", err, b)
+	for _, name := range []string{"f2b-shim", "f2b-shim-metrics"} {
+		cmd := exec.Command("go", "build", "-trimpath", "-o", filepath.Join(dir, name), "./cmd/"+name)
+		cmd.Dir = root
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if b, err := cmd.CombinedOutput(); err != nil {
+			return "", fmt.Errorf("go build: %v\n%s", err, b)
+		}
 	}
-	return out, nil
+	return filepath.Join(dir, "f2b-shim"), nil
 }
 
 // Netns is a network namespace that lives as long as the test.
