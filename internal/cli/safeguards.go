@@ -124,9 +124,8 @@ func maxBanTime(pol *policy.Policy) string {
 	return pol.MaxBanTime.String()
 }
 
-// expire removes what is due from the state, and with applyFirewall from
-// the firewall too (restore, which is about to rebuild the firewall from
-// the state, passes false). Each expiry is audited with result "expired".
+// expire removes what is due from the state, and from the firewall
+// too; each expiry is audited with result "expired".
 func (a *admin) expire(applyFirewall bool) (int, int) {
 	if a.pol.MaxBanTime == 0 {
 		return 0, ExitOK
@@ -136,9 +135,20 @@ func (a *admin) expire(applyFirewall bool) (int, int) {
 		fmt.Fprintf(a.stderr, "f2b-shim: expire: %v\n", err)
 		return 0, ExitSetup
 	}
+	return a.expireIn(s, applyFirewall)
+}
+
+// expireIn expires what is due in s, the state as just read, and takes
+// it out of s as well. restore passes applyFirewall false: it is about to
+// rebuild the firewall from s.
+func (a *admin) expireIn(s *state.State, applyFirewall bool) (int, int) {
+	if a.pol.MaxBanTime == 0 {
+		return 0, ExitOK
+	}
 	var recs []audit.Record
 	code, n := ExitOK, 0
-	for _, b := range s.Expired(a.deps.Now().Add(-a.pol.MaxBanTime)) {
+	now := a.deps.Now()
+	for _, b := range s.Expired(now.Add(-a.pol.MaxBanTime)) {
 		op := b.Op
 		op.Kind, op.Member = policy.DeleteBan, netip.Prefix{}
 		_, err := a.change(op, applyFirewall)
@@ -148,12 +158,15 @@ func (a *admin) expire(applyFirewall bool) (int, int) {
 			code = ExitFirewall
 			continue
 		}
+		s.Apply(op, now)
 		n++
 		rec := a.record("f2b-shim expire", &op, "expired", ExitOK, nil)
 		rec.Reason = audit.Text(fmt.Sprintf("last made %s, more than max_ban_time (%s) ago", b.Last.Format(time.RFC3339), a.pol.MaxBanTime))
 		recs = append(recs, rec)
 	}
-	a.audit(recs...)
+	if len(recs) > 0 {
+		a.audit(recs...)
+	}
 	return n, code
 }
 
