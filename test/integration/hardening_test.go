@@ -425,6 +425,52 @@ func TestLongHistoryDoesNotSlowARequest(t *testing.T) {
 	}
 }
 
+// TestUpgradedJournalDoesNotStallTheLock is finding 3 as an upgraded
+// proxy meets it: the journal of earlier versions holds 20,000 bans and
+// 10,000 ban/unban cycles. The first request imports it into the state;
+// a second request, started a moment later, must get the lock within an
+// ordinary lock_timeout. On the main before the state (a journal replayed
+// and compacted under the lock, in O(n²)) the first held the lock for
+// minutes and the second failed with exit 4.
+func TestUpgradedJournalDoesNotStallTheLock(t *testing.T) {
+	ns, pol, _ := setup(t, "nft", `lock_timeout = "10s"`+"\n")
+	stateDir := filepath.Join(filepath.Dir(pol), "state")
+	require.NoError(t, os.MkdirAll(stateDir, 0o750))
+	var journal strings.Builder
+	line := func(cmd string) { fmt.Fprintf(&journal, `{"time":"2026-11-25T01:00:00Z","command":%q}`+"\n", cmd) }
+	line("iptables -w -N " + chain)
+	for i := range 20000 {
+		line(fmt.Sprintf("iptables -w -I %s 1 -s 10.%d.%d.%d/32 -j DROP", chain, i>>16&255, i>>8&255, i&255))
+		if i%2 == 0 {
+			l := fmt.Sprintf(" %s -s 10.200.%d.%d/32 -j DROP", chain, i>>9&255, i>>1&255)
+			line("iptables -w -I" + l)
+			line("iptables -w -D" + l)
+		}
+	}
+	require.NoError(t, os.WriteFile(filepath.Join(stateDir, "journal.jsonl"), []byte(journal.String()), 0o640))
+	// The firewall holds what the journal says, as on a proxy upgraded in
+	// place.
+	var rules strings.Builder
+	rules.WriteString("*filter\n:" + chain + " - [0:0]\n")
+	for i := range 20000 {
+		fmt.Fprintf(&rules, "-A %s -s 10.%d.%d.%d/32 -j DROP\n", chain, i>>16&255, i>>8&255, i&255)
+	}
+	rules.WriteString("COMMIT\n")
+	restore := ns.Command("iptables-nft-restore", "--noflush")
+	restore.Stdin = strings.NewReader(rules.String())
+	out, err := restore.CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	first := make(chan nstest.Result, 1)
+	go func() { first <- ns.Shim(t, shim, pol, "iptables -w -I "+chain+" 1 -s 203.0.113.5 -j DROP") }()
+	time.Sleep(200 * time.Millisecond)
+	second := ns.Shim(t, shim, pol, "iptables -w -I "+chain+" 1 -s 203.0.113.6 -j DROP")
+	assert.Equal(t, 0, second.Code, "the second request got the lock: %s", second.Stderr)
+	r := <-first
+	assert.Equal(t, 0, r.Code, r.Stderr)
+	r = admin(t, ns, pol, "list", "--json")
+	assert.Equal(t, 20002, strings.Count(r.Stdout, `"type": "ban"`), "the journal's 20,000 bans, and the two new ones")
+}
+
 func fileOwner(t *testing.T, path string) (uint32, uint32) {
 	out, err := exec.Command("stat", "-c", "%u %g", path).Output()
 	require.NoError(t, err)
