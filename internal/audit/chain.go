@@ -41,16 +41,23 @@ func lastLine(f *os.File) ([]byte, error) {
 	if err != nil || st.Size() == 0 {
 		return nil, err
 	}
-	n := min(st.Size(), maxTail)
-	buf := make([]byte, n)
-	if _, err := f.ReadAt(buf, st.Size()-n); err != nil && err != io.EOF {
-		return nil, err
+	// A line is at most MaxLine: twice that nearly always holds the last
+	// whole line, and maxTail covers the longer lines of older versions.
+	for _, want := range []int64{2 * MaxLine, maxTail} {
+		n := min(st.Size(), want)
+		buf := make([]byte, n)
+		if _, err := f.ReadAt(buf, st.Size()-n); err != nil && err != io.EOF {
+			return nil, err
+		}
+		buf = bytes.TrimSuffix(buf, []byte("\n"))
+		if i := bytes.LastIndexByte(buf, '\n'); i >= 0 {
+			return buf[i+1:], nil
+		}
+		if n == st.Size() {
+			return buf, nil // the file is this one line
+		}
 	}
-	buf = bytes.TrimSuffix(buf, []byte("\n"))
-	if i := bytes.LastIndexByte(buf, '\n'); i >= 0 {
-		buf = buf[i+1:]
-	}
-	return buf, nil
+	return nil, fmt.Errorf("the audit log's last line is longer than %d bytes", maxTail)
 }
 
 // chainHead is the prev for the next line of the log at path, open as f:

@@ -136,7 +136,7 @@ func runForced(policyPath string, env Env, stderr io.Writer, deps Deps) int {
 		var others []string
 		if others, err = otherMembers(store, op); err == nil && len(others) > 0 {
 			lifted, outcome = false, firewall.Unchanged
-			rec.State = audit.Text(fmt.Sprintf("%s stays banned for %d other address(es) in it", op.Source, len(others)))
+			rec.State = audit.Text(strings.TrimPrefix(fmt.Sprintf("%s; %s stays banned for %d other address(es) in it", rec.State, op.Source, len(others)), "; "))
 		} else if err == nil {
 			outcome, err = firewall.Apply(b, op)
 		}

@@ -310,3 +310,26 @@ func TestReBanRefreshesTheTime(t *testing.T) {
 	assert.Empty(t, st.Expired(t0.Add(30*time.Minute)))
 	assert.Len(t, st.Expired(t0.Add(2*time.Hour)), 1)
 }
+
+// TestMembersOutliveAChainReadBack: a widened ban's members survive the
+// read-back after a change cut short, while their ban is still there.
+func TestMembersOutliveAChainReadBack(t *testing.T) {
+	pol := testPolicy(t)
+	pol.BanPrefixV6 = 64
+	s := open(t, pol)
+	wide, err := policy.Decide(pol, "ip6tables -I "+chain+" 1 -s 2001:db8:1::10 -j DROP", ctx)
+	require.NoError(t, err)
+	require.NoError(t, s.Record(op(t, "ip6tables -N "+chain), true, time.Now()))
+	require.NoError(t, s.Record(wide, true, time.Now()))
+	st, _, err := s.Load(ctx)
+	require.NoError(t, err)
+	require.NoError(t, s.ReplaceChain(st, policy.IPv6, chain))
+	members, err := s.Members(wide)
+	require.NoError(t, err)
+	assert.Equal(t, []string{"2001:db8:1::10/128"}, members)
+	st.Apply(policy.Operation{Command: policy.Command{Family: policy.IPv6, Kind: policy.DeleteBan, Chain: chain, Source: wide.Source, Target: wide.Target}}, time.Now())
+	require.NoError(t, s.ReplaceChain(st, policy.IPv6, chain))
+	members, err = s.Members(wide)
+	require.NoError(t, err)
+	assert.Empty(t, members, "gone with their ban")
+}

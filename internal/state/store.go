@@ -655,6 +655,12 @@ func (s *Store) Replace(st *State, fams ...policy.Family) error {
 // equal to what st holds for it.
 func (s *Store) ReplaceChain(st *State, fam policy.Family, chain policy.Chain) error {
 	return s.db.Update(func(tx *bolt.Tx) error {
+		// The firewall knows the widened bans, not whom they stand for:
+		// the members stay, for the bans that are still there.
+		members := map[string]bool{}
+		if c, err := chainBucket(tx, fam, chain, false); err == nil && c != nil {
+			_ = forEach(c.Bucket(membersBucket), func(k, _ []byte) error { members[string(k)] = true; return nil })
+		}
 		if err := dropChain(tx, fam, chain); err != nil {
 			return err
 		}
@@ -668,7 +674,28 @@ func (s *Store) ReplaceChain(st *State, fam policy.Family, chain policy.Chain) e
 				only.Hooks = append(only.Hooks, h)
 			}
 		}
-		return writeTable(tx, fam, only, true)
+		if err := writeTable(tx, fam, only, true); err != nil {
+			return err
+		}
+		c, err := chainBucket(tx, fam, chain, false)
+		if err != nil || c == nil || len(members) == 0 {
+			return err
+		}
+		m, err := c.CreateBucketIfNotExists(membersBucket)
+		if err != nil {
+			return err
+		}
+		bans := c.Bucket(bansBucket)
+		for k := range members {
+			// "PREFIX TARGET... ADDRESS": kept while its ban is.
+			ban := k[:strings.LastIndexByte(k, ' ')]
+			if bans.Get([]byte(ban)) != nil {
+				if err := m.Put([]byte(k), nil); err != nil {
+					return err
+				}
+			}
+		}
+		return nil
 	})
 }
 
