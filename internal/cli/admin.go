@@ -42,7 +42,7 @@ func openAdmin(name string, args []string, stderr io.Writer, deps Deps, flags fu
 	if flags != nil {
 		flags(fs)
 	}
-	if err := fs.Parse(args); err != nil {
+	if err := parseInterspersed(fs, args); err != nil {
 		return nil, nil, usageError(stderr, err.Error())
 	}
 	pol, err := loadPolicy(*policyPath, deps)
@@ -105,7 +105,7 @@ func runRestore(args []string, stdout, stderr io.Writer, deps Deps) int {
 	policyPath := fs.String("policy", "", "policy file (TOML)")
 	all := fs.Bool("all", false, "restore every policy in --dir")
 	dir := fs.String("dir", DefaultPolicyDir, "with --all: the directory of policy files")
-	if err := fs.Parse(args); err != nil {
+	if err := parseInterspersed(fs, args); err != nil {
 		return usageError(stderr, err.Error())
 	}
 	if fs.NArg() > 0 {

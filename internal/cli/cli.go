@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -76,13 +77,17 @@ type Deps struct {
 	// it raises the ambient capabilities (see package privilege).
 	PrepareExec func() error
 	Now         func() time.Time
+	// DefaultPolicyFile is read when no --policy is given and it exists.
+	DefaultPolicyFile string
 }
 
 const usage = `f2b-shim: the forced command that lets a fail2ban host manage its own ban chains on this proxy
 
 Usage:
-  f2b-shim [--policy FILE]                   run as sshd's command= (reads SSH_ORIGINAL_COMMAND)
-  f2b-shim check [--policy FILE] 'COMMAND'   show how COMMAND parses and whether the policy allows it
+  f2b-shim [--policy FILE]                   run as sshd's command= (reads SSH_ORIGINAL_COMMAND);
+                                             without --policy, /etc/f2b-shim/policy.toml if it exists
+  f2b-shim check [--policy FILE] [--client ADDR] 'COMMAND'
+                                             show how COMMAND parses and whether the policy allows it
   f2b-shim restore [--policy FILE | --all [--dir DIR]]
                                              put the state's chains, bans and hooks back (at boot);
                                              --all: every policy file in DIR (default /etc/f2b-shim)
@@ -101,7 +106,7 @@ Usage:
                                              lift bans older than max_ban_time (a timer runs it)
   f2b-shim metrics [--policy FILE | --all [--dir DIR]] [--out FILE]
                                              Prometheus text for node_exporter's textfile collector
-  f2b-shim version                           print the version
+  f2b-shim version (or --version, -V)        print the version
   f2b-shim help                              print this text
 
 Examples:
@@ -136,7 +141,7 @@ func Run(args []string, env Env, stdout, stderr io.Writer, deps Deps) int {
 			return runPrune(args[1:], stdout, stderr, deps)
 		case "metrics":
 			return runMetrics(args[1:], stderr)
-		case "version":
+		case "version", "--version", "-V":
 			if len(args) > 1 {
 				return usageError(stderr, "version takes no arguments")
 			}
@@ -155,6 +160,12 @@ func Run(args []string, env Env, stdout, stderr io.Writer, deps Deps) int {
 	if fs.NArg() > 0 {
 		return usageError(stderr, fmt.Sprintf("unknown subcommand %q", fs.Arg(0)))
 	}
+	if !env.HasCommand && env.SSHConnection == "" {
+		// Not started by sshd (which always sets SSH_CONNECTION): someone
+		// ran the binary in a shell. Say how to use it; change nothing.
+		fmt.Fprint(stderr, usage)
+		return ExitUsage
+	}
 	return runForced(*policyPath, env, stderr, deps)
 }
 
@@ -169,8 +180,16 @@ func usageError(stderr io.Writer, msg string) int {
 	return ExitUsage
 }
 
-// loadPolicy returns the built-in policy when no file is named.
+// loadPolicy reads the named policy file; without one, the installed
+// policy (deps.DefaultPolicyFile) when it exists, else the built-in
+// defaults. Falling back to the defaults while an installed policy says
+// otherwise once made "reconcile --fix" add rules next to a set backend.
 func loadPolicy(path string, deps Deps) (*policy.Policy, error) {
+	if path == "" && deps.DefaultPolicyFile != "" {
+		if _, err := os.Stat(deps.DefaultPolicyFile); err == nil {
+			path = deps.DefaultPolicyFile
+		}
+	}
 	if path == "" {
 		return policy.Default(), nil
 	}
@@ -194,11 +213,18 @@ func parseSSHConnection(s string) (netip.Addr, int) {
 func runCheck(args []string, env Env, stdout, stderr io.Writer, deps Deps) int {
 	fs := newFlagSet("check")
 	policyPath := fs.String("policy", "", "policy file (TOML)")
-	if err := fs.Parse(args); err != nil {
+	clientFlag := fs.String("client", "", "judge COMMAND as if it came from this ssh client address")
+	if err := parseInterspersed(fs, args); err != nil {
 		return usageError(stderr, err.Error())
 	}
 	if fs.NArg() != 1 {
 		return usageError(stderr, "check takes exactly one COMMAND, quoted as one argument")
+	}
+	if *clientFlag != "" {
+		if _, err := netip.ParseAddr(*clientFlag); err != nil {
+			return usageError(stderr, fmt.Sprintf("--client %q is not an IP address", *clientFlag))
+		}
+		env.SSHConnection = *clientFlag + " 0 0.0.0.0 0"
 	}
 	pol, err := loadPolicy(*policyPath, deps)
 	if err != nil {

@@ -239,7 +239,7 @@ func TestLoadPolicyFileRefusesUnsafeFiles(t *testing.T) {
 		p := write("nobody.toml", 0o644)
 		require.NoError(t, os.Chown(p, 65534, 65534))
 		_, err := LoadPolicyFile(p)
-		assert.ErrorContains(t, err, "not root; run: chown root:")
+		assert.ErrorContains(t, err, "not root; run: chown root:nogroup ", "the hint keeps the file's group, which the shim's user reads it through")
 	})
 	t.Run("a missing file is an error", func(t *testing.T) {
 		_, err := LoadPolicyFile(filepath.Join(dir, "missing.toml"))
@@ -271,4 +271,48 @@ func TestSyslogCopiesEveryRecordWhenAsked(t *testing.T) {
 	h.forced("id")
 	require.Len(t, h.syslogged, 2)
 	assert.Equal(t, h.records()[1:], h.syslogged, "syslog gets the same records as the file")
+}
+
+func TestAdminConveniences(t *testing.T) {
+	t.Run("without --policy the installed policy is read when it exists", func(t *testing.T) {
+		h := newHarness(t)
+		installed := filepath.Join(t.TempDir(), "policy.toml")
+		var read []string
+		h.deps.LoadPolicy = func(p string) (*policy.Policy, error) { read = append(read, p); return h.pol, nil }
+		h.deps.DefaultPolicyFile = installed
+		var out, errb bytes.Buffer
+		Run([]string{"check", "iptables -N " + chain}, Env{}, &out, &errb, h.deps)
+		assert.Empty(t, read, "no installed file: the built-in defaults")
+		require.NoError(t, os.WriteFile(installed, nil, 0o644))
+		Run([]string{"check", "iptables -N " + chain}, Env{}, &out, &errb, h.deps)
+		assert.Equal(t, []string{installed}, read)
+	})
+	t.Run("flags may follow the arguments", func(t *testing.T) {
+		h := newHarness(t)
+		h.forced("iptables -w -N " + chain)
+		var out, errb bytes.Buffer
+		code := Run([]string{"list", chain, "--json", "--policy", "/etc/f2b-shim/policy.toml"}, Env{}, &out, &errb, h.deps)
+		require.Equal(t, ExitOK, code, errb.String())
+		assert.Contains(t, out.String(), `"type": "chain"`)
+		code = Run([]string{"check", "iptables -N " + chain, "--client", "203.0.113.9"}, Env{}, &out, &errb, h.deps)
+		assert.Equal(t, ExitOK, code, errb.String())
+		code = Run([]string{"check", "--client", "203.0.113.9", "iptables -I " + chain + " 1 -s 203.0.113.9 -j DROP"}, Env{}, &out, &errb, h.deps)
+		assert.Equal(t, ExitDenied, code, "--client is never banned, as the ssh client is")
+	})
+	t.Run("run from a shell, the binary prints usage and changes nothing", func(t *testing.T) {
+		h := newHarness(t)
+		var out, errb bytes.Buffer
+		code := Run(nil, Env{}, &out, &errb, h.deps)
+		assert.Equal(t, ExitUsage, code)
+		assert.Contains(t, errb.String(), "Usage:")
+		_, err := os.Stat(h.pol.AuditLog)
+		assert.True(t, os.IsNotExist(err), "no audit line")
+	})
+	t.Run("--version and -V", func(t *testing.T) {
+		for _, arg := range []string{"version", "--version", "-V"} {
+			var out, errb bytes.Buffer
+			assert.Equal(t, ExitOK, Run([]string{arg}, Env{}, &out, &errb, newHarness(t).deps))
+			assert.True(t, strings.HasPrefix(out.String(), "f2b-shim "), arg)
+		}
+	})
 }

@@ -6,8 +6,10 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"os/user"
 	"path/filepath"
 	"runtime/debug"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -49,10 +51,11 @@ func RealDeps() Deps {
 			}
 			return s.Restore(script)
 		},
-		Syslog:      func(r audit.Record) error { return audit.SendSyslog("", "", r) },
-		Context:     hostnet.Context,
-		PrepareExec: privilege.Prepare,
-		Now:         time.Now,
+		Syslog:            func(r audit.Record) error { return audit.SendSyslog("", "", r) },
+		Context:           hostnet.Context,
+		PrepareExec:       privilege.Prepare,
+		Now:               time.Now,
+		DefaultPolicyFile: DefaultPolicyDir + "/policy.toml",
 	}
 }
 
@@ -76,7 +79,13 @@ func LoadPolicyFile(path string) (*policy.Policy, error) {
 		return nil, fmt.Errorf("%q is not a regular file", path)
 	}
 	if sys, ok := st.Sys().(*syscall.Stat_t); ok && sys.Uid != 0 {
-		return nil, fmt.Errorf("%q is owned by uid %d, not root; run: chown root: %s", path, sys.Uid, path)
+		// Keep the group: in the least-privilege install it is f2b-shim's,
+		// which must go on reading the file.
+		group := strconv.Itoa(int(sys.Gid))
+		if g, err := user.LookupGroupId(group); err == nil {
+			group = g.Name
+		}
+		return nil, fmt.Errorf("%q is owned by uid %d, not root; run: chown root:%s %s", path, sys.Uid, group, path)
 	}
 	if st.Mode().Perm()&0o022 != 0 {
 		return nil, fmt.Errorf("%q is writable by group or others (mode %04o); run: chmod go-w %s", path, st.Mode().Perm(), path)
