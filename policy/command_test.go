@@ -286,8 +286,9 @@ func BenchmarkParseAndAuthorize(b *testing.B) {
 // own quoting (fail2ban runs actions with sh -c).
 func TestWireFormsOfTheExampleActions(t *testing.T) {
 	for _, line := range []string{
-		// proxy-iptables-0.11.conf's actioncheck: the pipeline is quoted
-		// locally with double quotes, so ssh sends it whole.
+		// The actioncheck of the 0.11 action file that earlier versions
+		// shipped (still in use on upgraded mail hosts): the pipeline is
+		// quoted locally with double quotes, so ssh sends it whole.
 		"iptables -w -n -L INPUT | grep -q 'mail-remote-f2b-dovecot[ \\t]'",
 		"ip6tables -w -n -L INPUT | grep -q 'mail-remote-f2b-dovecot[ \\t]'",
 		// proxy-iptables.conf's actionstart hook for one protocol.

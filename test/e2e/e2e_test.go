@@ -1,11 +1,14 @@
-// Package e2e drives the whole flow with the real programs: fail2ban 1.0
-// on the mail host runs examples/proxy-iptables.conf, which runs ssh,
+// Package e2e drives the whole flow with the real programs: fail2ban (1.0,
+// and 0.11.2 and 1.1.1 from source) on the mail host runs
+// examples/proxy-iptables.conf, which runs ssh,
 // which reaches real sshd on the proxy, which starts f2b-shim as the key's
 // forced command, and the attacker is refused at the proxy.
 package e2e
 
 import (
 	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -39,8 +42,51 @@ func TestFail2banBansAtTheProxy(t *testing.T) {
 	}
 }
 
+// Fail2banSrcEnv names the directory of the fail2ban release tarballs
+// (../shared/fail2ban, which .ci/run sets); without it the other releases
+// are not tested, and the tests say so.
+const Fail2banSrcEnv = "F2B_SHIM_FAIL2BAN_SRC"
+
+// releases are the fail2ban releases besides Debian's 1.0.2 that users
+// run: Ubuntu 22.04's 0.11.2 and the newest, 1.1.1.
+var releases = map[string]string{
+	"0.11.2": "fail2ban-0.11.2-py3.tar.gz",
+	"1.1.1":  "fail2ban-1.1.1.tar.gz",
+}
+
+// TestOtherFail2banReleases runs the same life cycle, with the one
+// shipped action file, on fail2ban 0.11.2 and 1.1.1 run from their
+// source trees, in the least-privilege install with both backends.
+func TestOtherFail2banReleases(t *testing.T) {
+	nstest.RequireRoot(t, "sshd", "ssh", "socat", "iptables", "setcap", "unshare", "tar")
+	src := os.Getenv(Fail2banSrcEnv)
+	if src == "" {
+		t.Skipf("%s is not set: fail2ban 0.11.2 and 1.1.1 are not tested (CI sets it to ../shared/fail2ban)", Fail2banSrcEnv)
+	}
+	bin, err := nstest.BuildShim(t.TempDir())
+	require.NoError(t, err)
+	for version, tarball := range releases {
+		dir := t.TempDir()
+		require.NoError(t, os.Chmod(dir, 0o755))
+		out, err := exec.Command("tar", "-xzf", filepath.Join(src, tarball), "-C", dir).CombinedOutput()
+		require.NoError(t, err, "%s", out)
+		tree := filepath.Join(dir, strings.TrimSuffix(tarball, ".tar.gz"))
+		for _, backend := range []string{"rules", "ipset"} {
+			t.Run("fail2ban "+version+", "+backend+" backend", func(t *testing.T) {
+				t.Parallel() // each in its own namespaces and directory
+				l := lifeCycleWith(t, func() (*lab.Lab, error) { return lab.UpWithFail2ban(bin, lab.UserMode, backend, tree) }, lab.UserMode)
+				assert.Contains(t, l.Log("fail2ban.log"), "Starting Fail2ban v"+version, "the release under test is the one that ran")
+			})
+		}
+	}
+}
+
 func lifeCycle(t *testing.T, bin string, mode lab.Mode, backend string) {
-	l, err := lab.Up(bin, mode, backend)
+	lifeCycleWith(t, func() (*lab.Lab, error) { return lab.Up(bin, mode, backend) }, mode)
+}
+
+func lifeCycleWith(t *testing.T, up func() (*lab.Lab, error), mode lab.Mode) *lab.Lab {
+	l, err := up()
 	require.NoError(t, err)
 	t.Cleanup(l.Down)
 	t.Cleanup(func() {
@@ -225,4 +271,5 @@ func lifeCycle(t *testing.T, bin string, mode lab.Mode, backend string) {
 			require.Equal(t, float64(want), r["uid"], "%v", r["command"])
 		}
 	})
+	return l
 }

@@ -81,6 +81,10 @@ type Lab struct {
 	// bench (UpBench) also lets root log in with forced commands, with
 	// /bin/sh as its shell in the proxy's copy of /etc/passwd.
 	bench bool
+	// Fail2banTree, when set, is an extracted fail2ban release whose
+	// fail2ban-client (and so fail2ban-server) the mail host runs, with
+	// the system's python3; otherwise Debian's fail2ban runs.
+	Fail2banTree string
 }
 
 // RepoRoot is the f2b-shim checkout this package lives in.
@@ -93,6 +97,12 @@ func RepoRoot() string {
 // was made is removed; otherwise Down removes it.
 func Up(shim string, mode Mode, backend string) (l *Lab, err error) {
 	return up(&Lab{Mode: mode, Backend: backend}, shim)
+}
+
+// UpWithFail2ban is Up with the mail host running the fail2ban release
+// extracted at tree (see Fail2banTree).
+func UpWithFail2ban(shim string, mode Mode, backend, tree string) (*Lab, error) {
+	return up(&Lab{Mode: mode, Backend: backend, Fail2banTree: tree}, shim)
 }
 
 // UpBench builds the hosts for the benchmark: the shim's key logs into
@@ -377,9 +387,9 @@ func (l *Lab) mailFiles() error {
 			return err
 		}
 	}
+	// The action file includes nothing: it alone must do for every release.
 	links := map[string]string{
 		filepath.Join(RepoRoot(), "examples", "proxy-iptables.conf"): filepath.Join(f2b, "action.d", "proxy-iptables.conf"),
-		"/etc/fail2ban/action.d/iptables.conf":                       filepath.Join(f2b, "action.d", "iptables.conf"),
 	}
 	for from, to := range links {
 		if err := os.Symlink(from, to); err != nil {
@@ -429,7 +439,11 @@ action = proxy-iptables[name=%s, port="imap,imaps", protocol=tcp, ssh_config="%s
 
 // Fail2ban runs fail2ban-client with the lab's config on the mail host.
 func (l *Lab) Fail2ban(args ...string) (string, error) {
-	return l.Mail.Run("fail2ban-client", append([]string{"-c", l.path("fail2ban")}, args...)...)
+	args = append([]string{"-c", l.path("fail2ban")}, args...)
+	if l.Fail2banTree == "" {
+		return l.Mail.Run("fail2ban-client", args...)
+	}
+	return l.Mail.Run("env", append([]string{"PYTHONPATH=" + l.Fail2banTree, "/usr/bin/python3", filepath.Join(l.Fail2banTree, "bin", "fail2ban-client")}, args...)...)
 }
 
 // StartFail2ban starts fail2ban-server on the mail host and waits until
