@@ -440,7 +440,7 @@ func (p *parser) banRule(c *Command) error {
 				return err
 			}
 			if fam, ok := rejectTypes[with]; !ok || fam != c.Family {
-				return deny("reject type %q is not a %s reject type", with, c.Family.Binary())
+				return deny("reject type %q is not one f2b-shim knows for %s (see --reject-with in iptables-extensions(8); the short aliases are not accepted)", with, c.Family.Binary())
 			}
 			c.Target.RejectWith = with
 		}

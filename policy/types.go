@@ -43,7 +43,7 @@ type Chain string
 // A name that starts with "-" would read as an option to iptables.
 func parseChain(word string) (Chain, error) {
 	if word == "" || len(word) > maxChainLen {
-		return "", wordErr("chain %q must be 1 to %d characters long", word, maxChainLen)
+		return "", wordErr("chain %q must be 1 to %d characters long; for a jail's chain, set a shorter name= in the jail's action, or a shorter chain_prefix on both sides", word, maxChainLen)
 	}
 	if word[0] == '-' {
 		return "", wordErr("chain %q must not start with \"-\"", word)

@@ -64,6 +64,10 @@ func newAdmin(pol *policy.Policy, stderr io.Writer, deps Deps) (*admin, int) {
 	}
 	if a.held, err = lock.Acquire(pol.StateDir, lockName(pol), a.deadline); err != nil {
 		fmt.Fprintf(stderr, "f2b-shim: %v\n", err)
+		if !errors.Is(err, lock.ErrTimeout) {
+			fmt.Fprintf(stderr, "f2b-shim: hint: state_dir %s must be a directory this user can write\n", pol.StateDir)
+			return nil, ExitSetup
+		}
 		return nil, ExitFirewall
 	}
 	if a.store, err = state.Open(pol, a.ctx.LookupPort, max(time.Until(a.deadline), 100*time.Millisecond)); err != nil {
@@ -361,7 +365,7 @@ func runReconcile(args []string, stdout, stderr io.Writer, deps Deps) int {
 		drifts = append(drifts, d...)
 	}
 	if len(drifts) == 0 {
-		fmt.Fprintln(stdout, "no drift: the firewall holds exactly what the journal says")
+		fmt.Fprintln(stdout, "no drift: the firewall holds exactly what the state says")
 		return ExitOK
 	}
 	w := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
@@ -369,25 +373,37 @@ func runReconcile(args []string, stdout, stderr io.Writer, deps Deps) int {
 		fmt.Fprintf(w, "%s\t%s\t%s\n", d.kind, d.fam, d.what)
 	}
 	w.Flush()
-	if fix {
-		fixed := 0
-		for _, d := range drifts {
-			if d.fix == nil {
-				continue
-			}
-			b := backends[d.fam]
-			// The record is what is missing from the firewall: ask the
-			// chain, not the record, whether a ban is there.
-			b.Record = nil
-			if _, err := firewall.Apply(b, *d.fix); err != nil {
-				fmt.Fprintf(stderr, "f2b-shim: reconcile --fix: %s: %s\n", d.fix.CommandLine(), oneLine.Replace(err.Error()))
-				return ExitFirewall
-			}
-			fixed++
-		}
-		fmt.Fprintf(stdout, "fixed: re-applied %d missing rules or chains; unexpected and duplicate rules are left for you to check\n", fixed)
+	if !fix {
+		return ExitCheckFalse
 	}
-	return ExitCheckFalse
+	fixed, left := 0, 0
+	var recs []audit.Record
+	for _, d := range drifts {
+		if d.fix == nil {
+			left++
+			continue
+		}
+		b := backends[d.fam]
+		// The record is what is missing from the firewall: ask the
+		// chain, not the record, whether a ban is there.
+		b.Record = nil
+		out, err := firewall.Apply(b, *d.fix)
+		if err != nil {
+			fmt.Fprintf(stderr, "f2b-shim: reconcile --fix: %s: %s\n", d.fix.CommandLine(), oneLine.Replace(err.Error()))
+			recs = append(recs, a.record("f2b-shim reconcile --fix", d.fix, "failed", ExitFirewall, err))
+			a.audit(recs...)
+			return ExitFirewall
+		}
+		recs = append(recs, a.record("f2b-shim reconcile --fix", d.fix, out.String(), ExitOK, nil))
+		fixed++
+	}
+	a.audit(recs...)
+	fmt.Fprintf(stdout, "fixed: re-applied %d missing rules or chains\n", fixed)
+	if left > 0 {
+		fmt.Fprintf(stdout, "left: %d unexpected or duplicate rules, for you to check\n", left)
+		return ExitCheckFalse
+	}
+	return ExitOK
 }
 
 // compare lists the drift of one family, missing things first in the

@@ -102,6 +102,9 @@ Usage:
   f2b-shim unban [--policy FILE] CHAIN ADDRESS
                                              the admin's own ban or unban, judged, recorded and audited
   f2b-shim prune [--policy FILE] CHAIN       retire a chain: unhook, flush, delete, forget
+  f2b-shim status [--policy FILE | --all [--dir DIR]]
+                                             self-test: policy, capabilities, audit log, lock, state,
+                                             iptables and ipset, drift; exit 0 when all is well
   f2b-shim expire [--policy FILE | --all [--dir DIR]]
                                              lift bans older than max_ban_time (a timer runs it)
   f2b-shim metrics [--policy FILE | --all [--dir DIR]] [--out FILE]
@@ -135,6 +138,8 @@ func Run(args []string, env Env, stdout, stderr io.Writer, deps Deps) int {
 			return runAudit(args[1:], stdout, stderr, deps)
 		case "expire":
 			return runExpire(args[1:], stdout, stderr, deps)
+		case "status":
+			return runStatus(args[1:], stdout, stderr, deps)
 		case "ban", "unban":
 			return runBanUnban(args[0], args[1:], stdout, stderr, deps)
 		case "prune":

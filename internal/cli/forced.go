@@ -103,6 +103,10 @@ func runForced(policyPath string, env Env, stderr io.Writer, deps Deps) int {
 	held, err := lock.Acquire(pol.StateDir, lockName(pol), deadline)
 	if err != nil {
 		rec.Reason = audit.Text(err.Error())
+		if !errors.Is(err, lock.ErrTimeout) {
+			// Not another shim: state_dir itself is unusable.
+			return finish(ExitSetup, "failed", "state: "+err.Error()+"; hint: nothing was changed; state_dir must be a directory the shim's user can write (scripts/install makes it)")
+		}
 		return finish(ExitFirewall, "failed", "firewall: "+err.Error())
 	}
 	defer held.Release()

@@ -227,3 +227,39 @@ func TestReconcileWithSets(t *testing.T) {
 	r = admin(t, ns, pol, "list", "--json")
 	assert.Contains(t, r.Stdout, `"rule": "203.0.113.45/32"`)
 }
+
+// TestReconcileFixIsAuditedAndEndsClean: --fix writes an audit line for
+// what it re-applied and exits 0 once nothing is left to look at.
+func TestReconcileFixIsAuditedAndEndsClean(t *testing.T) {
+	ns, pol, audit := setup(t, "nft", "")
+	runAll(t, ns, pol, jailStart...)
+	ns.MustRun(t, "iptables-nft", "-D", chain, "-s", "203.0.113.45", "-j", "REJECT")
+	r := admin(t, ns, pol, "reconcile", "--fix")
+	assert.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
+	assert.Contains(t, r.Stdout, "re-applied 1 missing")
+	last := lastAudit(t, audit)
+	assert.Equal(t, "f2b-shim reconcile --fix", last["command"])
+	assert.Equal(t, "applied", last["result"])
+	r = admin(t, ns, pol, "reconcile")
+	assert.Equal(t, 0, r.Code, r.Stdout)
+}
+
+// TestStatus: the self-test is all ok on a healthy proxy, and names the
+// drift when someone changed the firewall behind the shim's back.
+func TestStatus(t *testing.T) {
+	for _, backend := range []string{"nft", "legacy+ipset"} {
+		t.Run(backend, func(t *testing.T) {
+			ns, pol, _ := setup(t, backend, "")
+			runAll(t, ns, pol, jailStart...)
+			r := admin(t, ns, pol, "status")
+			assert.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
+			assert.NotContains(t, r.Stdout, "FAIL")
+			assert.Contains(t, r.Stdout, "2 chains, 3 bans")
+			ns.MustRun(t, "iptables-"+ipt(backend), "-F", "INPUT")
+			r = admin(t, ns, pol, "status")
+			assert.Equal(t, 1, r.Code)
+			assert.Contains(t, r.Stdout, "ipv4 drift:")
+			assert.Contains(t, r.Stdout, "1 missing")
+		})
+	}
+}
