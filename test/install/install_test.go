@@ -175,3 +175,63 @@ func tree(t *testing.T, root string) string {
 	}))
 	return b.String()
 }
+
+// TestInstallIntoAnEmptyRootAndSwitchModes installs into an empty
+// directory, checks the units, the logrotate file and the sshd block it
+// prints, then switches to root mode and back: each switch leaves the
+// shim's directories to the account that now logs in, so the shim can go
+// on using them.
+func TestInstallIntoAnEmptyRootAndSwitchModes(t *testing.T) {
+	nstest.RequireRoot(t, "useradd", "setcap", "getcap")
+	bin, err := nstest.BuildShim(t.TempDir())
+	require.NoError(t, err)
+	root := t.TempDir()
+	out := install(t, "--root", root, "--binary", bin)
+	example, err := os.ReadFile(filepath.Join(lab.RepoRoot(), "examples", "ssh", "sshd_config-f2b-shim.conf"))
+	require.NoError(t, err)
+	for _, l := range strings.Split(strings.TrimSpace(string(example)), "\n") {
+		assert.Contains(t, out, l, "the block it prints is the example file")
+	}
+	for _, f := range []string{
+		"etc/systemd/system/f2b-shim-restore.service", "etc/systemd/system/f2b-shim-expire.timer", "etc/systemd/system/f2b-shim-metrics.timer",
+		"etc/logrotate.d/f2b-shim", "usr/local/sbin/f2b-shim-metrics",
+	} {
+		_, err := os.Stat(filepath.Join(root, f))
+		assert.NoError(t, err, f)
+	}
+	for _, link := range []string{"multi-user.target.wants/f2b-shim-restore.service", "timers.target.wants/f2b-shim-expire.timer"} {
+		target, err := os.Readlink(filepath.Join(root, "etc/systemd/system", link))
+		assert.NoError(t, err, "enabled: %s", link)
+		assert.Equal(t, "/etc/systemd/system/"+filepath.Base(link), target)
+	}
+	// The state and log the shim's user made.
+	state := filepath.Join(root, "var/lib/f2b-shim")
+	passwd, err := os.ReadFile(filepath.Join(root, "etc/passwd"))
+	require.NoError(t, err)
+	require.Contains(t, string(passwd), "f2b-shim:")
+	uid, gid, _ := owner(t, state)
+	require.NoError(t, os.WriteFile(filepath.Join(state, "default.db"), nil, 0o640))
+	require.NoError(t, os.Chown(filepath.Join(state, "default.db"), int(uid), int(gid)))
+
+	install(t, "--root", root, "--binary", bin, "--mode", "root")
+	for _, f := range []string{"var/lib/f2b-shim", "var/lib/f2b-shim/default.db", "var/log/f2b-shim"} {
+		u, g, _ := owner(t, filepath.Join(root, f))
+		assert.Equal(t, [2]uint32{0, 0}, [2]uint32{u, g}, "root mode: %s is root's", f)
+	}
+	unit, err := os.ReadFile(filepath.Join(root, "etc/systemd/system/f2b-shim-restore.service"))
+	require.NoError(t, err)
+	assert.NotContains(t, string(unit), "User=f2b-shim", "root mode's units run as root")
+	_, err = os.Stat(filepath.Join(root, "etc/tmpfiles.d/f2b-shim.conf"))
+	assert.True(t, os.IsNotExist(err), "root mode needs no group on the xtables lock")
+
+	tmp := t.TempDir()
+	cmd := exec.Command(filepath.Join(lab.RepoRoot(), "scripts", "install"), "--root", root, "--binary", bin)
+	cmd.Env = append(os.Environ(), "TMPDIR="+tmp)
+	out2, err := cmd.CombinedOutput()
+	require.NoError(t, err, "%s", out2)
+	u, g, _ := owner(t, filepath.Join(state, "default.db"))
+	assert.Equal(t, [2]uint32{uid, gid}, [2]uint32{u, g}, "back in user mode, the user's again")
+	left, err := os.ReadDir(tmp)
+	require.NoError(t, err)
+	assert.Empty(t, left, "no temp files left behind")
+}
