@@ -199,6 +199,11 @@ func TestInstallIntoAnEmptyRootAndSwitchModes(t *testing.T) {
 		_, err := os.Stat(filepath.Join(root, f))
 		assert.NoError(t, err, f)
 	}
+	if want, err := nstest.GitVersion(); err == nil {
+		got, err := exec.Command(filepath.Join(root, "usr/local/sbin/f2b-shim"), "--version").Output()
+		require.NoError(t, err)
+		assert.Equal(t, "f2b-shim "+want+"\n", string(got), "the version is git describe's")
+	}
 	for _, link := range []string{"multi-user.target.wants/f2b-shim-restore.service", "timers.target.wants/f2b-shim-expire.timer"} {
 		target, err := os.Readlink(filepath.Join(root, "etc/systemd/system", link))
 		assert.NoError(t, err, "enabled: %s", link)

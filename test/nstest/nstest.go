@@ -50,8 +50,13 @@ func RequireRoot(t testing.TB, tools ...string) {
 func BuildShim(dir string) (string, error) {
 	_, self, _, _ := runtime.Caller(0)
 	root := filepath.Join(filepath.Dir(self), "..", "..")
+	// The version as scripts/install sets it: git describe of the checkout.
+	ldflags := ""
+	if v, err := GitVersion(); err == nil {
+		ldflags = "-X github.com/f2b-shim/f2b-shim/internal/cli.version=" + v
+	}
 	for _, name := range []string{"f2b-shim", "f2b-shim-metrics"} {
-		cmd := exec.Command("go", "build", "-trimpath", "-o", filepath.Join(dir, name), "./cmd/"+name)
+		cmd := exec.Command("go", "build", "-trimpath", "-ldflags", ldflags, "-o", filepath.Join(dir, name), "./cmd/"+name)
 		cmd.Dir = root
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if b, err := cmd.CombinedOutput(); err != nil {
@@ -59,6 +64,15 @@ func BuildShim(dir string) (string, error) {
 		}
 	}
 	return filepath.Join(dir, "f2b-shim"), nil
+}
+
+// GitVersion is "git describe --tags --always --dirty" of the checkout.
+func GitVersion() (string, error) {
+	_, self, _, _ := runtime.Caller(0)
+	cmd := exec.Command("git", "describe", "--tags", "--always", "--dirty")
+	cmd.Dir = filepath.Dir(self)
+	out, err := cmd.Output()
+	return strings.TrimSpace(string(out)), err
 }
 
 // Netns is a network namespace that lives as long as the test.
