@@ -32,15 +32,20 @@ func TestFail2banBansAtTheProxy(t *testing.T) {
 	nstest.RequireRoot(t, "sshd", "ssh", "fail2ban-client", "socat", "iptables", "setcap", "unshare")
 	bin, err := nstest.BuildShim(t.TempDir())
 	require.NoError(t, err)
-	for _, run := range []struct {
-		mode    lab.Mode
-		backend string
-	}{{lab.RootMode, "rules"}, {lab.UserMode, "rules"}, {lab.UserMode, "ipset"}} {
+	for _, run := range variants {
 		t.Run("key in "+string(run.mode)+"'s authorized_keys, "+run.backend+" backend", func(t *testing.T) {
+			t.Parallel() // each in its own namespaces and directory
 			lifeCycle(t, bin, run.mode, run.backend)
 		})
 	}
 }
+
+// variants are the installs every release is tested with: both modes,
+// both backends.
+var variants = []struct {
+	mode    lab.Mode
+	backend string
+}{{lab.RootMode, "rules"}, {lab.UserMode, "rules"}, {lab.UserMode, "ipset"}, {lab.RootMode, "ipset"}}
 
 // Fail2banSrcEnv names the directory of the fail2ban release tarballs
 // (../shared/fail2ban, which .ci/run sets); without it the other releases
@@ -54,9 +59,9 @@ var releases = map[string]string{
 	"1.1.1":  "fail2ban-1.1.1.tar.gz",
 }
 
-// TestOtherFail2banReleases runs the same life cycle, with the one
-// shipped action file, on fail2ban 0.11.2 and 1.1.1 run from their
-// source trees, in the least-privilege install with both backends.
+// TestOtherFail2banReleases runs the same life cycle and restart paths,
+// with the one shipped action file, on fail2ban 0.11.2 and 1.1.1 run from
+// their source trees, in both installs with both backends.
 func TestOtherFail2banReleases(t *testing.T) {
 	nstest.RequireRoot(t, "sshd", "ssh", "socat", "iptables", "setcap", "unshare", "tar")
 	src := os.Getenv(Fail2banSrcEnv)
@@ -71,10 +76,10 @@ func TestOtherFail2banReleases(t *testing.T) {
 		out, err := exec.Command("tar", "-xzf", filepath.Join(src, tarball), "-C", dir).CombinedOutput()
 		require.NoError(t, err, "%s", out)
 		tree := filepath.Join(dir, strings.TrimSuffix(tarball, ".tar.gz"))
-		for _, backend := range []string{"rules", "ipset"} {
-			t.Run("fail2ban "+version+", "+backend+" backend", func(t *testing.T) {
+		for _, run := range variants {
+			t.Run("fail2ban "+version+", key in "+string(run.mode)+"'s authorized_keys, "+run.backend+" backend", func(t *testing.T) {
 				t.Parallel() // each in its own namespaces and directory
-				l := lifeCycleWith(t, func() (*lab.Lab, error) { return lab.UpWithFail2ban(bin, lab.UserMode, backend, tree) }, lab.UserMode)
+				l := lifeCycleWith(t, func() (*lab.Lab, error) { return lab.UpWithFail2ban(bin, run.mode, run.backend, tree) }, run.mode)
 				assert.Contains(t, l.Log("fail2ban.log"), "Starting Fail2ban v"+version, "the release under test is the one that ran")
 			})
 		}
@@ -270,6 +275,38 @@ func lifeCycleWith(t *testing.T, up func() (*lab.Lab, error), mode lab.Mode) *la
 		for _, r := range recs {
 			require.Equal(t, float64(want), r["uid"], "%v", r["command"])
 		}
+	})
+	t.Run("11 every restart path leaves exactly the bans fail2ban holds, none doubled", func(t *testing.T) {
+		want, err := l.Fail2banBans()
+		require.NoError(t, err)
+		require.Len(t, want, 3, "the bans of the steps before")
+		same := func(path string) {
+			t.Helper()
+			f2b, proxy, err := l.WaitSameBans(want, banWait)
+			assert.NoError(t, err, "%s: fail2ban holds %v, the proxy bans %v, both should be %v", path, f2b, proxy, want)
+		}
+		same("before")
+		_, err = l.Fail2ban("restart")
+		require.NoError(t, err)
+		require.NoError(t, l.WaitJail())
+		same("restart")
+		_, err = l.Fail2ban("reload", "--restart", lab.Jail)
+		require.NoError(t, err)
+		require.NoError(t, l.WaitJail())
+		same("reload --restart " + lab.Jail)
+		require.NoError(t, l.KillFail2ban())
+		require.NoError(t, l.StartFail2ban())
+		same("SIGKILL, then start")
+		// A ban that runs out: fail2ban unbans it, and so does the proxy.
+		_, err = l.Fail2ban("set", lab.Jail, "bantime", "3")
+		require.NoError(t, err)
+		_, err = l.Fail2ban("set", lab.Jail, "banip", "203.0.113.88")
+		require.NoError(t, err)
+		_, err = l.WaitBan("203.0.113.88", true, banWait)
+		require.NoError(t, err)
+		_, err = l.WaitBan("203.0.113.88", false, banWait)
+		require.NoError(t, err, "the ban expired by bantime is lifted on the proxy")
+		same("a ban expired by bantime")
 	})
 	return l
 }

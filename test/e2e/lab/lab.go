@@ -21,6 +21,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -529,6 +530,90 @@ func (l *Lab) Banned(ip string) bool {
 
 // WaitBan waits until the proxy does (or does not) ban ip, and returns
 // how long that took.
+// Fail2banBans is the jail's "Banned IP list" as fail2ban reports it.
+func (l *Lab) Fail2banBans() ([]string, error) {
+	out, err := l.Fail2ban("status", Jail)
+	if err != nil {
+		return nil, err
+	}
+	for _, line := range strings.Split(out, "\n") {
+		if _, list, ok := strings.Cut(line, "Banned IP list:"); ok {
+			ips := strings.Fields(list)
+			slices.Sort(ips)
+			return ips, nil
+		}
+	}
+	return nil, fmt.Errorf("no banned list in: %s", out)
+}
+
+// ProxyBans lists the addresses the proxy bans in the jail's chain, both
+// families, once per rule or set member: an address banned twice shows
+// twice.
+func (l *Lab) ProxyBans() []string {
+	var out []string
+	for _, bin := range []string{"iptables", "ip6tables"} {
+		for _, r := range strings.Split(l.Rules(bin), "\n") {
+			f := strings.Fields(r)
+			switch {
+			case len(f) > 3 && f[0] == "-A" && f[1] == Chain && f[2] == "-s":
+				p := netip.MustParsePrefix(f[3])
+				out = append(out, p.Addr().String())
+			case len(f) > 5 && f[0] == "-A" && f[1] == Chain && f[3] == "set":
+				members, _ := l.Proxy.Run("ipset", "list", f[5])
+				_, m, _ := strings.Cut(members, "Members:\n")
+				for _, e := range strings.Fields(m) {
+					if p, err := netip.ParsePrefix(e); err == nil {
+						e = p.Addr().String()
+					}
+					out = append(out, e)
+				}
+			}
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// WaitSameBans waits until fail2ban holds want (all of it: after a
+// restart it re-bans from its database a little at a time) and the proxy
+// bans exactly that, each once; it returns both lists as last read.
+func (l *Lab) WaitSameBans(want []string, timeout time.Duration) (f2b, proxy []string, err error) {
+	err = waitFor(timeout, func() bool {
+		f2b, err = l.Fail2banBans()
+		proxy = l.ProxyBans()
+		return err == nil && slices.Equal(f2b, want) && slices.Equal(proxy, want)
+	})
+	return f2b, proxy, err
+}
+
+// WaitJail waits until fail2ban answers for the jail again (after a
+// restart or a reload).
+func (l *Lab) WaitJail() error {
+	l.f2bRunning = true
+	return waitFor(30*time.Second, func() bool {
+		_, err := l.Fail2ban("status", Jail)
+		return err == nil
+	})
+}
+
+// KillFail2ban stops fail2ban-server with SIGKILL, as a crash or the OOM
+// killer would, leaving its rules and database as they are.
+func (l *Lab) KillFail2ban() error {
+	pid := readPid(l.path("fail2ban.pid"))
+	if pid <= 0 {
+		return fmt.Errorf("no fail2ban pid in %s", l.path("fail2ban.pid"))
+	}
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		return err
+	}
+	l.f2bRunning = false
+	if err := waitFor(20*time.Second, func() bool { return !alive(l.path("fail2ban.pid")) }); err != nil {
+		return err
+	}
+	// A killed server leaves its socket; a new one refuses to start on it.
+	return os.Remove(l.path("fail2ban.sock"))
+}
+
 func (l *Lab) WaitBan(ip string, present bool, timeout time.Duration) (time.Duration, error) {
 	start := time.Now()
 	if err := waitFor(timeout, func() bool { return l.Banned(ip) == present }); err != nil {
