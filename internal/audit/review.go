@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"sort"
 	"strconv"
@@ -137,7 +138,7 @@ func (f Filter) Match(e Entry) bool {
 	switch {
 	case !f.Since.IsZero() && r.Time.Before(f.Since),
 		!f.Until.IsZero() && r.Time.After(f.Until),
-		f.Client != "" && f.Client != r.Policy && f.Client != r.ClientIP,
+		f.Client != "" && f.Client != r.Policy && f.Client != r.ClientIP && f.Client != client(r),
 		f.Denied && r.Decision != Deny:
 		return false
 	}
@@ -154,17 +155,62 @@ func (f Filter) Match(e Entry) bool {
 }
 
 // ParseWhen reads a --since/--until value: a duration back from now
-// ("2h", "30m") or a time ("2026-11-25", "2026-11-25 14:00", RFC 3339).
+// ("2h", "30m", "1d", "1d12h"), "today" or "yesterday" (their midnight), a
+// clock time today ("14:00"), or a date and time ("2026-11-25",
+// "2026-11-25 14:00", RFC 3339). A negative duration is refused: it
+// would mean the future.
 func ParseWhen(s string, now time.Time) (time.Time, error) {
-	if d, err := time.ParseDuration(s); err == nil {
+	switch s {
+	case "today":
+		y, m, d := now.Local().Date()
+		return time.Date(y, m, d, 0, 0, 0, 0, time.Local), nil
+	case "yesterday":
+		y, m, d := now.Local().Date()
+		return time.Date(y, m, d-1, 0, 0, 0, 0, time.Local), nil
+	}
+	if d, err := parseBack(s); err == nil {
+		if d < 0 {
+			return time.Time{}, fmt.Errorf("%q is a negative duration; give how far back, such as \"2h\" or \"1d\"", s)
+		}
 		return now.Add(-d), nil
+	}
+	for _, layout := range []string{"15:04", "15:04:05"} {
+		if t, err := time.ParseInLocation(layout, s, time.Local); err == nil {
+			y, m, d := now.Local().Date()
+			return time.Date(y, m, d, t.Hour(), t.Minute(), t.Second(), 0, time.Local), nil
+		}
 	}
 	for _, layout := range []string{time.RFC3339, "2006-01-02T15:04", "2006-01-02 15:04:05", "2006-01-02 15:04", "2006-01-02"} {
 		if t, err := time.ParseInLocation(layout, s, time.Local); err == nil {
 			return t, nil
 		}
 	}
-	return time.Time{}, fmt.Errorf("%q is neither a duration like \"2h\" nor a time like \"2026-11-25 14:00\"", s)
+	return time.Time{}, fmt.Errorf("%q is neither a duration like \"2h\" or \"1d\", \"today\", \"yesterday\", a clock time like \"14:00\", nor a time like \"2026-11-25 14:00\"", s)
+}
+
+// parseBack is time.ParseDuration that also counts days ("1d", "1d12h").
+func parseBack(s string) (time.Duration, error) {
+	neg := strings.HasPrefix(s, "-")
+	days, rest, found := strings.Cut(strings.TrimPrefix(s, "-"), "d")
+	if !found {
+		return time.ParseDuration(s)
+	}
+	n, err := strconv.Atoi(days)
+	if err != nil || n > 36500 {
+		return 0, fmt.Errorf("bad number of days")
+	}
+	d := time.Duration(n) * 24 * time.Hour
+	if rest != "" {
+		more, err := time.ParseDuration(rest)
+		if err != nil {
+			return 0, err
+		}
+		d += more
+	}
+	if neg {
+		d = -d
+	}
+	return d, nil
 }
 
 // WriteTable prints entries as an aligned table.
@@ -186,6 +232,32 @@ func WriteTable(w io.Writer, entries []Entry) {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", r.Time.Local().Format("2006-01-02 15:04:05"), client(r), r.Decision, r.Result, op, detail)
 	}
 	tw.Flush()
+}
+
+// quoted and addressLike are what varies between denials of one kind:
+// the words quoted from the request, and addresses and numbers.
+var (
+	quoted      = regexp.MustCompile(`"(?:[^"\\]|\\.)*"…?`)
+	addressLike = regexp.MustCompile(`[0-9a-fA-F]*[0-9:.][0-9a-fA-F:.]*(/\d+)?`)
+)
+
+// reasonKind turns a denial reason into its kind, for counting:
+// `address "203.0.113.9/32" overlaps 192.0.2.10/32, which is never banned`
+// becomes `address "…" overlaps …, which is never banned`. The text is
+// the shim's own words with the client's quoted (escaped), so printing it
+// as it is cannot forge anything.
+func reasonKind(reason string) string {
+	k := quoted.ReplaceAllString(reason, `"…"`)
+	k = addressLike.ReplaceAllStringFunc(k, func(m string) string {
+		if strings.ContainsAny(m, ".:/") || len(m) > 0 && m[0] >= '0' && m[0] <= '9' {
+			return "…"
+		}
+		return m
+	})
+	if len(k) > 120 {
+		k = k[:120] + "…"
+	}
+	return k
 }
 
 func client(r Record) string {
@@ -215,7 +287,7 @@ func WriteSummary(w io.Writer, entries []Entry) {
 		r := e.Record
 		perClient[client(r)+"\t"+r.Decision]++
 		if r.Decision == Deny {
-			reasons[string(r.Reason)]++
+			reasons[reasonKind(string(r.Reason))] += max(1, r.Count)
 		}
 		if r.Op != nil && r.Op.Kind == "ban" && r.Result == "applied" {
 			banned[r.Op.Source]++
@@ -227,9 +299,9 @@ func WriteSummary(w io.Writer, entries []Entry) {
 	for _, c := range top(perClient, len(perClient)) {
 		fmt.Fprintf(tw, "%s\t%d\n", c.k, c.n)
 	}
-	fmt.Fprintf(tw, "\nTOP DENIAL REASONS\tCOUNT\n")
+	fmt.Fprintf(tw, "\nTOP DENIAL REASONS, BY KIND\tCOUNT\n")
 	for _, c := range top(reasons, 10) {
-		fmt.Fprintf(tw, "%s\t%d\n", strconv.Quote(c.k), c.n)
+		fmt.Fprintf(tw, "%s\t%d\n", c.k, c.n)
 	}
 	fmt.Fprintf(tw, "\nMOST BANNED ADDRESSES\tBANS\n")
 	for _, c := range top(banned, 10) {

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -246,14 +247,25 @@ func restoreFamily(a *admin, s *state.State, fam policy.Family, b firewall.Backe
 	return a.store.MarkSynced(fam)
 }
 
-// listEntry is one row of "f2b-shim list", and one object of its --json.
+// listEntry is one object of "f2b-shim list --json": a chain, a hook, a
+// ban or a return rule, with fields named for what they hold. Times are
+// RFC 3339 with their zone.
 type listEntry struct {
 	Family string `json:"family"`
 	Chain  string `json:"chain"`
-	Type   string `json:"type"` // chain, return, hook, ban
-	Rule   string `json:"rule"`
-	Target string `json:"target,omitempty"`
-	Since  string `json:"since,omitempty"`
+	Type   string `json:"type"` // chain, hook, ban, return
+	// A hook's parent chain, protocol and ports ("" for every port).
+	Parent   string `json:"parent,omitempty"`
+	Protocol string `json:"protocol,omitempty"`
+	Ports    string `json:"ports,omitempty"`
+	// A ban's address or prefix, its target, the address a widened ban
+	// stands for, and the ipset it is in (set backend).
+	Address string `json:"address,omitempty"`
+	Target  string `json:"target,omitempty"`
+	Set     string `json:"set,omitempty"`
+	Since   string `json:"since,omitempty"`
+	// Last is when a ban was last made (max_ban_time counts from it).
+	Last string `json:"last,omitempty"`
 }
 
 func runList(args []string, stdout, stderr io.Writer, deps Deps) int {
@@ -271,13 +283,15 @@ func runList(args []string, stdout, stderr io.Writer, deps Deps) int {
 		fmt.Fprintf(stderr, "f2b-shim: list: %v\n", err)
 		return ExitSetup
 	}
-	var rows []listEntry
-	since := func(t time.Time) string {
+	rfc := func(t time.Time) string {
 		if t.IsZero() {
 			return ""
 		}
-		return t.Local().Format("2006-01-02 15:04:05")
+		return t.Local().Format(time.RFC3339)
 	}
+	var rows []listEntry
+	var text strings.Builder
+	w := tabwriter.NewWriter(&text, 0, 0, 2, ' ', 0)
 	for _, fam := range families {
 		t := s.Tables[fam]
 		for _, name := range t.ChainNames() {
@@ -285,21 +299,45 @@ func runList(args []string, stdout, stderr io.Writer, deps Deps) int {
 				continue
 			}
 			c := t.Chains[name]
-			rows = append(rows, listEntry{Family: fam.String(), Chain: string(name), Type: "chain", Rule: "-N " + string(name)})
-			for _, h := range t.Hooks {
-				if h.Op.Jump == name {
-					rows = append(rows, listEntry{Family: fam.String(), Chain: string(name), Type: "hook",
-						Rule: string(h.Op.Chain) + " " + strings.Join(h.Op.RuleSpec(), " "), Since: since(h.Since)})
+			head := listEntry{Family: fam.String(), Chain: string(name)}
+			row := head
+			row.Type = "chain"
+			rows = append(rows, row)
+			bans := c.Bans()
+			sets := map[string]bool{}
+			for _, b := range bans {
+				if a.pol.Backend == "ipset" {
+					sets[firewall.SetName(fam, name, b.Op.Target)+" ("+shortTarget(b.Op.Target)+")"] = true
 				}
 			}
-			bans := c.Bans()
+			fmt.Fprintf(w, "%s %s: %d bans%s%s\n", fam, name, len(bans), map[bool]string{true: ", return rule"}[c.Return], setNote(sets))
+			for _, h := range t.Hooks {
+				if h.Op.Jump != name {
+					continue
+				}
+				row := head
+				row.Type, row.Parent, row.Protocol, row.Ports, row.Since = "hook", string(h.Op.Chain), h.Op.Proto, portsOf(h.Op), rfc(h.Since)
+				rows = append(rows, row)
+				ports := row.Ports
+				if ports == "" {
+					ports = "every port"
+				}
+				fmt.Fprintf(w, "  hook\t%s %s %s\t\t%s\n", row.Parent, row.Protocol, cutTo(ports, 40), short(h.Since))
+			}
 			for i := len(bans) - 1; i >= 0; i-- {
 				b := bans[i]
-				rows = append(rows, listEntry{Family: fam.String(), Chain: string(name), Type: "ban",
-					Rule: b.Op.Source.String(), Target: b.Op.Target.String(), Since: since(b.Since)})
+				row := head
+				row.Type, row.Address, row.Target, row.Since, row.Last = "ban", b.Op.Source.String(), b.Op.Target.String(), rfc(b.Since), rfc(b.Last)
+				if a.pol.Backend == "ipset" {
+					row.Set = firewall.SetName(fam, name, b.Op.Target)
+				}
+				rows = append(rows, row)
+				fmt.Fprintf(w, "  ban\t%s\t%s\t%s\n", row.Address, shortTarget(b.Op.Target), short(b.Since))
 			}
 			if c.Return {
-				rows = append(rows, listEntry{Family: fam.String(), Chain: string(name), Type: "return", Rule: "-j RETURN"})
+				row := head
+				row.Type = "return"
+				rows = append(rows, row)
 			}
 		}
 	}
@@ -312,13 +350,79 @@ func runList(args []string, stdout, stderr io.Writer, deps Deps) int {
 		_ = enc.Encode(rows)
 		return ExitOK
 	}
-	w := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(w, "FAMILY\tCHAIN\tTYPE\tADDRESS OR RULE\tTARGET\tSINCE")
-	for _, r := range rows {
-		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\n", r.Family, r.Chain, r.Type, r.Rule, r.Target, r.Since)
-	}
 	w.Flush()
+	if rows == nil {
+		fmt.Fprintf(stdout, "the state (%s) holds no chains\n", state.Path(a.pol))
+	}
+	fmt.Fprint(stdout, text.String())
+	fmt.Fprintln(stdout, liveNote(a, s))
 	return ExitOK
+}
+
+// liveNote says, in one line, whether the live firewall holds what the
+// state says.
+func liveNote(a *admin, s *state.State) string {
+	kinds := map[string]int{}
+	for _, fam := range families {
+		b, err := a.backend(fam)
+		var ds []drift
+		if err == nil {
+			ds, err = compare(s, fam, b, a.ctx)
+		}
+		if err != nil {
+			return "live firewall: not read (" + oneLine.Replace(err.Error()) + ")"
+		}
+		for _, d := range ds {
+			kinds[d.kind]++
+		}
+	}
+	if len(kinds) == 0 {
+		return "live firewall: as the state says"
+	}
+	return fmt.Sprintf("live firewall: DIFFERS: %d missing, %d unexpected, %d duplicate; see \"f2b-shim reconcile\"", kinds["missing"], kinds["unexpected"], kinds["duplicate"])
+}
+
+func setNote(sets map[string]bool) string {
+	if len(sets) == 0 {
+		return ""
+	}
+	names := make([]string, 0, len(sets))
+	for n := range sets {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	return ", in set " + strings.Join(names, ", ")
+}
+
+func portsOf(op policy.Operation) string {
+	ps := make([]string, len(op.Ports))
+	for i, p := range op.Ports {
+		ps[i] = p.String()
+	}
+	return strings.Join(ps, ",")
+}
+
+// short is a time for the table: to the second, in local time.
+func short(t time.Time) string {
+	if t.IsZero() {
+		return ""
+	}
+	return t.Local().Format("2006-01-02 15:04:05")
+}
+
+// shortTarget keeps a ban's target in one short column.
+func shortTarget(t policy.Target) string {
+	if t.Kind == policy.Drop {
+		return "DROP"
+	}
+	return "REJECT " + t.RejectWith
+}
+
+func cutTo(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n-1] + "…"
 }
 
 // drift is one difference between the journal and the live firewall.

@@ -85,12 +85,20 @@ func TestAuditReview(t *testing.T) {
 
 	_, out, _ = run("--summary")
 	assert.Regexp(t, `mx1@192\.0\.2\.10\s+allow\s+3`, out)
-	assert.Regexp(t, `"program \\"id\\" is not allowed"\s+2`, out)
+	assert.Regexp(t, `program "…" is not allowed\s+2`, out, "denials grouped by kind, the client's words left out")
 	assert.Regexp(t, `203\.0\.113\.2/32\s+2`, out)
 	assert.Contains(t, out, "BANS PER HOUR")
 	assert.Regexp(t, `11:00  #+\s+1`, out)
 
-	code, _, stderr = run("--since", "yesterday")
+	code, _, stderr = run("--since", "soon")
 	assert.Equal(t, ExitUsage, code)
 	assert.Contains(t, stderr, "neither a duration")
+	code, _, stderr = run("--since", "-2h")
+	assert.Equal(t, ExitUsage, code, "a negative duration would mean the future")
+	assert.Contains(t, stderr, "negative")
+	assert.Equal(t, 2, count("--client", "mx1@192.0.2.11"), "--client takes what the table prints")
+	for _, when := range []string{"yesterday", "today", "1d", "1d12h", "00:00"} {
+		code, _, stderr = run("--since", when)
+		assert.Equal(t, 0, code, "%s: %s", when, stderr)
+	}
 }

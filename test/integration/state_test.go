@@ -150,8 +150,17 @@ func TestList(t *testing.T) {
 	runAll(t, ns, pol, jailStart...)
 	r := admin(t, ns, pol, "list")
 	require.Equal(t, 0, r.Code, r.Stderr)
-	assert.Regexp(t, `ipv4\s+`+chain+`\s+ban\s+203\.0\.113\.45/32\s+REJECT --reject-with icmp-port-unreachable\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\d`, r.Stdout)
-	assert.Regexp(t, `ipv6\s+`+chain+`\s+hook\s+INPUT -p tcp -m multiport --dports imap,imaps -j `+chain, r.Stdout)
+	assert.Contains(t, r.Stdout, "ipv4 "+chain+": 2 bans, return rule\n")
+	assert.Regexp(t, `\n  ban\s+203\.0\.113\.45/32\s+REJECT icmp-port-unreachable\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\n`, r.Stdout)
+	assert.Regexp(t, `\n  hook\s+INPUT tcp imap,imaps\s`, r.Stdout)
+	assert.Contains(t, r.Stdout, "live firewall: as the state says")
+	for _, line := range strings.Split(r.Stdout, "\n") {
+		assert.LessOrEqual(t, len([]rune(line)), 100, "list fits in 100 columns: %q", line)
+	}
+	ns.MustRun(t, "iptables-legacy", "-F", "INPUT")
+	r = admin(t, ns, pol, "list")
+	assert.Contains(t, r.Stdout, "live firewall: DIFFERS: 1 missing")
+	ns.MustRun(t, "iptables-legacy", "-I", "INPUT", "-p", "tcp", "-m", "multiport", "--dports", "143,993", "-j", chain)
 	r = admin(t, ns, pol, "list", "--json", chain)
 	var rows []map[string]string
 	require.NoError(t, json.Unmarshal([]byte(r.Stdout), &rows))
@@ -159,7 +168,9 @@ func TestList(t *testing.T) {
 	for _, row := range rows {
 		if row["type"] == "ban" {
 			bans++
-			assert.NotEmpty(t, row["since"])
+			_, err := time.Parse(time.RFC3339, row["since"])
+			assert.NoError(t, err, "RFC 3339 times, with the zone")
+			assert.NotEmpty(t, row["address"])
 		}
 	}
 	assert.Equal(t, 3, bans)
@@ -225,7 +236,10 @@ func TestReconcileWithSets(t *testing.T) {
 	assert.Contains(t, r.Stdout, "re-applied 1 missing")
 	assert.Contains(t, banned(t, ns, "legacy+ipset", "iptables", chain), "203.0.113.45/32")
 	r = admin(t, ns, pol, "list", "--json")
-	assert.Contains(t, r.Stdout, `"rule": "203.0.113.45/32"`)
+	assert.Contains(t, r.Stdout, `"address": "203.0.113.45/32"`)
+	assert.Contains(t, r.Stdout, `"set": "`+rej+`"`, "the set a person can map to the chain")
+	r = admin(t, ns, pol, "list")
+	assert.Contains(t, r.Stdout, "in set "+rej+" (REJECT icmp-port-unreachable)")
 }
 
 // TestReconcileFixIsAuditedAndEndsClean: --fix writes an audit line for
