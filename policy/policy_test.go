@@ -3,6 +3,8 @@ package policy
 import (
 	"net/netip"
 	"os"
+	"regexp"
+	"strings"
 	"testing"
 	"time"
 
@@ -91,6 +93,15 @@ func TestExamplePolicyParses(t *testing.T) {
 	require.NoError(t, err)
 	pol, err := Parse(data)
 	require.NoError(t, err)
-	assert.Equal(t, "mail1", pol.Name)
-	assert.Equal(t, []netip.Prefix{netip.MustParsePrefix("198.51.100.0/24")}, pol.NeverBan)
+	assert.Equal(t, Default(), pol, "the keys it sets hold the defaults; other values are commented out")
+	// Each commented-out example parses when uncommented.
+	examples := 0
+	for _, line := range strings.Split(string(data), "\n") {
+		if rest, ok := strings.CutPrefix(line, "# "); ok && regexp.MustCompile(`^[a-z0-9_]+ = `).MatchString(rest) {
+			examples++
+			_, err := Parse([]byte(rest))
+			assert.NoError(t, err, rest)
+		}
+	}
+	assert.GreaterOrEqual(t, examples, 4)
 }
