@@ -102,6 +102,12 @@ func lifeCycleWith(t *testing.T, up func() (*lab.Lab, error), mode lab.Mode) *la
 		}
 	})
 
+	t.Run("0 the README's path test answers 1: it works, and touches nothing", func(t *testing.T) {
+		before := l.Rules("iptables") + l.Rules("ip6tables")
+		code, out := l.SSH("f2b-proxy", "iptables -w -C mail-remote-f2b-pathtest -j RETURN")
+		assert.Equal(t, 1, code, out)
+		assert.Equal(t, before, l.Rules("iptables")+l.Rules("ip6tables"))
+	})
 	t.Run("1 the attacker reaches the mail host through the proxy", func(t *testing.T) {
 		require.NoError(t, l.StartFail2ban())
 		require.NoError(t, l.Connect(false))
