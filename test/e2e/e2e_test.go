@@ -86,6 +86,68 @@ func TestOtherFail2banReleases(t *testing.T) {
 	}
 }
 
+// TestActionTypesAndLists: the one action file's type=oneport and its
+// lists of chains and protocols (chain="INPUT,FORWARD",
+// protocol="tcp,udp", as fail2ban 1.1 takes them) make one hook per
+// chain and protocol, on every release, and stop removes them all.
+func TestActionTypesAndLists(t *testing.T) {
+	nstest.RequireRoot(t, "sshd", "ssh", "fail2ban-client", "socat", "iptables", "setcap", "unshare", "tar")
+	bin, err := nstest.BuildShim(t.TempDir())
+	require.NoError(t, err)
+	trees := map[string]string{"1.0.2": ""}
+	if src := os.Getenv(Fail2banSrcEnv); src != "" {
+		for version, tarball := range releases {
+			dir := t.TempDir()
+			require.NoError(t, os.Chmod(dir, 0o755))
+			out, err := exec.Command("tar", "-xzf", filepath.Join(src, tarball), "-C", dir).CombinedOutput()
+			require.NoError(t, err, "%s", out)
+			trees[version] = filepath.Join(dir, strings.TrimSuffix(tarball, ".tar.gz"))
+		}
+	} else {
+		t.Logf("%s is not set: only Debian's fail2ban is tested here", Fail2banSrcEnv)
+	}
+	for version, tree := range trees {
+		t.Run("fail2ban "+version, func(t *testing.T) {
+			t.Parallel()
+			l, err := lab.UpWithAction(bin, lab.UserMode, "rules", tree, `port="143", protocol="tcp,udp", chain="INPUT,FORWARD", type=oneport`)
+			require.NoError(t, err)
+			t.Cleanup(l.Down)
+			require.NoError(t, l.SetPolicy("parent_chains", `["INPUT", "FORWARD"]`))
+			require.NoError(t, l.StartFail2ban())
+			hooks := func() int {
+				n := 0
+				for _, bin := range []string{"iptables", "ip6tables"} {
+					rules := l.Rules(bin)
+					for _, c := range []string{"INPUT", "FORWARD"} {
+						for _, p := range []string{"tcp", "udp"} {
+							if strings.Contains(rules, "-A "+c+" -p "+p+" -m "+p+" --dport 143 -j "+lab.Chain) {
+								n++
+							}
+						}
+					}
+				}
+				return n
+			}
+			// fail2ban starts each family's action with its first ban.
+			for _, ip := range []string{lab.AttackerV4, lab.AttackerV6} {
+				_, err = l.Fail2ban("set", lab.Jail, "banip", ip)
+				require.NoError(t, err)
+				_, err = l.WaitBan(ip, true, banWait)
+				require.NoError(t, err)
+			}
+			assert.Equal(t, 8, hooks(), "two chains × two protocols × two families:\n%s%s", l.Rules("iptables"), l.Rules("ip6tables"))
+			require.NoError(t, l.StopFail2ban())
+			assert.Equal(t, 0, hooks(), "stop removes every hook")
+			for _, bin := range []string{"iptables", "ip6tables"} {
+				assert.NotContains(t, l.Rules(bin), lab.Chain, bin)
+			}
+			if t.Failed() {
+				t.Logf("--- fail2ban.log\n%s", l.Log("fail2ban.log"))
+			}
+		})
+	}
+}
+
 func lifeCycle(t *testing.T, bin string, mode lab.Mode, backend string) {
 	lifeCycleWith(t, func() (*lab.Lab, error) { return lab.Up(bin, mode, backend) }, mode)
 }

@@ -12,6 +12,7 @@ package lab
 
 import (
 	"bufio"
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -82,6 +83,9 @@ type Lab struct {
 	// bench (UpBench) also lets root log in with forced commands, with
 	// /bin/sh as its shell in the proxy's copy of /etc/passwd.
 	bench bool
+	// ActionParams replaces the jail's action parameters (port, protocol,
+	// type, chain) when set, e.g. `port="imap", protocol="tcp,udp", type=oneport`.
+	ActionParams string
 	// Fail2banTree, when set, is an extracted fail2ban release whose
 	// fail2ban-client (and so fail2ban-server) the mail host runs, with
 	// the system's python3; otherwise Debian's fail2ban runs.
@@ -101,9 +105,15 @@ func Up(shim string, mode Mode, backend string) (l *Lab, err error) {
 }
 
 // UpWithFail2ban is Up with the mail host running the fail2ban release
-// extracted at tree (see Fail2banTree).
+// extracted at tree (see Fail2banTree); "" is Debian's.
 func UpWithFail2ban(shim string, mode Mode, backend, tree string) (*Lab, error) {
 	return up(&Lab{Mode: mode, Backend: backend, Fail2banTree: tree}, shim)
+}
+
+// UpWithAction is UpWithFail2ban with the jail's action parameters
+// (see ActionParams).
+func UpWithAction(shim string, mode Mode, backend, tree, params string) (*Lab, error) {
+	return up(&Lab{Mode: mode, Backend: backend, Fail2banTree: tree, ActionParams: params}, shim)
 }
 
 // UpBench builds the hosts for the benchmark: the shim's key logs into
@@ -426,8 +436,8 @@ logpath = %s
 maxretry = 3
 findtime = 10m
 bantime = 1h
-action = proxy-iptables[name=%s, port="imap,imaps", protocol=tcp, ssh_config="%s", ssh_key="%s"]
-`, Jail, l.path("mail.log"), Jail, l.path("ssh_config"), l.path("id_ed25519"))
+action = proxy-iptables[name=%s, %s, ssh_config="%s", ssh_key="%s"]
+`, Jail, l.path("mail.log"), Jail, cmp.Or(l.ActionParams, `port="imap,imaps", protocol=tcp`), l.path("ssh_config"), l.path("id_ed25519"))
 	filter := "[Definition]\nfailregex = imap-login: auth failed, rip=<HOST>\n"
 	return errors.Join(
 		l.write("ssh_config", sshConfig, 0o644),
