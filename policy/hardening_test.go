@@ -259,3 +259,12 @@ func TestBanPrefixWidensOneAddress(t *testing.T) {
 	require.NoError(t, err)
 	assert.False(t, op.Member.IsValid(), "IPv4 is not widened unless ban_prefix_v4 says so")
 }
+
+func TestMessagesSayWhatToDo(t *testing.T) {
+	_, err := decide(t, "iptables -N mail-remote-f2b-roundcube-auth")
+	assert.ErrorContains(t, err, "set a shorter name= in the jail's action", "a jail name too long for iptables' 28 characters")
+	_, err = decide(t, "iptables -I "+chain+" 1 -s 203.0.113.1 -j REJECT --reject-with port-unreach")
+	require.Error(t, err)
+	assert.NotContains(t, err.Error(), "not a iptables", "the policy, not iptables, refuses it")
+	assert.Contains(t, err.Error(), "f2b-shim knows")
+}

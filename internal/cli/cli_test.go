@@ -316,3 +316,14 @@ func TestAdminConveniences(t *testing.T) {
 		}
 	})
 }
+
+func TestUnusableStateDirIsASetupError(t *testing.T) {
+	h := newHarness(t)
+	blocker := filepath.Join(t.TempDir(), "file")
+	require.NoError(t, os.WriteFile(blocker, nil, 0o600))
+	h.pol.StateDir = filepath.Join(blocker, "state")
+	code, stderr := h.forced("iptables -w -N " + chain)
+	assert.Equal(t, ExitSetup, code, "not a firewall failure")
+	assert.Contains(t, stderr, "state_dir must be a directory")
+	assert.Empty(t, h.tables[policy.IPv4].Calls, "nothing was changed")
+}

@@ -186,7 +186,11 @@ func TestInstallIntoAnEmptyRootAndSwitchModes(t *testing.T) {
 	bin, err := nstest.BuildShim(t.TempDir())
 	require.NoError(t, err)
 	root := t.TempDir()
+	require.NoError(t, os.MkdirAll(filepath.Join(root, "etc/ssh/sshd_config.d"), 0o755)) // as Debian 12 has it
 	out := install(t, "--root", root, "--binary", bin)
+	assert.Contains(t, out, "/etc/ssh/sshd_config.d/f2b-shim.conf", "the block is offered as a drop-in where sshd includes them")
+	_, err = os.Stat(filepath.Join(root, "etc/ssh/sshd_config.d/f2b-shim.conf"))
+	assert.True(t, os.IsNotExist(err), "offered, not put in place behind the admin's back")
 	example, err := os.ReadFile(filepath.Join(lab.RepoRoot(), "examples", "ssh", "sshd_config-f2b-shim.conf"))
 	require.NoError(t, err)
 	for _, l := range strings.Split(strings.TrimSpace(string(example)), "\n") {

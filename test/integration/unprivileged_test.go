@@ -149,3 +149,19 @@ func TestUnprivilegedUserLimits(t *testing.T) {
 		}
 	})
 }
+
+// TestRestoreWithoutCapabilitiesSaysSo: a restore by the shim's user with
+// a binary whose file capabilities are gone says that, with the forced
+// command's exit status for it (5), not a firewall failure.
+func TestRestoreWithoutCapabilitiesSaysSo(t *testing.T) {
+	withCaps := newUserSetup(t, "nft", true)
+	ns, _, _ := setup(t, "nft", "")
+	require.Equal(t, 0, asUser(t, ns, withCaps, "", "iptables -w -N "+chain, withCaps.bin, "--policy", withCaps.pol).Code)
+	out, err := exec.Command("setcap", "-r", withCaps.bin).CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	rebooted := nstest.NewNetns(t)
+	r := asUser(t, rebooted, withCaps, "", "", withCaps.bin, "restore", "--policy", withCaps.pol)
+	assert.Equal(t, 5, r.Code, r.Stdout+r.Stderr)
+	assert.Contains(t, r.Stderr, "setcap")
+	assert.NotContains(t, r.Stdout, "holds no chains")
+}
