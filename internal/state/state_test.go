@@ -333,3 +333,16 @@ func TestMembersOutliveAChainReadBack(t *testing.T) {
 	require.NoError(t, err)
 	assert.Empty(t, members, "gone with their ban")
 }
+
+// TestAHookAlreadyThereIsLearned: a hook the firewall holds but the state
+// does not (the state was lost) is recorded when fail2ban sends it again,
+// so that restore brings it back; one the state has is not doubled.
+func TestAHookAlreadyThereIsLearned(t *testing.T) {
+	s := open(t, testPolicy(t))
+	hook := op(t, "iptables -w -I INPUT -p tcp -m multiport --dports imap,imaps -j "+chain)
+	require.NoError(t, s.Record(hook, false, time.Now()))
+	require.NoError(t, s.Record(op(t, "iptables -w -I INPUT -p tcp -m multiport --dports 993,143 -j "+chain), false, time.Now()))
+	st, _, err := s.Load(ctx)
+	require.NoError(t, err)
+	assert.Len(t, st.Tables[policy.IPv4].Hooks, 1)
+}

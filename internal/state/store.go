@@ -330,11 +330,23 @@ func (s *Store) record(tx *bolt.Tx, op policy.Operation, applied bool, at time.T
 			// effect, whatever its spelling; so does the record.
 			return s.deleteHooks(hooks, op)
 		}
-		if !applied {
-			return nil // a hook with this effect is there already
-		}
 		add := op
 		add.Kind = policy.AddHook
+		if !applied {
+			// A hook with this effect is in the firewall already: keep the
+			// record's spelling of it, or learn it if the record has none
+			// (the state was lost or made by hand), so restore brings it back.
+			known := false
+			_ = hooks.ForEach(func(k, _ []byte) error {
+				if c, err := policy.ParseCommand(string(k)); err == nil && s.sameHook(policy.Operation{Command: c}, op) {
+					known = true
+				}
+				return nil
+			})
+			if known {
+				return nil
+			}
+		}
 		return hooks.Put([]byte(add.CommandLine()), encodeTime(at))
 	case policy.AddBan, policy.DeleteBan:
 		c, err := chainBucket(tx, fam, chain, true)
