@@ -106,41 +106,11 @@ func (a *admin) backend(fam policy.Family) (firewall.Backend, error) {
 // iptables-restore per family: for one policy, or with --all for every
 // policy file in a directory (at boot).
 func runRestore(args []string, stdout, stderr io.Writer, deps Deps) int {
-	fs := newFlagSet("restore")
-	policyPath := fs.String("policy", "", "policy file (TOML)")
-	all := fs.Bool("all", false, "restore every policy in --dir")
-	dir := fs.String("dir", DefaultPolicyDir, "with --all: the directory of policy files")
-	if err := parseInterspersed(fs, args); err != nil {
-		return usageError(stderr, err.Error())
-	}
-	if fs.NArg() > 0 {
-		return usageError(stderr, "restore takes no arguments")
-	}
-	if !*all {
-		pol, err := loadPolicy(*policyPath, deps)
-		if err != nil {
-			fmt.Fprintf(stderr, "f2b-shim: policy: %v\n", err)
-			return ExitSetup
-		}
-		return restoreOne(pol, stdout, stderr, deps)
-	}
-	if *policyPath != "" {
-		return usageError(stderr, "choose --policy or --all, not both")
-	}
 	// Every policy is restored even when one fails: a boot that loses one
 	// tenant's bans must not lose the others'.
-	pols, err := LoadPolicyDir(*dir, deps)
-	code := ExitOK
-	if err != nil {
-		fmt.Fprintf(stderr, "f2b-shim: restore --all: %s\n", oneLine.Replace(err.Error()))
-		code = ExitSetup
-	}
-	for _, p := range pols {
-		if c := restoreOne(p, stdout, stderr, deps); c != ExitOK && code == ExitOK {
-			code = c
-		}
-	}
-	return code
+	return forPolicies("restore", args, stderr, deps, func(pol *policy.Policy) int {
+		return restoreOne(pol, stdout, stderr, deps)
+	})
 }
 
 // restoreOne restores one policy's state.
