@@ -66,6 +66,12 @@ func run() int {
 func auditSince(l *lab.Lab, n int) int {
 	recs, _ := l.Audit()
 	for _, r := range recs[min(n, len(recs)):] {
+		if r["result"] == "coalesced" {
+			// Written before the next line of the log: a flood of denials
+			// costs one full line a second and a count.
+			show(fmt.Sprintf("(%v more denials of this client in that second: counted, not logged one by one)", r["count"]))
+			continue
+		}
 		line := fmt.Sprintf("ssh sent %q -> %v, %v", r["command"], r["decision"], r["result"])
 		if reason, ok := r["reason"]; ok {
 			line += fmt.Sprintf(" (%v)", reason)
