@@ -1,11 +1,10 @@
 package audit
 
 import (
-	"bufio"
 	"bytes"
-	"compress/gzip"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -91,26 +90,21 @@ func chainHead(f *os.File, path string) (string, error) {
 
 // lastLineOf reads a rotated file's last line, gzipped or not.
 func lastLineOf(name string) ([]byte, error) {
-	f, err := os.Open(name)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
 	if !strings.HasSuffix(name, ".gz") {
+		f, err := os.Open(name)
+		if err != nil {
+			return nil, err
+		}
+		defer f.Close()
 		return lastLine(f)
 	}
-	gz, err := gzip.NewReader(f)
-	if err != nil {
-		return nil, err
-	}
-	defer gz.Close()
 	var last []byte
-	sc := bufio.NewScanner(gz)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		last = append(last[:0], sc.Bytes()...)
+	err := scanLog(name, func(_ int, line []byte) { last = append(last[:0], line...) })
+	var open *openError
+	if errors.As(err, &open) {
+		return nil, open.err
 	}
-	return last, sc.Err()
+	return last, err
 }
 
 // Break is where the chain does not hold.
@@ -172,25 +166,11 @@ func prevOf(line []byte) string {
 
 // rawLines reads a file's lines, gzipped or not, as they are.
 func rawLines(name string) ([][]byte, error) {
-	f, err := os.Open(name)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	var r io.Reader = f
-	if strings.HasSuffix(name, ".gz") {
-		gz, err := gzip.NewReader(f)
-		if err != nil {
-			return nil, fmt.Errorf("%s: %v", name, err)
-		}
-		defer gz.Close()
-		r = gz
-	}
 	var out [][]byte
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		out = append(out, bytes.Clone(sc.Bytes()))
+	err := scanLog(name, func(_ int, line []byte) { out = append(out, bytes.Clone(line)) })
+	var open *openError
+	if errors.As(err, &open) {
+		return nil, open.err
 	}
-	return out, sc.Err()
+	return out, err
 }

@@ -17,6 +17,8 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+
+	"github.com/f2b-shim/f2b-shim/policy"
 )
 
 // Entry is one audit line as read back: the raw bytes, for --json, and
@@ -88,37 +90,56 @@ func rotations(path string) ([]string, error) {
 }
 
 func readFile(name string) ([]Entry, []string, error) {
+	var out []Entry
+	var bad []string
+	err := scanLog(name, func(n int, line []byte) {
+		var e Entry
+		if err := json.Unmarshal(line, &e.Record); err != nil {
+			bad = append(bad, fmt.Sprintf("%s:%d: %v", name, n, err))
+			return
+		}
+		e.Raw = slices.Clone(line)
+		out = append(out, e)
+	})
+	var open *openError
+	if errors.As(err, &open) {
+		return nil, nil, open.err
+	}
+	if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) {
+		bad = append(bad, fmt.Sprintf("%s: %v", name, err))
+	}
+	return out, bad, nil
+}
+
+// openError is a log file that could not be opened at all, as against
+// one whose reading stopped partway (a torn gzip, an overlong line).
+type openError struct{ err error }
+
+func (e *openError) Error() string { return e.err.Error() }
+
+// scanLog calls fn for each line of a log file, gzipped (".gz") or not;
+// line is only valid during the call.
+func scanLog(name string, fn func(n int, line []byte)) error {
 	f, err := os.Open(name)
 	if err != nil {
-		return nil, nil, err
+		return &openError{err}
 	}
 	defer f.Close()
 	var r io.Reader = f
 	if strings.HasSuffix(name, ".gz") {
 		gz, err := gzip.NewReader(f)
 		if err != nil {
-			return nil, nil, fmt.Errorf("%s: %v", name, err)
+			return &openError{fmt.Errorf("%s: %v", name, err)}
 		}
 		defer gz.Close()
 		r = gz
 	}
-	var out []Entry
-	var bad []string
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for n := 1; sc.Scan(); n++ {
-		var e Entry
-		if err := json.Unmarshal(sc.Bytes(), &e.Record); err != nil {
-			bad = append(bad, fmt.Sprintf("%s:%d: %v", name, n, err))
-			continue
-		}
-		e.Raw = slices.Clone(sc.Bytes())
-		out = append(out, e)
+		fn(n, sc.Bytes())
 	}
-	if err := sc.Err(); err != nil && !errors.Is(err, io.ErrUnexpectedEOF) {
-		bad = append(bad, fmt.Sprintf("%s: %v", name, err))
-	}
-	return out, bad, nil
+	return sc.Err()
 }
 
 // Filter selects audit entries; the zero value selects all.
@@ -168,10 +189,12 @@ func ParseWhen(s string, now time.Time) (time.Time, error) {
 		y, m, d := now.Local().Date()
 		return time.Date(y, m, d-1, 0, 0, 0, 0, time.Local), nil
 	}
-	if d, err := parseBack(s); err == nil {
-		if d < 0 {
+	if back, neg := strings.CutPrefix(s, "-"); neg {
+		if _, err := policy.ParseDays(back); err == nil {
 			return time.Time{}, fmt.Errorf("%q is a negative duration; give how far back, such as \"2h\" or \"1d\"", s)
 		}
+	}
+	if d, err := policy.ParseDays(s); err == nil {
 		return now.Add(-d), nil
 	}
 	for _, layout := range []string{"15:04", "15:04:05"} {
@@ -186,31 +209,6 @@ func ParseWhen(s string, now time.Time) (time.Time, error) {
 		}
 	}
 	return time.Time{}, fmt.Errorf("%q is neither a duration like \"2h\" or \"1d\", \"today\", \"yesterday\", a clock time like \"14:00\", nor a time like \"2026-11-25 14:00\"", s)
-}
-
-// parseBack is time.ParseDuration that also counts days ("1d", "1d12h").
-func parseBack(s string) (time.Duration, error) {
-	neg := strings.HasPrefix(s, "-")
-	days, rest, found := strings.Cut(strings.TrimPrefix(s, "-"), "d")
-	if !found {
-		return time.ParseDuration(s)
-	}
-	n, err := strconv.Atoi(days)
-	if err != nil || n > 36500 {
-		return 0, fmt.Errorf("bad number of days")
-	}
-	d := time.Duration(n) * 24 * time.Hour
-	if rest != "" {
-		more, err := time.ParseDuration(rest)
-		if err != nil {
-			return 0, err
-		}
-		d += more
-	}
-	if neg {
-		d = -d
-	}
-	return d, nil
 }
 
 // WriteTable prints entries as an aligned table.

@@ -90,12 +90,9 @@ func LoadPolicyFile(path string) (*policy.Policy, error) {
 	if st.Mode().Perm()&0o022 != 0 {
 		return nil, fmt.Errorf("%q is writable by group or others (mode %04o); run: chmod go-w %s", path, st.Mode().Perm(), path)
 	}
-	data, err := io.ReadAll(io.LimitReader(f, maxPolicySize+1))
+	data, err := readLimited(f, path)
 	if err != nil {
 		return nil, err
-	}
-	if len(data) > maxPolicySize {
-		return nil, fmt.Errorf("%q is larger than %d bytes", path, maxPolicySize)
 	}
 	pol, err := policy.Parse(data)
 	if err != nil {
@@ -151,6 +148,11 @@ func readSmall(path string) ([]byte, error) {
 		return nil, err
 	}
 	defer f.Close()
+	return readLimited(f, path)
+}
+
+// readLimited reads a policy file of at most maxPolicySize bytes.
+func readLimited(f *os.File, path string) ([]byte, error) {
 	data, err := io.ReadAll(io.LimitReader(f, maxPolicySize+1))
 	if err == nil && len(data) > maxPolicySize {
 		err = fmt.Errorf("%q is larger than %d bytes", path, maxPolicySize)
