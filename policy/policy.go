@@ -60,6 +60,14 @@ type Policy struct {
 	MaxNewBansPerMinute int `toml:"max_new_bans_per_minute"`
 	// DryRun judges, audits and answers every request, and applies none.
 	DryRun bool `toml:"dry_run"`
+	// StreamIdleTimeout ends a stream session (f2b-shim stream) that has
+	// sent nothing for that long; the relay opens a new one when it has
+	// bans to send.
+	StreamIdleTimeout time.Duration `toml:"-"`
+	// StreamMaxBatch bounds the requests of a stream that are applied
+	// under one hold of the lock, so that a one-shot request waits for at
+	// most one batch.
+	StreamMaxBatch int `toml:"stream_max_batch"`
 }
 
 // Limits on the policy itself, each with its reason.
@@ -67,6 +75,12 @@ const (
 	// maxLockTimeout stays well under fail2ban's 60 s action timeout, so the
 	// shim always answers before fail2ban kills it.
 	maxLockTimeout = 50 * time.Second
+	// maxStreamIdle keeps a forgotten session from holding an sshd
+	// process for more than a day.
+	maxStreamIdle = 24 * time.Hour
+	// maxStreamBatch keeps one batch's hold of the lock short: a batch of
+	// bans that each need their own iptables call takes a few ms each.
+	maxStreamBatch = 10000
 	// maxBansLimit keeps a typo from allowing an unbounded chain.
 	maxBansLimit = 1_000_000
 	// maxNameLen keeps the name short in every audit line.
@@ -137,6 +151,8 @@ func Default() *Policy {
 		BanPrefixV6:         128,
 		BanPrefixV4:         32,
 		MaxNewBansPerMinute: defaultMaxNewBans,
+		StreamIdleTimeout:   5 * time.Minute,
+		StreamMaxBatch:      512,
 	}
 }
 
@@ -149,13 +165,14 @@ type file struct {
 	HookPorts     []string `toml:"hook_ports"`
 	NAT64Prefixes []string `toml:"nat64_prefixes"`
 	MaxBanTime    string   `toml:"max_ban_time"`
+	StreamIdle    string   `toml:"stream_idle_timeout"`
 }
 
 // Parse reads a TOML policy on top of the defaults. Unknown keys are an
 // error: a misspelt key would otherwise silently keep a default.
 func Parse(data []byte) (*Policy, error) {
 	pol := Default()
-	f := file{Policy: pol, LockTimeout: pol.LockTimeout.String(), MaxBanTime: "30d"}
+	f := file{Policy: pol, LockTimeout: pol.LockTimeout.String(), MaxBanTime: "30d", StreamIdle: "5m"}
 	md, err := toml.NewDecoder(bytes.NewReader(data)).Decode(&f)
 	if err != nil {
 		return nil, fmt.Errorf("policy is not valid TOML: %v", err)
@@ -169,6 +186,9 @@ func Parse(data []byte) (*Policy, error) {
 	}
 	if pol.LockTimeout, err = time.ParseDuration(f.LockTimeout); err != nil {
 		return nil, fmt.Errorf("lock_timeout %q is not a duration like \"10s\"", f.LockTimeout)
+	}
+	if pol.StreamIdleTimeout, err = time.ParseDuration(f.StreamIdle); err != nil {
+		return nil, fmt.Errorf("stream_idle_timeout %q is not a duration like \"5m\"", f.StreamIdle)
 	}
 	if pol.MaxBanTime, err = ParseDays(f.MaxBanTime); err != nil {
 		return nil, fmt.Errorf("max_ban_time %q is not a duration like \"30d\" or \"12h\" (\"0\" keeps bans until they are lifted)", f.MaxBanTime)
@@ -258,6 +278,12 @@ func (p *Policy) Validate() error {
 	}
 	if p.LockTimeout < 100*time.Millisecond || p.LockTimeout > maxLockTimeout {
 		return fmt.Errorf("lock_timeout %s must be from 100ms to %s (fail2ban kills an action after 60s)", p.LockTimeout, maxLockTimeout)
+	}
+	if p.StreamIdleTimeout < time.Second || p.StreamIdleTimeout > maxStreamIdle {
+		return fmt.Errorf("stream_idle_timeout %s must be from 1s to %s", p.StreamIdleTimeout, maxStreamIdle)
+	}
+	if p.StreamMaxBatch < 1 || p.StreamMaxBatch > maxStreamBatch {
+		return fmt.Errorf("stream_max_batch %d must be from 1 to %d", p.StreamMaxBatch, maxStreamBatch)
 	}
 	switch p.IptablesBackend {
 	case "auto", "nft", "legacy":

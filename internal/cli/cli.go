@@ -79,6 +79,9 @@ type Deps struct {
 	Now         func() time.Time
 	// DefaultPolicyFile is read when no --policy is given and it exists.
 	DefaultPolicyFile string
+	// Stdin carries a stream session's requests; one-shot mode never
+	// reads it.
+	Stdin io.Reader
 }
 
 const usage = `f2b-shim: the forced command that lets a fail2ban host manage its own ban chains on this proxy
@@ -170,6 +173,9 @@ func Run(args []string, env Env, stdout, stderr io.Writer, deps Deps) int {
 		// ran the binary in a shell. Say how to use it; change nothing.
 		fmt.Fprint(stderr, usage)
 		return ExitUsage
+	}
+	if env.HasCommand && env.OriginalCommand == StreamCommand {
+		return runStream(*policyPath, env, stdout, stderr, deps)
 	}
 	return runForced(*policyPath, env, stderr, deps)
 }

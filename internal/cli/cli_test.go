@@ -52,7 +52,10 @@ func newHarness(t *testing.T) *harness {
 			return policy.Context{Client: client, LocalAddrs: []netip.Addr{netip.MustParseAddr("192.0.2.7")}, LookupPort: hostnet.LookupPort}, nil
 		},
 		PrepareExec: func() error { return nil },
-		OpenSets:    func() (firewall.Sets, error) { return h.sets, nil },
+		Restore: func(fam policy.Family, _ string, _ time.Duration, script string) error {
+			return h.tables[fam].Restore(script)
+		},
+		OpenSets: func() (firewall.Sets, error) { return h.sets, nil },
 		Syslog: func(r audit.Record) error {
 			h.syslogged = append(h.syslogged, r)
 			return nil

@@ -122,14 +122,26 @@ func runForced(policyPath string, env Env, stderr io.Writer, deps Deps) int {
 		b.Record, b.LookupPort = store, ctx.LookupPort
 		rec.State = audit.Text(finishCutShort(store, pol, ctx, deadline, deps))
 	}
-	changes := state.Changes(op.Kind)
-	if err == nil && changes {
+	if err == nil && state.Changes(op.Kind) {
 		err = store.SetIntent(op)
 	}
-	var outcome firewall.Outcome
+	if err != nil {
+		return finish(failure(&rec, err))
+	}
+	return finish(serve(store, b, pol, op, &rec, start.UTC(), deps))
+}
+
+// serve carries out one judged operation under the policy's lock, and
+// records it: what one-shot and stream mode share. The caller has set the
+// intent. It returns the exit code and the audit log's result word, and
+// fills in rec, and the message for the client when there is one.
+func serve(store *state.Store, b firewall.Backend, pol *policy.Policy, op policy.Operation, rec *audit.Record, at time.Time, deps Deps) (code int, result, msg string) {
+	var (
+		outcome firewall.Outcome
+		err     error
+	)
 	lifted := true // for a widened unban: whether the prefix goes
 	switch {
-	case err != nil:
 	case op.Kind == policy.AddBan:
 		err = checkQuota(store, pol, op, deps.Now())
 		if err == nil {
@@ -157,33 +169,41 @@ func runForced(policyPath string, env Env, stderr io.Writer, deps Deps) int {
 		outcome, err = firewall.Apply(b, op)
 	}
 	if err != nil {
-		status, stderrText := errorStatus(err)
-		rec.IptablesStatus = status
-		rec.SetStderr(stderrText)
-		rec.Reason = audit.Text(err.Error())
 		if errors.Is(err, firewall.ErrLimit) {
 			// Nothing was changed: there is nothing to look at again.
 			_ = store.ClearIntent()
-			return finish(ExitDenied, "denied", "denied: "+err.Error())
 		}
-		return finish(ExitFirewall, "failed", "firewall: "+err.Error())
+		return failure(rec, err)
 	}
-	if changes {
+	if state.Changes(op.Kind) {
 		applied := outcome == firewall.Applied
 		if op.Member.IsValid() && op.Kind == policy.DeleteBan {
 			applied = lifted
 		}
-		if err := store.RecordRequest(op, applied, start.UTC()); err != nil {
+		if err := store.RecordRequest(op, applied, at); err != nil {
 			// The change is in the firewall; the next request finds the
 			// intent and reads the chain back from it.
 			rec.State = audit.Text(strings.TrimPrefix(string(rec.State)+"; state not written: "+err.Error()+"; run \"f2b-shim reconcile --fix\" on the proxy", "; "))
 		}
 	}
-	code := ExitOK
 	if outcome == firewall.CheckFalse {
-		code = ExitCheckFalse
+		return ExitCheckFalse, outcome.String(), ""
 	}
-	return finish(code, outcome.String(), "")
+	return ExitOK, outcome.String(), ""
+}
+
+// failure fills in rec for an operation that failed, and returns its exit
+// code, result and message: a limit is a denial (nothing was changed),
+// anything else the firewall's failure.
+func failure(rec *audit.Record, err error) (int, string, string) {
+	status, stderrText := errorStatus(err)
+	rec.IptablesStatus = status
+	rec.SetStderr(stderrText)
+	rec.Reason = audit.Text(err.Error())
+	if errors.Is(err, firewall.ErrLimit) {
+		return ExitDenied, "denied", "denied: " + err.Error()
+	}
+	return ExitFirewall, "failed", "firewall: " + err.Error()
 }
 
 // checkQuota refuses a ban that would change the firewall once
@@ -211,30 +231,62 @@ func otherMembers(store *state.Store, op policy.Operation) ([]string, error) {
 // lockName is the policy's lock file in state_dir.
 func lockName(pol *policy.Policy) string { return pol.Name + ".lock" }
 
-// finishCutShort finishes the record of a change that a shim started and never
-// recorded (it was killed between the firewall and the record): that
-// chain, and the hooks into it, are read back from the live firewall,
-// judged by the policy, and recorded as they are. The note says so in
-// the audit line.
+// finishCutShort finishes the record of changes that a shim started and
+// never recorded (it was killed between the firewall and the record, or a
+// stream in the middle of a batch): each chain they touched, and the hooks
+// into it, are read back from the live firewall, judged by the policy, and
+// recorded as they are. The note says so in the audit line.
 func finishCutShort(store *state.Store, pol *policy.Policy, ctx policy.Context, deadline time.Time, deps Deps) string {
-	op, ok, err := store.Intent(ctx)
+	ops, err := store.Intent(ctx)
 	if err != nil {
 		return "state: " + err.Error()
 	}
-	if !ok {
+	if len(ops) == 0 {
 		return ""
 	}
-	b, err := openBackend(pol, op.Family, deadline, deps)
+	type famChain struct {
+		fam   policy.Family
+		chain policy.Chain
+	}
+	done := map[famChain]bool{}
+	for _, op := range ops {
+		fc := famChain{op.Family, op.BanChain()}
+		if done[fc] {
+			continue
+		}
+		done[fc] = true
+		if note := readBack(store, pol, ctx, fc.fam, fc.chain, deadline, deps); note != "" {
+			return note
+		}
+	}
+	for _, op := range ops {
+		if op.Kind == policy.AddBan || op.Kind == policy.DeleteBan {
+			if err := store.Unsettle(op); err != nil {
+				return "state: " + err.Error()
+			}
+		}
+	}
+	if err := store.ClearIntent(); err != nil {
+		return "state: " + err.Error()
+	}
+	if len(ops) == 1 {
+		return fmt.Sprintf("an earlier change (%s) was cut short; %s %s was read back from the firewall", ops[0].CommandLine(), ops[0].Family, ops[0].BanChain())
+	}
+	return fmt.Sprintf("%d earlier changes (first %s) were cut short; %d chain(s) were read back from the firewall", len(ops), ops[0].CommandLine(), len(done))
+}
+
+// readBack replaces the record of one chain with what the firewall holds.
+func readBack(store *state.Store, pol *policy.Policy, ctx policy.Context, fam policy.Family, chain policy.Chain, deadline time.Time, deps Deps) string {
+	b, err := openBackend(pol, fam, deadline, deps)
 	if err != nil {
 		return "an earlier change was cut short, and the firewall is unreadable: " + err.Error()
 	}
 	b.LookupPort = ctx.LookupPort
 	live := state.New(ctx.LookupPort)
-	chain := op.BanChain()
 	if ok, err := b.Table.ChainExists(string(chain)); err == nil && ok {
-		_, err = state.ChainFromLive(live, op.Family, chain, b, ctx)
+		_, err = state.ChainFromLive(live, fam, chain, b, ctx)
 		if err == nil {
-			_, err = state.HooksFromLive(live, op.Family, b, ctx, chain)
+			_, err = state.HooksFromLive(live, fam, b, ctx, chain)
 		}
 		if err != nil {
 			return "an earlier change was cut short, and the firewall is unreadable: " + err.Error()
@@ -243,18 +295,10 @@ func finishCutShort(store *state.Store, pol *policy.Policy, ctx policy.Context, 
 	if old, _, err := store.Load(ctx); err == nil {
 		live.KeepTimes(old)
 	}
-	if err := store.ReplaceChain(live, op.Family, chain); err != nil {
+	if err := store.ReplaceChain(live, fam, chain); err != nil {
 		return "an earlier change was cut short, and the state could not be repaired: " + err.Error()
 	}
-	if op.Kind == policy.AddBan || op.Kind == policy.DeleteBan {
-		if err := store.Unsettle(op); err != nil {
-			return "state: " + err.Error()
-		}
-	}
-	if err := store.ClearIntent(); err != nil {
-		return "state: " + err.Error()
-	}
-	return fmt.Sprintf("an earlier change (%s) was cut short; %s %s was read back from the firewall", op.CommandLine(), op.Family, chain)
+	return ""
 }
 
 // openBackend opens the family's table, and ipset for the set backend.

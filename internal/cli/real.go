@@ -43,7 +43,7 @@ func RealDeps() Deps {
 			return firewall.Open(fam, backend, wait)
 		},
 		Restore:  firewall.Restore,
-		OpenSets: func() (firewall.Sets, error) { return firewall.NetlinkSets{}, nil },
+		OpenSets: func() (firewall.Sets, error) { return &firewall.NetlinkSets{}, nil },
 		RestoreSets: func(script string) error {
 			s, err := firewall.OpenIPSet()
 			if err != nil {
@@ -56,6 +56,7 @@ func RealDeps() Deps {
 		PrepareExec:       privilege.Prepare,
 		Now:               time.Now,
 		DefaultPolicyFile: DefaultPolicyDir + "/policy.toml",
+		Stdin:             os.Stdin,
 	}
 }
 

@@ -55,9 +55,8 @@ func statusOf(pol *policy.Policy, stdout, stderr io.Writer, deps Deps) int {
 	if err == nil && len(problems) > 0 {
 		err = fmt.Errorf("%d records the policy refuses, first %s; run \"f2b-shim list\" for all", len(problems), problems[0])
 	}
-	intent, cut, _ := a.store.Intent(a.ctx)
-	if err == nil && cut {
-		err = fmt.Errorf("a change was cut short (%s); the next request reads that chain back", intent.CommandLine())
+	if intent, _ := a.store.Intent(a.ctx); err == nil && len(intent) > 0 {
+		err = fmt.Errorf("%d change(s) were cut short, first %s; the next request reads their chains back", len(intent), intent[0].CommandLine())
 	}
 	chains, bans := 0, 0
 	if s != nil {

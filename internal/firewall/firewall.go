@@ -68,6 +68,11 @@ type Backend struct {
 	Record Record
 	// LookupPort resolves service names, to tell hooks apart by effect.
 	LookupPort func(proto, name string) (uint16, bool)
+	// SetsInUse, when set, remembers the sets whose rule a stream's
+	// batch has found in place, so that its later bans into them skip
+	// the reference count. The batch holds the lock, and a flush or
+	// delete of the chain in it forgets them.
+	SetsInUse map[string]bool
 }
 
 // Record is what Apply asks of the shim's record.
@@ -289,13 +294,18 @@ func applySet(b Backend, op policy.Operation) (out Outcome, done bool, err error
 		if err != nil {
 			return 0, true, err
 		}
-		refs, err := sets.References(name)
-		if err != nil {
-			return 0, true, err
-		}
-		if refs == 0 {
-			if err := ensureSetRule(b, op, name); err != nil {
+		if !b.SetsInUse[name] {
+			refs, err := sets.References(name)
+			if err != nil {
 				return 0, true, err
+			}
+			if refs == 0 {
+				if err := ensureSetRule(b, op, name); err != nil {
+					return 0, true, err
+				}
+			}
+			if b.SetsInUse != nil {
+				b.SetsInUse[name] = true
 			}
 		}
 		if !added {
@@ -318,6 +328,7 @@ func applySet(b Backend, op policy.Operation) (out Outcome, done bool, err error
 			return 0, true, err
 		}
 		for _, name := range setNames(op.Family, op.Chain, b.Policy) {
+			delete(b.SetsInUse, name)
 			if op.Kind == policy.FlushChain {
 				err = sets.Flush(name)
 			} else {

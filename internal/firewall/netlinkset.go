@@ -20,7 +20,21 @@ import (
 // backend starts no process at all; the ipset tool took one per call.
 // The shim's own CAP_NET_ADMIN (root's, or the binary's file capability)
 // is what the kernel asks for.
-type NetlinkSets struct{}
+//
+// It keeps one netlink socket for all its calls: a stream's batch adds
+// thousands of entries, and a socket per entry cost more than the entry.
+type NetlinkSets struct{ h *netlink.Handle }
+
+func (s *NetlinkSets) handle() (*netlink.Handle, error) {
+	if s.h == nil {
+		h, err := netlink.NewHandle(unix.NETLINK_NETFILTER)
+		if err != nil {
+			return nil, fmt.Errorf("netlink: %w", err)
+		}
+		s.h = h
+	}
+	return s.h, nil
+}
 
 // ErrNoSet is returned by Add when the set does not exist yet.
 var ErrNoSet = errors.New("no such set")
@@ -48,12 +62,16 @@ func setErr(op, name string, err error) error {
 }
 
 // Create implements Sets: like "ipset create -exist".
-func (NetlinkSets) Create(name string, fam policy.Family, maxelem int) error {
+func (s *NetlinkSets) Create(name string, fam policy.Family, maxelem int) error {
+	h, err := s.handle()
+	if err != nil {
+		return err
+	}
 	family := uint8(syscall.AF_INET)
 	if fam == policy.IPv6 {
 		family = syscall.AF_INET6
 	}
-	err := netlink.IpsetCreate(name, "hash:net", netlink.IpsetCreateOptions{Replace: true, Family: family, MaxElements: uint32(maxelem)})
+	err = h.IpsetCreate(name, "hash:net", netlink.IpsetCreateOptions{Replace: true, Family: family, MaxElements: uint32(maxelem)})
 	if err != nil {
 		return setErr("create", name, err)
 	}
@@ -61,12 +79,16 @@ func (NetlinkSets) Create(name string, fam policy.Family, maxelem int) error {
 }
 
 // Add implements Sets.
-func (NetlinkSets) Add(name, cidr string) (bool, error) {
+func (s *NetlinkSets) Add(name, cidr string) (bool, error) {
+	h, err := s.handle()
+	if err != nil {
+		return false, err
+	}
 	e, err := entry(cidr)
 	if err != nil {
 		return false, err
 	}
-	err = netlink.IpsetAdd(name, e)
+	err = h.IpsetAdd(name, e)
 	switch {
 	case err == nil:
 		return true, nil
@@ -81,12 +103,16 @@ func (NetlinkSets) Add(name, cidr string) (bool, error) {
 }
 
 // Del implements Sets.
-func (NetlinkSets) Del(name, cidr string) (bool, error) {
+func (s *NetlinkSets) Del(name, cidr string) (bool, error) {
+	h, err := s.handle()
+	if err != nil {
+		return false, err
+	}
 	e, err := entry(cidr)
 	if err != nil {
 		return false, err
 	}
-	err = netlink.IpsetDel(name, e)
+	err = h.IpsetDel(name, e)
 	if err == nil {
 		return true, nil
 	}
@@ -97,12 +123,16 @@ func (NetlinkSets) Del(name, cidr string) (bool, error) {
 }
 
 // Test implements Sets.
-func (NetlinkSets) Test(name, cidr string) (bool, error) {
+func (s *NetlinkSets) Test(name, cidr string) (bool, error) {
+	h, err := s.handle()
+	if err != nil {
+		return false, err
+	}
 	e, err := entry(cidr)
 	if err != nil {
 		return false, err
 	}
-	ok, err := netlink.IpsetTest(name, e)
+	ok, err := h.IpsetTest(name, e)
 	if errors.Is(err, syscall.ENOENT) {
 		return false, nil
 	}
@@ -113,24 +143,36 @@ func (NetlinkSets) Test(name, cidr string) (bool, error) {
 }
 
 // Flush implements Sets.
-func (NetlinkSets) Flush(name string) error {
-	if err := netlink.IpsetFlush(name); err != nil && !errors.Is(err, syscall.ENOENT) {
+func (s *NetlinkSets) Flush(name string) error {
+	h, err := s.handle()
+	if err != nil {
+		return err
+	}
+	if err := h.IpsetFlush(name); err != nil && !errors.Is(err, syscall.ENOENT) {
 		return setErr("flush", name, err)
 	}
 	return nil
 }
 
 // Destroy implements Sets.
-func (NetlinkSets) Destroy(name string) error {
-	if err := netlink.IpsetDestroy(name); err != nil && !errors.Is(err, syscall.ENOENT) {
+func (s *NetlinkSets) Destroy(name string) error {
+	h, err := s.handle()
+	if err != nil {
+		return err
+	}
+	if err := h.IpsetDestroy(name); err != nil && !errors.Is(err, syscall.ENOENT) {
 		return setErr("destroy", name, err)
 	}
 	return nil
 }
 
 // Members implements Sets.
-func (NetlinkSets) Members(name string) ([]string, error) {
-	r, err := netlink.IpsetList(name)
+func (s *NetlinkSets) Members(name string) ([]string, error) {
+	h, err := s.handle()
+	if err != nil {
+		return nil, err
+	}
+	r, err := h.IpsetList(name)
 	if errors.Is(err, syscall.ENOENT) {
 		return nil, nil
 	}
@@ -156,7 +198,7 @@ const ipsetFlagListHeader = 1 << 2
 // References is how many iptables rules use the set: the set backend's
 // rule in the chain holds one. It reads only the set's header, so its cost
 // does not grow with the set.
-func (NetlinkSets) References(name string) (int, error) {
+func (s *NetlinkSets) References(name string) (int, error) {
 	req := nl.NewNetlinkRequest(nl.IPSET_CMD_LIST|(unix.NFNL_SUBSYS_IPSET<<8), nl.GetIpsetFlags(nl.IPSET_CMD_LIST))
 	req.AddData(&nl.Nfgenmsg{NfgenFamily: uint8(unix.AF_NETLINK), Version: nl.NFNETLINK_V0})
 	req.AddData(nl.NewRtAttr(nl.IPSET_ATTR_PROTOCOL, nl.Uint8Attr(nl.IPSET_PROTOCOL)))

@@ -56,7 +56,7 @@ func (s *Store) importJournal() error {
 	if err := sc.Err(); err != nil && !errors.Is(err, bufio.ErrTooLong) {
 		return err
 	}
-	return s.db.Update(func(tx *bolt.Tx) error {
+	return s.update(func(tx *bolt.Tx) error {
 		for _, fam := range []policy.Family{policy.IPv4, policy.IPv6} {
 			if err := writeTable(tx, fam, st.Tables[fam], false); err != nil {
 				return err

@@ -100,7 +100,7 @@ func TestTamperedStateIsJudgedAgain(t *testing.T) {
 	for _, l := range lifeCycle[:4] {
 		require.NoError(t, s.Record(op(t, l), true, time.Now()))
 	}
-	require.NoError(t, s.db.Update(func(tx *bolt.Tx) error {
+	require.NoError(t, s.update(func(tx *bolt.Tx) error {
 		c, err := chainBucket(tx, policy.IPv4, chain, true)
 		require.NoError(t, err)
 		require.NoError(t, c.Bucket(bansBucket).Put([]byte("0.0.0.0/0 ACCEPT"), encodeTime(time.Now())))
@@ -151,14 +151,56 @@ func TestIntentSurvivesUntilRecorded(t *testing.T) {
 	require.NoError(t, s.SetIntent(ban))
 	require.NoError(t, s.Close())
 	s = open(t, pol)
-	got, ok, err := s.Intent(ctx)
+	got, err := s.Intent(ctx)
 	require.NoError(t, err)
-	require.True(t, ok, "a shim killed after SetIntent leaves the intent")
-	assert.Equal(t, ban, got)
+	require.Len(t, got, 1, "a shim killed after SetIntent leaves the intent")
+	assert.Equal(t, ban, got[0])
 	require.NoError(t, s.Record(ban, true, time.Now()))
-	_, ok, err = s.Intent(ctx)
+	got, err = s.Intent(ctx)
 	require.NoError(t, err)
-	assert.False(t, ok, "recording the change clears it")
+	assert.Empty(t, got, "recording the change clears it")
+}
+
+// TestBatchIsOneTransaction: a batch's reads see its own changes, nothing
+// of it is on disk before Commit, and a batch that is never committed (a
+// killed stream) leaves the store as it was, with its intents.
+func TestBatchIsOneTransaction(t *testing.T) {
+	pol := testPolicy(t)
+	s := open(t, pol)
+	ban1 := op(t, "iptables -I "+chain+" 1 -s 203.0.113.1 -j DROP")
+	ban2 := op(t, "iptables -I "+chain+" 1 -s 203.0.113.2 -j DROP")
+	require.NoError(t, s.SetIntent(ban1, ban2))
+	require.NoError(t, s.Begin())
+	require.NoError(t, s.RecordRequest(ban1, true, time.Now()))
+	has, err := s.HasBan(ban1)
+	require.NoError(t, err)
+	assert.True(t, has, "a request in the batch sees the ones before it")
+	n, err := s.NewBans(time.Now())
+	require.NoError(t, err)
+	assert.Equal(t, 1, n, "the quota counts the batch")
+	s.Rollback()
+	has, err = s.HasBan(ban1)
+	require.NoError(t, err)
+	assert.False(t, has, "a batch never committed is not in the store")
+	got, err := s.Intent(ctx)
+	require.NoError(t, err)
+	assert.Equal(t, []policy.Operation{ban1, ban2}, got, "its intents are")
+
+	require.NoError(t, s.Begin())
+	require.Error(t, s.Begin(), "batches do not nest")
+	require.NoError(t, s.RecordRequest(ban1, true, time.Now()))
+	require.NoError(t, s.RecordRequest(ban2, true, time.Now()))
+	require.NoError(t, s.Commit())
+	require.NoError(t, s.Close())
+	s = open(t, pol)
+	for _, b := range []policy.Operation{ban1, ban2} {
+		has, err := s.HasBan(b)
+		require.NoError(t, err)
+		assert.True(t, has)
+	}
+	got, err = s.Intent(ctx)
+	require.NoError(t, err)
+	assert.Empty(t, got, "recording clears the batch's intents")
 }
 
 // TestImportOfTheOldJournal carries an upgraded proxy's journal over, and
@@ -263,7 +305,7 @@ func BenchmarkLoadAfterLongHistory(b *testing.B) {
 // preload records n bans, then n/2 ban/unban cycles, in one transaction
 // (the history a busy proxy builds over weeks).
 func preload(b testing.TB, s *Store, n int) {
-	require.NoError(b, s.db.Update(func(tx *bolt.Tx) error {
+	require.NoError(b, s.update(func(tx *bolt.Tx) error {
 		at := time.Now()
 		require.NoError(b, s.record(tx, op(b, "iptables -N "+chain), true, at))
 		for i := range n {

@@ -39,6 +39,61 @@ type Store struct {
 	db     *bolt.DB
 	pol    *policy.Policy
 	lookup func(proto, name string) (uint16, bool)
+	// batch, between Begin and Commit, is the one write transaction every
+	// read and change goes through (stream mode).
+	batch *bolt.Tx
+}
+
+// view and update run fn in a transaction of their own, or in the batch.
+func (s *Store) view(fn func(*bolt.Tx) error) error {
+	if s.batch != nil {
+		return fn(s.batch)
+	}
+	return s.db.View(fn)
+}
+
+func (s *Store) update(fn func(*bolt.Tx) error) error {
+	if s.batch != nil {
+		return fn(s.batch)
+	}
+	return s.db.Update(fn)
+}
+
+// Begin starts a batch: until Commit, every read and change of the store
+// is one write transaction, so that a stream's batch of requests costs one
+// fsync, and each request in it sees the ones before (a duplicate ban is
+// found, the quota and the limits count the batch). A batch that is never
+// committed (the process was killed) leaves the store as it was; the
+// intents set before it (SetIntent) tell the next request which chains to
+// read back.
+func (s *Store) Begin() error {
+	if s.batch != nil {
+		return errors.New("state: a batch is already open")
+	}
+	tx, err := s.db.Begin(true)
+	if err != nil {
+		return err
+	}
+	s.batch = tx
+	return nil
+}
+
+// Commit writes the batch, with one fsync.
+func (s *Store) Commit() error {
+	tx := s.batch
+	s.batch = nil
+	if tx == nil {
+		return errors.New("state: no batch is open")
+	}
+	return tx.Commit()
+}
+
+// Rollback drops the batch; nothing of it is written.
+func (s *Store) Rollback() {
+	if s.batch != nil {
+		_ = s.batch.Rollback()
+		s.batch = nil
+	}
 }
 
 var (
@@ -163,15 +218,22 @@ func setCount(c *bolt.Bucket, n int) error {
 // SetIntent notes the change about to be made. It is written without
 // fsync: it only needs to survive the shim being killed (the page cache
 // keeps it); a power cut loses the firewall too, and restore rebuilds it.
-func (s *Store) SetIntent(op policy.Operation) error {
+//
+// A stream's batch sets the intents of all its changes at once, one line
+// each, before its batch transaction begins.
+func (s *Store) SetIntent(ops ...policy.Operation) error {
+	lines := make([]string, len(ops))
+	for i, op := range ops {
+		lines[i] = op.CommandLine()
+	}
 	s.db.NoSync = true
 	defer func() { s.db.NoSync = false }()
-	return s.db.Update(func(tx *bolt.Tx) error {
+	return s.update(func(tx *bolt.Tx) error {
 		m, err := tx.CreateBucketIfNotExists(metaBucket)
 		if err != nil {
 			return err
 		}
-		return m.Put(intentKey, []byte(op.CommandLine()))
+		return m.Put(intentKey, []byte(strings.Join(lines, "\n")))
 	})
 }
 
@@ -179,7 +241,7 @@ func (s *Store) SetIntent(op policy.Operation) error {
 func (s *Store) ClearIntent() error {
 	s.db.NoSync = true
 	defer func() { s.db.NoSync = false }()
-	return s.db.Update(func(tx *bolt.Tx) error {
+	return s.update(func(tx *bolt.Tx) error {
 		if m := tx.Bucket(metaBucket); m != nil {
 			return m.Delete(intentKey)
 		}
@@ -187,21 +249,25 @@ func (s *Store) ClearIntent() error {
 	})
 }
 
-// Intent is the change a shim started and never recorded, judged by the
-// policy again; ok is false when there is none (or it does not judge).
-func (s *Store) Intent(ctx policy.Context) (op policy.Operation, ok bool, err error) {
-	var line string
-	err = s.db.View(func(tx *bolt.Tx) error {
+// Intent is the changes a shim started and never recorded, each judged
+// by the policy again; lines that do not judge are left out.
+func (s *Store) Intent(ctx policy.Context) (ops []policy.Operation, err error) {
+	var text string
+	err = s.view(func(tx *bolt.Tx) error {
 		if m := tx.Bucket(metaBucket); m != nil {
-			line = string(m.Get(intentKey))
+			text = string(m.Get(intentKey))
 		}
 		return nil
 	})
-	if err != nil || line == "" {
-		return op, false, err
+	if err != nil || text == "" {
+		return nil, err
 	}
-	op, err = policy.Decide(s.pol, line, ctx)
-	return op, err == nil, nil
+	for line := range strings.SplitSeq(text, "\n") {
+		if op, err := policy.Decide(s.pol, line, ctx); err == nil {
+			ops = append(ops, op)
+		}
+	}
+	return ops, nil
 }
 
 // Record writes one change that was carried out (applied says whether
@@ -218,7 +284,7 @@ func (s *Store) RecordRequest(op policy.Operation, applied bool, at time.Time) e
 }
 
 func (s *Store) recordTx(op policy.Operation, applied bool, at time.Time, quota bool) error {
-	return s.db.Update(func(tx *bolt.Tx) error {
+	return s.update(func(tx *bolt.Tx) error {
 		if quota && applied && op.Kind == policy.AddBan {
 			if err := countNewBan(tx, at); err != nil {
 				return err
@@ -241,7 +307,7 @@ func (s *Store) recordTx(op policy.Operation, applied bool, at time.Time, quota 
 // RecordBatch records several changes in one transaction, one fsync:
 // for tools and tests that replay a history.
 func (s *Store) RecordBatch(ops []policy.Operation, at time.Time) error {
-	return s.db.Update(func(tx *bolt.Tx) error {
+	return s.update(func(tx *bolt.Tx) error {
 		for _, op := range ops {
 			if err := s.record(tx, op, true, at); err != nil {
 				return err
@@ -249,6 +315,14 @@ func (s *Store) RecordBatch(ops []policy.Operation, at time.Time) error {
 		}
 		return nil
 	})
+}
+
+// Forget takes back the record of a ban that was recorded as applied and
+// then did not reach the firewall (a stream's queued insert that failed).
+func (s *Store) Forget(ban policy.Operation) error {
+	undo := ban
+	undo.Kind = policy.DeleteBan
+	return s.update(func(tx *bolt.Tx) error { return s.record(tx, undo, true, time.Time{}) })
 }
 
 func unsettledKey(op policy.Operation) []byte {
@@ -259,7 +333,7 @@ func unsettledKey(op policy.Operation) []byte {
 // iptables call can outlive it while it waits for the xtables lock. The
 // next ban of that address asks the chain instead of the record.
 func (s *Store) Unsettle(op policy.Operation) error {
-	return s.db.Update(func(tx *bolt.Tx) error {
+	return s.update(func(tx *bolt.Tx) error {
 		u, err := tx.CreateBucketIfNotExists(unsettledBucket)
 		if err != nil {
 			return err
@@ -271,7 +345,7 @@ func (s *Store) Unsettle(op policy.Operation) error {
 // Unsettled implements firewall.Record.
 func (s *Store) Unsettled(op policy.Operation) (bool, error) {
 	var ok bool
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.view(func(tx *bolt.Tx) error {
 		u := tx.Bucket(unsettledBucket)
 		ok = u != nil && u.Get(unsettledKey(op)) != nil
 		return nil
@@ -424,7 +498,7 @@ func keysWithPrefix(b *bolt.Bucket, prefix string) [][]byte {
 // Members lists the addresses a widened ban stands for.
 func (s *Store) Members(op policy.Operation) ([]string, error) {
 	var out []string
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.view(func(tx *bolt.Tx) error {
 		c, err := chainBucket(tx, op.Family, op.Chain, false)
 		if err != nil || c == nil || c.Bucket(membersBucket) == nil {
 			return err
@@ -489,7 +563,7 @@ const quotaWindow = 60
 // NewBans is how many bans changed the firewall in the minute up to now.
 func (s *Store) NewBans(now time.Time) (int, error) {
 	n := 0
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.view(func(tx *bolt.Tx) error {
 		m := tx.Bucket(metaBucket)
 		if m == nil || m.Bucket(quotaBucket) == nil {
 			return nil
@@ -536,7 +610,7 @@ func countNewBan(tx *bolt.Tx, at time.Time) error {
 // Chains is the number of chains recorded for the family.
 func (s *Store) Chains(fam policy.Family) (int, error) {
 	n := 0
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.view(func(tx *bolt.Tx) error {
 		if f := tx.Bucket(famBucket(fam)); f != nil {
 			return f.ForEachBucket(func([]byte) error { n++; return nil })
 		}
@@ -548,7 +622,7 @@ func (s *Store) Chains(fam policy.Family) (int, error) {
 // HasChain reports whether the chain is recorded.
 func (s *Store) HasChain(fam policy.Family, chain policy.Chain) (bool, error) {
 	var ok bool
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.view(func(tx *bolt.Tx) error {
 		c, err := chainBucket(tx, fam, chain, false)
 		ok = c != nil
 		return err
@@ -560,7 +634,7 @@ func (s *Store) HasChain(fam policy.Family, chain policy.Chain) (bool, error) {
 // what the live chain holds.
 func (s *Store) Synced(fam policy.Family, chain policy.Chain) (bool, error) {
 	var ok bool
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.view(func(tx *bolt.Tx) error {
 		c, err := chainBucket(tx, fam, chain, false)
 		ok = c != nil && c.Get(syncedKey) != nil
 		return err
@@ -571,7 +645,7 @@ func (s *Store) Synced(fam policy.Family, chain policy.Chain) (bool, error) {
 // HasBan reports whether the ban is recorded.
 func (s *Store) HasBan(op policy.Operation) (bool, error) {
 	var ok bool
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.view(func(tx *bolt.Tx) error {
 		c, err := chainBucket(tx, op.Family, op.Chain, false)
 		ok = c != nil && c.Bucket(bansBucket) != nil && c.Bucket(bansBucket).Get([]byte(banKey(op))) != nil
 		return err
@@ -582,7 +656,7 @@ func (s *Store) HasBan(op policy.Operation) (bool, error) {
 // BanCount is the number of bans recorded in the chain.
 func (s *Store) BanCount(fam policy.Family, chain policy.Chain) (int, error) {
 	var n int
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.view(func(tx *bolt.Tx) error {
 		c, err := chainBucket(tx, fam, chain, false)
 		if c != nil {
 			n = count(c)
@@ -595,7 +669,7 @@ func (s *Store) BanCount(fam policy.Family, chain policy.Chain) (int, error) {
 // Learn replaces the chain's recorded bans with those read from the live
 // chain, keeping the times of bans that stay, and marks it in sync.
 func (s *Store) Learn(fam policy.Family, chain policy.Chain, bans []policy.Operation) error {
-	return s.db.Update(func(tx *bolt.Tx) error { return learn(tx, fam, chain, bans) })
+	return s.update(func(tx *bolt.Tx) error { return learn(tx, fam, chain, bans) })
 }
 
 func learn(tx *bolt.Tx, fam policy.Family, chain policy.Chain, bans []policy.Operation) error {
@@ -638,7 +712,7 @@ func learn(tx *bolt.Tx, fam policy.Family, chain policy.Chain, bans []policy.Ope
 // MarkSynced marks every chain of the family in sync, after a restore
 // made the firewall equal to the record.
 func (s *Store) MarkSynced(fam policy.Family) error {
-	return s.db.Update(func(tx *bolt.Tx) error {
+	return s.update(func(tx *bolt.Tx) error {
 		f := tx.Bucket(famBucket(fam))
 		if f == nil {
 			return nil
@@ -650,7 +724,7 @@ func (s *Store) MarkSynced(fam policy.Family) error {
 // Replace makes the record equal to st (read back from the live
 // firewall), every chain in sync; the chains of fams not in st are left.
 func (s *Store) Replace(st *State, fams ...policy.Family) error {
-	return s.db.Update(func(tx *bolt.Tx) error {
+	return s.update(func(tx *bolt.Tx) error {
 		for _, fam := range fams {
 			if err := tx.DeleteBucket(famBucket(fam)); err != nil && !errors.Is(err, bolt.ErrBucketNotFound) {
 				return err
@@ -666,7 +740,7 @@ func (s *Store) Replace(st *State, fams ...policy.Family) error {
 // ReplaceChain makes the record of one chain, and of the hooks into it,
 // equal to what st holds for it.
 func (s *Store) ReplaceChain(st *State, fam policy.Family, chain policy.Chain) error {
-	return s.db.Update(func(tx *bolt.Tx) error {
+	return s.update(func(tx *bolt.Tx) error {
 		// The firewall knows the widened bans, not whom they stand for:
 		// the members stay, for the bans that are still there.
 		members := map[string]bool{}
@@ -784,7 +858,7 @@ func (s *Store) Load(ctx policy.Context) (*State, []Problem, error) {
 		}
 		st.Apply(op, at)
 	}
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := s.view(func(tx *bolt.Tx) error {
 		for _, fam := range []policy.Family{policy.IPv4, policy.IPv6} {
 			f := tx.Bucket(famBucket(fam))
 			if f == nil {

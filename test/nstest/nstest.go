@@ -126,6 +126,16 @@ func (ns *Netns) ShimFrom(t testing.TB, bin, policyPath, line, client string) Re
 	return RunCmd(t, cmd)
 }
 
+// Stream runs a stream session of the shim in the namespace, as sshd
+// would for "ssh proxy f2b-shim stream", with input on its stdin.
+func (ns *Netns) Stream(t testing.TB, bin, policyPath, input string) Result {
+	t.Helper()
+	cmd := ns.Command(bin, "--policy", policyPath)
+	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "SSH_ORIGINAL_COMMAND=f2b-shim stream", "SSH_CONNECTION=192.0.2.10 50022 192.0.2.7 22"}
+	cmd.Stdin = strings.NewReader(input)
+	return RunCmd(t, cmd)
+}
+
 // RunCmd runs cmd and returns how it ended; only a failure to start it
 // fails the test.
 func RunCmd(t testing.TB, cmd *exec.Cmd) Result {

@@ -239,3 +239,34 @@ func (f *Fake) Dump() string {
 	}
 	return strings.Join(lines, "\n") + "\n"
 }
+
+// Restore is iptables-restore --noflush for the scripts a stream's batch
+// writes ("-I CHAIN 1 SPEC" lines between "*filter" and "COMMIT"): all
+// or nothing, like the real one. Fail["Restore"] makes it fail.
+func (f *Fake) Restore(script string) error {
+	if err := f.call("Restore", fmt.Sprint(strings.Count(script, "\n"))); err != nil {
+		return err
+	}
+	type insert struct {
+		chain string
+		spec  []string
+	}
+	var ins []insert
+	for _, line := range strings.Split(strings.TrimSuffix(script, "\n"), "\n") {
+		w := strings.Fields(line)
+		switch {
+		case line == "*filter" || line == "COMMIT":
+		case len(w) > 3 && w[0] == "-I" && w[2] == "1":
+			if _, ok := f.chains[w[1]]; !ok {
+				return fmt.Errorf("iptables-restore: line %q: no chain %s", line, w[1])
+			}
+			ins = append(ins, insert{w[1], w[3:]})
+		default:
+			return fmt.Errorf("fake iptables-restore does not know %q", line)
+		}
+	}
+	for _, i := range ins {
+		f.chains[i.chain] = slices.Insert(f.chains[i.chain], 0, saved(i.spec))
+	}
+	return nil
+}

@@ -1,0 +1,318 @@
+package cli
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"time"
+
+	"github.com/f2b-shim/f2b-shim/internal/audit"
+	"github.com/f2b-shim/f2b-shim/internal/firewall"
+	"github.com/f2b-shim/f2b-shim/internal/lock"
+	"github.com/f2b-shim/f2b-shim/internal/state"
+	"github.com/f2b-shim/f2b-shim/internal/stream"
+	"github.com/f2b-shim/f2b-shim/policy"
+)
+
+// StreamCommand is the SSH_ORIGINAL_COMMAND that starts stream mode.
+const StreamCommand = "f2b-shim stream"
+
+// streamLockBudget bounds how long one batch holds the policy's lock: a
+// batch stops early when it has held the lock this long, and the rest of
+// it goes into the next batch, after the lock was let go. So a one-shot
+// request from the plain action waits for at most one batch.
+const streamLockBudget = time.Second
+
+// session is one stream session: what runForced sets up per request, set
+// up once.
+type session struct {
+	pol    *policy.Policy
+	log    *audit.Log
+	ctx    policy.Context
+	deps   Deps
+	id     string
+	client string
+	port   int
+	// broken is set when the audit log failed: nothing more is carried
+	// out, since it could not be audited.
+	broken error
+}
+
+// runStream serves a stream session: one request per line on stdin, one
+// reply per line on stdout (package stream). Every line is judged by the
+// same precheck, grammar, policy and bounds as a one-shot request, and
+// gets its own audit line with the session's id and its line number.
+func runStream(policyPath string, env Env, stdout, stderr io.Writer, deps Deps) int {
+	pol, err := loadPolicy(policyPath, deps)
+	if err != nil {
+		fmt.Fprintf(stderr, "f2b-shim: policy: %v\nf2b-shim: hint: nothing was changed; fix the policy file on the proxy\n", err)
+		return ExitSetup
+	}
+	log, err := audit.Open(pol.AuditLog)
+	if err != nil {
+		fmt.Fprintf(stderr, "f2b-shim: denied: cannot write the audit log %q: %v\nf2b-shim: hint: nothing was changed; make the audit log's directory writable and its filesystem not full\n", pol.AuditLog, err)
+		return ExitSetup
+	}
+	defer log.Close()
+	s := &session{pol: pol, log: log, deps: deps, id: newSessionID()}
+	client, port := parseSSHConnection(env.SSHConnection)
+	if client.IsValid() {
+		s.client, s.port = client.String(), port
+	}
+	s.ctx, err = deps.Context(client)
+	if err == nil {
+		err = deps.PrepareExec()
+	}
+	if err != nil {
+		// Nothing can be judged safely: say so once, in the log and to
+		// the relay, which tries again later.
+		rec := s.record(stream.Request{Line: StreamCommand, Len: len(StreamCommand)}, deps.Now())
+		rec.Decision, rec.Reason, rec.Exit, rec.Result = audit.Deny, audit.Text(err.Error()), ExitSetup, "denied"
+		_ = log.Write(rec)
+		fmt.Fprintf(stderr, "f2b-shim: denied: %v\n", oneLine.Replace(err.Error()))
+		return ExitSetup
+	}
+	if deps.Stdin == nil {
+		deps.Stdin = os.Stdin
+	}
+	err = stream.Serve(deps.Stdin, stdout, stream.Options{
+		MaxLine:  policy.MaxCommandLen,
+		MaxBatch: pol.StreamMaxBatch,
+		Idle:     pol.StreamIdleTimeout,
+	}, s.serveBatch)
+	switch {
+	case errors.Is(err, stream.ErrIdle):
+		fmt.Fprintf(stderr, "f2b-shim: stream idle for %s (stream_idle_timeout); closing the session\n", pol.StreamIdleTimeout)
+	case err != nil:
+		fmt.Fprintf(stderr, "f2b-shim: stream: %v\n", err)
+		return ExitFirewall
+	case s.broken != nil:
+		return ExitSetup
+	}
+	return ExitOK
+}
+
+func newSessionID() string {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// record starts the audit record of one line.
+func (s *session) record(req stream.Request, now time.Time) audit.Record {
+	rec := audit.Record{Time: now.UTC(), Policy: s.pol.Name, UID: os.Getuid(), ClientIP: s.client, ClientPort: s.port, Session: s.id, LineNo: req.N}
+	rec.SetCommand(req.Line)
+	if req.Len > len(req.Line) {
+		rec.CommandLen = req.Len
+	}
+	return rec
+}
+
+// line is one request of a batch on its way through.
+type line struct {
+	rec   audit.Record
+	op    policy.Operation
+	reply stream.Reply
+	// act is set for a request the policy allows and that needs the
+	// firewall.
+	act bool
+}
+
+func (l *line) done(code int, result, msg string) {
+	l.rec.Exit, l.rec.Result = code, result
+	l.reply = stream.Reply{Exit: code, Result: result, Message: msg}
+}
+
+// serveBatch is the stream's handler: judge every line, then carry out
+// the allowed ones under one hold of the lock, one state transaction and
+// one fsync of the audit log, and answer each with its own result.
+func (s *session) serveBatch(batch []stream.Request) []stream.Reply {
+	start := s.deps.Now()
+	lines := make([]line, len(batch))
+	acting := 0
+	for i, req := range batch {
+		l := &lines[i]
+		l.rec = s.record(req, s.deps.Now())
+		switch {
+		case s.broken != nil:
+			l.rec.Decision, l.rec.Reason = audit.Deny, audit.Text(s.broken.Error())
+			l.done(ExitSetup, "denied", "denied: not carried out, the audit log failed: "+s.broken.Error())
+			continue
+		case req.Unterminated:
+			l.rec.Decision, l.rec.Reason = audit.Deny, "the line does not end in a newline"
+			l.done(ExitDenied, "denied", "denied: the line does not end in a newline (LF); it may be cut short, so it was not carried out")
+			continue
+		}
+		op, err := policy.Decide(s.pol, req.Line, s.ctx)
+		if err != nil {
+			l.rec.Decision, l.rec.Reason = audit.Deny, audit.Text(err.Error())
+			l.done(ExitDenied, "denied", "denied: "+err.Error())
+			continue
+		}
+		l.op, l.rec.Decision, l.rec.Op = op, audit.Allow, opRecord(op)
+		if s.pol.DryRun && state.Changes(op.Kind) {
+			l.done(ExitOK, "dry-run", "")
+			continue
+		}
+		l.act = true
+		acting++
+	}
+	served := len(lines)
+	if acting > 0 && s.broken == nil {
+		served = s.act(lines, start)
+	}
+	lines = lines[:served]
+	replies := make([]stream.Reply, served)
+	recs := make([]audit.Record, served)
+	for i := range lines {
+		lines[i].rec.DurationMS = float64(s.deps.Now().Sub(start).Microseconds()) / 1000
+		recs[i] = lines[i].rec
+	}
+	if s.broken == nil {
+		if err := s.log.WriteBatch(recs); err != nil {
+			s.broken = err
+		}
+	}
+	for i := range lines {
+		replies[i] = lines[i].reply
+		if s.broken != nil && lines[i].act {
+			// Carried out but not audited: say so, as one-shot mode does.
+			replies[i] = stream.Reply{Exit: ExitSetup, Result: "failed", Message: fmt.Sprintf("cannot write the audit log %q: %v", s.pol.AuditLog, s.broken)}
+		}
+	}
+	if s.pol.Syslog && s.broken == nil {
+		for _, r := range recs {
+			_ = s.deps.Syslog(r)
+		}
+	}
+	return replies
+}
+
+// act carries out the batch's allowed requests in order under one hold
+// of the lock, and returns how many lines it served: all of them, or
+// fewer when it has held the lock for streamLockBudget (at least one).
+func (s *session) act(lines []line, start time.Time) int {
+	deadline := start.Add(s.pol.LockTimeout)
+	failAll := func(code int, result, msg string, err error) int {
+		for i := range lines {
+			if lines[i].act {
+				lines[i].rec.Reason = audit.Text(err.Error())
+				lines[i].done(code, result, msg)
+			}
+		}
+		return len(lines)
+	}
+	if err := s.deps.PrepareExec(); err != nil {
+		return failAll(ExitSetup, "failed", "setup: "+err.Error(), err)
+	}
+	held, err := lock.Acquire(s.pol.StateDir, lockName(s.pol), deadline)
+	if err != nil {
+		if !errors.Is(err, lock.ErrTimeout) {
+			return failAll(ExitSetup, "failed", "state: "+err.Error()+"; hint: nothing was changed; state_dir must be a directory the shim's user can write (scripts/install makes it)", err)
+		}
+		return failAll(ExitFirewall, "failed", "firewall: "+err.Error(), err)
+	}
+	defer held.Release()
+	taken := s.deps.Now()
+	store, err := state.Open(s.pol, s.ctx.LookupPort, max(time.Until(deadline), 100*time.Millisecond))
+	if err != nil {
+		return failAll(ExitSetup, "failed", "state: "+err.Error()+"; hint: nothing was changed; fix or move the file named, then run \"f2b-shim reconcile --fix\" on the proxy", err)
+	}
+	defer store.Close()
+	note := finishCutShort(store, s.pol, s.ctx, deadline, s.deps)
+	var intents []policy.Operation
+	for _, l := range lines {
+		if l.act && state.Changes(l.op.Kind) {
+			intents = append(intents, l.op)
+		}
+	}
+	if len(intents) > 0 {
+		if err := store.SetIntent(intents...); err != nil {
+			return failAll(ExitFirewall, "failed", "firewall: "+err.Error(), err)
+		}
+	}
+	if err := store.Begin(); err != nil {
+		return failAll(ExitFirewall, "failed", "firewall: "+err.Error(), err)
+	}
+	backends := map[policy.Family]*openedBackend{}
+	served := len(lines)
+	first := true
+	for i := range lines {
+		l := &lines[i]
+		if !l.act {
+			continue
+		}
+		if !first && s.deps.Now().Sub(taken) > streamLockBudget {
+			served = i
+			break
+		}
+		if first && note != "" {
+			l.rec.State = audit.Text(note)
+		}
+		first = false
+		ob := backends[l.op.Family]
+		if ob == nil {
+			ob = s.openBatched(l.op.Family, deadline)
+			ob.b.Record = store
+			backends[l.op.Family] = ob
+		}
+		if ob.err != nil {
+			l.done(failure(&l.rec, ob.err))
+			continue
+		}
+		if ob.batched != nil {
+			ob.batched.Queue, ob.batched.Ticket = l.op.Kind == policy.AddBan, i
+		}
+		l.done(serve(store, ob.b, s.pol, l.op, &l.rec, s.deps.Now().UTC(), s.deps))
+	}
+	for _, ob := range backends {
+		if ob.batched == nil {
+			continue
+		}
+		for i, err := range ob.batched.Flush() {
+			// Recorded as applied, and not in the firewall after all.
+			l := &lines[i]
+			l.rec.State = ""
+			if ferr := store.Forget(l.op); ferr != nil {
+				err = errors.Join(err, ferr)
+			}
+			l.done(failure(&l.rec, err))
+		}
+	}
+	if err := store.Commit(); err != nil {
+		// The changes are in the firewall; the intents are still set, so
+		// the next request reads their chains back.
+		for i := range lines[:served] {
+			if lines[i].act {
+				lines[i].rec.State = audit.Text("state not written: " + err.Error() + "; the next request reads the chain back")
+			}
+		}
+	}
+	return served
+}
+
+// openedBackend is a family's backend, opened once per batch.
+type openedBackend struct {
+	b   firewall.Backend
+	err error
+	// batched queues the rule backend's new bans for one
+	// iptables-restore.
+	batched *firewall.Batched
+}
+
+// openBatched opens a family's backend for a batch.
+func (s *session) openBatched(fam policy.Family, deadline time.Time) *openedBackend {
+	ob := &openedBackend{}
+	ob.b, ob.err = openBackend(s.pol, fam, deadline, s.deps)
+	ob.b.LookupPort, ob.b.SetsInUse = s.ctx.LookupPort, map[string]bool{}
+	if ob.err == nil && ob.b.Sets == nil && s.deps.Restore != nil {
+		ob.batched = &firewall.Batched{Table: ob.b.Table, Restore: func(script string) error {
+			return s.deps.Restore(fam, s.pol.IptablesBackend, max(time.Until(deadline), time.Second), script)
+		}}
+		ob.b.Table = ob.batched
+	}
+	return ob
+}
