@@ -112,6 +112,9 @@ Usage:
                                              lift bans older than max_ban_time (a timer runs it)
   f2b-shim metrics [--policy FILE | --all [--dir DIR]] [--out FILE]
                                              Prometheus text for node_exporter's textfile collector
+  f2b-shim relay --outbox DIR --chain NAME --proxy DEST [--proxy DEST]... [--port P] [--protocol P]
+                                             on the mail host: proxy-stream.py's child, which keeps
+                                             the jail's outbox and streams it to every proxy
   f2b-shim version (or --version, -V)        print the version
   f2b-shim help                              print this text
 
@@ -149,6 +152,12 @@ func Run(args []string, env Env, stdout, stderr io.Writer, deps Deps) int {
 			return runPrune(args[1:], stdout, stderr, deps)
 		case "metrics":
 			return runMetrics(args[1:], stderr)
+		case "relay":
+			in := deps.Stdin
+			if in == nil {
+				in = os.Stdin
+			}
+			return runRelay(args[1:], in, stdout, stderr)
 		case "version", "--version", "-V":
 			if len(args) > 1 {
 				return usageError(stderr, "version takes no arguments")
