@@ -33,6 +33,7 @@
 import os
 import subprocess
 import threading
+import time
 
 from fail2ban.server.action import ActionBase
 
@@ -64,22 +65,32 @@ class ProxyStreamAction(ActionBase):
 			"--drain", "%gs" % self._drain,
 		]
 		self._relay = None
+		self._running = False
 		self._lock = threading.Lock()
 
 	def _spawn(self):
-		self._relay = subprocess.Popen(self._args, stdin=subprocess.PIPE,
+		relay = subprocess.Popen(self._args, stdin=subprocess.PIPE,
 			stdout=subprocess.PIPE, stderr=subprocess.PIPE,
 			universal_newlines=True, bufsize=1, close_fds=True)
-		threading.Thread(target=self._log, args=(self._relay.stderr,),
-			daemon=True).start()
+		self._relay = relay
+		threading.Thread(target=self._watch, args=(relay,), daemon=True).start()
 
-	def _log(self, stream):
+	def _watch(self, relay):
 		# The relay writes "LEVEL: message" lines: what a proxy denied,
 		# which proxy is unreachable, what waits in the outbox.
-		for line in stream:
+		for line in relay.stderr:
 			level, _, msg = line.rstrip("\n").partition(": ")
 			log = {"error": self._logSys.error, "warning": self._logSys.warning}.get(level, self._logSys.info)
 			log("%s", msg or level)
+		relay.wait()
+		time.sleep(1)
+		with self._lock:
+			# A relay that died while the jail runs (killed, crashed) is
+			# started again, so that its outbox goes on to the proxies
+			# even when no ban comes to restart it.
+			if self._running and self._relay is relay:
+				self._logSys.warning("f2b-shim relay exited (%s); starting it again", relay.returncode)
+				self._spawn()
 
 	def _send(self, request):
 		with self._lock:
@@ -116,11 +127,13 @@ class ProxyStreamAction(ActionBase):
 			relay.wait()
 
 	def start(self):
+		self._running = True
 		self._send("start")
 
 	def stop(self):
 		self._send("stop")
 		with self._lock:
+			self._running = False
 			# The relay drains for "drain" seconds, then exits.
 			self._close(wait=self._drain + 5)
 

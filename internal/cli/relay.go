@@ -68,7 +68,9 @@ func runRelay(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		defer mu.Unlock()
 		fmt.Fprintf(stderr, "%s: %s\n", level, strings.ReplaceAll(fmt.Sprintf(format, a...), "\n", " "))
 	}
-	sshArgs := []string{"-o", "BatchMode=yes", "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4", "-o", "ConnectTimeout=10"}
+	// The session is kept open anyway: no ControlMaster, whose shared
+	// connection would outlive the relay and hide a session's failure.
+	sshArgs := []string{"-o", "BatchMode=yes", "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4", "-o", "ConnectTimeout=10", "-o", "ControlMaster=no", "-o", "ControlPath=none"}
 	if *sshConfig != "" {
 		sshArgs = append(sshArgs, "-F", *sshConfig)
 	}

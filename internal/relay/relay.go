@@ -107,6 +107,13 @@ func drain(cfg Config) {
 	}
 }
 
+// In a burst (a send less than burstGap after the last), a deliverer
+// waits gather for more operations before it sends.
+const (
+	burstGap = 100 * time.Millisecond
+	gather   = 20 * time.Millisecond
+)
+
 // deliver sends the outbox to one proxy until stop: one session, kept
 // open, reopened with backoff when it fails.
 func deliver(cfg Config, dest string, stop <-chan struct{}) {
@@ -118,6 +125,7 @@ func deliver(cfg Config, dest string, stop <-chan struct{}) {
 	}()
 	backoff := time.Duration(0)
 	failing := false
+	var lastSend time.Time
 	for {
 		changed := cfg.Outbox.Changed()
 		ops := cfg.Outbox.Pending(dest, chunk)
@@ -129,6 +137,19 @@ func deliver(cfg Config, dest string, stop <-chan struct{}) {
 				return
 			}
 		}
+		if len(ops) < chunk && time.Since(lastSend) < burstGap {
+			// In a burst, let the outbox fill a little: one batch on the
+			// proxy (one lock hold, one fsync of its state and its log)
+			// for many bans instead of one each. A ban after a quiet
+			// spell goes at once.
+			select {
+			case <-time.After(gather):
+			case <-stop:
+				return
+			}
+			ops = cfg.Outbox.Pending(dest, chunk)
+		}
+		lastSend = time.Now()
 		var err error
 		if conn == nil {
 			conn, err = cfg.Dial(dest)

@@ -11,9 +11,7 @@
 package lab
 
 import (
-	"bufio"
 	"cmp"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -90,6 +88,16 @@ type Lab struct {
 	// fail2ban-client (and so fail2ban-server) the mail host runs, with
 	// the system's python3; otherwise Debian's fail2ban runs.
 	Fail2banTree string
+	// Stream runs the jail with examples/proxy-stream.py instead of
+	// proxy-iptables.conf (see UpStream).
+	Stream bool
+	// Proxy2 is the second proxy of UpStream's two-proxy lab.
+	Proxy2     *netns.NS
+	twoProxies bool
+	sshd2      *exec.Cmd
+	// LocalJail adds a jail "local" that bans on the mail host itself
+	// with fail2ban's own iptables action (see UpStream).
+	LocalJail bool
 }
 
 // RepoRoot is the f2b-shim checkout this package lives in.
@@ -143,7 +151,11 @@ func up(l *Lab, shim string) (_ *Lab, err error) {
 	if l.Shim, err = l.installShim(shim); err != nil {
 		return l, err
 	}
-	for _, step := range []func() error{l.network, l.proxyFiles, l.startProxy, l.startMailService, l.mailFiles} {
+	steps := []func() error{l.network, l.proxyFiles, l.startProxy, l.startMailService}
+	if l.twoProxies {
+		steps = append(steps, l.secondProxy)
+	}
+	for _, step := range append(steps, l.mailFiles) {
 		if err := step(); err != nil {
 			return l, err
 		}
@@ -401,6 +413,7 @@ func (l *Lab) mailFiles() error {
 	// The action file includes nothing: it alone must do for every release.
 	links := map[string]string{
 		filepath.Join(RepoRoot(), "examples", "proxy-iptables.conf"): filepath.Join(f2b, "action.d", "proxy-iptables.conf"),
+		filepath.Join(RepoRoot(), "examples", "proxy-stream.py"):     filepath.Join(f2b, "action.d", "proxy-stream.py"),
 	}
 	for from, to := range links {
 		if err := os.Symlink(from, to); err != nil {
@@ -438,6 +451,22 @@ findtime = 10m
 bantime = 1h
 action = proxy-iptables[name=%s, %s, ssh_config="%s", ssh_key="%s"]
 `, Jail, l.path("mail.log"), Jail, cmp.Or(l.ActionParams, `port="imap,imaps", protocol=tcp`), l.path("ssh_config"), l.path("id_ed25519"))
+	if l.Stream {
+		jail = strings.Replace(jail, "action = proxy-iptables[name="+Jail+", ", "action = "+l.streamAction(), 1)
+	}
+	if l.twoProxies {
+		sshConfig += strings.Replace(strings.Replace(sshConfig, "Host f2b-proxy\n", "Host f2b-proxy2\n", 1), "HostName "+ProxyInV4, "HostName "+Proxy2V4, 1)
+	}
+	if l.LocalJail {
+		jail += l.localJail()
+		local, err := os.ReadFile("/etc/fail2ban/action.d/iptables.conf")
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(filepath.Join(f2b, "action.d", "iptables.conf"), local, 0o644); err != nil {
+			return err
+		}
+	}
 	filter := "[Definition]\nfailregex = imap-login: auth failed, rip=<HOST>\n"
 	return errors.Join(
 		l.write("ssh_config", sshConfig, 0o644),
@@ -559,17 +588,26 @@ func (l *Lab) Fail2banBans() ([]string, error) {
 // ProxyBans lists the addresses the proxy bans in the jail's chain, both
 // families, once per rule or set member: an address banned twice shows
 // twice.
-func (l *Lab) ProxyBans() []string {
+func (l *Lab) ProxyBans() []string { return l.bansIn(l.Proxy) }
+
+// Proxy2Bans is ProxyBans of the second proxy.
+func (l *Lab) Proxy2Bans() []string { return l.bansIn(l.Proxy2) }
+
+func (l *Lab) bansIn(ns *netns.NS) []string {
 	var out []string
 	for _, bin := range []string{"iptables", "ip6tables"} {
-		for _, r := range strings.Split(l.Rules(bin), "\n") {
+		rules, err := ns.Run(bin, "-S")
+		if err != nil {
+			rules = ""
+		}
+		for _, r := range strings.Split(rules, "\n") {
 			f := strings.Fields(r)
 			switch {
 			case len(f) > 3 && f[0] == "-A" && f[1] == Chain && f[2] == "-s":
 				p := netip.MustParsePrefix(f[3])
 				out = append(out, p.Addr().String())
 			case len(f) > 5 && f[0] == "-A" && f[1] == Chain && f[3] == "set":
-				members, _ := l.Proxy.Run("ipset", "list", f[5])
+				members, _ := ns.Run("ipset", "list", f[5])
 				_, m, _ := strings.Cut(members, "Members:\n")
 				for _, e := range strings.Fields(m) {
 					if p, err := netip.ParsePrefix(e); err == nil {
@@ -665,25 +703,34 @@ func (l *Lab) FlushProxy() error {
 	return err
 }
 
-// SetPolicy sets one key of the proxy's policy to a TOML value, such as
-// SetPolicy("backend", `"ipset"`); the shim reads its policy on every
-// request.
+// SetPolicy sets one key of the proxy's policy (both proxies' in a
+// two-proxy lab) to a TOML value, such as SetPolicy("backend", `"ipset"`);
+// the shim reads its policy on every request.
 func (l *Lab) SetPolicy(key, value string) error {
 	if key == "backend" {
 		l.Backend = strings.Trim(value, `"`)
 	}
-	data, err := os.ReadFile(l.path("policy.toml"))
-	if err != nil {
-		return err
+	files := []string{l.path("policy.toml")}
+	if l.twoProxies {
+		files = append(files, l.p2("policy.toml"))
 	}
-	line := []byte(key + " = " + value)
-	re := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(key) + ` = .*$`)
-	if re.Match(data) {
-		data = re.ReplaceAll(data, line)
-	} else {
-		data = append(append(data, line...), '\n')
+	for _, file := range files {
+		data, err := os.ReadFile(file)
+		if err != nil {
+			return err
+		}
+		line := []byte(key + " = " + value)
+		re := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(key) + ` = .*$`)
+		if re.Match(data) {
+			data = re.ReplaceAll(data, line)
+		} else {
+			data = append(append(data, line...), '\n')
+		}
+		if err := os.WriteFile(file, data, 0o640); err != nil {
+			return err
+		}
 	}
-	return os.WriteFile(l.path("policy.toml"), data, 0o640)
+	return nil
 }
 
 // Preload records n bans (10.x.y.z) in chain in the proxy's state and
@@ -793,23 +840,7 @@ func exitCode(cmd *exec.Cmd) (int, string) {
 }
 
 // Audit reads the proxy's f2b-shim audit log.
-func (l *Lab) Audit() ([]map[string]any, error) {
-	f, err := os.Open(l.path("log/audit.jsonl"))
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	var out []map[string]any
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		var m map[string]any
-		if err := json.Unmarshal(sc.Bytes(), &m); err != nil {
-			return nil, fmt.Errorf("audit line %q: %v", sc.Text(), err)
-		}
-		out = append(out, m)
-	}
-	return out, sc.Err()
-}
+func (l *Lab) Audit() ([]map[string]any, error) { return readAudit(l.path("log/audit.jsonl")) }
 
 // Log returns one of the lab's log files, e.g. "fail2ban.log".
 func (l *Lab) Log(name string) string {
@@ -826,6 +857,9 @@ func (l *Lab) Down() {
 	if l.Mail != nil {
 		// End ssh's shared connections (ControlPersist) to the proxy.
 		l.SSH("-O", "exit", "f2b-proxy")
+		if l.twoProxies {
+			l.SSH("-O", "exit", "f2b-proxy2")
+		}
 		if _, err := os.Stat(l.path("ssh_config_raw")); err == nil {
 			l.RawSSH("-O", "exit", "f2b-proxy")
 		}
@@ -839,7 +873,7 @@ func (l *Lab) Down() {
 	if l.sockDir != "" {
 		_ = os.RemoveAll(l.sockDir)
 	}
-	for _, ns := range []**netns.NS{&l.Attacker, &l.Proxy, &l.Mail} {
+	for _, ns := range []**netns.NS{&l.Attacker, &l.Proxy, &l.Proxy2, &l.Mail} {
 		if *ns != nil {
 			_ = (*ns).Delete()
 			*ns = nil
