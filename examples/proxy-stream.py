@@ -89,14 +89,19 @@ class ProxyStreamAction(ActionBase):
 			# started again, so that its outbox goes on to the proxies
 			# even when no ban comes to restart it.
 			if self._running and self._relay is relay:
-				self._logSys.warning("f2b-shim relay exited (%s); starting it again", relay.returncode)
-				self._spawn()
+				self._ensure()
+
+	def _ensure(self):
+		if self._relay is not None and self._relay.poll() is None:
+			return
+		if self._relay is not None:
+			self._logSys.warning("f2b-shim relay exited (%s); starting it again", self._relay.returncode)
+		self._spawn()
 
 	def _send(self, request):
 		with self._lock:
 			for attempt in (1, 2):
-				if self._relay is None or self._relay.poll() is not None:
-					self._spawn()
+				self._ensure()
 				try:
 					self._relay.stdin.write(request + "\n")
 					self._relay.stdin.flush()
@@ -107,9 +112,13 @@ class ProxyStreamAction(ActionBase):
 					return
 				if reply.startswith("error "):
 					raise RuntimeError("f2b-shim relay: %s" % reply[6:].strip())
-				# The relay is gone (killed, or it could not start):
-				# start it again, once; its outbox keeps what it had.
-				self._close(wait=1)
+				# The relay is gone (killed, or it could not start): reap
+				# it and start it again, once; its outbox keeps what it had.
+				try:
+					self._relay.wait(1)
+				except subprocess.TimeoutExpired:
+					self._relay.kill()
+					self._relay.wait()
 			raise RuntimeError("f2b-shim relay did not take %r; see the lines above" % request)
 
 	def _close(self, wait):

@@ -59,6 +59,25 @@ var releases = map[string]string{
 	"1.1.1":  "fail2ban-1.1.1.tar.gz",
 }
 
+// extractReleases unpacks the other fail2ban releases, version to tree;
+// empty when Fail2banSrcEnv is not set.
+func extractReleases(t *testing.T) map[string]string {
+	t.Helper()
+	trees := map[string]string{}
+	src := os.Getenv(Fail2banSrcEnv)
+	if src == "" {
+		return trees
+	}
+	for version, tarball := range releases {
+		dir := t.TempDir()
+		require.NoError(t, os.Chmod(dir, 0o755))
+		out, err := exec.Command("tar", "-xzf", filepath.Join(src, tarball), "-C", dir).CombinedOutput()
+		require.NoError(t, err, "%s", out)
+		trees[version] = filepath.Join(dir, strings.TrimSuffix(tarball, ".tar.gz"))
+	}
+	return trees
+}
+
 // TestOtherFail2banReleases runs the same life cycle and restart paths,
 // with the one shipped action file, on fail2ban 0.11.2 and 1.1.1 run from
 // their source trees, in both installs with both backends.
@@ -70,12 +89,7 @@ func TestOtherFail2banReleases(t *testing.T) {
 	}
 	bin, err := nstest.BuildShim(t.TempDir())
 	require.NoError(t, err)
-	for version, tarball := range releases {
-		dir := t.TempDir()
-		require.NoError(t, os.Chmod(dir, 0o755))
-		out, err := exec.Command("tar", "-xzf", filepath.Join(src, tarball), "-C", dir).CombinedOutput()
-		require.NoError(t, err, "%s", out)
-		tree := filepath.Join(dir, strings.TrimSuffix(tarball, ".tar.gz"))
+	for version, tree := range extractReleases(t) {
 		for _, run := range variants {
 			t.Run("fail2ban "+version+", key in "+string(run.mode)+"'s authorized_keys, "+run.backend+" backend", func(t *testing.T) {
 				t.Parallel() // each in its own namespaces and directory
@@ -94,18 +108,11 @@ func TestActionTypesAndLists(t *testing.T) {
 	nstest.RequireRoot(t, "sshd", "ssh", "fail2ban-client", "socat", "iptables", "setcap", "unshare", "tar")
 	bin, err := nstest.BuildShim(t.TempDir())
 	require.NoError(t, err)
-	trees := map[string]string{"1.0.2": ""}
-	if src := os.Getenv(Fail2banSrcEnv); src != "" {
-		for version, tarball := range releases {
-			dir := t.TempDir()
-			require.NoError(t, os.Chmod(dir, 0o755))
-			out, err := exec.Command("tar", "-xzf", filepath.Join(src, tarball), "-C", dir).CombinedOutput()
-			require.NoError(t, err, "%s", out)
-			trees[version] = filepath.Join(dir, strings.TrimSuffix(tarball, ".tar.gz"))
-		}
-	} else {
+	trees := extractReleases(t)
+	if len(trees) == 0 {
 		t.Logf("%s is not set: only Debian's fail2ban is tested here", Fail2banSrcEnv)
 	}
+	trees["1.0.2"] = ""
 	for version, tree := range trees {
 		t.Run("fail2ban "+version, func(t *testing.T) {
 			t.Parallel()

@@ -3,7 +3,7 @@ package e2e
 import (
 	"fmt"
 	"net/netip"
-	"os/exec"
+	"os"
 	"slices"
 	"strings"
 	"syscall"
@@ -14,6 +14,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/f2b-shim/f2b-shim/test/e2e/lab"
+	"github.com/f2b-shim/f2b-shim/test/netns"
 	"github.com/f2b-shim/f2b-shim/test/nstest"
 )
 
@@ -36,6 +37,19 @@ func banip(t *testing.T, l *lab.Lab, ips []string) {
 	t.Helper()
 	out, err := l.Fail2ban(append([]string{"set", lab.Jail, "banip"}, ips...)...)
 	require.NoError(t, err, out)
+}
+
+// banInBackground bans ips in calls of n addresses each, while the test
+// goes on; the channel closes when the last call returns.
+func banInBackground(t *testing.T, l *lab.Lab, ips []string, n int) <-chan struct{} {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; i < len(ips); i += n {
+			banip(t, l, ips[i:min(i+n, len(ips))])
+		}
+	}()
+	return done
 }
 
 // appliedBans lists, in the order of the audit log, the addresses of the
@@ -69,9 +83,7 @@ func TestStreamedBans(t *testing.T) {
 	for _, backend := range []string{"rules", "ipset"} {
 		t.Run(backend+" backend", func(t *testing.T) {
 			t.Parallel()
-			l, err := lab.UpStream(bin, backend, "", true, false)
-			require.NoError(t, err)
-			t.Cleanup(l.Down)
+			l := upStream(t, bin, backend, "", true, false)
 			require.NoError(t, l.SetPolicy("max_new_bans_per_minute", "20000"))
 			require.NoError(t, l.StartFail2ban())
 
@@ -125,10 +137,198 @@ func TestStreamedBans(t *testing.T) {
 	}
 }
 
+// firstApplied is the order in which addresses were first banned.
+func firstApplied(order []string) []string {
+	seen := map[string]bool{}
+	var out []string
+	for _, a := range order {
+		if !seen[a] {
+			seen[a] = true
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+// only keeps the addresses in keep, in their order.
+func only(order []string, keep []string) []string {
+	return slices.DeleteFunc(slices.Clone(order), func(a string) bool { return !slices.Contains(keep, a) })
+}
+
+// TestStreamOneProxyDown: with two proxies, one proxy's sshd is stopped
+// (its sessions killed) during a burst of 2,000 bans. The live proxy gets
+// all of them; the other gets every ban, in fail2ban's order, once its
+// sshd is back; nothing is lost or doubled, and an unban made during the
+// outage is not resurrected.
+func TestStreamOneProxyDown(t *testing.T) {
+	nstest.RequireRoot(t, streamTools...)
+	bin, err := nstest.BuildShim(t.TempDir())
+	require.NoError(t, err)
+	l := upStream(t, bin, "rules", "", true, false)
+	require.NoError(t, l.StartFail2ban())
+
+	ips := burst(0, 2000)
+	done := banInBackground(t, l, ips, 200)
+	// Stop the second proxy once it has some of the burst.
+	require.NoError(t, lab.WaitFor(time.Minute, func() bool { return len(l.Proxy2Bans()) >= 100 }))
+	require.NoError(t, l.StopProxy2())
+	had := len(l.Proxy2Bans())
+	<-done
+	unbanned := []string{ips[5], ips[1500], ips[1999]}
+	for _, ip := range unbanned {
+		out, err := l.Fail2ban("set", lab.Jail, "unbanip", ip)
+		require.NoError(t, err, out)
+	}
+	want := slices.DeleteFunc(slices.Clone(ips), func(a string) bool { return slices.Contains(unbanned, a) })
+	slices.Sort(want)
+	f2b, proxy, err := l.WaitSameBans(want, 2*time.Minute)
+	require.NoError(t, err, "fail2ban has %d, the live proxy %d", len(f2b), len(proxy))
+	assert.Less(t, len(l.Proxy2Bans()), len(want), "the stopped proxy got bans while it was down")
+	t.Logf("the second proxy had %d of 2,000 bans when it went down", had)
+
+	require.NoError(t, l.StartProxy2())
+	require.NoError(t, lab.WaitFor(2*time.Minute, func() bool { return slices.Equal(l.Proxy2Bans(), want) }),
+		"the second proxy has %d bans, fail2ban %d\n%s", len(l.Proxy2Bans()), len(want), tail(l.Log("fail2ban.log"), 20))
+	assert.Contains(t, l.Log("fail2ban.log"), "proxy f2b-proxy2:", "the outage is in fail2ban's log")
+
+	recs1, err := l.Audit()
+	require.NoError(t, err)
+	recs2, err := l.Audit2()
+	require.NoError(t, err)
+	order1, _ := appliedBans(t, recs1)
+	order2, _ := appliedBans(t, recs2)
+	assert.Equal(t, only(firstApplied(order1), want), only(firstApplied(order2), want), "both proxies banned in fail2ban's order")
+}
+
+// TestStreamLocalJailKeepsItsPace: a jail that bans on the mail host
+// itself, with fail2ban's own iptables action, is not held up while the
+// proxy is unreachable (its packets dropped, so ssh waits for its
+// ConnectTimeout): its ban is in place before the relay even gives up on
+// the proxy, and the proxy gets its ban once it is reachable again.
+func TestStreamLocalJailKeepsItsPace(t *testing.T) {
+	nstest.RequireRoot(t, streamTools...)
+	bin, err := nstest.BuildShim(t.TempDir())
+	require.NoError(t, err)
+	l := upStream(t, bin, "rules", "", false, true)
+	// The proxy closes the relay's session after a second without
+	// requests, so the next ban dials, into the blocked proxy.
+	require.NoError(t, l.SetPolicy("stream_idle_timeout", `"1s"`))
+	require.NoError(t, l.StartFail2ban())
+	require.NoError(t, lab.WaitFor(banWait, func() bool { return strings.Contains(l.Rules("iptables"), "-j "+lab.Chain) }), "the proxy jail never started")
+	require.NoError(t, lab.WaitFor(banWait, func() bool { return len(l.PidsIn(l.Proxy, l.Shim)) == 0 }), "the idle session was not closed")
+
+	require.NoError(t, l.BlockProxy())
+	require.NoError(t, l.FailLogins(lab.AttackerV4, 3))
+	require.NoError(t, lab.WaitFor(banWait, func() bool { return strings.Contains(l.Log("fail2ban.log"), "[imap] Ban "+lab.AttackerV4) }))
+	const local = "192.0.2.99"
+	start := time.Now()
+	require.NoError(t, l.FailLoginsLocal(local, 3))
+	require.NoError(t, lab.WaitFor(banWait, func() bool { return l.LocalBanned(local) }), "the local jail never banned")
+	t.Logf("the local jail banned %s after %s while the proxy was unreachable", local, time.Since(start).Round(time.Millisecond))
+	assert.NotContains(t, l.Log("fail2ban.log"), "Connection timed out", "the local ban waited for ssh's ConnectTimeout")
+	assert.False(t, l.Banned(lab.AttackerV4), "the blocked proxy got the ban")
+	// The proxy was unreachable all along: ssh gives up on it only now.
+	require.NoError(t, lab.WaitFor(time.Minute, func() bool { return strings.Contains(l.Log("fail2ban.log"), "Connection timed out") }), tail(l.Log("fail2ban.log"), 20))
+
+	require.NoError(t, l.UnblockProxy())
+	_, err = l.WaitBan(lab.AttackerV4, true, 2*time.Minute)
+	require.NoError(t, err, tail(l.Log("fail2ban.log"), 20))
+}
+
+// TestStreamKilledMidBatch: the shim of a stream session (on the proxy)
+// and the relay (on the mail host) are each killed with SIGKILL in the
+// middle of a burst. Nothing is lost: the outbox replays, and the proxy
+// ends equal to fail2ban's ban list, each ban once.
+func TestStreamKilledMidBatch(t *testing.T) {
+	nstest.RequireRoot(t, streamTools...)
+	bin, err := nstest.BuildShim(t.TempDir())
+	require.NoError(t, err)
+	for _, backend := range []string{"rules", "ipset"} {
+		t.Run(backend+" backend", func(t *testing.T) {
+			t.Parallel()
+			l := upStream(t, bin, backend, "", false, false)
+			require.NoError(t, l.StartFail2ban())
+			ips := burst(0, 3000)
+			done := banInBackground(t, l, ips, 100)
+			killed := map[string]int{}
+			kill := func(ns *netns.NS, what string, after int) {
+				require.NoError(t, lab.WaitFor(time.Minute, func() bool { return len(l.ProxyBans()) >= after }))
+				for _, pid := range l.PidsIn(ns, what) {
+					if syscall.Kill(pid, syscall.SIGKILL) == nil {
+						killed[what]++
+					}
+				}
+			}
+			kill(l.Proxy, l.Shim+" --policy", 500)
+			kill(l.Mail, "f2b-shim relay", 1500)
+			<-done
+			require.NotZero(t, killed[l.Shim+" --policy"], "no stream shim was running to kill")
+			require.NotZero(t, killed["f2b-shim relay"], "no relay was running to kill")
+			want := slices.Clone(ips)
+			slices.Sort(want)
+			f2b, proxy, err := l.WaitSameBans(want, 2*time.Minute)
+			require.NoError(t, err, "fail2ban has %d, the proxy %d\n%s", len(f2b), len(proxy), tail(l.Log("fail2ban.log"), 20))
+			assert.Contains(t, l.Log("fail2ban.log"), "f2b-shim relay exited", "the action started the killed relay again")
+		})
+	}
+}
+
+// TestStreamOnOtherFail2banReleases: proxy-stream.py on fail2ban 0.11.2
+// and 1.1.1, from their source trees: a ban reaches the proxy, an unban
+// lifts it, a stop removes the chain, and a restart puts fail2ban's bans
+// back.
+func TestStreamOnOtherFail2banReleases(t *testing.T) {
+	nstest.RequireRoot(t, append(streamTools, "tar")...)
+	if os.Getenv(Fail2banSrcEnv) == "" {
+		t.Skipf("%s is not set: proxy-stream.py is not tested on fail2ban 0.11.2 and 1.1.1 (CI sets it to ../shared/fail2ban)", Fail2banSrcEnv)
+	}
+	bin, err := nstest.BuildShim(t.TempDir())
+	require.NoError(t, err)
+	for version, tree := range extractReleases(t) {
+		t.Run("fail2ban "+version, func(t *testing.T) {
+			t.Parallel()
+			l := upStream(t, bin, "ipset", tree, true, false)
+			require.NoError(t, l.StartFail2ban())
+			require.NoError(t, l.FailLogins(lab.AttackerV4, 3))
+			_, err = l.WaitBan(lab.AttackerV4, true, banWait)
+			require.NoError(t, err, tail(l.Log("fail2ban.log"), 30))
+			require.Error(t, l.Connect(false))
+			ips := burst(0, 300)
+			banip(t, l, ips)
+			want := append(slices.Clone(ips), lab.AttackerV4)
+			slices.Sort(want)
+			_, _, err = l.WaitSameBans(want, time.Minute)
+			require.NoError(t, err)
+			require.NoError(t, lab.WaitFor(time.Minute, func() bool { return slices.Equal(l.Proxy2Bans(), want) }))
+
+			out, err := l.Fail2ban("set", lab.Jail, "unbanip", lab.AttackerV4)
+			require.NoError(t, err, out)
+			_, err = l.WaitBan(lab.AttackerV4, false, banWait)
+			require.NoError(t, err)
+			require.NoError(t, l.Connect(false), "the unbanned attacker is still refused")
+
+			require.NoError(t, l.StopFail2ban())
+			require.NoError(t, lab.WaitFor(banWait, func() bool { return !strings.Contains(l.Rules("iptables"), lab.Chain) }), "the stop left the chain:\n%s", l.Rules("iptables"))
+			require.NoError(t, l.StartFail2ban())
+			want = slices.DeleteFunc(want, func(a string) bool { return a == lab.AttackerV4 })
+			_, _, err = l.WaitSameBans(want, time.Minute)
+			require.NoError(t, err, tail(l.Log("fail2ban.log"), 30))
+			require.NoError(t, lab.WaitFor(time.Minute, func() bool { return slices.Equal(l.Proxy2Bans(), want) }))
+			assert.Contains(t, l.Log("fail2ban.log"), "Starting Fail2ban v"+version, "the release under test is the one that ran")
+		})
+	}
+}
+
+// upStream brings a stream lab up, and down at the test's end.
+func upStream(t *testing.T, bin, backend, tree string, two, local bool) *lab.Lab {
+	t.Helper()
+	l, err := lab.UpStream(bin, backend, tree, two, local)
+	require.NoError(t, err)
+	t.Cleanup(l.Down)
+	return l
+}
+
 func tail(s string, n int) string {
 	lines := strings.Split(s, "\n")
 	return strings.Join(lines[max(0, len(lines)-n):], "\n")
 }
-
-var _ = exec.Command
-var _ = syscall.Kill

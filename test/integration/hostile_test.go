@@ -50,6 +50,14 @@ func startJail(t *testing.T, ns *nstest.Netns, pol string) {
 	}
 }
 
+// proxyAddrs gives the namespace the proxy's own addresses, which no ban
+// may touch.
+func proxyAddrs(t *testing.T, ns *nstest.Netns) {
+	ns.MustRun(t, "ip", "link", "add", "px0", "type", "veth", "peer", "name", "px1")
+	ns.MustRun(t, "ip", "addr", "add", "192.0.2.7/24", "dev", "px0")
+	ns.MustRun(t, "ip", "addr", "add", "2001:db8:7::1/64", "dev", "px0", "nodad")
+}
+
 // TestHostileCorpus sends every line of test/hostile/corpus.txt, plus
 // oversize ones, through the binary as SSH_ORIGINAL_COMMAND.
 func TestHostileCorpus(t *testing.T) {
@@ -62,10 +70,7 @@ func TestHostileCorpus(t *testing.T) {
 	for _, backend := range backends {
 		t.Run(backend, func(t *testing.T) {
 			ns, pol, audit := setup(t, backend, "")
-			// The proxy's own addresses, which no ban may touch.
-			ns.MustRun(t, "ip", "link", "add", "px0", "type", "veth", "peer", "name", "px1")
-			ns.MustRun(t, "ip", "addr", "add", "192.0.2.7/24", "dev", "px0")
-			ns.MustRun(t, "ip", "addr", "add", "2001:db8:7::1/64", "dev", "px0", "nodad")
+			proxyAddrs(t, ns)
 			startJail(t, ns, pol)
 			before := snapshot(t, ns, backend)
 			require.Contains(t, banned(t, ns, backend, "iptables", chain), "203.0.113.99/32")

@@ -12,6 +12,7 @@ import (
 	"runtime"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 
@@ -186,4 +187,16 @@ func WritePolicy(t testing.TB, dir, toml string) string {
 	p := filepath.Join(dir, "policy.toml")
 	require.NoError(t, os.WriteFile(p, []byte(toml), 0o644))
 	return p
+}
+
+// WaitFor polls ok every 10 ms until it holds, or fails after timeout.
+func WaitFor(timeout time.Duration, ok func() bool) error {
+	deadline := time.Now().Add(timeout)
+	for !ok() {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("timed out after %s", timeout)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return nil
 }

@@ -471,6 +471,7 @@ action = proxy-iptables[name=%s, %s, ssh_config="%s", ssh_key="%s"]
 	return errors.Join(
 		l.write("ssh_config", sshConfig, 0o644),
 		l.write("mail.log", "", 0o644),
+		l.write("mail-local.log", "", 0o644),
 		os.WriteFile(filepath.Join(f2b, "fail2ban.conf"), []byte(conf), 0o644),
 		os.WriteFile(filepath.Join(f2b, "jail.conf"), []byte(jail), 0o644),
 		os.WriteFile(filepath.Join(f2b, "filter.d", "lab-imap.conf"), []byte(filter), 0o644),
