@@ -88,7 +88,8 @@ const usage = `f2b-shim: the forced command that lets a fail2ban host manage its
 
 Usage:
   f2b-shim [--policy FILE]                   run as sshd's command= (reads SSH_ORIGINAL_COMMAND);
-                                             without --policy, /etc/f2b-shim/policy.toml if it exists
+                                             without --policy, /etc/f2b-shim/policy.toml if it exists;
+                                             "f2b-shim stream" as the command: one request per stdin line
   f2b-shim check [--policy FILE] [--client ADDR] 'COMMAND'
                                              show how COMMAND parses and whether the policy allows it
   f2b-shim restore [--policy FILE | --all [--dir DIR]]

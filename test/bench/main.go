@@ -47,6 +47,8 @@ type config struct {
 	connRuns int
 	out      string
 	only     string
+	// The stream part (stream.go).
+	streamBans, streamRuns, plainBurst, streamBurst, singleBans int
 }
 
 // runs reports whether the part is to run.
@@ -67,11 +69,13 @@ func main() {
 	}
 	quick := flag.Bool("quick", false, "a short run, as a smoke test: N = 0 and 100, few repetitions")
 	out := flag.String("out", "bench-out", "directory for results.md and latency.png")
-	only := flag.String("only", "", "run one part: latency, sshd, packets or hooks")
+	only := flag.String("only", "", "run one part: latency, sshd, packets, hooks or stream")
 	flag.Parse()
-	c := config{ns: []int{0, 1000, 10000, 50000}, reps: 15, e2eBans: 50, connTime: 2 * time.Second, connRuns: 3, out: *out}
+	c := config{ns: []int{0, 1000, 10000, 50000}, reps: 15, e2eBans: 50, connTime: 2 * time.Second, connRuns: 3, out: *out,
+		streamBans: 10000, streamRuns: 3, plainBurst: 1000, streamBurst: 10000, singleBans: 15}
 	if *quick {
-		c = config{ns: []int{0, 100}, reps: 3, e2eBans: 5, connTime: 300 * time.Millisecond, connRuns: 1, out: *out}
+		c = config{ns: []int{0, 100}, reps: 3, e2eBans: 5, connTime: 300 * time.Millisecond, connRuns: 1, out: *out,
+			streamBans: 1000, streamRuns: 1, plainBurst: 20, streamBurst: 200, singleBans: 3}
 	}
 	c.only = *only
 	if err := run(c); err != nil {
@@ -153,6 +157,11 @@ func run(c config) error {
 	}
 	if c.runs("hooks") {
 		if err := hooks(c, &md, tmp, shim, self); err != nil {
+			return err
+		}
+	}
+	if c.runs("stream") {
+		if err := streamBench(c, &md, tmp, shim, self); err != nil {
 			return err
 		}
 	}

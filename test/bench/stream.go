@@ -1,0 +1,220 @@
+package main
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/f2b-shim/f2b-shim/test/e2e/lab"
+)
+
+// streamBench measures the streamed ban channel against the plain action,
+// side by side, through the same kind of lab (real fail2ban, sshd, shim):
+//
+//   - stream mode alone: bans per second from stdin to the firewall;
+//   - a burst of banip: from the first ban until the last is in the
+//     proxy's firewall, proxy-iptables.conf against proxy-stream.py;
+//   - a single ban: from "fail2ban-client banip" until the rule is in
+//     place, median of several.
+func streamBench(c config, md *strings.Builder, tmp, shim, self string) error {
+	fmt.Fprintf(md, "\n### Stream mode alone: %d bans from stdin to the firewall (one session; median of %d)\n\n| iptables / backend | seconds | bans/s |\n|---|---|---|\n", c.streamBans, c.streamRuns)
+	for _, v := range variants {
+		var secs []float64
+		for range c.streamRuns {
+			s, err := streamAlone(tmp, shim, v, c.streamBans)
+			if err != nil {
+				return err
+			}
+			secs = append(secs, s)
+		}
+		m := median(secs)
+		fmt.Fprintf(md, "| %s | %.2f | %.0f |\n", v, m, float64(c.streamBans)/m)
+	}
+
+	fmt.Fprintf(md, "\n### A burst of banip, fail2ban 1.0.2 to the proxy's firewall (nft; one proxy; user mode)\n\n| action | backend | bans | seconds until the last is in place | bans/s | extrapolated to 10,000 |\n|---|---|---|---|---|---|\n")
+	for _, backend := range []string{"rules", "ipset"} {
+		for _, stream := range []bool{false, true} {
+			n := c.plainBurst
+			name := "proxy-iptables.conf"
+			if stream {
+				n, name = c.streamBurst, "proxy-stream.py"
+			}
+			secs, err := burstTime(shim, backend, stream, n)
+			if err != nil {
+				return fmt.Errorf("burst %s %s: %w", name, backend, err)
+			}
+			fmt.Fprintf(md, "| %s | %s | %d | %.1f | %.0f | %.0f s |\n", name, backend, n, secs, float64(n)/secs, secs/float64(n)*10000)
+		}
+	}
+
+	fmt.Fprintf(md, "\n### A single ban: from fail2ban's \"Ban\" log line until the proxy bans (nft, rules; median of %d; the firewall is polled, a few ms a look)\n\n| action | median ms | min ms | max ms |\n|---|---|---|---|\n", c.singleBans)
+	for _, stream := range []bool{false, true} {
+		ms, err := singleBans(shim, stream, c.singleBans)
+		if err != nil {
+			return err
+		}
+		name := map[bool]string{false: "proxy-iptables.conf (one ssh per ban, ControlMaster)", true: "proxy-stream.py (kept session)"}[stream]
+		fmt.Fprintf(md, "| %s | %.1f | %.1f | %.1f |\n", name, median(ms), slices.Min(ms), slices.Max(ms))
+	}
+	return nil
+}
+
+func median(xs []float64) float64 {
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	return s[len(s)/2]
+}
+
+// streamAlone pipes n ban lines into one stream session of the shim in a
+// fresh namespace whose chain exists, and returns the seconds it took.
+func streamAlone(tmp, shim string, v variant, n int) (float64, error) {
+	ns, err := newNS("strm")
+	if err != nil {
+		return 0, err
+	}
+	dir, err := os.MkdirTemp(tmp, "stream-")
+	if err != nil {
+		return 0, err
+	}
+	pol, err := writePolicy(dir, v)
+	if err != nil {
+		return 0, err
+	}
+	f, err := os.OpenFile(pol, os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		return 0, err
+	}
+	fmt.Fprintln(f, "max_new_bans_per_minute = 1000000")
+	f.Close()
+	var in strings.Builder
+	for i := range n {
+		fmt.Fprintf(&in, "iptables -w -I %s 1 -s %s -j DROP\n", chain, benchAddr(i))
+	}
+	run := func(input string) (time.Duration, error) {
+		cmd := ns.Command(shim, "--policy", pol)
+		cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "SSH_ORIGINAL_COMMAND=f2b-shim stream", "SSH_CONNECTION=192.0.2.10 50022 192.0.2.7 22"}
+		cmd.Stdin = strings.NewReader(input)
+		start := time.Now()
+		out, err := cmd.Output()
+		if err != nil {
+			return 0, fmt.Errorf("stream: %v", err)
+		}
+		if got := strings.Count(string(out), " 0 applied\n"); got != strings.Count(input, "\n") {
+			return 0, fmt.Errorf("stream: %d of %d applied", got, strings.Count(input, "\n"))
+		}
+		return time.Since(start), nil
+	}
+	if _, err := run("iptables -w -N " + chain + "\niptables -w -A " + chain + " -j RETURN\n"); err != nil {
+		return 0, err
+	}
+	d, err := run(in.String())
+	return d.Seconds(), err
+}
+
+// burstAddr is the i-th address of a burst (IPv6 documentation space).
+func burstAddr(i int) string {
+	return netip.MustParseAddr(fmt.Sprintf("2001:db8:1:%x::%x", i>>16, i&0xffff)).String()
+}
+
+// burstTime starts a lab with the plain or the stream action, bans n
+// addresses with one "banip", and returns the seconds from the call until
+// the last is in the proxy's firewall.
+func burstTime(shim, backend string, stream bool, n int) (float64, error) {
+	var l *lab.Lab
+	var err error
+	if stream {
+		l, err = lab.UpStream(shim, backend, "", false, false)
+	} else {
+		l, err = lab.Up(shim, lab.UserMode, backend)
+	}
+	if err != nil {
+		return 0, err
+	}
+	defer l.Down()
+	if err := l.SetPolicy("max_new_bans_per_minute", "1000000"); err != nil {
+		return 0, err
+	}
+	if err := l.StartFail2ban(); err != nil {
+		return 0, err
+	}
+	// The jail's chain and hooks first, so that the burst times bans.
+	if _, err := l.Fail2ban("set", lab.Jail, "banip", "2001:db8:2::1"); err != nil {
+		return 0, err
+	}
+	if _, err := l.WaitBan("2001:db8:2::1", true, time.Minute); err != nil {
+		return 0, err
+	}
+	ips := make([]string, n)
+	for i := range n {
+		ips[i] = burstAddr(i)
+	}
+	last := ips[n-1]
+	start := time.Now()
+	cmd := l.Mail.Command("fail2ban-client", append([]string{"-c", filepath.Join(l.Dir, "fail2ban"), "set", lab.Jail, "banip"}, ips...)...)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return 0, fmt.Errorf("banip: %v: %s", err, out)
+	}
+	// fail2ban bans in order and the proxy applies in order: the last
+	// address in place means all are (the test suite checks that).
+	if _, err := l.WaitBan(last, true, 30*time.Minute); err != nil {
+		return 0, err
+	}
+	return time.Since(start).Seconds(), nil
+}
+
+// singleBans times n single bans: from the line fail2ban logs when it
+// bans ("[imap] Ban ADDR", just before it calls the action) until the
+// rule is in the proxy's firewall, each after the last is in place.
+func singleBans(shim string, stream bool, n int) ([]float64, error) {
+	var l *lab.Lab
+	var err error
+	if stream {
+		l, err = lab.UpStream(shim, "rules", "", false, false)
+	} else {
+		l, err = lab.Up(shim, lab.UserMode, "rules")
+	}
+	if err != nil {
+		return nil, err
+	}
+	defer l.Down()
+	if err := l.StartFail2ban(); err != nil {
+		return nil, err
+	}
+	var out []float64
+	for i := range n + 1 {
+		ip := fmt.Sprintf("198.51.100.%d", i+1)
+		if _, err := l.Fail2ban("set", lab.Jail, "banip", ip); err != nil {
+			return nil, err
+		}
+		deadline := time.Now().Add(time.Minute)
+		for !l.Banned(ip) {
+			if time.Now().After(deadline) {
+				return nil, fmt.Errorf("%s was not banned in a minute", ip)
+			}
+			time.Sleep(2 * time.Millisecond)
+		}
+		seen := time.Now()
+		banned, err := banLogged(l.Log("fail2ban.log"), ip)
+		if err != nil {
+			return nil, err
+		}
+		if i > 0 { // the first starts the jail's chain
+			out = append(out, float64(seen.Sub(banned).Microseconds())/1000)
+		}
+	}
+	return out, nil
+}
+
+// banLogged is the time of fail2ban's "[imap] Ban ADDR" line.
+func banLogged(log, ip string) (time.Time, error) {
+	for _, line := range strings.Split(log, "\n") {
+		if strings.HasSuffix(line, "] Ban "+ip) {
+			return time.ParseInLocation("2006-01-02 15:04:05,000", line[:23], time.Local)
+		}
+	}
+	return time.Time{}, fmt.Errorf("fail2ban logged no ban of %s", ip)
+}
