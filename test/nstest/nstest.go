@@ -51,7 +51,7 @@ func RequireRoot(t testing.TB, tools ...string) {
 func BuildShim(dir string) (string, error) {
 	_, self, _, _ := runtime.Caller(0)
 	root := filepath.Join(filepath.Dir(self), "..", "..")
-	// The version as scripts/install sets it: git describe of the checkout.
+	// The version as scripts/install sets it (scripts/version).
 	ldflags := ""
 	if v, err := GitVersion(); err == nil {
 		ldflags = "-X github.com/f2b-shim/f2b-shim/internal/cli.version=" + v
@@ -67,12 +67,12 @@ func BuildShim(dir string) (string, error) {
 	return filepath.Join(dir, "f2b-shim"), nil
 }
 
-// GitVersion is "git describe --tags --always --dirty" of the checkout.
+// GitVersion is the checkout's version as scripts/version prints it (git
+// describe, in the form a Debian version takes), which scripts/install
+// and scripts/package build into the binaries.
 func GitVersion() (string, error) {
 	_, self, _, _ := runtime.Caller(0)
-	cmd := exec.Command("git", "describe", "--tags", "--always", "--dirty")
-	cmd.Dir = filepath.Dir(self)
-	out, err := cmd.Output()
+	out, err := exec.Command(filepath.Join(filepath.Dir(self), "..", "..", "scripts", "version")).Output()
 	return strings.TrimSpace(string(out)), err
 }
 
