@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"time"
 
@@ -35,7 +36,11 @@ type session struct {
 	deps   Deps
 	id     string
 	client string
+	addr   netip.Addr
 	port   int
+	// ctxErr is why the proxy's own addresses, resolvers and gateways
+	// could not be read for the current batch.
+	ctxErr error
 	// broken is set when the audit log failed: nothing more is carried
 	// out, since it could not be audited.
 	broken error
@@ -59,6 +64,7 @@ func runStream(policyPath string, env Env, stdout, stderr io.Writer, deps Deps) 
 	defer log.Close()
 	s := &session{pol: pol, log: log, deps: deps, id: newSessionID()}
 	client, port := parseSSHConnection(env.SSHConnection)
+	s.addr = client
 	if client.IsValid() {
 		s.client, s.port = client.String(), port
 	}
@@ -131,6 +137,14 @@ func (l *line) done(code int, result, msg string) {
 // one fsync of the audit log, and answer each with its own result.
 func (s *session) serveBatch(batch []stream.Request) []stream.Reply {
 	start := s.deps.Now()
+	// The proxy's addresses, resolvers and gateways, read again for each
+	// batch: a session can outlive a change of them, and a ban must never
+	// cut the proxy off from what it has now.
+	if ctx, err := s.deps.Context(s.addr); err == nil {
+		s.ctx, s.ctxErr = ctx, nil
+	} else {
+		s.ctxErr = err
+	}
 	lines := make([]line, len(batch))
 	acting := 0
 	for i, req := range batch {
@@ -140,6 +154,10 @@ func (s *session) serveBatch(batch []stream.Request) []stream.Reply {
 		case s.broken != nil:
 			l.rec.Decision, l.rec.Reason = audit.Deny, audit.Text(s.broken.Error())
 			l.done(ExitSetup, "denied", "denied: not carried out, the audit log failed: "+s.broken.Error())
+			continue
+		case s.ctxErr != nil:
+			l.rec.Decision, l.rec.Reason = audit.Deny, audit.Text(s.ctxErr.Error())
+			l.done(ExitSetup, "denied", "denied: "+s.ctxErr.Error())
 			continue
 		case req.Unterminated:
 			l.rec.Decision, l.rec.Reason = audit.Deny, "the line does not end in a newline"
@@ -275,7 +293,6 @@ func (s *session) act(lines []line, start time.Time) int {
 		for i, err := range ob.batched.Flush() {
 			// Recorded as applied, and not in the firewall after all.
 			l := &lines[i]
-			l.rec.State = ""
 			if ferr := store.Forget(l.op); ferr != nil {
 				err = errors.Join(err, ferr)
 			}

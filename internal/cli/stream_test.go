@@ -3,6 +3,7 @@ package cli
 import (
 	"bytes"
 	"fmt"
+	"net/netip"
 	"strconv"
 	"strings"
 	"testing"
@@ -176,6 +177,21 @@ func TestStreamEdgeCases(t *testing.T) {
 		assert.Equal(t, ExitSetup, code)
 		assert.Empty(t, replies)
 		assert.Contains(t, stderr, "policy: bad")
+	})
+	t.Run("a batch without the proxy's own addresses is refused", func(t *testing.T) {
+		h := newHarness(t)
+		calls, real := 0, h.deps.Context
+		h.deps.Context = func(c netip.Addr) (policy.Context, error) {
+			if calls++; calls > 1 {
+				return policy.Context{}, fmt.Errorf("cannot read the proxy's addresses")
+			}
+			return real(c)
+		}
+		code, replies, _ := h.stream("iptables -w -N " + chain + "\n")
+		assert.Equal(t, ExitOK, code)
+		assert.Equal(t, []string{"1 5 denied denied: cannot read the proxy's addresses"}, replies, "read again for every batch")
+		ok, _ := h.tables[policy.IPv4].ChainExists(chain)
+		assert.False(t, ok)
 	})
 	t.Run("dry run judges and applies nothing", func(t *testing.T) {
 		h := newHarness(t)

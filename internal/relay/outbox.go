@@ -305,7 +305,29 @@ func (o *Outbox) Taken(proxy string, seq uint64) error {
 	if err := os.WriteFile(tmp, []byte(strconv.FormatUint(seq, 10)+"\n"), 0o600); err != nil {
 		return err
 	}
-	return os.Rename(tmp, o.cursorPath(proxy))
+	if err := os.Rename(tmp, o.cursorPath(proxy)); err != nil {
+		return err
+	}
+	// What every proxy has taken is dropped from memory at once, and
+	// from the file when it holds twice what is live.
+	low := o.low()
+	i, _ := slices.BinarySearchFunc(o.ops, low+1, func(op Op, seq uint64) int { return int64cmp(op.Seq, seq) })
+	o.ops = slices.Delete(o.ops, 0, i)
+	if o.lines > 2*len(o.ops)+1024 {
+		return o.compact()
+	}
+	return nil
+}
+
+// low is the sequence number every proxy has taken.
+func (o *Outbox) low() uint64 {
+	low, first := uint64(0), true
+	for _, c := range o.cursors {
+		if first || c < low {
+			low, first = c, false
+		}
+	}
+	return low
 }
 
 func (o *Outbox) cursorPath(proxy string) string {
@@ -333,13 +355,7 @@ func (o *Outbox) readCursor(proxy string) uint64 {
 // compact rewrites the file with the live operations some proxy has not
 // taken: written aside, fsync'd, and renamed over the old one.
 func (o *Outbox) compact() error {
-	low := uint64(0)
-	first := true
-	for _, c := range o.cursors {
-		if first || c < low {
-			low, first = c, false
-		}
-	}
+	low := o.low()
 	o.ops = slices.DeleteFunc(o.ops, func(op Op) bool { return op.Seq <= low })
 	tmp := filepath.Join(o.dir, logName+".tmp")
 	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|syscall.O_NOFOLLOW, 0o600)

@@ -358,3 +358,25 @@ func TestCommandsMatchTheActionFile(t *testing.T) {
 	assert.Equal(t, []string{"ip6tables -w -I mail-remote-f2b-imap 1 -s 2001:db8::1 -j REJECT --reject-with icmp6-port-unreachable"}, j.Commands(Op{Kind: Ban, Addr: mustPrefix("2001:db8::1")}))
 	assert.Equal(t, []string{"iptables -w -D mail-remote-f2b-imap -s 192.0.2.0/24 -j REJECT --reject-with icmp-port-unreachable"}, j.Commands(Op{Kind: Unban, Addr: mustPrefix("192.0.2.0/24")}))
 }
+
+// TestDeliveredOperationsAreDropped: once every proxy has taken them,
+// operations leave memory and, in time, the file: a long run of bans to
+// proxies that keep up leaves an outbox of what is still in flight.
+func TestDeliveredOperationsAreDropped(t *testing.T) {
+	dir := t.TempDir()
+	o, err := OpenOutbox(dir, []string{"a", "b"})
+	require.NoError(t, err)
+	defer o.Close()
+	o.NoSync = true
+	for i := range 5000 {
+		require.NoError(t, o.Append(Op{Kind: Ban, Addr: mustPrefix(fmt.Sprintf("2001:db8::%x", i))}))
+		if i%100 == 99 {
+			require.NoError(t, o.Taken("a", o.seq))
+			require.NoError(t, o.Taken("b", o.seq-10))
+		}
+	}
+	assert.LessOrEqual(t, len(o.ops), 110, "in memory: what b has not taken")
+	data, err := os.ReadFile(filepath.Join(dir, logName))
+	require.NoError(t, err)
+	assert.LessOrEqual(t, strings.Count(string(data), "\n"), 2*110+1024+1, "in the file: at most a rewrite's worth more")
+}
