@@ -2,7 +2,6 @@ package relay
 
 import (
 	"bufio"
-	"errors"
 	"fmt"
 	"io"
 	"os/exec"
@@ -23,11 +22,13 @@ type Conn struct {
 	// after being quiet for a while was most likely closed by the
 	// proxy's stream_idle_timeout, not by an outage.
 	last time.Time
+	// quiet is set when lines went out on a session that had been quiet.
+	quiet bool
 }
 
 // NewConn wraps a session's stdin and stdout; close ends it.
 func NewConn(stdin io.WriteCloser, stdout io.Reader, end func() error) *Conn {
-	c := &Conn{w: bufio.NewWriterSize(stdin, 64<<10), stdin: stdin, replies: make(chan string, 1024), end: end}
+	c := &Conn{w: bufio.NewWriterSize(stdin, 64<<10), stdin: stdin, replies: make(chan string, window+24), end: end}
 	go func() {
 		defer close(c.replies)
 		sc := bufio.NewScanner(stdout)
@@ -93,8 +94,10 @@ func SSHDialer(ssh string, args []string, logf func(level, format string, a ...a
 // answering is dropped and dialled again.
 const replyTimeout = 60 * time.Second
 
-// chunk is the most operations sent before their replies are read.
-const chunk = 2048
+// window is the most lines sent and not yet answered. It is below the
+// reply buffer of a Conn, so the proxy can always write its replies, and
+// so always read what comes next: no deadlock however the two race.
+const window = 1000
 
 // quotaDenial starts the message of a ban the proxy refused only for
 // max_new_bans_per_minute: it is sent again later, not dropped.
@@ -106,74 +109,71 @@ type errRetry struct{ msg string }
 
 func (e errRetry) Error() string { return e.msg }
 
-// send writes the operations' lines and reads their replies, in order.
-// It returns the last operation every line of which the proxy took
-// (applied, unchanged, or denied for good), and why it stopped short.
-func (c *Conn) send(dest string, j Jail, ops []Op, logf func(level, format string, a ...any)) (uint64, error) {
-	type line struct {
-		op   int
-		text string
-	}
-	var lines []line
-	for i, op := range ops {
-		for _, t := range j.Commands(op) {
-			lines = append(lines, line{i, t})
+// flight is one line sent and not yet answered.
+type flight struct {
+	text string
+	seq  uint64
+	// last is set on an operation's last line: its reply completes it.
+	last bool
+}
+
+// lines are the command lines of ops, at most max of them, cut only
+// between operations (but at least one operation).
+func (j Jail) lines(ops []Op, max int) []flight {
+	var out []flight
+	for _, op := range ops {
+		cmds := j.Commands(op)
+		if len(out) > 0 && len(out)+len(cmds) > max {
+			break
+		}
+		for i, c := range cmds {
+			out = append(out, flight{text: c, seq: op.Seq, last: i == len(cmds)-1})
 		}
 	}
-	werr := make(chan error, 1)
+	return out
+}
+
+// answer checks one reply against the line it answers. It returns
+// whether the line is done (applied, unchanged, or denied for good, which
+// is logged), or the error that ends the session: a failure (exit 4 or
+// 5) or a ban refused only by the quota, which are sent again, or a reply
+// that is not the one expected.
+func (c *Conn) answer(dest, reply string, f flight, logf func(level, format string, a ...any)) error {
+	c.last = time.Now()
+	c.sent++
+	n, code, msg, err := parseReply(reply)
+	if err != nil || n != c.sent {
+		return fmt.Errorf("reply %q does not answer line %d", reply, c.sent)
+	}
+	switch {
+	case code == 0 || code == 1:
+	case code == 3 && strings.HasPrefix(msg, quotaDenial):
+		return errRetry{fmt.Sprintf("%q: %s", f.text, msg)}
+	case code == 3:
+		// The proxy's policy refuses it: sending it again would get the
+		// same answer. fail2ban's log says so.
+		logf("error", "proxy %s denied %q: %s", dest, f.text, msg)
+	default:
+		return errRetry{fmt.Sprintf("%q failed (exit %d): %s", f.text, code, msg)}
+	}
+	return nil
+}
+
+// write sends lines on the session, in its own goroutine: a proxy that
+// stalls must not stall the deliverer, which watches for replies, the
+// reply timeout and the relay's stop meanwhile.
+func (c *Conn) write(lines []flight) <-chan error {
+	done := make(chan error, 1)
 	go func() {
 		for _, l := range lines {
 			if _, err := c.w.WriteString(l.text + "\n"); err != nil {
-				werr <- err
+				done <- err
 				return
 			}
 		}
-		werr <- c.w.Flush()
+		done <- c.w.Flush()
 	}()
-	var taken uint64
-	timer := time.NewTimer(replyTimeout)
-	defer timer.Stop()
-	for i, l := range lines {
-		var reply string
-		var ok bool
-		select {
-		case reply, ok = <-c.replies:
-		case <-timer.C:
-			return taken, fmt.Errorf("no reply in %s", replyTimeout)
-		}
-		if !ok {
-			err := <-werr
-			if err == nil {
-				err = errors.New("the session ended")
-			}
-			return taken, fmt.Errorf("the session ended before line %d was answered: %w", i+1, err)
-		}
-		if !timer.Stop() {
-			<-timer.C
-		}
-		timer.Reset(replyTimeout)
-		c.last = time.Now()
-		c.sent++
-		n, code, msg, err := parseReply(reply)
-		if err != nil || n != c.sent {
-			return taken, fmt.Errorf("reply %q does not answer line %d", reply, c.sent)
-		}
-		switch {
-		case code == 0 || code == 1:
-		case code == 3 && strings.HasPrefix(msg, quotaDenial):
-			return taken, errRetry{fmt.Sprintf("%q: %s", l.text, msg)}
-		case code == 3:
-			// The proxy's policy refuses it: sending it again would get
-			// the same answer. fail2ban's log says so.
-			logf("error", "proxy %s denied %q: %s", dest, l.text, msg)
-		default:
-			return taken, errRetry{fmt.Sprintf("%q failed (exit %d): %s", l.text, code, msg)}
-		}
-		if i == len(lines)-1 || lines[i+1].op != l.op {
-			taken = ops[l.op].Seq
-		}
-	}
-	return taken, <-werr
+	return done
 }
 
 // parseReply reads "N EXIT RESULT[ MESSAGE]".

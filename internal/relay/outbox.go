@@ -271,10 +271,26 @@ func (o *Outbox) Changed() <-chan struct{} {
 func (o *Outbox) Pending(proxy string, n int) []Op {
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	after := o.cursors[proxy]
-	i, _ := slices.BinarySearchFunc(o.ops, after+1, func(op Op, seq uint64) int { return int64cmp(op.Seq, seq) })
-	end := min(len(o.ops), i+n)
-	return slices.Clone(o.ops[i:end])
+	return o.after(o.cursors[proxy], n)
+}
+
+// PendingAfter returns up to n live operations after seq, in order: what
+// a deliverer sends next on a session that has sent up to seq.
+func (o *Outbox) PendingAfter(seq uint64, n int) []Op {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.after(seq, n)
+}
+
+func (o *Outbox) after(seq uint64, n int) []Op {
+	i := o.index(seq + 1)
+	return slices.Clone(o.ops[i:min(len(o.ops), i+n)])
+}
+
+// index is where the first operation numbered seq or more is.
+func (o *Outbox) index(seq uint64) int {
+	i, _ := slices.BinarySearchFunc(o.ops, seq, func(op Op, seq uint64) int { return int64cmp(op.Seq, seq) })
+	return i
 }
 
 func int64cmp(a, b uint64) int {
@@ -287,8 +303,19 @@ func int64cmp(a, b uint64) int {
 	return 0
 }
 
+// Cursor is the last operation the proxy has taken.
+func (o *Outbox) Cursor(proxy string) uint64 {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return o.cursors[proxy]
+}
+
 // Backlog is how many live operations the proxy has not taken.
-func (o *Outbox) Backlog(proxy string) int { return len(o.Pending(proxy, 1<<30)) }
+func (o *Outbox) Backlog(proxy string) int {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return len(o.ops) - o.index(o.cursors[proxy]+1)
+}
 
 // Taken records that the proxy has taken every operation up to seq. The
 // cursor file is written without fsync: a cursor lost in a crash only
@@ -310,9 +337,7 @@ func (o *Outbox) Taken(proxy string, seq uint64) error {
 	}
 	// What every proxy has taken is dropped from memory at once, and
 	// from the file when it holds twice what is live.
-	low := o.low()
-	i, _ := slices.BinarySearchFunc(o.ops, low+1, func(op Op, seq uint64) int { return int64cmp(op.Seq, seq) })
-	o.ops = slices.Delete(o.ops, 0, i)
+	o.ops = slices.Delete(o.ops, 0, o.index(o.low()+1))
 	if o.lines > 2*len(o.ops)+1024 {
 		return o.compact()
 	}
