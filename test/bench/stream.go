@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -36,6 +37,12 @@ func streamBench(c config, md *strings.Builder, tmp, shim, self string) error {
 	}
 
 	fmt.Fprintf(md, "\n### A burst of banip, fail2ban 1.0.2 to the proxy's firewall (nft; one proxy; user mode)\n\n| action | backend | bans | seconds until the last is in place | bans/s | extrapolated to 10,000 |\n|---|---|---|---|---|---|\n")
+	// The floor: fail2ban itself, with a Python action that does nothing.
+	floor, err := burstFloor(shim, c.streamBurst)
+	if err != nil {
+		return fmt.Errorf("burst floor: %w", err)
+	}
+	fmt.Fprintf(md, "| floor: a Python action that does nothing (until fail2ban has logged the last ban) | – | %d | %.1f | %.0f | %.0f s |\n", c.streamBurst, floor, float64(c.streamBurst)/floor, floor/float64(c.streamBurst)*10000)
 	for _, backend := range []string{"rules", "ipset"} {
 		for _, stream := range []bool{false, true} {
 			n := c.plainBurst
@@ -162,6 +169,61 @@ func burstTime(shim, backend string, stream bool, n int) (float64, error) {
 	// address in place means all are (the test suite checks that).
 	if _, err := l.WaitBan(last, true, 30*time.Minute); err != nil {
 		return 0, err
+	}
+	return time.Since(start).Seconds(), nil
+}
+
+// noopAction is a fail2ban Python action that does nothing.
+const noopAction = `from fail2ban.server.action import ActionBase
+class NoopAction(ActionBase):
+	def start(self): pass
+	def stop(self): pass
+	def ban(self, aInfo): pass
+	def unban(self, aInfo): pass
+Action = NoopAction
+`
+
+// burstFloor is burstTime's figure for fail2ban alone: n bans with an
+// action that does nothing, until fail2ban has logged the last.
+func burstFloor(shim string, n int) (float64, error) {
+	l, err := lab.UpStream(shim, "rules", "", false, false)
+	if err != nil {
+		return 0, err
+	}
+	defer l.Down()
+	conf := filepath.Join(l.Dir, "fail2ban")
+	jail, err := os.ReadFile(filepath.Join(conf, "jail.conf"))
+	if err != nil {
+		return 0, err
+	}
+	lines := strings.Split(string(jail), "\n")
+	for i, line := range lines {
+		if strings.HasPrefix(line, "action = ") {
+			lines[i] = "action = noop.py"
+		}
+	}
+	if err := errors.Join(
+		os.WriteFile(filepath.Join(conf, "jail.conf"), []byte(strings.Join(lines, "\n")), 0o644),
+		os.WriteFile(filepath.Join(conf, "action.d", "noop.py"), []byte(noopAction), 0o644),
+		l.StartFail2ban(),
+	); err != nil {
+		return 0, err
+	}
+	ips := make([]string, n)
+	for i := range n {
+		ips[i] = burstAddr(i)
+	}
+	start := time.Now()
+	cmd := l.Mail.Command("fail2ban-client", append([]string{"-c", conf, "set", lab.Jail, "banip"}, ips...)...)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return 0, fmt.Errorf("banip: %v: %s", err, out)
+	}
+	last := "] Ban " + ips[n-1]
+	for !strings.Contains(l.Log("fail2ban.log"), last) {
+		if time.Since(start) > 10*time.Minute {
+			return 0, fmt.Errorf("fail2ban did not ban %s", ips[n-1])
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 	return time.Since(start).Seconds(), nil
 }
