@@ -7,11 +7,14 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/f2b-shim/f2b-shim/internal/audit"
+	"github.com/f2b-shim/f2b-shim/internal/firewall"
+	"github.com/f2b-shim/f2b-shim/internal/relay"
 	"github.com/f2b-shim/f2b-shim/policy"
 )
 
@@ -259,4 +262,70 @@ func TestABatchedBanThatFailsDoesNotFailItsNeighbours(t *testing.T) {
 	code, replies, _ = h.stream(ban(other, "203.0.113.2") + "\n")
 	require.Equal(t, ExitOK, code)
 	assert.Equal(t, []string{"1 0 applied"}, replies)
+}
+
+// TestStreamBoundsCountTheBatch attacks the bounds with one batch: a
+// duplicate ban, more bans than max_bans_per_chain allows, more new bans
+// than max_new_bans_per_minute allows. Each request sees the ones before
+// it in its batch (their inserts are still queued for one
+// iptables-restore), so the bounds hold exactly as one request at a
+// time; and the quota's denial is the one the relay sends again later.
+func TestStreamBoundsCountTheBatch(t *testing.T) {
+	ban := func(a string) string { return "iptables -w -I " + chain + " 1 -s " + a + " -j DROP" }
+	for _, tc := range []struct {
+		name  string
+		set   func(*policy.Policy)
+		want  []string
+		rules int
+	}{
+		{"max_bans_per_chain", func(p *policy.Policy) { p.MaxBansPerChain = 2 },
+			[]string{"2 0 applied", "3 0 unchanged", "4 0 applied", "5 3 denied denied: ban limit reached", "6 3 denied denied: ban limit reached"}, 2},
+		{"max_new_bans_per_minute", func(p *policy.Policy) { p.MaxNewBansPerMinute = 3 },
+			[]string{"2 0 applied", "3 0 unchanged", "4 0 applied", "5 0 applied", "6 3 denied " + relay.QuotaDenial}, 3},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t)
+			tc.set(h.pol)
+			input := strings.Join([]string{"iptables -w -N " + chain, ban("203.0.113.1"), ban("203.0.113.1"), ban("203.0.113.2"), ban("203.0.113.3"), ban("203.0.113.4")}, "\n") + "\n"
+			code, replies, stderr := h.stream(input)
+			require.Equal(t, ExitOK, code, stderr)
+			require.Len(t, replies, 6)
+			for i, w := range tc.want {
+				assert.True(t, strings.HasPrefix(replies[i+1], w), "%q, want %q", replies[i+1], w)
+			}
+			rules, err := h.tables[policy.IPv4].List(chain)
+			require.NoError(t, err)
+			assert.Len(t, rules, 1+tc.rules, "the chain and its bans: %v", rules)
+			assert.Contains(t, h.tables[policy.IPv4].Calls, fmt.Sprintf("Restore %d", tc.rules+2), "the batch's new bans went in one iptables-restore")
+		})
+	}
+}
+
+// TestStreamBatchLetsTheLockGo: a batch that has held the lock for the
+// lock budget stops, lets the lock go, and serves the rest in the next
+// batch: each line is still answered, in order.
+func TestStreamBatchLetsTheLockGo(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		step    time.Duration // how far the clock moves at each reading
+		batches int
+	}{
+		{"a quick batch holds the lock once", 0, 1},
+		{"a slow batch lets it go after each line", streamLockBudget, 3},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t)
+			now := time.Now()
+			h.deps.Now = func() time.Time { now = now.Add(tc.step); return now }
+			opened, open := 0, h.deps.OpenTable
+			h.deps.OpenTable = func(fam policy.Family, b string, w time.Duration) (firewall.Table, error) {
+				opened++ // once per batch that acts, for the family
+				return open(fam, b, w)
+			}
+			code, replies, stderr := h.stream("iptables -w -N " + chain + "\niptables -w -A " + chain + " -j RETURN\niptables -w -I " + chain + " 1 -s 203.0.113.1 -j DROP\n")
+			require.Equal(t, ExitOK, code, stderr)
+			assert.Equal(t, []string{"1 0 applied", "2 0 applied", "3 0 applied"}, replies)
+			assert.Equal(t, tc.batches, opened)
+		})
+	}
 }

@@ -61,6 +61,16 @@ func setErr(op, name string, err error) error {
 	return fmt.Errorf("ipset %s %s: %w", op, name, err)
 }
 
+// target is the handle and the entry for cidr.
+func (s *NetlinkSets) target(cidr string) (*netlink.Handle, *netlink.IPSetEntry, error) {
+	h, err := s.handle()
+	if err != nil {
+		return nil, nil, err
+	}
+	e, err := entry(cidr)
+	return h, e, err
+}
+
 // Create implements Sets: like "ipset create -exist".
 func (s *NetlinkSets) Create(name string, fam policy.Family, maxelem int) error {
 	h, err := s.handle()
@@ -80,11 +90,7 @@ func (s *NetlinkSets) Create(name string, fam policy.Family, maxelem int) error 
 
 // Add implements Sets.
 func (s *NetlinkSets) Add(name, cidr string) (bool, error) {
-	h, err := s.handle()
-	if err != nil {
-		return false, err
-	}
-	e, err := entry(cidr)
+	h, e, err := s.target(cidr)
 	if err != nil {
 		return false, err
 	}
@@ -104,11 +110,7 @@ func (s *NetlinkSets) Add(name, cidr string) (bool, error) {
 
 // Del implements Sets.
 func (s *NetlinkSets) Del(name, cidr string) (bool, error) {
-	h, err := s.handle()
-	if err != nil {
-		return false, err
-	}
-	e, err := entry(cidr)
+	h, e, err := s.target(cidr)
 	if err != nil {
 		return false, err
 	}
@@ -124,11 +126,7 @@ func (s *NetlinkSets) Del(name, cidr string) (bool, error) {
 
 // Test implements Sets.
 func (s *NetlinkSets) Test(name, cidr string) (bool, error) {
-	h, err := s.handle()
-	if err != nil {
-		return false, err
-	}
-	e, err := entry(cidr)
+	h, e, err := s.target(cidr)
 	if err != nil {
 		return false, err
 	}

@@ -99,9 +99,9 @@ const replyTimeout = 60 * time.Second
 // so always read what comes next: no deadlock however the two race.
 const window = 1000
 
-// quotaDenial starts the message of a ban the proxy refused only for
+// QuotaDenial starts the message of a ban the proxy refused only for
 // max_new_bans_per_minute: it is sent again later, not dropped.
-const quotaDenial = "denied: ban quota"
+const QuotaDenial = "denied: ban quota"
 
 // errRetry marks a failure after which the same operations are sent
 // again, after a backoff.
@@ -147,7 +147,7 @@ func (c *Conn) answer(dest, reply string, f flight, logf func(level, format stri
 	}
 	switch {
 	case code == 0 || code == 1:
-	case code == 3 && strings.HasPrefix(msg, quotaDenial):
+	case code == 3 && strings.HasPrefix(msg, QuotaDenial):
 		return errRetry{fmt.Sprintf("%q: %s", f.text, msg)}
 	case code == 3:
 		// The proxy's policy refuses it: sending it again would get the

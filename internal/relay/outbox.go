@@ -13,6 +13,7 @@ package relay
 
 import (
 	"bufio"
+	"cmp"
 	"errors"
 	"fmt"
 	"io"
@@ -289,18 +290,8 @@ func (o *Outbox) after(seq uint64, n int) []Op {
 
 // index is where the first operation numbered seq or more is.
 func (o *Outbox) index(seq uint64) int {
-	i, _ := slices.BinarySearchFunc(o.ops, seq, func(op Op, seq uint64) int { return int64cmp(op.Seq, seq) })
+	i, _ := slices.BinarySearchFunc(o.ops, seq, func(op Op, seq uint64) int { return cmp.Compare(op.Seq, seq) })
 	return i
-}
-
-func int64cmp(a, b uint64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // Cursor is the last operation the proxy has taken.

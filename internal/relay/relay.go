@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 	"sync"
 	"time"
 )
@@ -288,12 +289,4 @@ func (d *deliverer) replied(reply string) error {
 }
 
 // oneLine keeps a message on one line of the protocol.
-func oneLine(s string) string {
-	out := []rune(s)
-	for i, r := range out {
-		if r == '\n' || r == '\r' {
-			out[i] = ' '
-		}
-	}
-	return string(out)
-}
+var oneLine = strings.NewReplacer("\n", " ", "\r", " ").Replace

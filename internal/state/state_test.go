@@ -388,3 +388,22 @@ func TestAHookAlreadyThereIsLearned(t *testing.T) {
 	require.NoError(t, err)
 	assert.Len(t, st.Tables[policy.IPv4].Hooks, 1)
 }
+
+// TestBatchSeesItsOwnMarks: the marks a batch writes (a chain in sync, a
+// ban unsettled) are seen by the requests after them in the same batch,
+// not only once committed; otherwise each ban of a stream's first batch
+// after a chain's creation read the whole chain again.
+func TestBatchSeesItsOwnMarks(t *testing.T) {
+	s := open(t, testPolicy(t))
+	ban := op(t, "iptables -I "+chain+" 1 -s 203.0.113.1 -j DROP")
+	require.NoError(t, s.Begin())
+	defer s.Rollback()
+	require.NoError(t, s.Learn(ban.Family, ban.Chain, nil))
+	synced, err := s.Synced(ban.Family, ban.Chain)
+	require.NoError(t, err)
+	assert.True(t, synced)
+	require.NoError(t, s.Unsettle(ban))
+	unsettled, err := s.Unsettled(ban)
+	require.NoError(t, err)
+	assert.True(t, unsettled)
+}

@@ -107,6 +107,12 @@ var (
 	countKey        = []byte("count")
 )
 
+// marker is the value of a key that only marks (synced, return,
+// unsettled, a member). Not nil: bbolt gives back nil for a nil value
+// within the transaction that wrote it (an empty slice only once it is
+// on disk), so a stream's batch would not see its own marks.
+var marker = []byte{1}
+
 // Path is the policy's state file.
 func Path(pol *policy.Policy) string { return filepath.Join(pol.StateDir, pol.Name+".db") }
 
@@ -338,7 +344,7 @@ func (s *Store) Unsettle(op policy.Operation) error {
 		if err != nil {
 			return err
 		}
-		return u.Put(unsettledKey(op), nil)
+		return u.Put(unsettledKey(op), marker)
 	})
 }
 
@@ -369,7 +375,7 @@ func (s *Store) record(tx *bolt.Tx, op policy.Operation, applied bool, at time.T
 		if err != nil || !applied {
 			return err
 		}
-		return c.Put(syncedKey, nil)
+		return c.Put(syncedKey, marker)
 	case policy.FlushChain:
 		c, err := chainBucket(tx, fam, chain, false)
 		if err != nil || c == nil {
@@ -384,7 +390,7 @@ func (s *Store) record(tx *bolt.Tx, op policy.Operation, applied bool, at time.T
 		if err := errors.Join(c.Delete(returnKey), setCount(c, 0)); err != nil {
 			return err
 		}
-		return c.Put(syncedKey, nil)
+		return c.Put(syncedKey, marker)
 	case policy.DeleteChain:
 		return dropChain(tx, fam, chain)
 	case policy.AddReturn:
@@ -392,7 +398,7 @@ func (s *Store) record(tx *bolt.Tx, op policy.Operation, applied bool, at time.T
 		if err != nil {
 			return err
 		}
-		return c.Put(returnKey, nil)
+		return c.Put(returnKey, marker)
 	case policy.AddHook, policy.DeleteHook:
 		c, err := chainBucket(tx, fam, chain, true)
 		if err != nil {
@@ -473,7 +479,7 @@ func recordMember(c *bolt.Bucket, op policy.Operation) error {
 	}
 	switch {
 	case op.Member != (netip.Prefix{}) && op.Kind == policy.AddBan:
-		return m.Put(memberKey(op), nil)
+		return m.Put(memberKey(op), marker)
 	case op.Member != (netip.Prefix{}):
 		return m.Delete(memberKey(op))
 	case op.Kind == policy.DeleteBan:
@@ -706,7 +712,7 @@ func learn(tx *bolt.Tx, fam policy.Family, chain policy.Chain, bans []policy.Ope
 	if err := setCount(c, n); err != nil {
 		return err
 	}
-	return c.Put(syncedKey, nil)
+	return c.Put(syncedKey, marker)
 }
 
 // MarkSynced marks every chain of the family in sync, after a restore
@@ -717,7 +723,7 @@ func (s *Store) MarkSynced(fam policy.Family) error {
 		if f == nil {
 			return nil
 		}
-		return f.ForEachBucket(func(name []byte) error { return f.Bucket(name).Put(syncedKey, nil) })
+		return f.ForEachBucket(func(name []byte) error { return f.Bucket(name).Put(syncedKey, marker) })
 	})
 }
 
@@ -776,7 +782,7 @@ func (s *Store) ReplaceChain(st *State, fam policy.Family, chain policy.Chain) e
 			// "PREFIX TARGET... ADDRESS": kept while its ban is.
 			ban := k[:strings.LastIndexByte(k, ' ')]
 			if bans.Get([]byte(ban)) != nil {
-				if err := m.Put([]byte(k), nil); err != nil {
+				if err := m.Put([]byte(k), marker); err != nil {
 					return err
 				}
 			}
@@ -801,12 +807,12 @@ func writeTable(tx *bolt.Tx, fam policy.Family, t *Table, synced bool) error {
 			return err
 		}
 		if c.Return {
-			if err := b.Put(returnKey, nil); err != nil {
+			if err := b.Put(returnKey, marker); err != nil {
 				return err
 			}
 		}
 		if synced {
-			if err := b.Put(syncedKey, nil); err != nil {
+			if err := b.Put(syncedKey, marker); err != nil {
 				return err
 			}
 		}

@@ -511,8 +511,11 @@ func (l *Lab) StopFail2ban() error {
 }
 
 // FailLogins appends n failed logins from ip to the mail log.
-func (l *Lab) FailLogins(ip string, n int) error {
-	f, err := os.OpenFile(l.path("mail.log"), os.O_APPEND|os.O_WRONLY, 0)
+func (l *Lab) FailLogins(ip string, n int) error { return l.failLogins("mail.log", ip, n) }
+
+// failLogins appends n failed logins from ip to one of the lab's logs.
+func (l *Lab) failLogins(log, ip string, n int) error {
+	f, err := os.OpenFile(l.path(log), os.O_APPEND|os.O_WRONLY, 0)
 	if err != nil {
 		return err
 	}

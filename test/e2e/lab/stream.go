@@ -244,19 +244,7 @@ func readAudit(path string) ([]map[string]any, error) {
 }
 
 // FailLoginsLocal is FailLogins for the local jail's log.
-func (l *Lab) FailLoginsLocal(ip string, n int) error {
-	f, err := os.OpenFile(l.path("mail-local.log"), os.O_APPEND|os.O_WRONLY|os.O_CREATE, 0o644)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	for range n {
-		if _, err := fmt.Fprintf(f, "%s imap-login: auth failed, rip=%s\n", time.Now().Format("2006-01-02 15:04:05"), ip); err != nil {
-			return err
-		}
-	}
-	return nil
-}
+func (l *Lab) FailLoginsLocal(ip string, n int) error { return l.failLogins("mail-local.log", ip, n) }
 
 // LocalBanned reports whether the mail host's own firewall bans ip (the
 // local jail's fail2ban iptables action: chain f2b-local).
