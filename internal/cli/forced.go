@@ -233,9 +233,11 @@ func lockName(pol *policy.Policy) string { return pol.Name + ".lock" }
 
 // finishCutShort finishes the record of changes that a shim started and
 // never recorded (it was killed between the firewall and the record, or a
-// stream in the middle of a batch): each chain they touched, and the hooks
-// into it, are read back from the live firewall, judged by the policy, and
-// recorded as they are. The note says so in the audit line.
+// stream in the middle of a batch, or the change failed): each chain they
+// touched, and the hooks into it, are read back from the live firewall,
+// judged by the policy, and merged into the record (state.ReadBack: what
+// the firewall lacks stays recorded, as drift to put back). The note says
+// so in the audit line.
 func finishCutShort(store *state.Store, pol *policy.Policy, ctx policy.Context, deadline time.Time, deps Deps) string {
 	ops, err := store.Intent(ctx)
 	if err != nil {
@@ -255,7 +257,7 @@ func finishCutShort(store *state.Store, pol *policy.Policy, ctx policy.Context, 
 			continue
 		}
 		done[fc] = true
-		if note := readBack(store, pol, ctx, fc.fam, fc.chain, deadline, deps); note != "" {
+		if note := readBack(store, pol, ctx, fc.fam, fc.chain, ops, deadline, deps); note != "" {
 			return note
 		}
 	}
@@ -275,27 +277,32 @@ func finishCutShort(store *state.Store, pol *policy.Policy, ctx policy.Context, 
 	return fmt.Sprintf("%d earlier changes (first %s) were cut short; %d chain(s) were read back from the firewall", len(ops), ops[0].CommandLine(), len(done))
 }
 
-// readBack replaces the record of one chain with what the firewall holds.
-func readBack(store *state.Store, pol *policy.Policy, ctx policy.Context, fam policy.Family, chain policy.Chain, deadline time.Time, deps Deps) string {
+// readBack merges what the firewall holds of one chain into its record.
+// Nothing is written when either cannot be read: the record stays as it
+// was, and the intent stays for the next request.
+func readBack(store *state.Store, pol *policy.Policy, ctx policy.Context, fam policy.Family, chain policy.Chain, cut []policy.Operation, deadline time.Time, deps Deps) string {
 	b, err := openBackend(pol, fam, deadline, deps)
 	if err != nil {
 		return "an earlier change was cut short, and the firewall is unreadable: " + err.Error()
 	}
 	b.LookupPort = ctx.LookupPort
 	live := state.New(ctx.LookupPort)
-	if ok, err := b.Table.ChainExists(string(chain)); err == nil && ok {
+	exists, err := b.Table.ChainExists(string(chain))
+	if err == nil && exists {
 		_, err = state.ChainFromLive(live, fam, chain, b, ctx)
 		if err == nil {
 			_, err = state.HooksFromLive(live, fam, b, ctx, chain)
 		}
-		if err != nil {
-			return "an earlier change was cut short, and the firewall is unreadable: " + err.Error()
-		}
 	}
-	if old, _, err := store.Load(ctx); err == nil {
-		live.KeepTimes(old)
+	if err != nil {
+		return "an earlier change was cut short, and the firewall is unreadable: " + err.Error()
 	}
-	if err := store.ReplaceChain(live, fam, chain); err != nil {
+	recorded, _, err := store.Load(ctx)
+	if err != nil {
+		return "an earlier change was cut short, and the state is unreadable: " + err.Error()
+	}
+	merged := state.ReadBack(recorded, live, fam, chain, exists, cut)
+	if err := store.ReplaceChain(merged, fam, chain); err != nil {
 		return "an earlier change was cut short, and the state could not be repaired: " + err.Error()
 	}
 	return ""

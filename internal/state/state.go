@@ -11,6 +11,7 @@ package state
 
 import (
 	"cmp"
+	"maps"
 	"slices"
 	"time"
 
@@ -221,3 +222,86 @@ func (s *State) Expired(cutoff time.Time) []Ban {
 
 // ChainNames lists a family's chains in name order.
 func (t *Table) ChainNames() []policy.Chain { return sortedChains(t) }
+
+// ReadBack is the record of one chain after changes to it were cut short
+// (cut: the intents of a shim that was killed, or of a request that
+// failed): what the record holds, plus what the live chain holds (live,
+// read only when liveChain says it exists), minus only what a cut-short
+// change itself took away and the firewall no longer has.
+//
+// It never drops a recorded chain, hook or ban because the live firewall
+// lacks it: a reload or a flush behind the shim's back wipes the live
+// chain, and the record is what puts it back. Only an unban, a flush, a
+// delete of the chain or of a hook that was asked for explains an absence.
+func ReadBack(recorded, live *State, fam policy.Family, chain policy.Chain, liveChain bool, cut []policy.Operation) *State {
+	out := New(recorded.lookup)
+	out.seq = recorded.seq
+	ot, rt, lt := out.Tables[fam], recorded.Tables[fam], live.Tables[fam]
+	if rc, ok := rt.Chains[chain]; ok {
+		ot.Chains[chain] = &Chain{Return: rc.Return, bans: maps.Clone(rc.bans)}
+	}
+	for _, h := range rt.Hooks {
+		if h.Op.Jump == chain {
+			ot.Hooks = append(ot.Hooks, h)
+		}
+	}
+	lc := lt.Chains[chain]
+	if !liveChain || lc == nil {
+		liveChain, lc = false, &Chain{bans: map[string]Ban{}}
+	}
+	liveHooks := map[string]bool{}
+	if liveChain {
+		oc := ot.Chains[chain]
+		if oc == nil {
+			oc = &Chain{bans: map[string]Ban{}}
+			ot.Chains[chain] = oc
+		}
+		oc.Return = oc.Return || lc.Return
+		for _, b := range lc.Bans() {
+			if _, ok := oc.bans[banKey(b.Op)]; !ok {
+				out.seq++
+				b.seq = out.seq
+				oc.bans[banKey(b.Op)] = b
+			}
+		}
+		for _, h := range lt.Hooks {
+			if h.Op.Jump != chain {
+				continue
+			}
+			liveHooks[live.HookKey(h.Op)] = true
+			if !slices.ContainsFunc(ot.Hooks, func(o Hook) bool { return out.HookKey(o.Op) == live.HookKey(h.Op) }) {
+				ot.Hooks = append(ot.Hooks, h)
+			}
+		}
+	}
+	for _, op := range cut {
+		if op.Family != fam || op.BanChain() != chain {
+			continue
+		}
+		oc := ot.Chains[chain]
+		switch op.Kind {
+		case policy.DeleteBan:
+			_, there := lc.bans[banKey(op)]
+			// A widened unban lifts its prefix only when no other address
+			// is behind it; without the live chain that cannot be told.
+			if oc != nil && !there && (liveChain || !op.Member.IsValid()) {
+				delete(oc.bans, banKey(op))
+			}
+		case policy.FlushChain:
+			if oc != nil {
+				oc.Return, oc.bans = lc.Return, maps.Clone(lc.bans)
+			}
+		case policy.DeleteChain:
+			if !liveChain {
+				delete(ot.Chains, chain)
+				ot.Hooks = nil
+			}
+		case policy.DeleteHook:
+			key := out.HookKey(op)
+			if !liveHooks[key] {
+				ot.Hooks = slices.DeleteFunc(ot.Hooks, func(h Hook) bool { return out.HookKey(h.Op) == key })
+			}
+		}
+	}
+	return out
+}

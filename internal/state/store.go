@@ -672,8 +672,11 @@ func (s *Store) BanCount(fam policy.Family, chain policy.Chain) (int, error) {
 	return n, err
 }
 
-// Learn replaces the chain's recorded bans with those read from the live
-// chain, keeping the times of bans that stay, and marks it in sync.
+// Learn adds the bans read from the live chain to the chain's record, and
+// marks it in sync. It never drops a recorded ban the live chain lacks:
+// the record is the truth, and a ban missing from the firewall is drift
+// to put back (a flush or a reload behind the shim's back), not a ban
+// that was lifted.
 func (s *Store) Learn(fam policy.Family, chain policy.Chain, bans []policy.Operation) error {
 	return s.update(func(tx *bolt.Tx) error { return learn(tx, fam, chain, bans) })
 }
@@ -683,28 +686,14 @@ func learn(tx *bolt.Tx, fam policy.Family, chain policy.Chain, bans []policy.Ope
 	if err != nil {
 		return err
 	}
-	since := map[string][]byte{}
-	if err := forEach(c.Bucket(bansBucket), func(k, v []byte) error { since[string(k)] = bytes.Clone(v); return nil }); err != nil {
-		return err
-	}
-	if err := c.DeleteBucket(bansBucket); err != nil {
-		return err
-	}
-	fresh, err := c.CreateBucket(bansBucket)
-	if err != nil {
-		return err
-	}
-	n := 0
+	known := c.Bucket(bansBucket)
+	n := count(c)
 	for _, b := range bans {
-		key := banKey(b)
-		if fresh.Get([]byte(key)) != nil {
+		key := []byte(banKey(b))
+		if known.Get(key) != nil {
 			continue
 		}
-		at := since[key]
-		if at == nil {
-			at = encodeTime(time.Time{})
-		}
-		if err := fresh.Put([]byte(key), at); err != nil {
+		if err := known.Put(key, encodeTime(time.Time{})); err != nil {
 			return err
 		}
 		n++
@@ -713,6 +702,79 @@ func learn(tx *bolt.Tx, fam policy.Family, chain policy.Chain, bans []policy.Ope
 		return err
 	}
 	return c.Put(syncedKey, marker)
+}
+
+// MarkChainSynced marks one chain in sync, after a repair made the live
+// chain equal to the record.
+func (s *Store) MarkChainSynced(fam policy.Family, chain policy.Chain) error {
+	return s.update(func(tx *bolt.Tx) error {
+		c, err := chainBucket(tx, fam, chain, false)
+		if err != nil || c == nil {
+			return err
+		}
+		return c.Put(syncedKey, marker)
+	})
+}
+
+// Shape is what the record holds for one chain, read without reading
+// its bans: enough to check cheaply that the live firewall still has it.
+type Shape struct {
+	Recorded bool
+	Return   bool
+	Bans     int
+	// Hooks are the recorded hooks' command lines.
+	Hooks []string
+}
+
+// ChainShape reads the shape of one recorded chain.
+func (s *Store) ChainShape(fam policy.Family, chain policy.Chain) (Shape, error) {
+	var sh Shape
+	err := s.view(func(tx *bolt.Tx) error {
+		c, err := chainBucket(tx, fam, chain, false)
+		if err != nil || c == nil {
+			return err
+		}
+		sh.Recorded, sh.Return, sh.Bans = true, c.Get(returnKey) != nil, count(c)
+		return forEach(c.Bucket(hooksBucket), func(k, _ []byte) error {
+			sh.Hooks = append(sh.Hooks, string(k))
+			return nil
+		})
+	})
+	return sh, err
+}
+
+// repairKey, in "meta", holds the last repair: its time (RFC 3339) and
+// what it put back, separated by a space.
+var repairKey = []byte("repair")
+
+// NoteRepair records when a repair happened and what it put back, for
+// status.
+func (s *Store) NoteRepair(at time.Time, what string) error {
+	return s.update(func(tx *bolt.Tx) error {
+		m, err := tx.CreateBucketIfNotExists(metaBucket)
+		if err != nil {
+			return err
+		}
+		return m.Put(repairKey, []byte(at.UTC().Format(time.RFC3339)+" "+what))
+	})
+}
+
+// LastRepair is the last repair's time and what it put back; a zero time
+// when there was none.
+func (s *Store) LastRepair() (time.Time, string, error) {
+	var v []byte
+	err := s.view(func(tx *bolt.Tx) error {
+		if m := tx.Bucket(metaBucket); m != nil {
+			v = bytes.Clone(m.Get(repairKey))
+		}
+		return nil
+	})
+	if err != nil || v == nil {
+		return time.Time{}, "", err
+	}
+	when, what, _ := strings.Cut(string(v), " ")
+	at, err := time.Parse(time.RFC3339, when)
+	return at, what, err
 }
 
 // MarkSynced marks every chain of the family in sync, after a restore

@@ -6,6 +6,7 @@ package fwtest
 
 import (
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 
@@ -240,33 +241,61 @@ func (f *Fake) Dump() string {
 	return strings.Join(lines, "\n") + "\n"
 }
 
-// Restore is iptables-restore --noflush for the scripts a stream's batch
-// writes ("-I CHAIN 1 SPEC" lines between "*filter" and "COMMIT"): all
-// or nothing, like the real one. Fail["Restore"] makes it fail.
+// Restore is iptables-restore --noflush for the scripts the shim writes:
+// ":CHAIN - [0:0]" declares a chain (and empties it), "-A CHAIN SPEC"
+// appends, "-I CHAIN [1] SPEC" inserts at the top, between "*filter" and
+// "COMMIT": all or nothing, like the real one. Fail["Restore"] makes it
+// fail.
 func (f *Fake) Restore(script string) error {
 	if err := f.call("Restore", fmt.Sprint(strings.Count(script, "\n"))); err != nil {
 		return err
 	}
-	type insert struct {
-		chain string
-		spec  []string
-	}
-	var ins []insert
+	next := maps.Clone(f.chains)
 	for _, line := range strings.Split(strings.TrimSuffix(script, "\n"), "\n") {
 		w := strings.Fields(line)
 		switch {
 		case line == "*filter" || line == "COMMIT":
-		case len(w) > 3 && w[0] == "-I" && w[2] == "1":
-			if _, ok := f.chains[w[1]]; !ok {
+		case len(w) == 3 && strings.HasPrefix(w[0], ":"):
+			next[w[0][1:]] = nil
+		case len(w) > 2 && (w[0] == "-I" || w[0] == "-A"):
+			if _, ok := next[w[1]]; !ok {
 				return fmt.Errorf("iptables-restore: line %q: no chain %s", line, w[1])
 			}
-			ins = append(ins, insert{w[1], w[3:]})
+			spec := w[2:]
+			if w[0] == "-I" && spec[0] == "1" {
+				spec = spec[1:]
+			}
+			if w[0] == "-I" {
+				next[w[1]] = slices.Insert(slices.Clone(next[w[1]]), 0, saved(spec))
+			} else {
+				next[w[1]] = append(slices.Clone(next[w[1]]), saved(spec))
+			}
 		default:
 			return fmt.Errorf("fake iptables-restore does not know %q", line)
 		}
 	}
-	for _, i := range ins {
-		f.chains[i.chain] = slices.Insert(f.chains[i.chain], 0, saved(i.spec))
-	}
+	f.chains = next
 	return nil
 }
+
+// Wipe removes a chain and every jump to it, without recording a call:
+// what a firewall reload does behind the shim's back ("iptables -F;
+// iptables -X", "nft flush ruleset"). An empty chain name wipes every
+// chain but the built-in ones, and empties those.
+func (f *Fake) Wipe(chain string) {
+	for c, rules := range f.chains {
+		if chain == "" || c == chain {
+			if slices.Contains(builtins, c) {
+				f.chains[c] = nil
+			} else {
+				delete(f.chains, c)
+			}
+			continue
+		}
+		f.chains[c] = slices.DeleteFunc(rules, func(r string) bool { return strings.HasSuffix(r, "-j "+chain) })
+	}
+}
+
+// Empty flushes a chain without recording a call ("iptables -F CHAIN"
+// behind the shim's back).
+func (f *Fake) Empty(chain string) { f.chains[chain] = nil }
