@@ -122,6 +122,13 @@ func runForced(policyPath string, env Env, stderr io.Writer, deps Deps) int {
 		b.Record, b.LookupPort = store, ctx.LookupPort
 		rec.State = audit.Text(finishCutShort(store, pol, ctx, deadline, deps))
 	}
+	if err == nil && healsFirst(op.Kind) {
+		// Before the intent: a repair only puts back what the record
+		// holds, so a kill in the middle of it leaves nothing to read back.
+		var note string
+		note, err = healOnContact(store, b, pol, ctx, op.Family, op.BanChain(), deadline, deps)
+		rec.State = audit.Text(joinNotes(string(rec.State), note))
+	}
 	if err == nil && state.Changes(op.Kind) {
 		err = store.SetIntent(op)
 	}
@@ -228,6 +235,12 @@ func otherMembers(store *state.Store, op policy.Operation) ([]string, error) {
 	return slices.DeleteFunc(members, func(m string) bool { return m == op.Member.String() }), err
 }
 
+// famChain names a chain of one family.
+type famChain struct {
+	fam   policy.Family
+	chain policy.Chain
+}
+
 // lockName is the policy's lock file in state_dir.
 func lockName(pol *policy.Policy) string { return pol.Name + ".lock" }
 
@@ -245,10 +258,6 @@ func finishCutShort(store *state.Store, pol *policy.Policy, ctx policy.Context, 
 	}
 	if len(ops) == 0 {
 		return ""
-	}
-	type famChain struct {
-		fam   policy.Family
-		chain policy.Chain
 	}
 	done := map[famChain]bool{}
 	for _, op := range ops {

@@ -98,3 +98,110 @@ func TestNoFailureErasesTheState(t *testing.T) {
 		})
 	}
 }
+
+// healWipes are what a firewall reload or an admin does behind the
+// shim's back, on the fake table.
+var healWipes = []struct {
+	name string
+	wipe func(h *harness)
+}{
+	{"the ban chain flushed", func(h *harness) { h.tables[policy.IPv4].Empty(chain) }},
+	{"the hook deleted (iptables -F INPUT)", func(h *harness) { h.tables[policy.IPv4].Empty("INPUT") }},
+	{"the ban chain deleted", func(h *harness) { h.tables[policy.IPv4].Wipe(chain) }},
+	{"everything (iptables -F; iptables -X)", func(h *harness) { h.tables[policy.IPv4].Wipe("") }},
+}
+
+// TestContactHealsTheChain: after each wipe, the next request that
+// touches the chain (one-shot or stream; a new ban, a re-ban, fail2ban's
+// start, its check) puts back the chain, every recorded ban, its return
+// rule and its hook, before it is carried out; the repair is in that
+// request's audit line, and status names it.
+func TestContactHealsTheChain(t *testing.T) {
+	requests := []struct {
+		name   string
+		line   string
+		result string
+	}{
+		{"a new ban", healBan(99), "applied"},
+		{"a re-ban answers unchanged only once the ban is really there", healBan(7), "unchanged"},
+		{"fail2ban's start (-N) rebuilds the chain with its bans", "iptables -w -N " + chain, "unchanged"},
+		{"fail2ban 0.11's check of the hook", "iptables -w -n -L INPUT | grep -q '" + chain + `[ \t]'`, "check-true"},
+	}
+	for _, w := range healWipes {
+		for _, r := range requests {
+			for _, mode := range []string{"one-shot", "stream"} {
+				t.Run(w.name+", then "+r.name+", "+mode, func(t *testing.T) {
+					h := newHarness(t)
+					h.startWithBans(50)
+					w.wipe(h)
+					if mode == "one-shot" {
+						code, stderr := h.forced(r.line)
+						assert.Contains(t, []int{ExitOK, ExitCheckFalse}, code, stderr)
+					} else {
+						code, replies, stderr := h.stream(r.line + "\n")
+						require.Equal(t, ExitOK, code, stderr)
+						require.Len(t, replies, 1)
+						assert.Contains(t, replies[0], r.result)
+					}
+					recs := h.records()
+					last := recs[len(recs)-1]
+					assert.Equal(t, r.result, last.Result)
+					assert.Contains(t, string(last.State), "repaired: ipv4 "+chain)
+					bans, hooked, ret := h.liveBans()
+					want := 50
+					if r.result == "applied" {
+						want = 51
+					}
+					assert.Equal(t, want, bans, "every recorded ban is back")
+					assert.True(t, hooked, "the hook is back")
+					assert.True(t, ret, "the return rule is back")
+					assert.Equal(t, want, h.recordedBans())
+					code, stdout, _ := h.admin("status")
+					assert.Contains(t, stdout, "repaired: ipv4 "+chain)
+					assert.Equal(t, ExitOK, code, stdout)
+				})
+			}
+		}
+	}
+}
+
+// TestAnIntactChainCostsOneCheckPerHook: with nothing missing, a ban
+// costs the insert plus "iptables -C" of the return rule and of each
+// hook, and nothing is rebuilt.
+func TestAnIntactChainCostsOneCheckPerHook(t *testing.T) {
+	h := newHarness(t)
+	h.startWithBans(3)
+	v4 := h.tables[policy.IPv4]
+	v4.Calls = nil
+	code, stderr := h.forced(healBan(99))
+	require.Equal(t, ExitOK, code, stderr)
+	assert.Equal(t, []string{
+		"Exists " + chain + " -j RETURN",
+		"Exists INPUT -p tcp -m multiport --dports 143,993 -j " + chain,
+		"Insert " + chain + " 1 -s 203.0.113.99/32 -j DROP",
+	}, v4.Calls)
+}
+
+// TestStatusSeesAWipe: right after a wipe, before any request, status
+// and reconcile say what is missing and exit 1.
+func TestStatusSeesAWipe(t *testing.T) {
+	for _, w := range healWipes {
+		t.Run(w.name, func(t *testing.T) {
+			h := newHarness(t)
+			h.startWithBans(5)
+			w.wipe(h)
+			code, stdout, _ := h.admin("status")
+			assert.Equal(t, ExitCheckFalse, code, stdout)
+			assert.Contains(t, stdout, "missing")
+			code, stdout, _ = h.admin("reconcile")
+			assert.Equal(t, ExitCheckFalse, code, stdout)
+			code, stdout, stderr := h.admin("reconcile", "--fix")
+			assert.Equal(t, ExitOK, code, stdout+stderr)
+			bans, hooked, ret := h.liveBans()
+			assert.Equal(t, 5, bans)
+			assert.True(t, hooked && ret)
+			code, stdout, _ = h.admin("status")
+			assert.Equal(t, ExitOK, code, stdout)
+		})
+	}
+}

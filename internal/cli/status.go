@@ -68,6 +68,7 @@ func statusOf(pol *policy.Policy, stdout, stderr io.Writer, deps Deps) int {
 		}
 	}
 	line("state", err, fmt.Sprintf("%s: %d chains, %d bans", state.Path(pol), chains, bans))
+	line("repairs", nil, lastRepair(a.store))
 	for _, fam := range families {
 		b, err := a.backend(fam)
 		if err != nil {

@@ -256,6 +256,7 @@ func (s *session) act(lines []line, start time.Time) int {
 		return failAll(ExitFirewall, "failed", "firewall: "+err.Error(), err)
 	}
 	backends := map[policy.Family]*openedBackend{}
+	checked := map[famChain]bool{}
 	served := len(lines)
 	first := true
 	for i := range lines {
@@ -280,6 +281,19 @@ func (s *session) act(lines []line, start time.Time) int {
 		if ob.err != nil {
 			l.done(failure(&l.rec, ob.err))
 			continue
+		}
+		if fc := (famChain{l.op.Family, l.op.BanChain()}); !checked[fc] {
+			// Once per chain and batch: the batch holds the lock, so
+			// nothing but its own lines changes the chain meanwhile.
+			checked[fc] = true
+			if healsFirst(l.op.Kind) {
+				note, err := healOnContact(store, ob.b, s.pol, s.ctx, fc.fam, fc.chain, deadline, s.deps)
+				if err != nil {
+					l.done(failure(&l.rec, err))
+					continue
+				}
+				l.rec.State = audit.Text(joinNotes(string(l.rec.State), note))
+			}
 		}
 		if ob.batched != nil {
 			ob.batched.Queue, ob.batched.Ticket = l.op.Kind == policy.AddBan, i

@@ -233,35 +233,29 @@ func FuzzStream(f *testing.F) {
 	})
 }
 
-// TestABatchedBanThatFailsDoesNotFailItsNeighbours: with the rule
-// backend a batch's new bans go to the firewall in one iptables-restore,
-// all or nothing. When it fails, each ban gets its own true result: the
-// ban into a chain deleted behind the shim's back fails (exit 4, and is
-// not recorded), the bans around it are applied.
-func TestABatchedBanThatFailsDoesNotFailItsNeighbours(t *testing.T) {
+// TestABatchedBanIntoALostChainHealsIt: with the rule backend a batch's
+// new bans go to the firewall in one iptables-restore. A ban into a chain
+// deleted behind the shim's back first puts that chain back from the
+// state (once per chain and batch), audited, and its neighbours go on as
+// before. (firewall.TestABatchedBanThatFailsDoesNotFailItsNeighbours
+// covers the restore that fails.)
+func TestABatchedBanIntoALostChainHealsIt(t *testing.T) {
 	h := newHarness(t)
 	other := chain + "2"
-	code, _, stderr := h.stream("iptables -w -N " + chain + "\niptables -w -N " + other + "\n")
+	code, _, stderr := h.stream("iptables -w -N " + chain + "\niptables -w -N " + other + "\niptables -w -A " + other + " -j RETURN\n")
 	require.Equal(t, ExitOK, code, stderr)
 	v4 := h.tables[policy.IPv4]
-	require.NoError(t, v4.DeleteChain(other))
+	v4.Wipe(other)
 	ban := func(c, addr string) string { return "iptables -w -I " + c + " 1 -s " + addr + " -j DROP" }
-	code, replies, stderr := h.stream(strings.Join([]string{ban(chain, "203.0.113.1"), ban(other, "203.0.113.2"), ban(chain, "203.0.113.3")}, "\n") + "\n")
+	code, replies, stderr := h.stream(strings.Join([]string{ban(chain, "203.0.113.1"), ban(other, "203.0.113.2"), ban(chain, "203.0.113.3"), ban(other, "203.0.113.4")}, "\n") + "\n")
 	require.Equal(t, ExitOK, code, stderr)
-	require.Len(t, replies, 3)
-	assert.Equal(t, "1 0 applied", replies[0])
-	assert.True(t, strings.HasPrefix(replies[1], "2 4 failed firewall: no chain"), replies[1])
-	assert.Equal(t, "3 0 applied", replies[2])
-	assert.Contains(t, v4.Calls, "Restore 5", "one iptables-restore for the batch's three bans")
-	rules, err := v4.List(chain)
+	assert.Equal(t, []string{"1 0 applied", "2 0 applied", "3 0 applied", "4 0 applied"}, replies)
+	rules, err := v4.List(other)
 	require.NoError(t, err)
-	assert.Equal(t, []string{"-N " + chain, "-A " + chain + " -s 203.0.113.3/32 -j DROP", "-A " + chain + " -s 203.0.113.1/32 -j DROP"}, rules)
-	// The failed ban was not recorded: sent again once the chain is
-	// back, it is applied, not taken for one already there.
-	require.NoError(t, v4.NewChain(other))
-	code, replies, _ = h.stream(ban(other, "203.0.113.2") + "\n")
-	require.Equal(t, ExitOK, code)
-	assert.Equal(t, []string{"1 0 applied"}, replies)
+	assert.Equal(t, []string{"-N " + other, "-A " + other + " -s 203.0.113.4/32 -j DROP", "-A " + other + " -s 203.0.113.2/32 -j DROP", "-A " + other + " -j RETURN"}, rules)
+	recs := h.records()
+	assert.Contains(t, string(recs[len(recs)-3].State), "repaired: ipv4 "+other+" had lost its chain or return rule", "the repair is audited with the line that found it")
+	assert.NotContains(t, string(recs[len(recs)-1].State), "repaired", "once per chain and batch")
 }
 
 // TestStreamBoundsCountTheBatch attacks the bounds with one batch: a

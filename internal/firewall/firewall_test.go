@@ -346,3 +346,24 @@ func TestSetBackendNoticesAFlushBehindItsBack(t *testing.T) {
 	_, err = firewall.Apply(b, op(t, "iptables -I "+chain+" 1 -s 203.0.113.4 -j DROP"))
 	assert.Error(t, err, "a ban into a chain that is gone fails")
 }
+
+// TestABatchedBanThatFailsDoesNotFailItsNeighbours: a batch's queued
+// bans go to the firewall in one iptables-restore, all or nothing. When
+// it fails, each ban is inserted on its own and gets its own true result:
+// the ban into a chain that is gone fails, the bans around it land.
+func TestABatchedBanThatFailsDoesNotFailItsNeighbours(t *testing.T) {
+	f := fwtest.New()
+	require.NoError(t, f.NewChain("mail-remote-f2b-a"))
+	b := &firewall.Batched{Table: f, Restore: f.Restore, Queue: true}
+	for i, c := range []string{"mail-remote-f2b-a", "mail-remote-f2b-gone", "mail-remote-f2b-a"} {
+		b.Ticket = i
+		require.NoError(t, b.Insert(c, 1, "-s", fmt.Sprintf("203.0.113.%d/32", i+1), "-j", "DROP"))
+	}
+	failed := b.Flush()
+	require.Len(t, failed, 1)
+	assert.Contains(t, failed, 1)
+	rules, err := f.List("mail-remote-f2b-a")
+	require.NoError(t, err)
+	assert.Equal(t, []string{"-N mail-remote-f2b-a", "-A mail-remote-f2b-a -s 203.0.113.3/32 -j DROP", "-A mail-remote-f2b-a -s 203.0.113.1/32 -j DROP"}, rules)
+	assert.Contains(t, f.Calls, "Restore 5", "one iptables-restore for the three bans, tried first")
+}

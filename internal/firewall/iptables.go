@@ -97,8 +97,8 @@ func (e *CommandError) Unwrap() error { return e.err }
 // go-iptables runs "iptables --version" when it is set up, to learn what
 // the binary supports; that costs a process per request, as much as the
 // ban itself. So the handle is made only when a call needs it, and the
-// three calls a ban, an unban and fail2ban's start make in the ordinary
-// case (insert, append, delete a rule) run iptables directly, with the
+// calls a ban, an unban and fail2ban's start make in the ordinary case
+// (insert, append, delete, check a rule) run iptables directly, with the
 // same arguments go-iptables gives them on every iptables this shim
 // supports (1.6.2 and later: -C, --wait and --wait N all exist).
 type IPTables struct {
@@ -177,14 +177,17 @@ func (t *IPTables) FlushChain(chain string) error { return t.change("-F", chain)
 // DeleteChain implements Table.
 func (t *IPTables) DeleteChain(chain string) error { return t.change("-X", chain) }
 
-// Exists implements Table.
+// Exists implements Table: "iptables -C", run directly as go-iptables
+// runs it (status 1: not there, also for a missing chain), without the
+// "iptables --version" its handle costs: the check that a chain is still
+// in place runs on every request.
 func (t *IPTables) Exists(chain string, spec ...string) (bool, error) {
-	ipt, err := t.handle()
-	if err != nil {
-		return false, err
+	err := t.change(append([]string{"-C", chain}, spec...)...)
+	var ce *CommandError
+	if errors.As(err, &ce) && ce.Status == 1 {
+		return false, nil
 	}
-	ok, err := ipt.Exists(table, chain, spec...)
-	return ok, wrap(err)
+	return err == nil, err
 }
 
 // Insert implements Table.

@@ -153,9 +153,16 @@ func (s *State) SetScripts(fam policy.Family, pol *policy.Policy, missing func(H
 	family := map[policy.Family]string{policy.IPv4: "inet", policy.IPv6: "inet6"}[fam]
 	var sets strings.Builder
 	for _, n := range t.ChainNames() {
-		for _, tgt := range firewall.PolicyTargets(fam, pol) {
-			name := firewall.SetName(fam, n, tgt)
-			fmt.Fprintf(&sets, "create %s hash:net family %s maxelem %d -exist\nflush %s\n", name, family, pol.MaxBansPerChain, name)
+		// Only the sets in use: a set the chain's rules do not refer to
+		// would be one more name for the admin to wonder about (and one
+		// more that netfilter-persistent's saved rules never need).
+		made := map[string]bool{}
+		for _, b := range t.Chains[n].Bans() {
+			name := firewall.SetName(fam, n, b.Op.Target)
+			if !made[name] {
+				made[name] = true
+				fmt.Fprintf(&sets, "create %s hash:net family %s maxelem %d -exist\nflush %s\n", name, family, pol.MaxBansPerChain, name)
+			}
 		}
 		for _, b := range t.Chains[n].Bans() {
 			fmt.Fprintf(&sets, "add %s %s -exist\n", firewall.SetName(fam, n, b.Op.Target), b.Op.Source)

@@ -305,3 +305,20 @@ func ReadBack(recorded, live *State, fam policy.Family, chain policy.Chain, live
 	}
 	return out
 }
+
+// Only is the part of s that one chain makes up: the chain, its bans and
+// return rule, and the hooks into it; for rebuilding that chain alone.
+func (s *State) Only(fam policy.Family, chain policy.Chain) *State {
+	out := New(s.lookup)
+	out.seq = s.seq
+	t, ot := s.Tables[fam], out.Tables[fam]
+	if c, ok := t.Chains[chain]; ok {
+		ot.Chains[chain] = c
+	}
+	for _, h := range t.Hooks {
+		if h.Op.Jump == chain {
+			ot.Hooks = append(ot.Hooks, h)
+		}
+	}
+	return out
+}

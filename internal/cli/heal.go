@@ -1,0 +1,167 @@
+package cli
+
+import (
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/f2b-shim/f2b-shim/internal/firewall"
+	"github.com/f2b-shim/f2b-shim/internal/state"
+	"github.com/f2b-shim/f2b-shim/policy"
+)
+
+// healsFirst reports whether a request of this kind first puts its chain
+// back when the firewall lost it. A stop (unhook, flush, delete) does
+// not: rebuilding what it is about to take away would only cost time.
+func healsFirst(k policy.Kind) bool {
+	switch k {
+	case policy.DeleteHook, policy.FlushChain, policy.DeleteChain:
+		return false
+	}
+	return true
+}
+
+// healOnContact checks, cheaply, that the live firewall still holds the
+// chain the state records: its return rule (one "iptables -C", which
+// also fails when the chain is gone), and each recorded hook (one "-C"
+// each). A chain the record does not hold costs nothing. When something
+// is missing (a firewall reload, a flush by hand), the whole chain is put
+// back from the record before the request is carried out, and the
+// returned note says what was missing and what was put back, for the
+// request's audit line; status shows the last one.
+//
+// The check is what makes an "unchanged" answer true of the firewall and
+// not only of the record: a chain flushed behind the shim's back loses
+// its return rule too.
+func healOnContact(store *state.Store, b firewall.Backend, pol *policy.Policy, ctx policy.Context, fam policy.Family, chain policy.Chain, deadline time.Time, deps Deps) (string, error) {
+	shape, err := store.ChainShape(fam, chain)
+	if err != nil || !shape.Recorded {
+		return "", err
+	}
+	missing, err := missingParts(b, pol, ctx, chain, shape)
+	if err != nil || len(missing) == 0 {
+		return "", err
+	}
+	put, err := repairChain(store, b, pol, ctx, fam, chain, deadline, deps)
+	if err != nil {
+		return "", fmt.Errorf("%s %s lost its %s, and putting it back failed: %w", fam, chain, strings.Join(missing, ", "), err)
+	}
+	note := fmt.Sprintf("repaired: %s %s had lost its %s; put back %s", fam, chain, strings.Join(missing, ", "), put)
+	if err := store.NoteRepair(deps.Now(), note); err != nil {
+		note += "; not noted for status: " + err.Error()
+	}
+	return note, nil
+}
+
+// missingParts names what the live firewall lacks of the chain's shape.
+func missingParts(b firewall.Backend, pol *policy.Policy, ctx policy.Context, chain policy.Chain, shape state.Shape) ([]string, error) {
+	var ok bool
+	var err error
+	if shape.Return {
+		ok, err = b.Table.Exists(string(chain), "-j", "RETURN")
+	} else {
+		ok, err = b.Table.ChainExists(string(chain))
+	}
+	if err != nil {
+		return nil, err
+	}
+	if !ok {
+		// Gone or flushed: either way the whole chain is rebuilt, and
+		// its hooks (a jump to a missing chain cannot be checked).
+		return []string{"chain or return rule"}, nil
+	}
+	var missing []string
+	for _, line := range shape.Hooks {
+		h, err := policy.Decide(pol, line, ctx)
+		if err != nil {
+			continue // a record the policy refuses is never put back
+		}
+		there, err := b.Table.Exists(string(h.Chain), h.RuleSpec()...)
+		if err != nil {
+			return nil, err
+		}
+		if !there {
+			missing = append(missing, "hook from "+string(h.Chain))
+		}
+	}
+	return missing, nil
+}
+
+// repairChain rebuilds one chain from the record, exactly: the chain, its
+// bans (or its sets and their rules), its return rule, and the hooks its
+// parents lack; one iptables-restore (and one ipset restore), so the
+// chain is never seen half built. It says what it put back.
+func repairChain(store *state.Store, b firewall.Backend, pol *policy.Policy, ctx policy.Context, fam policy.Family, chain policy.Chain, deadline time.Time, deps Deps) (string, error) {
+	all, _, err := store.Load(ctx)
+	if err != nil {
+		return "", err
+	}
+	only := all.Only(fam, chain)
+	c := only.Tables[fam].Chains[chain]
+	if c == nil {
+		return "nothing: the record holds no such chain", nil
+	}
+	live := state.New(ctx.LookupPort)
+	if _, err := state.HooksFromLive(live, fam, b, ctx, chain); err != nil {
+		return "", err
+	}
+	have := map[string]bool{}
+	for _, h := range live.Tables[fam].Hooks {
+		have[live.HookKey(h.Op)] = true
+	}
+	hooks := 0
+	missing := func(h state.Hook) bool {
+		if have[only.HookKey(h.Op)] {
+			return false
+		}
+		hooks++
+		return true
+	}
+	wait := max(time.Until(deadline), time.Second)
+	switch {
+	case deps.Restore == nil || b.Sets != nil && deps.RestoreSets == nil:
+		err = fmt.Errorf("cannot run iptables-restore or ipset restore here")
+	case b.Sets == nil:
+		err = deps.Restore(fam, pol.IptablesBackend, wait, only.RestoreScript(fam, missing))
+	default:
+		sets, rules := only.SetScripts(fam, pol, missing)
+		if err = deps.RestoreSets(sets); err == nil {
+			err = deps.Restore(fam, pol.IptablesBackend, wait, rules)
+		}
+	}
+	if err != nil {
+		return "", err
+	}
+	if err := store.MarkChainSynced(fam, chain); err != nil {
+		return "", err
+	}
+	what := fmt.Sprintf("the chain with %d bans", c.Len())
+	if c.Return {
+		what += ", its return rule"
+	}
+	return fmt.Sprintf("%s and %d hook(s)", what, hooks), nil
+}
+
+// joinNotes joins the notes of an audit line's state field.
+func joinNotes(notes ...string) string {
+	var out []string
+	for _, n := range notes {
+		if n != "" {
+			out = append(out, n)
+		}
+	}
+	return strings.Join(out, "; ")
+}
+
+// lastRepair says, for status, when the firewall was last put back from
+// the state and what was put back.
+func lastRepair(store *state.Store) string {
+	at, what, err := store.LastRepair()
+	switch {
+	case err != nil:
+		return "unknown: " + err.Error()
+	case at.IsZero():
+		return "none: the firewall has never had to be put back"
+	}
+	return fmt.Sprintf("last at %s (%s ago): %s", at.Local().Format(time.RFC3339), time.Since(at).Round(time.Second), what)
+}
