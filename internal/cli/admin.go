@@ -403,20 +403,26 @@ type drift struct {
 	fix  *policy.Operation // for missing: what puts it back
 }
 
-// runReconcile compares the journal with the live firewall. Exit status 0:
-// no drift; 1: drift (fixed with --fix); 4: the firewall could not be read.
+// runReconcile compares the journal with the live firewall, for one
+// policy or with --all for every policy in a directory (what
+// f2b-shim-reconcile.timer runs). Exit status 0: no drift (or all of it
+// fixed); 1: drift; 4: the firewall could not be read or fixed.
 func runReconcile(args []string, stdout, stderr io.Writer, deps Deps) int {
 	var fix bool
-	a, rest, code := openAdmin("reconcile", args, stderr, deps, func(f *flag.FlagSet) {
-		f.BoolVar(&fix, "fix", false, "re-apply what is missing from the firewall")
+	flags := func(f *flag.FlagSet) {
+		f.BoolVar(&fix, "fix", false, "put back what is missing from the firewall")
+	}
+	return forPoliciesWith("reconcile", args, stderr, deps, flags, func(pol *policy.Policy) int {
+		a, code := newAdmin(pol, stderr, deps)
+		if a == nil {
+			return code
+		}
+		defer a.close()
+		return reconcileOne(a, fix, stdout, stderr)
 	})
-	if a == nil {
-		return code
-	}
-	defer a.close()
-	if len(rest) > 0 {
-		return usageError(stderr, "reconcile takes no arguments")
-	}
+}
+
+func reconcileOne(a *admin, fix bool, stdout, stderr io.Writer) int {
 	want, err := a.journal()
 	if err != nil {
 		fmt.Fprintf(stderr, "f2b-shim: reconcile: %v\n", err)
@@ -439,7 +445,7 @@ func runReconcile(args []string, stdout, stderr io.Writer, deps Deps) int {
 		drifts = append(drifts, d...)
 	}
 	if len(drifts) == 0 {
-		fmt.Fprintln(stdout, "no drift: the firewall holds exactly what the state says")
+		fmt.Fprintf(stdout, "policy %q: no drift: the firewall holds exactly what the state says\n", a.pol.Name)
 		return ExitOK
 	}
 	w := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
@@ -450,29 +456,48 @@ func runReconcile(args []string, stdout, stderr io.Writer, deps Deps) int {
 	if !fix {
 		return ExitCheckFalse
 	}
+	// A chain that lost anything is rebuilt whole from the state, with
+	// one iptables-restore: exact, and never half built. (One ban at a
+	// time would cost a process per ban, and leave the chain's order to
+	// chance.)
 	fixed, left := 0, 0
-	var recs []audit.Record
+	var rebuilt []famChain
 	for _, d := range drifts {
-		if d.fix == nil {
+		switch {
+		case d.fix == nil:
 			left++
-			continue
+		case !slices.Contains(rebuilt, famChain{d.fam, d.fix.BanChain()}):
+			rebuilt = append(rebuilt, famChain{d.fam, d.fix.BanChain()})
+			fallthrough
+		default:
+			fixed++
 		}
-		b := backends[d.fam]
-		// The record is what is missing from the firewall: ask the
-		// chain, not the record, whether a ban is there.
-		b.Record = nil
-		out, err := firewall.Apply(b, *d.fix)
+	}
+	var recs []audit.Record
+	var notes []string
+	for _, fc := range rebuilt {
+		b := backends[fc.fam]
+		put, err := repairChain(a.store, b, a.pol, a.ctx, fc.fam, fc.chain, a.deadline, a.deps)
+		create, _ := policy.Decide(a.pol, fc.fam.Binary()+" -N "+string(fc.chain), a.ctx)
 		if err != nil {
-			fmt.Fprintf(stderr, "f2b-shim: reconcile --fix: %s: %s\n", d.fix.CommandLine(), oneLine.Replace(err.Error()))
-			recs = append(recs, a.record("f2b-shim reconcile --fix", d.fix, "failed", ExitFirewall, err))
+			fmt.Fprintf(stderr, "f2b-shim: reconcile --fix: %s %s: %s\n", fc.fam, fc.chain, oneLine.Replace(err.Error()))
+			recs = append(recs, a.record("f2b-shim reconcile --fix", &create, "failed", ExitFirewall, err))
 			a.audit(recs...)
 			return ExitFirewall
 		}
-		recs = append(recs, a.record("f2b-shim reconcile --fix", d.fix, out.String(), ExitOK, nil))
-		fixed++
+		note := fmt.Sprintf("repaired: %s %s; put back %s", fc.fam, fc.chain, put)
+		rec := a.record("f2b-shim reconcile --fix", &create, "applied", ExitOK, nil)
+		rec.State = audit.Text(note)
+		recs = append(recs, rec)
+		notes = append(notes, note)
 	}
 	a.audit(recs...)
-	fmt.Fprintf(stdout, "fixed: re-applied %d missing rules or chains\n", fixed)
+	if len(notes) > 0 {
+		if err := a.store.NoteRepair(a.deps.Now(), strings.Join(notes, "; ")); err != nil {
+			fmt.Fprintf(stderr, "f2b-shim: warning: the repair was not noted for status: %v\n", err)
+		}
+	}
+	fmt.Fprintf(stdout, "fixed: re-applied %d missing rules or chains (%d chain(s) rebuilt from the state)\n", fixed, len(rebuilt))
 	if left > 0 {
 		fmt.Fprintf(stdout, "left: %d unexpected or duplicate rules, for you to check\n", left)
 		return ExitCheckFalse

@@ -87,10 +87,12 @@ func missingParts(b firewall.Backend, pol *policy.Policy, ctx policy.Context, ch
 	return missing, nil
 }
 
-// repairChain rebuilds one chain from the record, exactly: the chain, its
-// bans (or its sets and their rules), its return rule, and the hooks its
-// parents lack; one iptables-restore (and one ipset restore), so the
-// chain is never seen half built. It says what it put back.
+// repairChain puts back what the live chain lacks of the record, exactly:
+// the chain, its missing bans (or its sets, their members and rules), its
+// return rule, and the hooks its parents lack; one iptables-restore (and
+// one ipset restore), so the chain is never seen half built. What the
+// live chain holds besides is left alone (reconcile reports it). It says
+// what it put back.
 func repairChain(store *state.Store, b firewall.Backend, pol *policy.Policy, ctx policy.Context, fam policy.Family, chain policy.Chain, deadline time.Time, deps Deps) (string, error) {
 	all, _, err := store.Load(ctx)
 	if err != nil {
@@ -100,6 +102,14 @@ func repairChain(store *state.Store, b firewall.Backend, pol *policy.Policy, ctx
 	c := only.Tables[fam].Chains[chain]
 	if c == nil {
 		return "nothing: the record holds no such chain", nil
+	}
+	var rules []string
+	exists, err := b.Table.ChainExists(string(chain))
+	if err == nil && exists {
+		rules, err = b.Table.List(string(chain))
+	}
+	if err != nil {
+		return "", err
 	}
 	live := state.New(ctx.LookupPort)
 	if _, err := state.HooksFromLive(live, fam, b, ctx, chain); err != nil {
@@ -117,17 +127,18 @@ func repairChain(store *state.Store, b firewall.Backend, pol *policy.Policy, ctx
 		hooks++
 		return true
 	}
+	sets, script := only.RepairScripts(fam, chain, pol, rules, missing)
 	wait := max(time.Until(deadline), time.Second)
 	switch {
-	case deps.Restore == nil || b.Sets != nil && deps.RestoreSets == nil:
+	case deps.Restore == nil || sets != "" && deps.RestoreSets == nil:
 		err = fmt.Errorf("cannot run iptables-restore or ipset restore here")
-	case b.Sets == nil:
-		err = deps.Restore(fam, pol.IptablesBackend, wait, only.RestoreScript(fam, missing))
-	default:
-		sets, rules := only.SetScripts(fam, pol, missing)
+	case sets != "":
+		// The sets first: the chain's rules refer to them.
 		if err = deps.RestoreSets(sets); err == nil {
-			err = deps.Restore(fam, pol.IptablesBackend, wait, rules)
+			err = deps.Restore(fam, pol.IptablesBackend, wait, script)
 		}
+	default:
+		err = deps.Restore(fam, pol.IptablesBackend, wait, script)
 	}
 	if err != nil {
 		return "", err
@@ -135,11 +146,15 @@ func repairChain(store *state.Store, b firewall.Backend, pol *policy.Policy, ctx
 	if err := store.MarkChainSynced(fam, chain); err != nil {
 		return "", err
 	}
-	what := fmt.Sprintf("the chain with %d bans", c.Len())
-	if c.Return {
-		what += ", its return rule"
+	what := "the chain"
+	if exists {
+		what = "the missing rules of the chain"
 	}
-	return fmt.Sprintf("%s and %d hook(s)", what, hooks), nil
+	what += fmt.Sprintf(" (%d bans in the record", c.Len())
+	if c.Return {
+		what += ", with its return rule"
+	}
+	return fmt.Sprintf("%s) and %d hook(s)", what, hooks), nil
 }
 
 // joinNotes joins the notes of an audit line's state field.

@@ -20,10 +20,18 @@ import (
 // for every policy file in --dir; every policy is tried even when one
 // fails, and the first failure's code is returned.
 func forPolicies(name string, args []string, stderr io.Writer, deps Deps, fn func(*policy.Policy) int) int {
+	return forPoliciesWith(name, args, stderr, deps, nil, fn)
+}
+
+// forPoliciesWith is forPolicies for a subcommand with flags of its own.
+func forPoliciesWith(name string, args []string, stderr io.Writer, deps Deps, flags func(*flag.FlagSet), fn func(*policy.Policy) int) int {
 	fs := newFlagSet(name)
 	policyPath := fs.String("policy", "", "policy file (TOML)")
 	all := fs.Bool("all", false, "every policy in --dir")
 	dir := fs.String("dir", DefaultPolicyDir, "with --all: the directory of policy files")
+	if flags != nil {
+		flags(fs)
+	}
 	if err := parseInterspersed(fs, args); err != nil {
 		return usageError(stderr, err.Error())
 	}

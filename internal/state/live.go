@@ -228,3 +228,59 @@ func (s *State) iptablesScript(fam policy.Family, missing func(Hook) bool, banRu
 	b.WriteString("COMMIT\n")
 	return b.String()
 }
+
+// RepairScripts are the restore inputs that put back what one live chain
+// lacks of the record, and nothing else: the chain when it is gone, each
+// missing ban (or, with the set backend, each set and its rule, and each
+// member with "-exist"), the return rule, and the hooks that missing
+// says are missing. What the live chain holds besides stays, for
+// reconcile to report: a repair reconciles, it never flushes and
+// reloads. live is the chain's rules as "iptables -S CHAIN" prints them,
+// nil when the chain is gone; rules go in with "-I CHAIN 1", oldest
+// first, so the newest stands first as fail2ban's own inserts leave it.
+func (s *State) RepairScripts(fam policy.Family, chain policy.Chain, pol *policy.Policy, live []string, missing func(Hook) bool) (ipsetScript, iptablesScript string) {
+	t := s.Tables[fam]
+	c := t.Chains[chain]
+	have := map[string]bool{}
+	for _, r := range live {
+		have[r] = true
+	}
+	var rules, sets strings.Builder
+	rules.WriteString("*filter\n")
+	if live == nil {
+		fmt.Fprintf(&rules, ":%s - [0:0]\n", chain)
+	}
+	insert := func(spec string) {
+		if !have["-A "+string(chain)+" "+spec] {
+			have["-A "+string(chain)+" "+spec] = true
+			fmt.Fprintf(&rules, "-I %s 1 %s\n", chain, spec)
+		}
+	}
+	if c != nil {
+		family := map[policy.Family]string{policy.IPv4: "inet", policy.IPv6: "inet6"}[fam]
+		made := map[string]bool{}
+		for _, b := range c.Bans() {
+			if pol.Backend != "ipset" {
+				insert(strings.Join(b.Op.RuleSpec(), " "))
+				continue
+			}
+			name := firewall.SetName(fam, chain, b.Op.Target)
+			if !made[name] {
+				made[name] = true
+				fmt.Fprintf(&sets, "create %s hash:net family %s maxelem %d -exist\n", name, family, pol.MaxBansPerChain)
+				insert(fmt.Sprintf("-m set --match-set %s src %s", name, strings.Join(b.Op.Target.Args(), " ")))
+			}
+			fmt.Fprintf(&sets, "add %s %s -exist\n", name, b.Op.Source)
+		}
+		if c.Return && !have["-A "+string(chain)+" -j RETURN"] {
+			fmt.Fprintf(&rules, "-A %s -j RETURN\n", chain)
+		}
+	}
+	for _, h := range t.Hooks {
+		if h.Op.Jump == chain && missing(h) {
+			fmt.Fprintf(&rules, "-I %s %s\n", h.Op.Chain, strings.Join(h.Op.RuleSpec(), " "))
+		}
+	}
+	rules.WriteString("COMMIT\n")
+	return sets.String(), rules.String()
+}
