@@ -408,9 +408,10 @@ type drift struct {
 // f2b-shim-reconcile.timer runs). Exit status 0: no drift (or all of it
 // fixed); 1: drift; 4: the firewall could not be read or fixed.
 func runReconcile(args []string, stdout, stderr io.Writer, deps Deps) int {
-	var fix bool
+	var fix, quiet bool
 	flags := func(f *flag.FlagSet) {
 		f.BoolVar(&fix, "fix", false, "put back what is missing from the firewall")
+		f.BoolVar(&quiet, "quiet", false, "print nothing when there is no drift (for the timer)")
 	}
 	return forPoliciesWith("reconcile", args, stderr, deps, flags, func(pol *policy.Policy) int {
 		a, code := newAdmin(pol, stderr, deps)
@@ -418,11 +419,11 @@ func runReconcile(args []string, stdout, stderr io.Writer, deps Deps) int {
 			return code
 		}
 		defer a.close()
-		return reconcileOne(a, fix, stdout, stderr)
+		return reconcileOne(a, fix, quiet, stdout, stderr)
 	})
 }
 
-func reconcileOne(a *admin, fix bool, stdout, stderr io.Writer) int {
+func reconcileOne(a *admin, fix, quiet bool, stdout, stderr io.Writer) int {
 	want, err := a.journal()
 	if err != nil {
 		fmt.Fprintf(stderr, "f2b-shim: reconcile: %v\n", err)
@@ -445,6 +446,9 @@ func reconcileOne(a *admin, fix bool, stdout, stderr io.Writer) int {
 		drifts = append(drifts, d...)
 	}
 	if len(drifts) == 0 {
+		if quiet {
+			return ExitOK
+		}
 		fmt.Fprintf(stdout, "policy %q: no drift: the firewall holds exactly what the state says\n", a.pol.Name)
 		return ExitOK
 	}

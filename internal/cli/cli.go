@@ -97,7 +97,10 @@ Usage:
                                              --all: every policy file in DIR (default /etc/f2b-shim)
   f2b-shim list [--policy FILE] [--json] [CHAIN]
                                              show the chains, hooks and bans the shim has made
-  f2b-shim reconcile [--policy FILE] [--fix] compare the state with the firewall; --fix re-applies what is missing
+  f2b-shim reconcile [--policy FILE | --all [--dir DIR]] [--fix] [--quiet]
+                                             compare the state with the firewall; --fix puts back what
+                                             is missing (a timer runs it every minute); --quiet: say
+                                             nothing when there is no drift
   f2b-shim audit [--policy FILE] [--since T] [--until T] [--client NAME] [--denied] [--ip ADDR]
                  [--chain CHAIN] [--summary | --json | --verify]
                                              review the audit log, rotated files included;

@@ -198,6 +198,7 @@ func TestInstallIntoAnEmptyRootAndSwitchModes(t *testing.T) {
 	}
 	for _, f := range []string{
 		"etc/systemd/system/f2b-shim-restore.service", "etc/systemd/system/f2b-shim-expire.timer", "etc/systemd/system/f2b-shim-metrics.timer",
+		"etc/systemd/system/f2b-shim-reconcile.service", "etc/systemd/system/f2b-shim-reconcile.timer",
 		"etc/logrotate.d/f2b-shim", "usr/local/sbin/f2b-shim-metrics",
 	} {
 		_, err := os.Stat(filepath.Join(root, f))
@@ -208,7 +209,7 @@ func TestInstallIntoAnEmptyRootAndSwitchModes(t *testing.T) {
 		require.NoError(t, err)
 		assert.Equal(t, "f2b-shim "+want+"\n", string(got), "the version is git describe's")
 	}
-	for _, link := range []string{"multi-user.target.wants/f2b-shim-restore.service", "timers.target.wants/f2b-shim-expire.timer"} {
+	for _, link := range []string{"multi-user.target.wants/f2b-shim-restore.service", "timers.target.wants/f2b-shim-expire.timer", "timers.target.wants/f2b-shim-reconcile.timer"} {
 		target, err := os.Readlink(filepath.Join(root, "etc/systemd/system", link))
 		assert.NoError(t, err, "enabled: %s", link)
 		assert.Equal(t, "/etc/systemd/system/"+filepath.Base(link), target)
