@@ -304,24 +304,19 @@ func lifeCycleWith(t *testing.T, up func() (*lab.Lab, error), mode lab.Mode) *la
 		}
 		assert.True(t, denied["scp -t /tmp/f2b-shim-e2e"], "scp's denial is audited; denied: %v", denied)
 	})
-	t.Run("8 fail2ban repairs a proxy firewall flushed behind its back", func(t *testing.T) {
+	t.Run("8 the next ban puts back a proxy firewall flushed behind its back", func(t *testing.T) {
 		require.NoError(t, l.FlushProxy())
 		require.NoError(t, l.Connect(false), "the flush lifted the ban")
-		// The next ban fails (its chain is gone); fail2ban's actioncheck
-		// then finds the hook missing, restarts the action and bans again.
+		// The next ban finds its chain gone: the shim puts the chain back
+		// from its state, with every ban and the hook, then bans. fail2ban
+		// sees a ban that worked, and never has to repair anything.
 		require.NoError(t, l.FailLogins("203.0.113.46", 3))
 		_, err := l.WaitBan("203.0.113.46", true, banWait)
 		require.NoError(t, err)
 		assert.Contains(t, l.Rules("iptables"), "-A INPUT -p tcp -m multiport --dports 143,993 -j "+lab.Chain)
-		// The attacker's older ban comes back as soon as it fails again:
-		// fail2ban re-bans an "already banned" address from before the repair.
-		require.NoError(t, l.FailLogins(lab.AttackerV4, 3))
-		_, err = l.WaitBan(lab.AttackerV4, true, banWait)
-		require.NoError(t, err)
+		assert.True(t, l.Banned(lab.AttackerV4), "the attacker's older ban is back with it")
 		assert.Error(t, l.Connect(false))
-		log := l.Log("fail2ban.log")
-		assert.Contains(t, log, "Invariant check failed. Trying to restore a sane environment")
-		assert.Contains(t, log, "Reban "+lab.AttackerV4)
+		assert.NotContains(t, l.Log("fail2ban.log"), "Invariant check failed")
 	})
 	t.Run("9 after a reboot, restore brings every ban back", func(t *testing.T) {
 		require.NoError(t, l.FlushProxy()) // a fresh boot's firewall holds nothing of ours
