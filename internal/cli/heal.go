@@ -25,15 +25,64 @@ func healsFirst(k policy.Kind) bool {
 // chain the state records: its return rule (one "iptables -C", which
 // also fails when the chain is gone), and each recorded hook (one "-C"
 // each). A chain the record does not hold costs nothing. When something
-// is missing (a firewall reload, a flush by hand), the whole chain is put
-// back from the record before the request is carried out, and the
-// returned note says what was missing and what was put back, for the
-// request's audit line; status shows the last one.
+// is missing (a firewall reload, a flush by hand), what the chain lacks
+// is put back from the record before the request is carried out; and
+// since a reload rarely takes one chain alone, every other recorded
+// chain of the policy, in both families, is checked and put back too
+// (those in checked, which a stream's batch has already seen, are
+// skipped, and those checked here are added). The returned note says
+// what was missing and what was put back, for the request's audit line;
+// status shows the last one.
 //
 // The check is what makes an "unchanged" answer true of the firewall and
 // not only of the record: a chain flushed behind the shim's back loses
 // its return rule too.
-func healOnContact(store *state.Store, b firewall.Backend, pol *policy.Policy, ctx policy.Context, fam policy.Family, chain policy.Chain, deadline time.Time, deps Deps) (string, error) {
+func healOnContact(store *state.Store, b firewall.Backend, pol *policy.Policy, ctx policy.Context, fam policy.Family, chain policy.Chain, deadline time.Time, deps Deps, checked map[famChain]bool) (string, error) {
+	note, err := healChain(store, b, pol, ctx, fam, chain, deadline, deps)
+	if err != nil || note == "" {
+		return note, err
+	}
+	notes := []string{note}
+	for _, f := range families {
+		names, err := store.ChainNames(f)
+		if err != nil {
+			return "", err
+		}
+		var other firewall.Backend
+		opened := false
+		for _, n := range names {
+			fc := famChain{f, n}
+			if fc == (famChain{fam, chain}) || checked[fc] {
+				continue
+			}
+			if checked != nil {
+				checked[fc] = true
+			}
+			if !opened {
+				other, err = openBackend(pol, f, deadline, deps)
+				if err != nil {
+					return "", err
+				}
+				other.LookupPort, opened = ctx.LookupPort, true
+			}
+			n, err := healChain(store, other, pol, ctx, f, n, deadline, deps)
+			if err != nil {
+				return "", err
+			}
+			if n != "" {
+				notes = append(notes, n)
+			}
+		}
+	}
+	note = strings.Join(notes, "; ")
+	if err := store.NoteRepair(deps.Now(), note); err != nil {
+		note += "; not noted for status: " + err.Error()
+	}
+	return note, nil
+}
+
+// healChain checks one chain and puts back what it lacks.
+func healChain(store *state.Store, b firewall.Backend, pol *policy.Policy, ctx policy.Context, fam policy.Family, chain policy.Chain, deadline time.Time, deps Deps) (string, error) {
 	shape, err := store.ChainShape(fam, chain)
 	if err != nil || !shape.Recorded {
 		return "", err
@@ -46,11 +95,7 @@ func healOnContact(store *state.Store, b firewall.Backend, pol *policy.Policy, c
 	if err != nil {
 		return "", fmt.Errorf("%s %s lost its %s, and putting it back failed: %w", fam, chain, strings.Join(missing, ", "), err)
 	}
-	note := fmt.Sprintf("repaired: %s %s had lost its %s; put back %s", fam, chain, strings.Join(missing, ", "), put)
-	if err := store.NoteRepair(deps.Now(), note); err != nil {
-		note += "; not noted for status: " + err.Error()
-	}
-	return note, nil
+	return fmt.Sprintf("repaired: %s %s had lost its %s; put back %s", fam, chain, strings.Join(missing, ", "), put), nil
 }
 
 // missingParts names what the live firewall lacks of the chain's shape.

@@ -205,3 +205,34 @@ func TestStatusSeesAWipe(t *testing.T) {
 		})
 	}
 }
+
+// TestOneContactHealsEveryChain: a reload rarely takes one chain alone.
+// When a request finds its chain lost, every other chain the state
+// records, in both families, is checked and put back with it.
+func TestOneContactHealsEveryChain(t *testing.T) {
+	for _, mode := range []string{"one-shot", "stream"} {
+		t.Run(mode, func(t *testing.T) {
+			h := newHarness(t)
+			h.startWithBans(3)
+			for _, l := range []string{"ip6tables -w -N " + chain, "ip6tables -w -A " + chain + " -j RETURN", "ip6tables -w -I " + chain + " 1 -s 2001:db8::7 -j DROP"} {
+				code, stderr := h.forced(l)
+				require.Equal(t, ExitOK, code, stderr)
+			}
+			h.tables[policy.IPv4].Wipe("")
+			h.tables[policy.IPv6].Wipe("")
+			if mode == "one-shot" {
+				code, stderr := h.forced(healBan(99))
+				require.Equal(t, ExitOK, code, stderr)
+			} else {
+				code, replies, stderr := h.stream(healBan(99) + "\n")
+				require.Equal(t, ExitOK, code, stderr)
+				require.Equal(t, []string{"1 0 applied"}, replies)
+			}
+			rules, err := h.tables[policy.IPv6].List(chain)
+			require.NoError(t, err, "the IPv6 chain is back")
+			assert.Equal(t, []string{"-N " + chain, "-A " + chain + " -s 2001:db8::7/128 -j DROP", "-A " + chain + " -j RETURN"}, rules)
+			recs := h.records()
+			assert.Contains(t, string(recs[len(recs)-1].State), "repaired: ipv6 "+chain)
+		})
+	}
+}

@@ -287,7 +287,7 @@ func (s *session) act(lines []line, start time.Time) int {
 			// nothing but its own lines changes the chain meanwhile.
 			checked[fc] = true
 			if healsFirst(l.op.Kind) {
-				note, err := healOnContact(store, ob.b, s.pol, s.ctx, fc.fam, fc.chain, deadline, s.deps)
+				note, err := healOnContact(store, ob.b, s.pol, s.ctx, fc.fam, fc.chain, deadline, s.deps, checked)
 				if err != nil {
 					l.done(failure(&l.rec, err))
 					continue

@@ -625,6 +625,18 @@ func (s *Store) Chains(fam policy.Family) (int, error) {
 	return n, err
 }
 
+// ChainNames lists the chains recorded for the family, in name order.
+func (s *Store) ChainNames(fam policy.Family) ([]policy.Chain, error) {
+	var out []policy.Chain
+	err := s.view(func(tx *bolt.Tx) error {
+		if f := tx.Bucket(famBucket(fam)); f != nil {
+			return f.ForEachBucket(func(k []byte) error { out = append(out, policy.Chain(k)); return nil })
+		}
+		return nil
+	})
+	return out, err
+}
+
 // HasChain reports whether the chain is recorded.
 func (s *Store) HasChain(fam policy.Family, chain policy.Chain) (bool, error) {
 	var ok bool
