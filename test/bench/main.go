@@ -49,6 +49,10 @@ type config struct {
 	only     string
 	// The stream part (stream.go).
 	streamBans, streamRuns, plainBurst, streamBurst, singleBans int
+	// The heal part (heal.go): bans in place, runs, bans per stream
+	// session; old is an older binary measured side by side.
+	healBans, healRuns, healStream int
+	old                            string
 }
 
 // runs reports whether the part is to run.
@@ -65,11 +69,14 @@ func main() {
 			os.Exit(connect(os.Args[2], os.Args[3]))
 		case "sshloop":
 			os.Exit(sshloop(os.Args[2:]))
+		case "healmeasure":
+			os.Exit(healMeasure(os.Args[2:]))
 		}
 	}
 	quick := flag.Bool("quick", false, "a short run, as a smoke test: N = 0 and 100, few repetitions")
 	out := flag.String("out", "bench-out", "directory for results.md and latency.png")
-	only := flag.String("only", "", "run one part: latency, sshd, packets, hooks or stream")
+	only := flag.String("only", "", "run one part: latency, sshd, packets, hooks, stream or heal")
+	old := flag.String("old", "", "heal: an older f2b-shim binary to measure side by side")
 	flag.Parse()
 	c := config{ns: []int{0, 1000, 10000, 50000}, reps: 15, e2eBans: 50, connTime: 2 * time.Second, connRuns: 3, out: *out,
 		streamBans: 10000, streamRuns: 3, plainBurst: 1000, streamBurst: 10000, singleBans: 15}
@@ -78,6 +85,10 @@ func main() {
 			streamBans: 1000, streamRuns: 1, plainBurst: 20, streamBurst: 200, singleBans: 3}
 	}
 	c.only = *only
+	c.healBans, c.healRuns, c.healStream, c.old = 1000, 15, 1000, *old
+	if *quick {
+		c.healBans, c.healRuns, c.healStream = 100, 3, 100
+	}
 	if err := run(c); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
@@ -157,6 +168,11 @@ func run(c config) error {
 	}
 	if c.runs("hooks") {
 		if err := hooks(c, &md, tmp, shim, self); err != nil {
+			return err
+		}
+	}
+	if c.runs("heal") {
+		if err := healBench(c, &md, tmp, shim, self, c.old); err != nil {
 			return err
 		}
 	}

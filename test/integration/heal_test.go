@@ -1,0 +1,126 @@
+package integration
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/f2b-shim/f2b-shim/test/nstest"
+)
+
+// healWipe takes the shim's rules out of the firewall behind its back,
+// as a reload does; saved is what iptables-save printed before the bans.
+type healWipe struct {
+	name string
+	run  func(t *testing.T, ns *nstest.Netns, backend, saved string)
+	// nftOnly: "nft flush ruleset" does not touch iptables-legacy's tables.
+	nftOnly bool
+}
+
+var healWipes = []healWipe{
+	{"the ban chain flushed", func(t *testing.T, ns *nstest.Netns, backend, _ string) {
+		ns.MustRun(t, "iptables-"+ipt(backend), "-F", chain)
+	}, false},
+	{"the hook deleted (iptables -F INPUT)", func(t *testing.T, ns *nstest.Netns, backend, _ string) {
+		ns.MustRun(t, "iptables-"+ipt(backend), "-F", "INPUT")
+	}, false},
+	{"iptables -F; iptables -X", func(t *testing.T, ns *nstest.Netns, backend, _ string) {
+		ns.MustRun(t, "iptables-"+ipt(backend), "-F")
+		ns.MustRun(t, "iptables-"+ipt(backend), "-X")
+	}, false},
+	{"nft flush ruleset", func(t *testing.T, ns *nstest.Netns, _, _ string) {
+		ns.MustRun(t, "nft", "flush", "ruleset")
+	}, true},
+	{"iptables-restore of a file saved before the bans", func(t *testing.T, ns *nstest.Netns, backend, saved string) {
+		cmd := ns.Command("iptables-" + ipt(backend) + "-restore")
+		cmd.Stdin = strings.NewReader(saved)
+		out, err := cmd.CombinedOutput()
+		require.NoError(t, err, "%s", out)
+	}, false},
+}
+
+// TestWipesHealOnNftAndLegacy: on both iptables backends and both ban
+// backends, with 50 bans in place, after each wipe: status exits 1; one
+// new ban (one-shot or streamed) puts back every ban, the return rule
+// and the hook; after the same wipe, "reconcile --fix --all" (what the
+// timer runs) does too; and restore's reload does too.
+func TestWipesHealOnNftAndLegacy(t *testing.T) {
+	for _, backend := range backends {
+		for _, w := range healWipes {
+			if w.nftOnly && ipt(backend) != "nft" {
+				continue
+			}
+			t.Run(backend+", "+w.name, func(t *testing.T) {
+				t.Parallel() // each in its own namespace
+				if w.nftOnly {
+					nstest.RequireRoot(t, "nft")
+				}
+				ns, pol, _ := setup(t, backend, "max_new_bans_per_minute = 1000\n")
+				saved := ns.MustRun(t, "iptables-"+ipt(backend)+"-save", "-t", "filter")
+				runAll(t, ns, pol, jailStart[:3]...)
+				var want []string
+				for i := 1; i <= 50; i++ {
+					runAll(t, ns, pol, fmt.Sprintf("iptables -w -I %s 1 -s 198.51.100.%d -j DROP", chain, i))
+					want = append(want, fmt.Sprintf("198.51.100.%d/32", i))
+				}
+				whole := func(extra ...string) {
+					t.Helper()
+					all := append(append([]string{}, want...), extra...)
+					assert.ElementsMatch(t, all, banned(t, ns, backend, "iptables", chain))
+					rules := ns.Rules(t, "iptables", backend)
+					assert.Contains(t, rules, "-A INPUT -p tcp -m multiport --dports 143,993 -j "+chain)
+					assert.Contains(t, rules, "-A "+chain+" -j RETURN")
+				}
+				whole()
+				for i, contact := range []string{"one-shot", "stream", "reconcile --fix --all", "restore (ExecReload)"} {
+					w.run(t, ns, backend, saved)
+					r := admin(t, ns, pol, "status")
+					assert.Equal(t, 1, r.Code, "status sees the wipe at once:\n%s", r.Stdout)
+					ban := fmt.Sprintf("iptables -w -I %s 1 -s 203.0.113.%d -j DROP", chain, 100+i)
+					switch contact {
+					case "one-shot":
+						runAll(t, ns, pol, ban)
+					case "stream":
+						r := ns.Stream(t, shim, pol, ban+"\n")
+						require.Equal(t, 0, r.Code, r.Stderr)
+						assert.Equal(t, "1 0 applied\n", r.Stdout)
+					case "reconcile --fix --all":
+						r := allPolicies(t, ns, pol, "reconcile", "--fix", "--quiet")
+						assert.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
+						runAll(t, ns, pol, ban)
+					default:
+						r := allPolicies(t, ns, pol, "restore")
+						assert.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
+						runAll(t, ns, pol, ban)
+					}
+					want = append(want, fmt.Sprintf("203.0.113.%d/32", 100+i))
+					whole()
+					r = admin(t, ns, pol, "status")
+					assert.Equal(t, 0, r.Code, "%s: healed:\n%s", contact, r.Stdout)
+				}
+			})
+		}
+	}
+}
+
+// allPolicies runs an admin subcommand with --all --dir, for the
+// directory that holds the test's one policy, as the units do.
+func allPolicies(t *testing.T, ns *nstest.Netns, pol string, args ...string) nstest.Result {
+	entries, err := os.ReadDir(filepath.Dir(pol))
+	require.NoError(t, err)
+	n := 0
+	for _, e := range entries {
+		if strings.HasSuffix(e.Name(), ".toml") {
+			n++
+		}
+	}
+	require.Equal(t, 1, n, "the test's directory holds its one policy")
+	cmd := ns.Command(shim, append(args, "--all", "--dir", filepath.Dir(pol))...)
+	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
+	return nstest.RunCmd(t, cmd)
+}
