@@ -22,9 +22,8 @@ func healsFirst(k policy.Kind) bool {
 }
 
 // healOnContact checks, cheaply, that the live firewall still holds the
-// chain the state records: its return rule (one "iptables -C", which
-// also fails when the chain is gone), and each recorded hook (one "-C"
-// each). A chain the record does not hold costs nothing. When something
+// chain the state records: its return rule ("-C", which also fails when
+// the chain is gone) and each recorded hook, in one iptables-restore. A chain the record does not hold costs nothing. When something
 // is missing (a firewall reload, a flush by hand), what the chain lacks
 // is put back from the record before the request is carried out; and
 // since a reload rarely takes one chain alone, every other recorded
@@ -87,7 +86,7 @@ func healChain(store *state.Store, b firewall.Backend, pol *policy.Policy, ctx p
 	if err != nil || !shape.Recorded {
 		return "", err
 	}
-	missing, err := missingParts(b, pol, ctx, chain, shape)
+	missing, err := missingParts(b, pol, ctx, fam, chain, shape, deadline, deps)
 	if err != nil || len(missing) == 0 {
 		return "", err
 	}
@@ -99,7 +98,26 @@ func healChain(store *state.Store, b firewall.Backend, pol *policy.Policy, ctx p
 }
 
 // missingParts names what the live firewall lacks of the chain's shape.
-func missingParts(b firewall.Backend, pol *policy.Policy, ctx policy.Context, chain policy.Chain, shape state.Shape) ([]string, error) {
+// The ordinary answer, nothing, costs one iptables-restore of "-C" lines
+// (the return rule and every hook), which changes nothing and fails when
+// one of them is not there; only then is each asked for on its own, to
+// name what is missing.
+func missingParts(b firewall.Backend, pol *policy.Policy, ctx policy.Context, fam policy.Family, chain policy.Chain, shape state.Shape, deadline time.Time, deps Deps) ([]string, error) {
+	var hooks []policy.Operation
+	for _, line := range shape.Hooks {
+		if h, err := policy.Decide(pol, line, ctx); err == nil {
+			hooks = append(hooks, h) // a record the policy refuses is never put back
+		}
+	}
+	if shape.Return && deps.Restore != nil {
+		script := fmt.Sprintf("*filter\n-C %s -j RETURN\n", chain)
+		for _, h := range hooks {
+			script += fmt.Sprintf("-C %s %s\n", h.Chain, strings.Join(h.RuleSpec(), " "))
+		}
+		if deps.Restore(fam, pol.IptablesBackend, max(time.Until(deadline), time.Second), script+"COMMIT\n") == nil {
+			return nil, nil
+		}
+	}
 	var ok bool
 	var err error
 	if shape.Return {
@@ -116,11 +134,7 @@ func missingParts(b firewall.Backend, pol *policy.Policy, ctx policy.Context, ch
 		return []string{"chain or return rule"}, nil
 	}
 	var missing []string
-	for _, line := range shape.Hooks {
-		h, err := policy.Decide(pol, line, ctx)
-		if err != nil {
-			continue // a record the policy refuses is never put back
-		}
+	for _, h := range hooks {
 		there, err := b.Table.Exists(string(h.Chain), h.RuleSpec()...)
 		if err != nil {
 			return nil, err

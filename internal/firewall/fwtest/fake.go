@@ -243,7 +243,8 @@ func (f *Fake) Dump() string {
 
 // Restore is iptables-restore --noflush for the scripts the shim writes:
 // ":CHAIN - [0:0]" declares a chain (and empties it), "-A CHAIN SPEC"
-// appends, "-I CHAIN [1] SPEC" inserts at the top, between "*filter" and
+// appends, "-I CHAIN [1] SPEC" inserts at the top, "-C CHAIN SPEC" fails
+// unless the rule is there, between "*filter" and
 // "COMMIT": all or nothing, like the real one. Fail["Restore"] makes it
 // fail.
 func (f *Fake) Restore(script string) error {
@@ -257,6 +258,13 @@ func (f *Fake) Restore(script string) error {
 		case line == "*filter" || line == "COMMIT":
 		case len(w) == 3 && strings.HasPrefix(w[0], ":"):
 			next[w[0][1:]] = nil
+		case len(w) > 2 && w[0] == "-C":
+			if err := f.checkJump(w[2:]); err != nil {
+				return fmt.Errorf("iptables-restore: line %q: %v", line, err)
+			}
+			if !slices.Contains(next[w[1]], saved(w[2:])) {
+				return fmt.Errorf("iptables-restore: line %q failed: Bad rule (does a matching rule exist in that chain?)", line)
+			}
 		case len(w) > 2 && (w[0] == "-I" || w[0] == "-A"):
 			if _, ok := next[w[1]]; !ok {
 				return fmt.Errorf("iptables-restore: line %q: no chain %s", line, w[1])
