@@ -235,3 +235,38 @@ func TestOneContactHealsEveryChain(t *testing.T) {
 		})
 	}
 }
+
+// TestABigRuleChainChecksOnlyItsHooks: past fullCheckMaxBans, the rule
+// backend's check lists the parent chain (small) instead of reading the
+// ban chain (iptables-nft reads the whole chain for any "-C" in it): a
+// lost hook or chain still heals on contact.
+func TestABigRuleChainChecksOnlyItsHooks(t *testing.T) {
+	h := newHarness(t)
+	h.pol.MaxNewBansPerMinute = 10 * fullCheckMaxBans
+	h.startWithBans(0)
+	var lines []string
+	for i := range fullCheckMaxBans + 1 {
+		lines = append(lines, fmt.Sprintf("iptables -w -I %s 1 -s 10.0.%d.%d -j DROP", chain, i>>8, i&255))
+	}
+	code, _, stderr := h.stream(strings.Join(lines, "\n") + "\n")
+	require.Equal(t, ExitOK, code, stderr)
+	v4 := h.tables[policy.IPv4]
+	v4.Calls = nil
+	code, stderr = h.forced(healBan(99))
+	require.Equal(t, ExitOK, code, stderr)
+	assert.Equal(t, []string{"List INPUT", "Insert " + chain + " 1 -s 203.0.113.99/32 -j DROP"}, v4.Calls, "one listing of INPUT, then the ban")
+
+	v4.Empty("INPUT")
+	code, stderr = h.forced(healBan(98))
+	require.Equal(t, ExitOK, code, stderr)
+	bans, hooked, ret := h.liveBans()
+	assert.Equal(t, fullCheckMaxBans+3, bans)
+	assert.True(t, hooked && ret)
+
+	v4.Wipe("")
+	code, stderr = h.forced(healBan(97))
+	require.Equal(t, ExitOK, code, stderr)
+	bans, hooked, ret = h.liveBans()
+	assert.Equal(t, fullCheckMaxBans+4, bans, "a chain gone is a hook gone: all put back")
+	assert.True(t, hooked && ret)
+}

@@ -215,12 +215,19 @@ func (t *IPTables) ListChains() ([]string, error) {
 	return chains, wrap(err)
 }
 
-// List implements Table.
+// List implements Table: "iptables -S CHAIN", run directly as go-iptables
+// runs it, without its handle's "iptables --version": the check that a
+// chain's hooks are in place lists the parent chain on every request.
 func (t *IPTables) List(chain string) ([]string, error) {
-	ipt, err := t.handle()
+	out, err := runTool(t.path, "", "-t", table, "--wait", strconv.Itoa(t.wait), "-S", chain)
 	if err != nil {
 		return nil, err
 	}
-	rules, err := ipt.List(table, chain)
-	return rules, wrap(err)
+	var rules []string
+	for _, l := range strings.Split(out, "\n") {
+		if l != "" {
+			rules = append(rules, l)
+		}
+	}
+	return rules, nil
 }

@@ -77,6 +77,7 @@ func main() {
 	out := flag.String("out", "bench-out", "directory for results.md and latency.png")
 	only := flag.String("only", "", "run one part: latency, sshd, packets, hooks, stream or heal")
 	old := flag.String("old", "", "heal: an older f2b-shim binary to measure side by side")
+	healN := flag.Int("heal-bans", 1000, "heal: bans in place")
 	flag.Parse()
 	c := config{ns: []int{0, 1000, 10000, 50000}, reps: 15, e2eBans: 50, connTime: 2 * time.Second, connRuns: 3, out: *out,
 		streamBans: 10000, streamRuns: 3, plainBurst: 1000, streamBurst: 10000, singleBans: 15}
@@ -85,7 +86,7 @@ func main() {
 			streamBans: 1000, streamRuns: 1, plainBurst: 20, streamBurst: 200, singleBans: 3}
 	}
 	c.only = *only
-	c.healBans, c.healRuns, c.healStream, c.old = 1000, 15, 1000, *old
+	c.healBans, c.healRuns, c.healStream, c.old = *healN, 15, 1000, *old
 	if *quick {
 		c.healBans, c.healRuns, c.healStream = 100, 3, 100
 	}
