@@ -6,7 +6,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strings"
 	"time"
 )
@@ -14,54 +13,76 @@ import (
 // healBench measures what the check that a chain is still in place
 // costs per ban (issue 20: "heal on contact"), one-shot and stream, with
 // the chain hooked into INPUT and N bans in place, for this build and,
-// with --old, an older f2b-shim binary side by side in the same run.
+// with --old, an older f2b-shim binary side by side in the same run: each
+// binary in its own namespace, measured in alternating rounds, so that a
+// busy machine weighs on both alike.
 func healBench(c config, md *strings.Builder, tmp, shim, self, old string) error {
-	bins := []struct{ name, path string }{{"this build", shim}}
-	if old != "" {
-		bins = append([]struct{ name, path string }{{"old (" + filepath.Base(filepath.Dir(old)) + ")", old}}, bins...)
+	type bin struct {
+		name, path, pol string
+		ns              interface {
+			Command(string, ...string) *exec.Cmd
+		}
+		one, per []float64
 	}
-	fmt.Fprintf(md, "\n### The check that the chain is in place: cost per ban (chain, return rule, one hook, %d bans in place; medians of %d)\n\n", c.healBans, c.healRuns)
+	fmt.Fprintf(md, "\n### The check that the chain is in place: cost per ban (chain, return rule, one hook, %d bans in place; one-shot: medians of %d rounds of %d; stream: of %d sessions; each round in fresh namespaces, the binaries alternating)\n\n", c.healBans, healRounds, c.healRuns, healRounds)
 	fmt.Fprintf(md, "| iptables / backend | binary | one-shot ban, ms | stream, ms per ban (%d per session) |\n|---|---|---|---|\n", c.healStream)
-	for _, v := range []variant{{"nft", "rules"}, {"nft", "ipset"}, {"legacy", "rules"}} {
+	for _, v := range []variant{{"nft", "rules"}, {"nft", "ipset"}, {"legacy", "rules"}, {"legacy", "ipset"}} {
+		bins := []*bin{{name: "this build", path: shim}}
+		if old != "" {
+			bins = append([]*bin{{name: "old (" + filepath.Base(filepath.Dir(old)) + ")", path: old}}, bins...)
+		}
+		// Each round starts from a fresh namespace and state with n bans,
+		// so that the bans a round adds do not weigh on the next.
+		for range healRounds {
+			for _, b := range bins {
+				dir, err := os.MkdirTemp(tmp, "heal-")
+				if err != nil {
+					return err
+				}
+				ns, err := newNS("heal")
+				if err != nil {
+					return err
+				}
+				b.ns, b.pol = ns, filepath.Join(dir, "policy.toml")
+				if err := os.WriteFile(b.pol, []byte(fmt.Sprintf("name = \"bench\"\naudit_log = %q\nstate_dir = %q\niptables_backend = %q\nbackend = %q\nmax_bans_per_chain = 1000000\nmax_new_bans_per_minute = 1000000\nlock_timeout = \"50s\"\n",
+					filepath.Join(dir, "audit.jsonl"), filepath.Join(dir, "state"), v.ipt, v.bans)), 0o644); err != nil {
+					return err
+				}
+				if out, err := b.ns.Command(self, "healmeasure", "setup", b.path, b.pol, fmt.Sprint(c.healBans)).CombinedOutput(); err != nil {
+					return fmt.Errorf("%s %s: setup: %v: %s", v, b.name, err, out)
+				}
+				data, err := b.ns.Command(self, "healmeasure", "run", b.path, b.pol, fmt.Sprint(c.healBans), fmt.Sprint(c.healRuns), fmt.Sprint(c.healStream)).Output()
+				if err != nil {
+					return fmt.Errorf("%s %s: healmeasure: %v", v, b.name, err)
+				}
+				var r struct{ OneShot, Stream []float64 }
+				if err := json.Unmarshal(data, &r); err != nil {
+					return err
+				}
+				b.one, b.per = append(b.one, r.OneShot...), append(b.per, r.Stream...)
+				ns.Delete()
+			}
+		}
 		for _, b := range bins {
-			dir, err := os.MkdirTemp(tmp, "heal-")
-			if err != nil {
-				return err
-			}
-			ns, err := newNS("heal")
-			if err != nil {
-				return err
-			}
-			pol := filepath.Join(dir, "policy.toml")
-			if err := os.WriteFile(pol, []byte(fmt.Sprintf("name = \"bench\"\naudit_log = %q\nstate_dir = %q\niptables_backend = %q\nbackend = %q\nmax_bans_per_chain = 100000\nmax_new_bans_per_minute = 1000000\nlock_timeout = \"50s\"\n",
-				filepath.Join(dir, "audit.jsonl"), filepath.Join(dir, "state"), v.ipt, v.bans)), 0o644); err != nil {
-				return err
-			}
-			data, err := ns.Command(self, "healmeasure", b.path, pol, fmt.Sprint(c.healBans), fmt.Sprint(c.healRuns), fmt.Sprint(c.healStream)).Output()
-			if err != nil {
-				return fmt.Errorf("%s %s: healmeasure: %v", v, b.name, err)
-			}
-			var r struct{ OneShot, Stream float64 }
-			if err := json.Unmarshal(data, &r); err != nil {
-				return err
-			}
-			fmt.Fprintf(md, "| %s | %s | %.2f | %.3f |\n", v, b.name, r.OneShot, r.Stream)
-			fmt.Fprintf(os.Stderr, "bench: heal %-13s %-12s one-shot %.2f ms, stream %.3f ms/ban\n", v, b.name, r.OneShot, r.Stream)
+			one, per := median(b.one), median(b.per)
+			fmt.Fprintf(md, "| %s | %s | %.2f | %.3f |\n", v, b.name, one, per)
+			fmt.Fprintf(os.Stderr, "bench: heal %-13s %-16s one-shot %.2f ms, stream %.3f ms/ban\n", v, b.name, one, per)
 		}
 	}
 	return nil
 }
 
-// healMeasure runs inside the namespace: it starts the chain as
-// fail2ban does (chain, return rule, hook), puts n bans in place with one
-// stream session, then times runs one-shot bans and runs stream sessions
-// of perSession bans each, and prints the medians as JSON.
+// healRounds is how many alternating rounds healBench measures each
+// binary in.
+const healRounds = 5
+
+// healMeasure runs inside a namespace. "setup": it starts the chain as
+// fail2ban does (chain, return rule, hook) and puts n bans in place with
+// one stream session. "run": it times runs one-shot bans and runs stream
+// sessions of perSession bans each, from address number first on, and
+// prints the samples (ms per ban) as JSON.
 func healMeasure(args []string) int {
-	shim, pol := args[0], args[1]
-	var n, runs, perSession int
-	fmt.Sscan(args[2], &n)
-	fmt.Sscan(args[3], &runs)
-	fmt.Sscan(args[4], &perSession)
+	mode, shim, pol := args[0], args[1], args[2]
 	env := func(line string) []string {
 		return []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "SSH_ORIGINAL_COMMAND=" + line}
 	}
@@ -88,22 +109,30 @@ func healMeasure(args []string) int {
 		return nil
 	}
 	fail := func(err error) int { fmt.Fprintln(os.Stderr, "healmeasure:", err); return 1 }
-	for _, l := range []string{"iptables -w -N " + chain, "iptables -w -A " + chain + " -j RETURN", "iptables -w -I INPUT -p tcp -m multiport --dports 143,993 -j " + chain} {
-		if err := oneShot(l); err != nil {
-			return fail(err)
-		}
-	}
 	ban := func(i int) string { return fmt.Sprintf("iptables -w -I %s 1 -s %s -j DROP", chain, benchAddr(i)) }
-	var pre []string
-	for i := range n {
-		pre = append(pre, ban(i))
-	}
-	if len(pre) > 0 {
-		if err := stream(pre); err != nil {
-			return fail(err)
+	if mode == "setup" {
+		var n int
+		fmt.Sscan(args[3], &n)
+		for _, l := range []string{"iptables -w -N " + chain, "iptables -w -A " + chain + " -j RETURN", "iptables -w -I INPUT -p tcp -m multiport --dports 143,993 -j " + chain} {
+			if err := oneShot(l); err != nil {
+				return fail(err)
+			}
 		}
+		var pre []string
+		for i := range n {
+			pre = append(pre, ban(i))
+		}
+		if len(pre) > 0 {
+			if err := stream(pre); err != nil {
+				return fail(err)
+			}
+		}
+		return 0
 	}
-	next := n
+	var next, runs, perSession int
+	fmt.Sscan(args[3], &next)
+	fmt.Sscan(args[4], &runs)
+	fmt.Sscan(args[5], &perSession)
 	var one, per []float64
 	for range runs {
 		start := time.Now()
@@ -113,20 +142,17 @@ func healMeasure(args []string) int {
 		one = append(one, ms(time.Since(start)))
 		next++
 	}
-	for range runs {
-		var lines []string
-		for range perSession {
-			lines = append(lines, ban(next))
-			next++
-		}
-		start := time.Now()
-		if err := stream(lines); err != nil {
-			return fail(err)
-		}
-		per = append(per, ms(time.Since(start))/float64(perSession))
+	// One session per round: each adds perSession bans to the chain.
+	var lines []string
+	for range perSession {
+		lines = append(lines, ban(next))
+		next++
 	}
-	slices.Sort(one)
-	slices.Sort(per)
-	json.NewEncoder(os.Stdout).Encode(struct{ OneShot, Stream float64 }{one[len(one)/2], per[len(per)/2]})
+	start := time.Now()
+	if err := stream(lines); err != nil {
+		return fail(err)
+	}
+	per = append(per, ms(time.Since(start))/float64(perSession))
+	json.NewEncoder(os.Stdout).Encode(struct{ OneShot, Stream []float64 }{one, per})
 	return 0
 }

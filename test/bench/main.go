@@ -86,9 +86,9 @@ func main() {
 			streamBans: 1000, streamRuns: 1, plainBurst: 20, streamBurst: 200, singleBans: 3}
 	}
 	c.only = *only
-	c.healBans, c.healRuns, c.healStream, c.old = *healN, 15, 1000, *old
+	c.healBans, c.healRuns, c.healStream, c.old = *healN, 5, 1000, *old
 	if *quick {
-		c.healBans, c.healRuns, c.healStream = 100, 3, 100
+		c.healBans, c.healRuns, c.healStream = 100, 1, 100
 	}
 	if err := run(c); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
