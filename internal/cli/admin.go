@@ -108,9 +108,62 @@ func (a *admin) backend(fam policy.Family) (firewall.Backend, error) {
 func runRestore(args []string, stdout, stderr io.Writer, deps Deps) int {
 	// Every policy is restored even when one fails: a boot that loses one
 	// tenant's bans must not lose the others'.
-	return forPolicies("restore", args, stderr, deps, func(pol *policy.Policy) int {
+	var setsOnly bool
+	flags := func(f *flag.FlagSet) {
+		f.BoolVar(&setsOnly, "sets-only", false, "make only the set backend's ipsets, with their bans (before saved rules that name them load)")
+	}
+	return forPoliciesWith("restore", args, stderr, deps, flags, func(pol *policy.Policy) int {
+		if setsOnly {
+			return restoreSets(pol, stdout, stderr, deps)
+		}
 		return restoreOne(pol, stdout, stderr, deps)
 	})
+}
+
+// restoreSets makes the ipsets a set-backend policy's state uses, with
+// their bans, and touches no iptables rule: what netfilter-persistent's
+// plugin runs before the iptables plugins load rules saved with
+// "netfilter-persistent save", which refer to those sets and would fail
+// to load without them (and with them the whole table the admin saved).
+// A policy without a state file, or with the rule backend, has nothing to
+// make; none is created, so that a run as root leaves no root-owned file
+// in the shim user's state_dir.
+func restoreSets(pol *policy.Policy, stdout, stderr io.Writer, deps Deps) int {
+	if pol.Backend != "ipset" {
+		return ExitOK
+	}
+	if _, err := os.Stat(state.Path(pol)); err != nil {
+		fmt.Fprintf(stdout, "policy %q: no state (%s): no sets to make\n", pol.Name, state.Path(pol))
+		return ExitOK
+	}
+	a, code := newAdmin(pol, stderr, deps)
+	if a == nil {
+		return code
+	}
+	defer a.close()
+	s, err := a.journal()
+	if err != nil {
+		fmt.Fprintf(stderr, "f2b-shim: restore --sets-only: %v\n", err)
+		return ExitSetup
+	}
+	var script strings.Builder
+	for _, fam := range families {
+		sets, _ := s.SetScripts(fam, pol, func(state.Hook) bool { return false })
+		script.WriteString(sets)
+	}
+	if script.Len() == 0 {
+		return ExitOK
+	}
+	if err := a.deps.PrepareExec(); err != nil {
+		fmt.Fprintf(stderr, "f2b-shim: restore --sets-only: %v\n", err)
+		return ExitSetup
+	}
+	if err := a.deps.RestoreSets(script.String()); err != nil {
+		fmt.Fprintf(stderr, "f2b-shim: restore --sets-only (policy %q): %s\n", pol.Name, oneLine.Replace(strings.TrimSpace(err.Error())))
+		return ExitFirewall
+	}
+	fmt.Fprintf(stdout, "policy %q: made its sets in use, with their bans\n", pol.Name)
+	return ExitOK
 }
 
 // restoreOne restores one policy's state.

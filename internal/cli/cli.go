@@ -92,9 +92,10 @@ Usage:
                                              "f2b-shim stream" as the command: one request per stdin line
   f2b-shim check [--policy FILE] [--client ADDR] 'COMMAND'
                                              show how COMMAND parses and whether the policy allows it
-  f2b-shim restore [--policy FILE | --all [--dir DIR]]
+  f2b-shim restore [--policy FILE | --all [--dir DIR]] [--sets-only]
                                              put the state's chains, bans and hooks back (at boot);
-                                             --all: every policy file in DIR (default /etc/f2b-shim)
+                                             --all: every policy file in DIR (default /etc/f2b-shim);
+                                             --sets-only: only the set backend's ipsets (netfilter-persistent)
   f2b-shim list [--policy FILE] [--json] [CHAIN]
                                              show the chains, hooks and bans the shim has made
   f2b-shim reconcile [--policy FILE | --all [--dir DIR]] [--fix] [--quiet]
