@@ -150,3 +150,58 @@ func actionName(l *lab.Lab) string {
 	}
 	return "plain action"
 }
+
+// TestFail2banRepairKeepsTheBans: when a ban fails and fail2ban's check
+// then finds a hook missing, fail2ban runs the action's actionrepair,
+// which puts the chain, its return rule and its hooks back without
+// flushing: every ban stays enforced, on every release. (Without an
+// actionrepair fail2ban stops and starts the action, and the stop
+// flushes and deletes the chain.) The shim would put the hook back by
+// itself on contact; the test takes the hook out of its state too, so
+// that only fail2ban's repair can, and makes the ban fail with an address
+// the proxy never bans (its own).
+func TestFail2banRepairKeepsTheBans(t *testing.T) {
+	nstest.RequireRoot(t, "sshd", "ssh", "fail2ban-client", "socat", "iptables", "setcap", "unshare", "tar")
+	bin, err := nstest.BuildShim(t.TempDir())
+	require.NoError(t, err)
+	trees := extractReleases(t)
+	if len(trees) == 0 {
+		t.Logf("%s is not set: only Debian's fail2ban is tested here", Fail2banSrcEnv)
+	}
+	trees["1.0.2"] = ""
+	for version, tree := range trees {
+		t.Run("fail2ban "+version, func(t *testing.T) {
+			t.Parallel()
+			l, err := lab.UpWithFail2ban(bin, lab.UserMode, "rules", tree)
+			require.NoError(t, err)
+			t.Cleanup(l.Down)
+			t.Cleanup(func() {
+				if t.Failed() {
+					t.Logf("--- fail2ban.log\n%s", l.Log("fail2ban.log"))
+				}
+			})
+			require.NoError(t, l.StartFail2ban())
+			var old []string
+			for i := range healBans {
+				old = append(old, fmt.Sprintf("198.51.100.%d", i+1))
+			}
+			slices.Sort(old)
+			_, err = l.Fail2ban(append([]string{"set", lab.Jail, "banip"}, old...)...)
+			require.NoError(t, err)
+			require.NoError(t, lab.WaitFor(healWait, func() bool { return slices.Equal(l.ProxyBans(), old) }))
+
+			_, err = l.Proxy.Run("iptables", "-F", "INPUT")
+			require.NoError(t, err)
+			require.NoError(t, l.ForgetHooks())
+			_, _ = l.Fail2ban("set", lab.Jail, "banip", lab.ProxyInV4) // refused by the proxy: the ban fails
+			err = lab.WaitFor(healWait, func() bool {
+				return strings.Contains(l.Rules("iptables"), "-A INPUT -p tcp -m multiport --dports 143,993 -j "+lab.Chain)
+			})
+			require.NoError(t, err, "fail2ban's repair put the hook back:\n%s", l.Rules("iptables"))
+			assert.Equal(t, old, l.ProxyBans(), "every ban is still enforced")
+			log := l.Log("fail2ban.log")
+			assert.Contains(t, log, "Invariant check failed. Trying to restore a sane environment", "fail2ban ran its repair")
+			assert.NotContains(t, log, "Unable to restore environment")
+		})
+	}
+}

@@ -6,6 +6,11 @@ import (
 	"os"
 	"os/exec"
 	"strings"
+	"time"
+
+	"github.com/f2b-shim/f2b-shim/internal/hostnet"
+	"github.com/f2b-shim/f2b-shim/internal/state"
+	"github.com/f2b-shim/f2b-shim/policy"
 )
 
 // Wipe is something that takes the shim's rules out of the proxy's
@@ -98,4 +103,27 @@ func (l *Lab) Hooked() bool {
 func HasCommand(name string) bool {
 	_, err := exec.LookPath(name)
 	return err == nil
+}
+
+// ForgetHooks takes the jail's hooks out of the proxy's state (IPv4), as
+// if the shim had never recorded them: then nothing but fail2ban's own
+// repair puts a lost hook back, which is what a test of that repair needs.
+func (l *Lab) ForgetHooks() error {
+	data, err := os.ReadFile(l.path("policy.toml"))
+	if err != nil {
+		return err
+	}
+	pol, err := policy.Parse(data)
+	if err != nil {
+		return err
+	}
+	op, err := policy.Decide(pol, "iptables -w -D INPUT -p tcp -m multiport --dports 143,993 -j "+Chain, policy.Context{LookupPort: hostnet.LookupPort})
+	if err != nil {
+		return err
+	}
+	s, err := state.Open(pol, hostnet.LookupPort, time.Second)
+	if err != nil {
+		return err
+	}
+	return errors.Join(s.Record(op, true, time.Now()), s.Close())
 }
