@@ -91,14 +91,25 @@ func runStream(policyPath string, env Env, stdout, stderr io.Writer, deps Deps) 
 		fmt.Fprintf(stderr, "f2b-shim: denied: %v\n", oneLine.Replace(err.Error()))
 		return ExitSetup
 	}
+	slot, code := s.takeSlot(stderr)
+	if slot == nil {
+		return code
+	}
+	defer slot.Release()
 	if deps.Stdin == nil {
 		deps.Stdin = os.Stdin
 	}
+	stop, unwatch := stopOnSignals()
+	defer unwatch()
 	err = stream.Serve(deps.Stdin, stdout, stream.Options{
 		MaxLine:  policy.MaxCommandLen,
 		MaxBatch: pol.StreamMaxBatch,
 		Idle:     pol.StreamIdleTimeout,
+		Stop:     stop,
 	}, s.serveBatch)
+	if code, done := sessionEnd(err, pol, stderr); done {
+		return code
+	}
 	switch {
 	case errors.Is(err, stream.ErrIdle):
 		fmt.Fprintf(stderr, "f2b-shim: stream idle for %s (stream_idle_timeout); closing the session\n", pol.StreamIdleTimeout)

@@ -1,12 +1,18 @@
 package cli
 
 import (
+	"errors"
 	"fmt"
+	"io"
 	"os"
+	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/f2b-shim/f2b-shim/internal/audit"
+	"github.com/f2b-shim/f2b-shim/internal/lock"
 	"github.com/f2b-shim/f2b-shim/internal/stream"
+	"github.com/f2b-shim/f2b-shim/policy"
 )
 
 // policyStamp is what tells a changed policy file from the one a session
@@ -79,4 +85,58 @@ func (s *session) refuseBatch(batch []stream.Request, why error) []stream.Reply 
 	// take it is not a reason to stop the session.
 	_ = s.log.WriteBatch(recs)
 	return replies
+}
+
+// takeSlot takes one of the policy's max_stream_sessions slots for the
+// session, or refuses it (exit 3, audited): sshd does not bound
+// authenticated connections, and each session holds an sshd and a shim.
+func (s *session) takeSlot(stderr io.Writer) (*lock.Lock, int) {
+	slot, err := lock.Slot(s.pol.StateDir, s.pol.Name+".stream", s.pol.MaxStreamSessions)
+	if err == nil {
+		return slot, ExitOK
+	}
+	code, msg := ExitSetup, "state: "+err.Error()
+	if errors.Is(err, lock.ErrNoSlot) {
+		code = ExitDenied
+		msg = fmt.Sprintf("denied: %d stream sessions of policy %q are open already (max_stream_sessions)", s.pol.MaxStreamSessions, s.pol.Name)
+	}
+	rec := s.record(stream.Request{Line: StreamCommand, Len: len(StreamCommand)}, s.deps.Now())
+	rec.Decision, rec.Reason, rec.Exit, rec.Result = audit.Deny, audit.Text(strings.TrimPrefix(msg, "denied: ")), code, "denied"
+	_ = s.log.Write(rec)
+	fmt.Fprintf(stderr, "f2b-shim: %s\n", msg)
+	if code == ExitDenied {
+		fmt.Fprintf(stderr, "f2b-shim: hint: the relay keeps one session per proxy; end stale sessions, or raise max_stream_sessions in the policy\n")
+	}
+	return nil, code
+}
+
+// stopOnSignals makes SIGTERM and SIGHUP end the session after the batch
+// being served, with its replies written and exit 0: an admin or a
+// package's prerm can end a session without SIGKILL.
+func stopOnSignals() (<-chan struct{}, func()) {
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGHUP)
+	stop, quit := make(chan struct{}), make(chan struct{})
+	go func() {
+		select {
+		case <-sigs:
+			close(stop)
+		case <-quit:
+		}
+	}()
+	return stop, func() { signal.Stop(sigs); close(quit) }
+}
+
+// sessionEnd says how a session ended by a signal or by a client that
+// does not read ended; done is false for the other ends.
+func sessionEnd(err error, pol *policy.Policy, stderr io.Writer) (code int, done bool) {
+	switch {
+	case errors.Is(err, stream.ErrStopped):
+		fmt.Fprintf(stderr, "f2b-shim: stream: told to stop (SIGTERM or SIGHUP); the batch in hand was served and answered, the client sends the rest again\n")
+		return ExitOK, true
+	case errors.Is(err, stream.ErrStalled):
+		fmt.Fprintf(stderr, "f2b-shim: stream: the client took no replies for %s (stream_idle_timeout); closing the session\n", pol.StreamIdleTimeout)
+		return ExitOK, true
+	}
+	return 0, false
 }
