@@ -166,9 +166,12 @@ func (s *session) serveBatch(batch []stream.Request) []stream.Reply {
 	} else {
 		s.ctxErr = err
 	}
-	note, refuse := s.beforeBatch(len(batch))
+	note, fit, refuse := s.beforeBatch(len(batch))
 	if refuse != nil && s.broken == nil {
 		return s.refuseBatch(batch, refuse)
+	}
+	if refuse == nil {
+		batch = batch[:fit]
 	}
 	lines := make([]line, len(batch))
 	acting := 0

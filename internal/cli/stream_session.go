@@ -42,17 +42,17 @@ func stampOf(path string) policyStamp {
 // batch, so that nothing is carried out that cannot be audited. It
 // returns why the batch must be refused, or nil; note is a remark for
 // the batch's first audit line.
-func (s *session) beforeBatch(n int) (note string, refuse error) {
+func (s *session) beforeBatch(n int) (note string, fit int, refuse error) {
 	if s.policyPath != "" {
 		if stamp := stampOf(s.policyPath); stamp != s.stamp {
 			pol, err := loadPolicy(s.policyPath, s.deps)
 			if err != nil {
-				return "", fmt.Errorf("the policy file changed and does not load: %w; nothing was changed", err)
+				return "", 0, fmt.Errorf("the policy file changed and does not load: %w; nothing was changed", err)
 			}
 			if pol.AuditLog != s.pol.AuditLog {
 				log, err := audit.Open(pol.AuditLog)
 				if err != nil {
-					return "", fmt.Errorf("the policy file changed, and its audit log %q cannot be written: %w; nothing was changed", pol.AuditLog, err)
+					return "", 0, fmt.Errorf("the policy file changed, and its audit log %q cannot be written: %w; nothing was changed", pol.AuditLog, err)
 				}
 				s.log.Close()
 				s.log = log
@@ -62,12 +62,20 @@ func (s *session) beforeBatch(n int) (note string, refuse error) {
 		}
 	}
 	if _, err := s.log.FollowRotation(); err != nil {
-		return note, fmt.Errorf("cannot reopen the audit log %q after its rotation: %w; nothing was changed", s.pol.AuditLog, err)
+		return note, 0, fmt.Errorf("cannot reopen the audit log %q after its rotation: %w; nothing was changed", s.pol.AuditLog, err)
 	}
-	if err := s.log.Reserve(n); err != nil {
-		return note, fmt.Errorf("cannot write the audit log %q: %w; nothing was changed", s.pol.AuditLog, err)
+	// When the whole batch does not fit, serve the part that does: the
+	// rest comes again in the next batch, and is refused only when not
+	// even one line has room.
+	for fit = n; ; fit /= 2 {
+		err := s.log.Reserve(fit)
+		if err == nil {
+			return note, fit, nil
+		}
+		if fit == 1 {
+			return note, 0, fmt.Errorf("cannot write the audit log %q: %w; nothing was changed", s.pol.AuditLog, err)
+		}
 	}
-	return note, nil
 }
 
 // refuseBatch answers every line of a batch that cannot be served safely
