@@ -35,8 +35,15 @@ type Snapshot struct {
 // MetricsHelper is the binary that renders the metrics, beside f2b-shim.
 const MetricsHelper = "f2b-shim-metrics"
 
-// runMetrics hands over to f2b-shim-metrics beside this binary.
-func runMetrics(args []string, stderr io.Writer) int {
+// runMetrics hands over to f2b-shim-metrics beside this binary. In the
+// least-privilege install only f2b-shim is sure to carry the file
+// capabilities (the package sets them on it alone), so it raises them as
+// ambient capabilities first: they pass to the helper across exec, and
+// from it to iptables, and the helper can read the firewall to measure
+// drift. Without them (a copy lost its capabilities) the helper reports
+// f2b_shim_up 0 and no drift, which is what is known.
+func runMetrics(args []string, stderr io.Writer, deps Deps) int {
+	_ = deps.PrepareExec()
 	self, err := os.Executable()
 	if err != nil {
 		fmt.Fprintf(stderr, "f2b-shim: metrics: %v\n", err)

@@ -326,3 +326,34 @@ func TestStreamSessionsAreBounded(t *testing.T) {
 		})
 	}
 }
+
+// TestMetricsAsTheServiceUser runs "f2b-shim metrics" as the shim's user
+// in the least-privilege layout, where only f2b-shim carries the file
+// capabilities (as the package installs it): the firewall is read, the
+// drift is measured, and f2b_shim_up is 1. When the firewall cannot be
+// read, no drift gauge claims a 0 that was never measured.
+func TestMetricsAsTheServiceUser(t *testing.T) {
+	for _, backend := range []string{"nft", "legacy"} {
+		t.Run(backend, func(t *testing.T) {
+			t.Parallel()
+			for _, caps := range []bool{true, false} {
+				u := newUserSetup(t, backend, caps)
+				helper, err := os.ReadFile(filepath.Join(filepath.Dir(shim), "f2b-shim-metrics"))
+				require.NoError(t, err)
+				require.NoError(t, os.WriteFile(filepath.Join(u.dir, "f2b-shim-metrics"), helper, 0o755))
+				ns, _, _ := setup(t, backend, "")
+				lock := lockSetup("0660")
+				r := asUser(t, ns, u, lock, "", u.bin, "metrics", "--policy", u.pol)
+				if caps {
+					require.Equal(t, 0, r.Code, r.Stderr)
+					assert.Contains(t, r.Stdout, `f2b_shim_up{policy="user"} 1`)
+					assert.Contains(t, r.Stdout, `f2b_shim_drift{family="ipv4",kind="missing",policy="user"} 0`)
+					continue
+				}
+				assert.NotEqual(t, 0, r.Code)
+				assert.Contains(t, r.Stdout, `f2b_shim_up{policy="user"} 0`)
+				assert.NotContains(t, r.Stdout, "f2b_shim_drift{", "a drift that was not measured is absent")
+			}
+		})
+	}
+}
