@@ -376,6 +376,11 @@ func coalesceKind(r Record) string {
 	if r.ClientIP == "" {
 		return ""
 	}
+	if r.Op != nil && r.Op.Kind == "ban" && r.Op.Member != "" && r.State != "" {
+		// A new member of a widened ban: the firewall is unchanged, the
+		// state is not, and the quota bounds these.
+		return ""
+	}
 	switch {
 	case r.Decision == Deny && r.Result == "denied":
 		return kindDenied

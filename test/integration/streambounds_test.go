@@ -357,3 +357,52 @@ func TestMetricsAsTheServiceUser(t *testing.T) {
 		})
 	}
 }
+
+// memberLines are n bans of distinct addresses of one /64.
+func memberLines(n int, kind string) string {
+	var b strings.Builder
+	for i := range n {
+		switch kind {
+		case "ban":
+			fmt.Fprintf(&b, "ip6tables -w -I %s 1 -s 2001:db8:6:4::%x -j DROP\n", chain, i+1)
+		case "check":
+			fmt.Fprintf(&b, "ip6tables -w -C %s -s 2001:db8:6:4::%x -j DROP\n", chain, i+1)
+		}
+	}
+	return b.String()
+}
+
+// TestWidenedBanMembersAreBounded sends 20,000 addresses of one /64 with
+// ban_prefix_v6 = 64: each new member counts toward the quota and toward
+// max_bans_per_chain like a ban, so neither can be passed through one
+// prefix; and checks of members stay cheap (logged, not asserted).
+func TestWidenedBanMembersAreBounded(t *testing.T) {
+	for _, backend := range []string{"nft", "legacy+ipset"} {
+		t.Run(backend, func(t *testing.T) {
+			t.Parallel()
+			ns, pol, _ := startedJail(t, backend, "ban_prefix_v6 = 64\nmax_new_bans_per_minute = 100\n")
+			r := ns.Stream(t, shim, pol, memberLines(20000, "ban"))
+			require.Equal(t, 0, r.Code, r.Stderr)
+			taken := strings.Count(r.Stdout, " 0 applied") + strings.Count(r.Stdout, " 0 unchanged")
+			t.Logf("%s: %d of 20,000 members of one /64 taken with max_new_bans_per_minute = 100", backend, taken)
+			assert.LessOrEqual(t, taken, 100, "the quota counts members")
+			assert.Contains(t, r.Stdout, "max_new_bans_per_minute")
+
+			base, err := os.ReadFile(pol)
+			require.NoError(t, err)
+			require.NoError(t, os.WriteFile(pol, []byte(strings.Replace(string(base), "max_new_bans_per_minute = 100", "max_new_bans_per_minute = 1000000\nmax_bans_per_chain = 5000", 1)), 0o644))
+			r = ns.Stream(t, shim, pol, memberLines(20000, "ban"))
+			require.Equal(t, 0, r.Code, r.Stderr)
+			taken = strings.Count(r.Stdout, " 0 applied") + strings.Count(r.Stdout, " 0 unchanged")
+			t.Logf("%s: %d of 20,000 members taken with max_bans_per_chain = 5000", backend, taken)
+			assert.LessOrEqual(t, taken, 5000, "max_bans_per_chain counts members")
+			assert.Contains(t, r.Stdout, "max_bans_per_chain")
+
+			start := time.Now()
+			r = ns.Stream(t, shim, pol, memberLines(2000, "check"))
+			require.Equal(t, 0, r.Code, r.Stderr)
+			t.Logf("%s: 2,000 checks of members among %d took %s", backend, taken, time.Since(start).Round(time.Millisecond))
+			assert.Equal(t, 2000, strings.Count(r.Stdout, " 0 check-true"), "a recorded member checks true")
+		})
+	}
+}
