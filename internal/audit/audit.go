@@ -414,6 +414,12 @@ func limitName(reason string) string {
 // coalesced line.
 const maxCoalescedReason = 160
 
+// MaxCoalescedSecond bounds what one client adds to the log per kind of
+// non-change (coalesceKind) and second: its first line in full (at most
+// MaxLine) and one "coalesced" line (a few hundred bytes, its reason
+// capped).
+const MaxCoalescedSecond = MaxLine + 1024
+
 // pendingDenials counts a client's requests of one kind in one second
 // that were not written one by one.
 type pendingDenials struct {

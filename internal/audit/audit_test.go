@@ -241,7 +241,8 @@ func TestRepeatedNonChangesAreCoalescedPerKind(t *testing.T) {
 		for _, k := range kinds {
 			r := k
 			r.Time, r.Policy, r.ClientIP = t0.Add(time.Duration(i)*time.Millisecond), "p", "192.0.2.10"
-			r.SetCommand("iptables -w -I f2b-x 1 -s 203.0.113.62 -j DROP")
+			r.SetCommand("iptables -w -I f2b-x 1 -s 203.0.113.62 -j DROP " + strings.Repeat("\x01", 5000))
+			r.Reason = Text(strings.Repeat("\x02", 600)) + r.Reason
 			batch = append(batch, r)
 		}
 		if len(batch) >= 512 {
@@ -269,6 +270,9 @@ func TestRepeatedNonChangesAreCoalescedPerKind(t *testing.T) {
 	st, err := os.Stat(path)
 	require.NoError(t, err)
 	t.Logf("%d requests of %d kinds in one second from one client: %d bytes", rounds*len(kinds), len(kinds), st.Size())
+	// The bound README and SECURITY.md state: per client, kind and
+	// second, one full line and one count line.
+	assert.LessOrEqual(t, st.Size(), int64(len(kinds)+1)*MaxCoalescedSecond, "the worst case per kind and second")
 }
 
 // TestFollowRotationReopensARenamedLog renames the log as logrotate's
