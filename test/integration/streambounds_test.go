@@ -406,3 +406,46 @@ func TestWidenedBanMembersAreBounded(t *testing.T) {
 		})
 	}
 }
+
+// TestExpireLetsABanIn expires 3,000 due bans while the mail host bans
+// another address: the ban waits for one chunk at most, well within a
+// lock_timeout of 2s, and every due ban goes, from the firewall and the
+// state, audited.
+func TestExpireLetsABanIn(t *testing.T) {
+	for _, backend := range backends {
+		t.Run(backend, func(t *testing.T) {
+			t.Parallel()
+			ns, pol, _ := startedJail(t, backend, "max_ban_time = \"2s\"\nlock_timeout = \"2s\"\nmax_new_bans_per_minute = 100000\n")
+			r := ns.Stream(t, shim, pol, strings.Join(banLines("iptables", 3000), "\n")+"\n")
+			require.Equal(t, 0, r.Code, r.Stderr)
+			time.Sleep(2500 * time.Millisecond) // every ban is due now
+			cmd := ns.Command(shim, "expire", "--policy", pol)
+			cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
+			var out, errOut bytes.Buffer
+			cmd.Stdout, cmd.Stderr = &out, &errOut
+			start := time.Now()
+			require.NoError(t, cmd.Start())
+			done := make(chan error, 1)
+			go func() { done <- cmd.Wait() }()
+			// As soon as expire has lifted its first bans from the
+			// firewall, ban another.
+			require.NoError(t, nstest.WaitFor(5*time.Minute, func() bool {
+				return len(banned(t, ns, backend, "iptables", chain)) < 3002
+			}))
+			ban := ns.Shim(t, shim, pol, "iptables -w -I "+chain+" 1 -s 203.0.113.77 -j DROP")
+			t.Logf("%s: the ban came %s after expire started, and ended with exit %d", backend, time.Since(start).Round(time.Millisecond), ban.Code)
+			assert.Equal(t, 0, ban.Code, "the ban got the lock during expire: %s", ban.Stderr)
+			select {
+			case err := <-done:
+				require.NoError(t, err, errOut.String())
+			case <-time.After(5 * time.Minute):
+				t.Fatal("expire did not end")
+			}
+			t.Logf("%s: expire took %s: %s", backend, time.Since(start).Round(time.Millisecond), strings.TrimSpace(out.String()))
+			assert.Contains(t, out.String(), "3003 bans expired")
+			assert.Equal(t, []string{"203.0.113.77/32"}, banned(t, ns, backend, "iptables", chain))
+			r = admin(t, ns, pol, "reconcile")
+			assert.Equal(t, 0, r.Code, "state and firewall agree: %s%s", r.Stdout, r.Stderr)
+		})
+	}
+}
