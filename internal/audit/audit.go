@@ -285,20 +285,27 @@ func (l *Log) WriteBatch(recs []Record) error {
 	for i := range recs {
 		r := &recs[i]
 		sec := r.Time.Unix()
-		// Counts of seconds that are over go out before this line; those
-		// of this second wait, whatever lines of other kinds come between.
-		for _, key := range overKeys(pending, sec) {
-			if p := pending[key]; p.Second != sec {
-				if p.Count > 0 {
-					c := p.record()
-					if err := link(&c); err != nil {
-						return err
-					}
+		kind := coalesceKind(*r)
+		// Counts of seconds that are over go out before this line. Those
+		// of this second go out before a change too, so that the log
+		// reads in order around it, and stay open for more of their kind
+		// in this second; a line of another non-changing kind leaves
+		// them be, so that kinds taking turns are still coalesced.
+		for _, key := range flushKeys(pending, sec, kind == "") {
+			p := pending[key]
+			if p.Count > 0 {
+				c := p.record()
+				if err := link(&c); err != nil {
+					return err
 				}
+			}
+			if p.Second != sec {
 				delete(pending, key)
+			} else {
+				p.Count = 0
+				pending[key] = p
 			}
 		}
-		kind := coalesceKind(*r)
 		key := r.ClientIP + " " + kind
 		if p, ok := pending[key]; kind != "" && ok {
 			p.Count++
@@ -348,12 +355,15 @@ func (l *Log) append(out []byte) error {
 	return l.f.Sync()
 }
 
-// overKeys lists, in order, the keys of the counts of other seconds than
-// sec: usually none, so that a batch pays no sort per line.
-func overKeys(pending map[string]pendingDenials, sec int64) []string {
+// flushKeys lists, in order, the keys of the counts to write out before a
+// line of second sec: those of other seconds, and before a change those
+// of this second with something counted. Usually none, so that a batch
+// pays no sort per line.
+func flushKeys(pending map[string]pendingDenials, sec int64, change bool) []string {
+	due := func(p pendingDenials) bool { return p.Second != sec || change && p.Count > 0 }
 	for _, p := range pending {
-		if p.Second != sec {
-			return slices.Sorted(maps.Keys(pending))
+		if due(p) {
+			return slices.DeleteFunc(slices.Sorted(maps.Keys(pending)), func(k string) bool { return !due(pending[k]) })
 		}
 	}
 	return nil
@@ -389,7 +399,8 @@ func coalesceKind(r Record) string {
 		// Each bound is its own kind, so the log shows which were hit.
 		return "limit " + limitName(string(r.Reason))
 	case r.Result == kindFailed:
-		return fmt.Sprintf("%s %d", kindFailed, r.Exit)
+		// By exit and iptables' status: a new kind of failure is seen.
+		return fmt.Sprintf("%s %d %d", kindFailed, r.Exit, r.IptablesStatus)
 	case r.Result == "unchanged", r.Result == "check-true", r.Result == "check-false", r.Result == "dry-run":
 		return r.Result
 	}
@@ -547,13 +558,18 @@ func runeStart(s string, n int) int {
 func (l *Log) Close() error { return l.f.Close() }
 
 // Pending is how many coalesced requests of the log at path are counted
-// in its side file and not yet written on a "coalesced" line: they go
-// out before the next line of a later second.
-func Pending(path string) (int, error) {
+// in its side file and not yet written on a "coalesced" line, by
+// decision: they go out before the next change, or the next line of a
+// later second.
+func Pending(path string) (map[string]int, error) {
 	m, err := (&Log{path: path}).readPending()
-	n := 0
+	n := map[string]int{}
 	for _, p := range m {
-		n += p.Count
+		d := p.Decision
+		if p.Kind == kindDenied || d == "" {
+			d = Deny
+		}
+		n[d] += p.Count
 	}
 	return n, err
 }
