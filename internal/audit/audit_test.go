@@ -300,3 +300,28 @@ func TestFollowRotationReopensARenamedLog(t *testing.T) {
 	require.NoError(t, err)
 	assert.Len(t, old, 1, "and not in the rotated one")
 }
+
+// TestScanCurrentStreamsTheLog: metrics reads every record one at a time,
+// counts a line that is not one, and finds no records in a missing log.
+func TestScanCurrentStreamsTheLog(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.jsonl")
+	n, err := ScanCurrent(path, func(Record) { t.Fatal("a missing log has no records") })
+	require.NoError(t, err)
+	assert.Zero(t, n)
+	l, err := Open(path)
+	require.NoError(t, err)
+	for i := range 1000 {
+		require.NoError(t, l.Write(Record{Time: time.Unix(int64(i), 0), Policy: "p", Decision: Allow, Result: "applied"}))
+	}
+	l.Close()
+	f, err := os.OpenFile(path, os.O_APPEND|os.O_WRONLY, 0)
+	require.NoError(t, err)
+	_, err = f.WriteString("not json\n")
+	require.NoError(t, err)
+	f.Close()
+	seen := 0
+	bad, err := ScanCurrent(path, func(r Record) { seen++ })
+	require.NoError(t, err)
+	assert.Equal(t, 1000, seen)
+	assert.Equal(t, 1, bad)
+}
