@@ -322,6 +322,9 @@ func TestStreamSessionsAreBounded(t *testing.T) {
 				}()
 				code := s.wait(20 * time.Second)
 				assert.NotEqual(t, -1, code, "the session outlived stream_idle_timeout (2s) by 18s")
+				if code != -1 {
+					assert.Contains(t, s.stderr.String(), "took no replies", "ended by the write deadline")
+				}
 			})
 		})
 	}
