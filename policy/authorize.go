@@ -49,7 +49,7 @@ type Operation struct {
 
 // Decide parses a command line and authorizes it: the whole judgement
 // the shim makes of a request, and of every line it reads back from its
-// journal or from the live firewall.
+// state or from the live firewall.
 func Decide(pol *Policy, line string, ctx Context) (Operation, error) {
 	c, err := ParseCommand(line)
 	if err != nil {

@@ -24,7 +24,7 @@ import (
 var families = []policy.Family{policy.IPv4, policy.IPv6}
 
 // admin is what the state subcommands share: the policy, the lock, the
-// journal read through the policy.
+// state read through the policy.
 type admin struct {
 	pol      *policy.Policy
 	ctx      policy.Context
@@ -36,7 +36,7 @@ type admin struct {
 }
 
 // openAdmin loads the policy and takes the host-wide lock, so that no
-// forced command changes the firewall or the journal meanwhile.
+// forced command changes the firewall or the state meanwhile.
 func openAdmin(name string, args []string, stderr io.Writer, deps Deps, flags func(*flag.FlagSet)) (*admin, []string, int) {
 	fs := newFlagSet(name)
 	policyPath := fs.String("policy", "", "policy file (TOML)")
@@ -76,6 +76,9 @@ func newAdmin(pol *policy.Policy, stderr io.Writer, deps Deps) (*admin, int) {
 		fmt.Fprintf(stderr, "f2b-shim: %v\n", err)
 		return nil, ExitSetup
 	}
+	if a.store.RenamedFrom != "" {
+		fmt.Fprintf(stderr, "f2b-shim: policy %q was named %q before: its state moved to %s\n", pol.Name, a.store.RenamedFrom, state.Path(pol))
+	}
 	return a, ExitOK
 }
 
@@ -84,7 +87,8 @@ func (a *admin) close() {
 	a.held.Release()
 }
 
-// journal reads the state, reporting what it had to skip.
+// journal reads the state (the name is older than the store, which
+// replaced a journal file), reporting what it had to skip.
 func (a *admin) journal() (*state.State, error) {
 	s, problems, err := a.store.Load(a.ctx)
 	for _, p := range problems {
@@ -395,7 +399,7 @@ func cutTo(s string, n int) string {
 	return s[:n-1] + "…"
 }
 
-// drift is one difference between the journal and the live firewall.
+// drift is one difference between the state and the live firewall.
 type drift struct {
 	kind string // missing, unexpected, duplicate
 	fam  policy.Family
@@ -403,7 +407,7 @@ type drift struct {
 	fix  *policy.Operation // for missing: what puts it back
 }
 
-// runReconcile compares the journal with the live firewall. Exit status 0:
+// runReconcile compares the state with the live firewall. Exit status 0:
 // no drift; 1: drift (fixed with --fix); 4: the firewall could not be read.
 func runReconcile(args []string, stdout, stderr io.Writer, deps Deps) int {
 	var fix bool
@@ -540,7 +544,7 @@ func compare(want *state.State, fam policy.Family, b firewall.Backend, ctx polic
 	for _, name := range lt.ChainNames() {
 		wc, ok := wt.Chains[name]
 		if !ok {
-			add("unexpected", "chain "+string(name)+" (not in the journal)", nil)
+			add("unexpected", "chain "+string(name)+" (not in the state)", nil)
 			continue
 		}
 		wantBans := map[string]bool{}
