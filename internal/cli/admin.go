@@ -161,7 +161,7 @@ func restoreOne(pol *policy.Policy, stdout, stderr io.Writer, deps Deps) int {
 		for _, c := range t.Chains {
 			bans += c.Len()
 		}
-		summary = append(summary, fmt.Sprintf("%s: %d chains, %d bans, %d hooks", fam, len(t.Chains), bans, len(t.Hooks)))
+		summary = append(summary, fmt.Sprintf("%s: %s, %s, %s", fam, plural(len(t.Chains), "chain"), plural(bans, "ban"), plural(len(t.Hooks), "hook")))
 	}
 	rec.Result, rec.Exit = "applied", code
 	if code != ExitOK {
@@ -284,7 +284,7 @@ func runList(args []string, stdout, stderr io.Writer, deps Deps) int {
 					sets[firewall.SetName(fam, name, b.Op.Target)+" ("+shortTarget(b.Op.Target)+")"] = true
 				}
 			}
-			fmt.Fprintf(w, "%s %s: %d bans%s%s\n", fam, name, len(bans), map[bool]string{true: ", return rule"}[c.Return], setNote(sets))
+			fmt.Fprintf(w, "%s %s: %s%s%s\n", fam, name, plural(len(bans), "ban"), map[bool]string{true: ", return rule"}[c.Return], setNote(sets))
 			for _, h := range t.Hooks {
 				if h.Op.Jump != name {
 					continue
@@ -478,7 +478,8 @@ func runReconcile(args []string, stdout, stderr io.Writer, deps Deps) int {
 	a.audit(recs...)
 	fmt.Fprintf(stdout, "fixed: re-applied %d missing rules or chains\n", fixed)
 	if left > 0 {
-		fmt.Fprintf(stdout, "left: %d unexpected or duplicate rules, for you to check\n", left)
+		fmt.Fprintf(stdout, "left: %d unexpected or duplicate rules, for you to check; what clears each:\n", left)
+		printLeftAdvice(stdout, drifts)
 		return ExitCheckFalse
 	}
 	return ExitOK
@@ -651,6 +652,10 @@ func runAudit(args []string, stdout, stderr io.Writer, deps Deps) int {
 		return verifyAudit(pol.AuditLog, stdout, stderr)
 	}
 	entries, bad, err := audit.Read(pol.AuditLog)
+	if errors.Is(err, os.ErrNotExist) && !*asJSON {
+		printNoAuditRecords(stdout, pol.AuditLog, false)
+		return ExitOK
+	}
 	if err != nil {
 		fmt.Fprintf(stderr, "f2b-shim: audit: %v\n", err)
 		return ExitSetup
@@ -669,6 +674,8 @@ func runAudit(args []string, stdout, stderr io.Writer, deps Deps) int {
 		for _, e := range match {
 			stdout.Write(append(e.Raw, '\n'))
 		}
+	case *summary && len(match) == 0:
+		printNoAuditRecords(stdout, pol.AuditLog, len(entries) > 0)
 	case *summary:
 		audit.WriteSummary(stdout, match)
 	default:

@@ -67,7 +67,7 @@ func statusOf(pol *policy.Policy, stdout, stderr io.Writer, deps Deps) int {
 			}
 		}
 	}
-	line("state", err, fmt.Sprintf("%s: %d chains, %d bans", state.Path(pol), chains, bans))
+	line("state", err, fmt.Sprintf("%s: %s, %s", state.Path(pol), plural(chains, "chain"), plural(bans, "ban")))
 	for _, fam := range families {
 		b, err := a.backend(fam)
 		if err != nil {
