@@ -133,7 +133,7 @@ func restoreOne(pol *policy.Policy, stdout, stderr io.Writer, deps Deps) int {
 	// What max_ban_time has lifted while the proxy was down does not come
 	// back: it leaves the state, audited as expired, before the restore.
 	if n, _ := a.expireIn(s, false); n > 0 {
-		fmt.Fprintf(stdout, "policy %q: %d bans expired while the proxy was down; not restored\n", pol.Name, n)
+		fmt.Fprintf(stdout, "policy %q: %s expired while the proxy was down; not restored\n", pol.Name, plural(n, "ban"))
 	}
 	rec := audit.Record{Time: start.UTC(), Policy: a.pol.Name, UID: os.Getuid(), Decision: audit.Allow}
 	rec.SetCommand("f2b-shim restore")

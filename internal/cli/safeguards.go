@@ -112,7 +112,7 @@ func runExpire(args []string, stdout, stderr io.Writer, deps Deps) int {
 		}
 		defer a.close()
 		n, code := a.expire(true)
-		fmt.Fprintf(stdout, "policy %q: %d bans expired (max_ban_time %s)\n", pol.Name, n, maxBanTime(pol))
+		fmt.Fprintf(stdout, "policy %q: %s expired (max_ban_time %s)\n", pol.Name, plural(n, "ban"), maxBanTime(pol))
 		return code
 	})
 }
