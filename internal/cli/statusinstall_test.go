@@ -2,6 +2,7 @@ package cli
 
 import (
 	"encoding/binary"
+	"io"
 	"os"
 	"os/user"
 	"path/filepath"
@@ -131,5 +132,35 @@ func TestCheckInstall(t *testing.T) {
 		require.NotEmpty(t, fails)
 		assert.Contains(t, fails[0], "binary: "+self+" is not root's alone")
 		assert.Contains(t, fails[0], "run: chown root:f2b-shim")
+	})
+}
+
+// TestStatusOnAMailHost: with no policy and the mail host's files in
+// place, status says it is a mail host, names the outboxes and makes no
+// state or audit log (issue 22 found /var/lib/f2b-shim made there).
+func TestStatusOnAMailHost(t *testing.T) {
+	dir := t.TempDir()
+	outboxes := filepath.Join(dir, "outboxes")
+	require.NoError(t, os.MkdirAll(filepath.Join(outboxes, "dovecot"), 0o750))
+	oldDir, oldMarks := mailHostOutboxDir, mailHostMarks
+	mailHostOutboxDir, mailHostMarks = outboxes, []string{outboxes}
+	defer func() { mailHostOutboxDir, mailHostMarks = oldDir, oldMarks }()
+	deps := Deps{DefaultPolicyFile: filepath.Join(dir, "etc/policy.toml")}
+
+	var out strings.Builder
+	code := runStatus(nil, &out, io.Discard, deps)
+	assert.Equal(t, ExitOK, code)
+	assert.Contains(t, out.String(), "this is a mail host")
+	assert.Contains(t, out.String(), filepath.Join(outboxes, "dovecot"))
+	assert.Contains(t, out.String(), `"f2b-shim outbox"`)
+	entries, err := os.ReadDir(dir)
+	require.NoError(t, err)
+	assert.Len(t, entries, 1, "status made nothing beside the outboxes")
+
+	t.Run("a host with a policy is a proxy, whatever else it has", func(t *testing.T) {
+		require.NoError(t, os.MkdirAll(filepath.Dir(deps.DefaultPolicyFile), 0o755))
+		require.NoError(t, os.WriteFile(deps.DefaultPolicyFile, nil, 0o644))
+		_, ok := mailHostStatus(nil, io.Discard, deps)
+		assert.False(t, ok)
 	})
 }
