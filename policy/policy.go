@@ -72,6 +72,10 @@ type Policy struct {
 	// once: sshd does not bound authenticated connections, and each
 	// session holds an sshd and a shim process.
 	MaxStreamSessions int `toml:"max_stream_sessions"`
+	// File is the absolute path the policy was read from ("" for the
+	// built-in defaults). The state remembers it, so that a policy whose
+	// name changes finds its state again (name names the state file).
+	File string `toml:"-"`
 }
 
 // Limits on the policy itself, each with its reason.
