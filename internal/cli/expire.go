@@ -18,7 +18,7 @@ import (
 // lock go between chunks, so that a ban from the mail host waits for one
 // chunk at most, never for thousands of expiries (which took a minute
 // when each was its own transaction and iptables call).
-const expireChunk = 200
+const expireChunk = 100
 
 // expirePause lets a shim that waits for the lock take it between two
 // chunks: flock wakes the waiter, and without the pause expire would
