@@ -1,0 +1,508 @@
+package nftables
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"syscall"
+	"time"
+
+	"github.com/google/nftables"
+
+	"github.com/f2b-shim/f2b-shim/policy"
+)
+
+// maxElementsPerMessage bounds the elements of one netlink message. The
+// library puts all elements of a call into one attribute, whose length is
+// 16 bits; at most 52 bytes per element (an IPv6 interval end with its
+// flags and timeout) times 1000 stays under 64 KiB, with room for the
+// headers. A test checks the worst case.
+const maxElementsPerMessage = 1000
+
+// maxBansPerTransaction bounds one batch: 150,000 IPv6 prefixes, each
+// added, deleted and added again as two elements, fill maxTransactionBytes
+// (a transaction is one sendmsg, and the kernel copies it whole). A
+// stream's batch is far smaller; restore splits larger ones.
+const maxBansPerTransaction = 150_000
+
+// Ban is one prefix of a ban chain. A Timeout other than 0 makes the
+// kernel lift the ban after it (max_ban_time), whether or not any f2b-shim
+// process ever runs again.
+type Ban struct {
+	Prefix  netip.Prefix
+	Timeout time.Duration
+}
+
+// Batch queues changes to the table, all applied by Commit as one netlink
+// transaction: the kernel applies every change or none. Reads happen when
+// a change is queued, so a caller holds the shim's lock from the first
+// call to Commit.
+type Batch struct {
+	t   *Table
+	ops []func(c *nftables.Conn) error
+	// rules is set once a rule is inserted or deleted: a replay after
+	// ENOBUFS could then add a rule twice, so such a batch is not replayed.
+	rules bool
+	bans  int
+	err   error
+}
+
+// NewBatch starts an empty batch.
+func (t *Table) NewBatch() *Batch { return &Batch{t: t} }
+
+// Do runs fill on a new batch and commits it.
+func (t *Table) Do(fill func(b *Batch)) error {
+	b := t.NewBatch()
+	fill(b)
+	return b.Commit()
+}
+
+func (b *Batch) queue(op func(c *nftables.Conn) error) { b.ops = append(b.ops, op) }
+
+func (b *Batch) fail(err error) {
+	if b.err == nil {
+		b.err = err
+	}
+}
+
+// Err is the first error a queued change met; Commit returns it too.
+func (b *Batch) Err() error { return b.err }
+
+// ensureTable queues the table and its base chain. An add without
+// NLM_F_EXCL of what exists changes nothing, so ensuring needs no read.
+func (b *Batch) ensureTable() {
+	t := b.t
+	b.queue(func(c *nftables.Conn) error {
+		c.AddTable(t.table)
+		c.AddChain(t.base)
+		return nil
+	})
+}
+
+func (t *Table) chain(name policy.Chain) *nftables.Chain {
+	return &nftables.Chain{Name: string(name), Table: t.table}
+}
+
+func (t *Table) set(chain policy.Chain, fam policy.Family) *nftables.Set {
+	key := nftables.TypeIPAddr
+	if fam == policy.IPv6 {
+		key = nftables.TypeIP6Addr
+	}
+	return &nftables.Set{Table: t.table, Name: SetName(chain, fam), KeyType: key, Interval: true, HasTimeout: true}
+}
+
+// EnsureChain makes the ban chain and its set pair, if they are missing.
+// The chain holds nothing else until SetVerdict: a packet that no rule
+// of it matches returns to the base chain, which is what fail2ban's
+// "-A CHAIN -j RETURN" says; that rule is implicit here, and the
+// chain keeps its meaning by construction.
+func (b *Batch) EnsureChain(chain policy.Chain) {
+	if err := checkChain(chain); err != nil {
+		b.fail(err)
+		return
+	}
+	b.ensureTable()
+	t := b.t
+	b.queue(func(c *nftables.Conn) error {
+		c.AddChain(t.chain(chain))
+		for _, fam := range []policy.Family{policy.IPv4, policy.IPv6} {
+			if err := c.AddSet(t.set(chain, fam), nil); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// SetVerdict makes the family's rule of the ban chain say target: "ip
+// saddr @CHAIN-v4 reject with icmp type port-unreachable", or drop. The
+// chain must exist, or be ensured earlier in the batch. A rule with
+// another target is replaced in the same transaction.
+func (b *Batch) SetVerdict(chain policy.Chain, fam policy.Family, target policy.Target) {
+	if err := errors.Join(checkChain(chain), checkTarget(fam, target)); err != nil {
+		b.fail(err)
+		return
+	}
+	rules, err := b.t.rules(chain)
+	if err != nil {
+		b.fail(err)
+		return
+	}
+	var stale []*nftables.Rule
+	for _, r := range rules {
+		f, tg, ok := decodeVerdict(chain, r.Exprs)
+		if !ok || f != fam {
+			continue
+		}
+		if tg == target && len(stale) == 0 {
+			return
+		}
+		stale = append(stale, r)
+	}
+	b.rules = true
+	t := b.t
+	b.queue(func(c *nftables.Conn) error {
+		for _, r := range stale {
+			if err := c.DelRule(r); err != nil {
+				return err
+			}
+		}
+		c.AddRule(&nftables.Rule{Table: t.table, Chain: t.chain(chain), Exprs: verdictExprs(chain, fam, target)})
+		return nil
+	})
+}
+
+// EnsureHook adds the hook's rule to the base chain unless a rule with the
+// same effect is there: "meta l4proto tcp th dport { 25, 465 } jump
+// CHAIN". The ban chain must exist, or be ensured earlier in the batch.
+func (b *Batch) EnsureHook(h Hook) {
+	if err := h.check(); err != nil {
+		b.fail(err)
+		return
+	}
+	hooks, err := b.t.hooks()
+	if err != nil {
+		b.fail(err)
+		return
+	}
+	for _, live := range hooks {
+		if live.ok && sameHook(live.hook, h) {
+			return
+		}
+	}
+	b.ensureTable()
+	b.rules = true
+	t := b.t
+	b.queue(func(c *nftables.Conn) error {
+		set, elems := hookSet(t.table, h)
+		if set != nil {
+			if err := c.AddSet(set, elems); err != nil {
+				return err
+			}
+		}
+		c.InsertRule(&nftables.Rule{Table: t.table, Chain: t.base, Exprs: hookExprs(h, set)})
+		return nil
+	})
+}
+
+// DeleteHook removes every base chain rule with the hook's effect; none
+// is no error, as with fail2ban's own "-D" at actionstop.
+func (b *Batch) DeleteHook(h Hook) {
+	if err := h.check(); err != nil {
+		b.fail(err)
+		return
+	}
+	hooks, err := b.t.hooks()
+	if err != nil {
+		b.fail(err)
+		return
+	}
+	for _, live := range hooks {
+		if !live.ok || !sameHook(live.hook, h) {
+			continue
+		}
+		b.rules = true
+		r := live.rule
+		b.queue(func(c *nftables.Conn) error { return c.DelRule(r) })
+	}
+}
+
+func sameHook(a, b Hook) bool {
+	if a.Chain != b.Chain || a.Proto != b.Proto || (a.Ports == nil) != (b.Ports == nil) || len(a.Ports) != len(b.Ports) {
+		return false
+	}
+	for i := range a.Ports {
+		if a.Ports[i] != b.Ports[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// AddBans adds the prefixes to the chain's sets. A prefix that is there
+// already gets the new timeout: each element is added, deleted and added
+// again in the transaction, which refreshes it on every kernel (only
+// 6.10 and later update a timeout on a plain add), and cannot fail on a
+// missing element. The chain must exist, or be ensured earlier in the
+// batch.
+func (b *Batch) AddBans(chain policy.Chain, bans []Ban) {
+	elems, ok := b.elements(chain, bans)
+	if !ok {
+		return
+	}
+	t := b.t
+	for fam, list := range elems {
+		set := t.set(chain, fam)
+		for start := 0; start < len(list); start += maxElementsPerMessage {
+			chunk := list[start:min(start+maxElementsPerMessage, len(list))]
+			b.queue(func(c *nftables.Conn) error {
+				return errors.Join(c.SetAddElements(set, chunk), c.SetDeleteElements(set, chunk), c.SetAddElements(set, chunk))
+			})
+		}
+	}
+}
+
+// RemoveBans removes the prefixes from the chain's sets. A prefix that is
+// not there is no error: each element is added and then deleted, since a
+// delete of a missing element would fail the whole transaction.
+func (b *Batch) RemoveBans(chain policy.Chain, prefixes []netip.Prefix) {
+	bans := make([]Ban, len(prefixes))
+	for i, p := range prefixes {
+		bans[i] = Ban{Prefix: p}
+	}
+	elems, ok := b.elements(chain, bans)
+	if !ok {
+		return
+	}
+	t := b.t
+	for fam, list := range elems {
+		set := t.set(chain, fam)
+		for start := 0; start < len(list); start += maxElementsPerMessage {
+			chunk := list[start:min(start+maxElementsPerMessage, len(list))]
+			b.queue(func(c *nftables.Conn) error {
+				return errors.Join(c.SetAddElements(set, chunk), c.SetDeleteElements(set, chunk))
+			})
+		}
+	}
+}
+
+// elements checks the bans and turns them into interval elements per
+// family, each prefix's start and end next to each other.
+func (b *Batch) elements(chain policy.Chain, bans []Ban) (map[policy.Family][]nftables.SetElement, bool) {
+	if err := checkChain(chain); err != nil {
+		b.fail(err)
+		return nil, false
+	}
+	b.bans += len(bans)
+	if b.bans > maxBansPerTransaction {
+		b.fail(fmt.Errorf("f2b-shim: a batch of %d bans is more than one nftables transaction holds (%d); split it", b.bans, maxBansPerTransaction))
+		return nil, false
+	}
+	out := map[policy.Family][]nftables.SetElement{}
+	for _, ban := range bans {
+		p := ban.Prefix
+		if !p.IsValid() || p.Addr().Zone() != "" || p.Addr().Is4In6() {
+			b.fail(fmt.Errorf("f2b-shim: %q is not a plain IPv4 or IPv6 prefix; unmap IPv4-mapped addresses first", p))
+			return nil, false
+		}
+		if ban.Timeout < 0 || ban.Timeout > 0 && ban.Timeout < time.Millisecond {
+			b.fail(fmt.Errorf("f2b-shim: ban of %s has timeout %s; use 0 (none) or at least 1ms, the kernel's unit", p, ban.Timeout))
+			return nil, false
+		}
+		fam := policy.IPv4
+		if p.Addr().Is6() {
+			fam = policy.IPv6
+		}
+		start, end, open := prefixRange(p)
+		out[fam] = append(out[fam], nftables.SetElement{Key: keyOf(start), Timeout: ban.Timeout})
+		if !open {
+			// The kernel refuses a timeout on an interval end (EINVAL):
+			// the start element's timeout is the interval's.
+			out[fam] = append(out[fam], nftables.SetElement{Key: keyOf(end), IntervalEnd: true})
+		}
+	}
+	return out, true
+}
+
+// FlushChain empties the ban chain, as "iptables -F": its bans and its
+// verdict rules go, the chain and its sets stay.
+func (b *Batch) FlushChain(chain policy.Chain) {
+	if err := checkChain(chain); err != nil {
+		b.fail(err)
+		return
+	}
+	exists, err := b.t.chainExists(chain)
+	if err != nil || !exists {
+		b.fail(err)
+		return
+	}
+	t := b.t
+	b.rules = true
+	b.queue(func(c *nftables.Conn) error {
+		c.FlushChain(t.chain(chain))
+		for _, fam := range []policy.Family{policy.IPv4, policy.IPv6} {
+			// A chain whose set went missing gets it back first.
+			if err := c.AddSet(t.set(chain, fam), nil); err != nil {
+				return err
+			}
+			c.FlushSet(t.set(chain, fam))
+		}
+		return nil
+	})
+}
+
+// DeleteChain removes the ban chain and its sets, as "iptables -X". Like
+// iptables, the kernel refuses while a hook still jumps to it (EBUSY).
+func (b *Batch) DeleteChain(chain policy.Chain) {
+	if err := checkChain(chain); err != nil {
+		b.fail(err)
+		return
+	}
+	exists, err := b.t.chainExists(chain)
+	if err != nil || !exists {
+		b.fail(err)
+		return
+	}
+	t := b.t
+	b.rules = true
+	b.queue(func(c *nftables.Conn) error {
+		c.FlushChain(t.chain(chain))
+		c.DelChain(t.chain(chain))
+		for _, fam := range []policy.Family{policy.IPv4, policy.IPv6} {
+			s := t.set(chain, fam)
+			if err := c.AddSet(s, nil); err != nil {
+				return err
+			}
+			c.DelSet(s)
+		}
+		return nil
+	})
+}
+
+// DeleteTable removes the whole table, the shim's every hook, chain and
+// ban with it (prune, uninstall). A missing table is no error.
+func (b *Batch) DeleteTable() {
+	t := b.t
+	b.rules = true
+	b.queue(func(c *nftables.Conn) error {
+		c.AddTable(t.table)
+		c.DelTable(t.table)
+		return nil
+	})
+}
+
+// Commit sends the batch as one transaction. On an error nothing of it was
+// applied, except where the error says its outcome is unknown.
+func (b *Batch) Commit() error {
+	if b.err != nil {
+		return b.err
+	}
+	if len(b.ops) == 0 {
+		return nil
+	}
+	replay := func(c *nftables.Conn) error {
+		var errs []error
+		for _, op := range b.ops {
+			errs = append(errs, op(c))
+		}
+		return errors.Join(errs...)
+	}
+	err := b.t.flush(replay, !b.rules)
+	if err == nil {
+		return nil
+	}
+	return explain(err)
+}
+
+// explain turns the kernel's answer into what happened and what to do.
+func explain(err error) error {
+	var hint string
+	switch {
+	case errors.Is(err, syscall.EPERM):
+		hint = "run as root or with CAP_NET_ADMIN"
+	case errors.Is(err, syscall.ENOENT):
+		hint = "a chain or set the batch uses is missing (flushed behind the shim's back?); ensure the chain in the batch, or reconcile"
+	case errors.Is(err, syscall.EBUSY):
+		hint = "a hook still jumps to the chain, or its set is in use; delete the hooks first, as fail2ban does at actionstop"
+	case errors.Is(err, syscall.EEXIST), errors.Is(err, syscall.ENOTEMPTY):
+		hint = "a ban overlaps another ban of the chain without being the same prefix; nftables interval sets hold no overlaps, so ban the wider prefix alone"
+	case errors.Is(err, syscall.EMSGSIZE):
+		hint = "the transaction is larger than the socket buffer; split the batch"
+	case errors.Is(err, syscall.ENOBUFS):
+		return fmt.Errorf("f2b-shim: nftables did not acknowledge the transaction (ENOBUFS), and it may or may not have been applied: %w\nf2b-shim: hint: read the table back (reconcile) before retrying", err)
+	case errors.Is(err, syscall.EOPNOTSUPP), errors.Is(err, syscall.EAFNOSUPPORT):
+		hint = "the kernel lacks an nf_tables feature the shim needs (inet tables, interval sets with timeouts, reject); use backend = \"ipset\" or \"rules\""
+	default:
+		hint = "see the kernel's answer above; nothing of the batch was applied"
+	}
+	return fmt.Errorf("f2b-shim: nftables refused the transaction: %w\nf2b-shim: hint: %s", err, hint)
+}
+
+// rules lists a chain's rules; none for a chain that does not exist.
+func (t *Table) rules(chain policy.Chain) ([]*nftables.Rule, error) {
+	exists, err := t.chainExists(chain)
+	if err != nil || !exists {
+		return nil, err
+	}
+	libraryMu.Lock()
+	defer libraryMu.Unlock()
+	rules, err := t.conn.GetRules(t.table, t.chain(chain))
+	if err != nil {
+		return nil, t.readErr(fmt.Sprintf("the rules of chain %q", chain), err)
+	}
+	return rules, nil
+}
+
+type liveHook struct {
+	rule *nftables.Rule
+	hook Hook
+	ok   bool
+}
+
+// hooks reads the base chain's rules and decodes them.
+func (t *Table) hooks() ([]liveHook, error) {
+	exists, err := t.chainExists(BaseChain)
+	if err != nil || !exists {
+		return nil, err
+	}
+	libraryMu.Lock()
+	defer libraryMu.Unlock()
+	rules, err := t.conn.GetRules(t.table, t.base)
+	if err != nil {
+		return nil, t.readErr("the base chain's rules", err)
+	}
+	out := make([]liveHook, 0, len(rules))
+	for _, r := range rules {
+		h, ok, err := decodeHook(r.Exprs, t.portSet)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, liveHook{rule: r, hook: h, ok: ok})
+	}
+	return out, nil
+}
+
+// portSet reads an anonymous port set; the caller holds libraryMu.
+func (t *Table) portSet(name string) ([]policy.PortRange, error) {
+	elems, err := t.conn.GetSetElements(&nftables.Set{Table: t.table, Name: name})
+	if err != nil {
+		return nil, t.readErr(fmt.Sprintf("port set %q", name), err)
+	}
+	return portRanges(elems)
+}
+
+// chainExists reads the table's chains: a dump, which answers for a
+// missing table too, where a get would fail with an error whose errno
+// the library (v0.3.0) does not keep.
+func (t *Table) chainExists(chain policy.Chain) (bool, error) {
+	chains, err := t.chains()
+	if err != nil {
+		return false, err
+	}
+	for _, c := range chains {
+		if c.Name == string(chain) {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+func (t *Table) chains() ([]*nftables.Chain, error) {
+	libraryMu.Lock()
+	defer libraryMu.Unlock()
+	all, err := t.conn.ListChainsOfTableFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return nil, t.readErr("the inet chains", err)
+	}
+	var out []*nftables.Chain
+	for _, c := range all {
+		if c.Table != nil && c.Table.Name == t.table.Name {
+			out = append(out, c)
+		}
+	}
+	return out, nil
+}
+
+func (t *Table) readErr(what string, err error) error {
+	return fmt.Errorf("f2b-shim: cannot read %s of nftables table %q: %w\nf2b-shim: hint: the nftables backend needs CAP_NET_ADMIN and a kernel with nf_tables", what, t.table.Name, err)
+}

@@ -1,0 +1,234 @@
+package nftables
+
+import (
+	"bytes"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/google/nftables"
+
+	"github.com/f2b-shim/f2b-shim/policy"
+)
+
+// Element is a ban as the kernel holds it.
+type Element struct {
+	Prefix netip.Prefix
+	// Timeout is the ban's whole timeout, Expires what is left of it;
+	// both 0 for a ban without one.
+	Timeout, Expires time.Duration
+}
+
+// ChainState is one ban chain as read back.
+type ChainState struct {
+	// Verdicts holds the target of each family's rule.
+	Verdicts map[policy.Family]policy.Target
+	// Bans holds each family's set, sorted; a family whose set is missing
+	// has no key.
+	Bans map[policy.Family][]Element
+}
+
+// Snapshot is the table as the kernel holds it, in typed values, for
+// reconcile to compare with the state. What the package does not write
+// (a rule, set or chain added by hand, a range that is no prefix) is
+// listed in Foreign rather than guessed at.
+type Snapshot struct {
+	Exists    bool // the table exists
+	BaseChain bool // its base chain exists
+	Hooks     []Hook
+	Chains    map[policy.Chain]*ChainState
+	Foreign   []string
+}
+
+// ReadBack lists the table. A missing table is an empty Snapshot, not an
+// error: after "nft flush ruleset" reconcile sees drift, not a failure.
+func (t *Table) ReadBack() (*Snapshot, error) {
+	snap := &Snapshot{Chains: map[policy.Chain]*ChainState{}}
+	chains, err := t.chains()
+	if err != nil {
+		return nil, err
+	}
+	exists, err := t.tableExists()
+	if err != nil || !exists {
+		return snap, err
+	}
+	snap.Exists = true
+	for _, c := range chains {
+		if c.Name == BaseChain {
+			snap.BaseChain = true
+			continue
+		}
+		snap.Chains[policy.Chain(c.Name)] = &ChainState{Verdicts: map[policy.Family]policy.Target{}, Bans: map[policy.Family][]Element{}}
+	}
+	if err := t.readSets(snap); err != nil {
+		return nil, err
+	}
+	if snap.BaseChain {
+		hooks, err := t.hooks()
+		if err != nil {
+			return nil, err
+		}
+		for _, h := range hooks {
+			if h.ok {
+				snap.Hooks = append(snap.Hooks, h.hook)
+			} else {
+				snap.Foreign = append(snap.Foreign, fmt.Sprintf("rule handle %d in chain %q", h.rule.Handle, BaseChain))
+			}
+		}
+	}
+	for name, cs := range snap.Chains {
+		rules, err := t.rules(name)
+		if err != nil {
+			return nil, err
+		}
+		for _, r := range rules {
+			fam, target, ok := decodeVerdict(name, r.Exprs)
+			if _, dup := cs.Verdicts[fam]; !ok || dup {
+				snap.Foreign = append(snap.Foreign, fmt.Sprintf("rule handle %d in chain %q", r.Handle, name))
+				continue
+			}
+			cs.Verdicts[fam] = target
+		}
+	}
+	slices.Sort(snap.Foreign)
+	return snap, nil
+}
+
+func (t *Table) tableExists() (bool, error) {
+	libraryMu.Lock()
+	defer libraryMu.Unlock()
+	tables, err := t.conn.ListTablesOfFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return false, t.readErr("the inet tables", err)
+	}
+	for _, tb := range tables {
+		if tb.Name == t.table.Name {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// readSets reads every named set of the table and files its elements
+// under its chain.
+func (t *Table) readSets(snap *Snapshot) error {
+	libraryMu.Lock()
+	defer libraryMu.Unlock()
+	sets, err := t.conn.GetSets(t.table)
+	if err != nil {
+		return t.readErr("the sets", err)
+	}
+	for _, s := range sets {
+		if s.Anonymous {
+			continue // a hook's ports, read with its rule
+		}
+		chain, fam, ok := chainOfSet(s.Name)
+		cs := snap.Chains[chain]
+		if !ok || cs == nil || !s.Interval || !s.HasTimeout {
+			snap.Foreign = append(snap.Foreign, fmt.Sprintf("set %q", s.Name))
+			continue
+		}
+		elems, err := t.conn.GetSetElements(s)
+		if err != nil {
+			return t.readErr(fmt.Sprintf("set %q", s.Name), err)
+		}
+		bans, foreign := intervals(elems)
+		cs.Bans[fam] = bans
+		for _, f := range foreign {
+			snap.Foreign = append(snap.Foreign, fmt.Sprintf("set %q: %s", s.Name, f))
+		}
+	}
+	return nil
+}
+
+func chainOfSet(name string) (policy.Chain, policy.Family, bool) {
+	if c, ok := strings.CutSuffix(name, "-v4"); ok {
+		return policy.Chain(c), policy.IPv4, true
+	}
+	if c, ok := strings.CutSuffix(name, "-v6"); ok {
+		return policy.Chain(c), policy.IPv6, true
+	}
+	return "", 0, false
+}
+
+// intervals pairs an interval set's elements back into prefixes: each
+// start with the end element just above it, or open to the top when it is
+// the last and has none.
+func intervals(elems []nftables.SetElement) (bans []Element, foreign []string) {
+	slices.SortFunc(elems, func(a, b nftables.SetElement) int { return bytes.Compare(a.Key, b.Key) })
+	for i := 0; i < len(elems); i++ {
+		e := elems[i]
+		if e.IntervalEnd {
+			// nft writes an end element at the family's zero address
+			// before a set's first interval; it closes nothing.
+			if a, err := addrOf(e.Key); err != nil || !a.IsUnspecified() {
+				foreign = append(foreign, fmt.Sprintf("interval end %x without a start", e.Key))
+			}
+			continue
+		}
+		start, err := addrOf(e.Key)
+		if err != nil {
+			foreign = append(foreign, err.Error())
+			continue
+		}
+		var end netip.Addr
+		open := true
+		if i+1 < len(elems) && elems[i+1].IntervalEnd {
+			if end, err = addrOf(elems[i+1].Key); err != nil {
+				foreign = append(foreign, err.Error())
+				continue
+			}
+			open = false
+			i++
+		}
+		p, ok := rangePrefix(start, end, open)
+		if !ok {
+			foreign = append(foreign, fmt.Sprintf("range %s-%s is no prefix", start, end))
+			continue
+		}
+		bans = append(bans, Element{Prefix: p, Timeout: e.Timeout, Expires: e.Expires})
+	}
+	return bans, foreign
+}
+
+// Check reports the ban of the chain that covers p: p itself, or a wider
+// prefix that holds it. It reads the family's whole set, so it costs as
+// much as the set is large; the shim's checks are rare (fail2ban's
+// actioncheck asks about hooks, not bans).
+func (t *Table) Check(chain policy.Chain, p netip.Prefix) (Element, bool, error) {
+	if err := checkChain(chain); err != nil {
+		return Element{}, false, err
+	}
+	fam := policy.IPv4
+	if p.Addr().Is6() {
+		fam = policy.IPv6
+	}
+	exists, err := t.chainExists(chain)
+	if err != nil || !exists {
+		return Element{}, false, err
+	}
+	libraryMu.Lock()
+	defer libraryMu.Unlock()
+	sets, err := t.conn.GetSets(t.table)
+	if err != nil {
+		return Element{}, false, t.readErr("the sets", err)
+	}
+	for _, s := range sets {
+		if s.Name != SetName(chain, fam) {
+			continue
+		}
+		elems, err := t.conn.GetSetElements(s)
+		if err != nil {
+			return Element{}, false, t.readErr(fmt.Sprintf("set %q", s.Name), err)
+		}
+		bans, _ := intervals(elems)
+		for _, b := range bans {
+			if b.Prefix.Bits() <= p.Bits() && b.Prefix.Contains(p.Addr()) {
+				return b, true, nil
+			}
+		}
+	}
+	return Element{}, false, nil
+}
