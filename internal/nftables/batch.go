@@ -38,13 +38,16 @@ type Ban struct {
 // a change is queued, so a caller holds the shim's lock from the first
 // call to Commit.
 type Batch struct {
-	t   *Table
-	ops []func(c *nftables.Conn) error
+	t     *Table
+	steps []step
 	// rules is set once a rule is inserted or deleted: a replay after
 	// ENOBUFS could then add a rule twice, so such a batch is not replayed.
 	rules bool
 	bans  int
 	err   error
+	// Adjustments lists the bans that Commit changed to fit the sets'
+	// no-overlap rule, after it commits; see Adjustment.
+	Adjustments []Adjustment
 }
 
 // NewBatch starts an empty batch.
@@ -57,7 +60,14 @@ func (t *Table) Do(fill func(b *Batch)) error {
 	return b.Commit()
 }
 
-func (b *Batch) queue(op func(c *nftables.Conn) error) { b.ops = append(b.ops, op) }
+// step is one queued change: a library call, or a change of bans, which
+// Commit turns into library calls (see bans.go).
+type step struct {
+	op   func(c *nftables.Conn) error
+	bans *banStep
+}
+
+func (b *Batch) queue(op func(c *nftables.Conn) error) { b.steps = append(b.steps, step{op: op}) }
 
 func (b *Batch) fail(err error) {
 	if b.err == nil {
@@ -219,91 +229,6 @@ func sameHook(a, b Hook) bool {
 	return true
 }
 
-// AddBans adds the prefixes to the chain's sets. A prefix that is there
-// already gets the new timeout: each element is added, deleted and added
-// again in the transaction, which refreshes it on every kernel (only
-// 6.10 and later update a timeout on a plain add), and cannot fail on a
-// missing element. The chain must exist, or be ensured earlier in the
-// batch.
-func (b *Batch) AddBans(chain policy.Chain, bans []Ban) {
-	elems, ok := b.elements(chain, bans)
-	if !ok {
-		return
-	}
-	t := b.t
-	for fam, list := range elems {
-		set := t.set(chain, fam)
-		for start := 0; start < len(list); start += maxElementsPerMessage {
-			chunk := list[start:min(start+maxElementsPerMessage, len(list))]
-			b.queue(func(c *nftables.Conn) error {
-				return errors.Join(c.SetAddElements(set, chunk), c.SetDeleteElements(set, chunk), c.SetAddElements(set, chunk))
-			})
-		}
-	}
-}
-
-// RemoveBans removes the prefixes from the chain's sets. A prefix that is
-// not there is no error: each element is added and then deleted, since a
-// delete of a missing element would fail the whole transaction.
-func (b *Batch) RemoveBans(chain policy.Chain, prefixes []netip.Prefix) {
-	bans := make([]Ban, len(prefixes))
-	for i, p := range prefixes {
-		bans[i] = Ban{Prefix: p}
-	}
-	elems, ok := b.elements(chain, bans)
-	if !ok {
-		return
-	}
-	t := b.t
-	for fam, list := range elems {
-		set := t.set(chain, fam)
-		for start := 0; start < len(list); start += maxElementsPerMessage {
-			chunk := list[start:min(start+maxElementsPerMessage, len(list))]
-			b.queue(func(c *nftables.Conn) error {
-				return errors.Join(c.SetAddElements(set, chunk), c.SetDeleteElements(set, chunk))
-			})
-		}
-	}
-}
-
-// elements checks the bans and turns them into interval elements per
-// family, each prefix's start and end next to each other.
-func (b *Batch) elements(chain policy.Chain, bans []Ban) (map[policy.Family][]nftables.SetElement, bool) {
-	if err := checkChain(chain); err != nil {
-		b.fail(err)
-		return nil, false
-	}
-	b.bans += len(bans)
-	if b.bans > maxBansPerTransaction {
-		b.fail(fmt.Errorf("f2b-shim: a batch of %d bans is more than one nftables transaction holds (%d); split it", b.bans, maxBansPerTransaction))
-		return nil, false
-	}
-	out := map[policy.Family][]nftables.SetElement{}
-	for _, ban := range bans {
-		p := ban.Prefix
-		if !p.IsValid() || p.Addr().Zone() != "" || p.Addr().Is4In6() {
-			b.fail(fmt.Errorf("f2b-shim: %q is not a plain IPv4 or IPv6 prefix; unmap IPv4-mapped addresses first", p))
-			return nil, false
-		}
-		if ban.Timeout < 0 || ban.Timeout > 0 && ban.Timeout < time.Millisecond {
-			b.fail(fmt.Errorf("f2b-shim: ban of %s has timeout %s; use 0 (none) or at least 1ms, the kernel's unit", p, ban.Timeout))
-			return nil, false
-		}
-		fam := policy.IPv4
-		if p.Addr().Is6() {
-			fam = policy.IPv6
-		}
-		start, end, open := prefixRange(p)
-		out[fam] = append(out[fam], nftables.SetElement{Key: keyOf(start), Timeout: ban.Timeout})
-		if !open {
-			// The kernel refuses a timeout on an interval end (EINVAL):
-			// the start element's timeout is the interval's.
-			out[fam] = append(out[fam], nftables.SetElement{Key: keyOf(end), IntervalEnd: true})
-		}
-	}
-	return out, true
-}
-
 // FlushChain empties the ban chain, as "iptables -F": its bans and its
 // verdict rules go, the chain and its sets stay.
 func (b *Batch) FlushChain(chain policy.Chain) {
@@ -373,44 +298,80 @@ func (b *Batch) DeleteTable() {
 
 // Commit sends the batch as one transaction. On an error nothing of it was
 // applied, except where the error says its outcome is unknown.
+//
+// Interval sets hold no overlapping elements, and the kernel refuses the
+// whole transaction (EEXIST) when a ban overlaps another ban of its chain
+// without being the same prefix. Commit then reads the sets the batch
+// changes, adjusts its bans (see Adjustments) and sends it once more.
 func (b *Batch) Commit() error {
 	if b.err != nil {
 		return b.err
 	}
-	if len(b.ops) == 0 {
+	if len(b.steps) == 0 {
 		return nil
 	}
-	replay := func(c *nftables.Conn) error {
+	err := b.t.flush(b.replay(nil), !b.rules)
+	if errors.Is(err, syscall.EEXIST) && b.hasBans() {
+		live, rerr := b.t.liveBans(b.banSets())
+		if rerr != nil {
+			return errors.Join(explain(err), rerr)
+		}
+		err = b.t.flush(b.replay(live), !b.rules)
+	}
+	if err != nil {
+		return explain(err)
+	}
+	return nil
+}
+
+// replay is the batch as library calls; live, when set, holds the sets'
+// elements, against which the bans are adjusted.
+func (b *Batch) replay(live map[setKey][]netip.Prefix) func(c *nftables.Conn) error {
+	b.Adjustments = nil
+	var ops []func(c *nftables.Conn) error
+	for _, s := range b.steps {
+		if s.op != nil {
+			ops = append(ops, s.op)
+			continue
+		}
+		ops = append(ops, b.banOps(s.bans, live)...)
+	}
+	return func(c *nftables.Conn) error {
 		var errs []error
-		for _, op := range b.ops {
+		for _, op := range ops {
 			errs = append(errs, op(c))
 		}
 		return errors.Join(errs...)
 	}
-	err := b.t.flush(replay, !b.rules)
-	if err == nil {
-		return nil
-	}
-	return explain(err)
 }
 
 // explain turns the kernel's answer into what happened and what to do.
 func explain(err error) error {
+	// A failed transaction reports an error for the message that failed
+	// and often others for those after it (ENOENT for what it would have
+	// made): the most telling errno wins.
 	var hint string
-	switch {
-	case errors.Is(err, syscall.EPERM):
+	errno := syscall.Errno(0)
+	for _, n := range []syscall.Errno{syscall.EPERM, syscall.ENOBUFS, syscall.EMSGSIZE, syscall.EEXIST, syscall.ENOTEMPTY, syscall.EBUSY, syscall.EOPNOTSUPP, syscall.EAFNOSUPPORT, syscall.ENOENT} {
+		if errors.Is(err, n) {
+			errno = n
+			break
+		}
+	}
+	switch errno {
+	case syscall.EPERM:
 		hint = "run as root or with CAP_NET_ADMIN"
-	case errors.Is(err, syscall.ENOENT):
+	case syscall.ENOENT:
 		hint = "a chain or set the batch uses is missing (flushed behind the shim's back?); ensure the chain in the batch, or reconcile"
-	case errors.Is(err, syscall.EBUSY):
+	case syscall.EBUSY:
 		hint = "a hook still jumps to the chain, or its set is in use; delete the hooks first, as fail2ban does at actionstop"
-	case errors.Is(err, syscall.EEXIST), errors.Is(err, syscall.ENOTEMPTY):
-		hint = "a ban overlaps another ban of the chain without being the same prefix; nftables interval sets hold no overlaps, so ban the wider prefix alone"
-	case errors.Is(err, syscall.EMSGSIZE):
+	case syscall.EEXIST, syscall.ENOTEMPTY:
+		hint = "a ban overlaps another ban of the chain without being the same prefix, and the table changed while the batch was adjusted to it; send the batch again"
+	case syscall.EMSGSIZE:
 		hint = "the transaction is larger than the socket buffer; split the batch"
-	case errors.Is(err, syscall.ENOBUFS):
+	case syscall.ENOBUFS:
 		return fmt.Errorf("f2b-shim: nftables did not acknowledge the transaction (ENOBUFS), and it may or may not have been applied: %w\nf2b-shim: hint: read the table back (reconcile) before retrying", err)
-	case errors.Is(err, syscall.EOPNOTSUPP), errors.Is(err, syscall.EAFNOSUPPORT):
+	case syscall.EOPNOTSUPP, syscall.EAFNOSUPPORT:
 		hint = "the kernel lacks an nf_tables feature the shim needs (inet tables, interval sets with timeouts, reject); use backend = \"ipset\" or \"rules\""
 	default:
 		hint = "see the kernel's answer above; nothing of the batch was applied"

@@ -157,7 +157,7 @@ func chainOfSet(name string) (policy.Chain, policy.Family, bool) {
 // start with the end element just above it, or open to the top when it is
 // the last and has none.
 func intervals(elems []nftables.SetElement) (bans []Element, foreign []string) {
-	slices.SortFunc(elems, func(a, b nftables.SetElement) int { return bytes.Compare(a.Key, b.Key) })
+	slices.SortFunc(elems, compareElements)
 	for i := 0; i < len(elems); i++ {
 		e := elems[i]
 		if e.IntervalEnd {
@@ -191,6 +191,22 @@ func intervals(elems []nftables.SetElement) (bans []Element, foreign []string) {
 		bans = append(bans, Element{Prefix: p, Timeout: e.Timeout, Expires: e.Expires})
 	}
 	return bans, foreign
+}
+
+// compareElements orders interval elements by key, and at one key the
+// end of an interval before the start of the next: adjacent prefixes
+// share that key (192.0.2.0/24 ends where 192.0.3.0/24 starts).
+func compareElements(a, b nftables.SetElement) int {
+	if c := bytes.Compare(a.Key, b.Key); c != 0 {
+		return c
+	}
+	switch {
+	case a.IntervalEnd == b.IntervalEnd:
+		return 0
+	case a.IntervalEnd:
+		return -1
+	}
+	return 1
 }
 
 // Check reports the ban of the chain that covers p: p itself, or a wider

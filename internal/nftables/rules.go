@@ -173,7 +173,7 @@ func decodeHook(exprs []expr.Any, ports func(set string) ([]policy.PortRange, er
 
 // portRanges turns an anonymous interval set's elements back into ranges.
 func portRanges(elems []nftables.SetElement) ([]policy.PortRange, error) {
-	slices.SortFunc(elems, func(a, b nftables.SetElement) int { return bytes.Compare(a.Key, b.Key) })
+	slices.SortFunc(elems, compareElements)
 	var out []policy.PortRange
 	for i := 0; i < len(elems); i++ {
 		e := elems[i]

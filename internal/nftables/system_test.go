@@ -88,3 +88,11 @@ func TestSystemGolden(t *testing.T) {
 	}))
 	assertGolden(t, ns, "golden")
 }
+
+func prefixes(ps ...string) []netip.Prefix {
+	out := make([]netip.Prefix, len(ps))
+	for i, p := range ps {
+		out[i] = netip.MustParsePrefix(p)
+	}
+	return out
+}
