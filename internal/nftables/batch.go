@@ -42,9 +42,10 @@ type Batch struct {
 	steps []step
 	// rules is set once a rule is inserted or deleted: a replay after
 	// ENOBUFS could then add a rule twice, so such a batch is not replayed.
-	rules bool
-	bans  int
-	err   error
+	rules  bool
+	bans   int
+	setIDs uint32
+	err    error
 	// Adjustments lists the bans that Commit changed to fit the sets'
 	// no-overlap rule, after it commits; see Adjustment.
 	Adjustments []Adjustment
@@ -68,6 +69,17 @@ type step struct {
 }
 
 func (b *Batch) queue(op func(c *nftables.Conn) error) { b.steps = append(b.steps, step{op: op}) }
+
+// withID gives a set the batch's next set ID. The kernel uses the ID to
+// find a set made earlier in the same transaction; the library would
+// take one from its unsynchronised package counter (allocSetID) when
+// the ID is 0, so the batch numbers its sets itself: the same batch sends
+// the same bytes, in any process and on a replay.
+func (b *Batch) withID(s *nftables.Set) *nftables.Set {
+	b.setIDs++
+	s.ID = b.setIDs
+	return s
+}
 
 func (b *Batch) fail(err error) {
 	if b.err == nil {
@@ -116,7 +128,7 @@ func (b *Batch) EnsureChain(chain policy.Chain) {
 	b.queue(func(c *nftables.Conn) error {
 		c.AddChain(t.chain(chain))
 		for _, fam := range []policy.Family{policy.IPv4, policy.IPv6} {
-			if err := c.AddSet(t.set(chain, fam), nil); err != nil {
+			if err := c.AddSet(b.withID(t.set(chain, fam)), nil); err != nil {
 				return err
 			}
 		}
@@ -186,7 +198,9 @@ func (b *Batch) EnsureHook(h Hook) {
 	b.queue(func(c *nftables.Conn) error {
 		set, elems := hookSet(t.table, h)
 		if set != nil {
-			if err := c.AddSet(set, elems); err != nil {
+			// The kernel names an anonymous set from the pattern.
+			set.Name = "__set%d"
+			if err := c.AddSet(b.withID(set), elems); err != nil {
 				return err
 			}
 		}
@@ -247,7 +261,7 @@ func (b *Batch) FlushChain(chain policy.Chain) {
 		c.FlushChain(t.chain(chain))
 		for _, fam := range []policy.Family{policy.IPv4, policy.IPv6} {
 			// A chain whose set went missing gets it back first.
-			if err := c.AddSet(t.set(chain, fam), nil); err != nil {
+			if err := c.AddSet(b.withID(t.set(chain, fam)), nil); err != nil {
 				return err
 			}
 			c.FlushSet(t.set(chain, fam))
@@ -274,7 +288,7 @@ func (b *Batch) DeleteChain(chain policy.Chain) {
 		c.FlushChain(t.chain(chain))
 		c.DelChain(t.chain(chain))
 		for _, fam := range []policy.Family{policy.IPv4, policy.IPv6} {
-			s := t.set(chain, fam)
+			s := b.withID(t.set(chain, fam))
 			if err := c.AddSet(s, nil); err != nil {
 				return err
 			}
@@ -337,6 +351,7 @@ func (b *Batch) replay(live map[setKey][]netip.Prefix) func(c *nftables.Conn) er
 		ops = append(ops, b.banOps(s.bans, live)...)
 	}
 	return func(c *nftables.Conn) error {
+		b.setIDs = 0
 		var errs []error
 		for _, op := range ops {
 			errs = append(errs, op(c))
