@@ -1,0 +1,165 @@
+package nftables
+
+import (
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/f2b-shim/f2b-shim/policy"
+)
+
+// fail2ban's own order: actionstart, bans, actionstop; then what an admin
+// or reconcile meets.
+func TestSystemLifecycle(t *testing.T) {
+	tbl, ns := nsTable(t)
+	sshd := Hook{Chain: "f2b-sshd", Proto: "tcp", Ports: []policy.PortRange{pr(22, 22)}}
+	mail := Hook{Chain: "f2b-mail", Proto: "tcp", Ports: []policy.PortRange{pr(25, 25), pr(465, 465), pr(587, 587)}}
+	start := func(b *Batch) {
+		for _, h := range []Hook{sshd, mail} {
+			b.EnsureChain(h.Chain)
+			b.EnsureHook(h)
+		}
+		b.SetVerdict(sshd.Chain, policy.IPv4, reject4)
+		b.SetVerdict(sshd.Chain, policy.IPv6, reject6)
+		b.SetVerdict(mail.Chain, policy.IPv4, drop)
+		b.AddBans(sshd.Chain, bans(0, "192.0.2.7/32", "2001:db8:1:2::/64"))
+		b.AddBans(mail.Chain, bans(time.Hour, "203.0.113.0/24"))
+	}
+	require.NoError(t, tbl.Do(start))
+
+	t.Run("read back is the typed table", func(t *testing.T) {
+		snap, err := tbl.ReadBack()
+		require.NoError(t, err)
+		assert.True(t, snap.Exists)
+		assert.True(t, snap.BaseChain)
+		assert.Empty(t, snap.Foreign)
+		// Hooks are inserted at the top, as fail2ban's "-I INPUT".
+		assert.Equal(t, []Hook{mail, sshd}, snap.Hooks)
+		require.Contains(t, snap.Chains, policy.Chain("f2b-sshd"))
+		assert.Equal(t, map[policy.Family]policy.Target{policy.IPv4: reject4, policy.IPv6: reject6}, snap.Chains["f2b-sshd"].Verdicts)
+		assert.Equal(t, map[policy.Family][]Element{
+			policy.IPv4: {{Prefix: netip.MustParsePrefix("192.0.2.7/32")}},
+			policy.IPv6: {{Prefix: netip.MustParsePrefix("2001:db8:1:2::/64")}},
+		}, snap.Chains["f2b-sshd"].Bans)
+		mailBans := snap.Chains["f2b-mail"].Bans[policy.IPv4]
+		require.Len(t, mailBans, 1)
+		assert.Equal(t, netip.MustParsePrefix("203.0.113.0/24"), mailBans[0].Prefix)
+		assert.Equal(t, time.Hour, mailBans[0].Timeout)
+	})
+
+	t.Run("a /64 is one interval element", func(t *testing.T) {
+		out := ns.MustRun(t, "nft", "list", "set", "inet", DefaultTable, "f2b-sshd-v6")
+		assert.Contains(t, out, "elements = { 2001:db8:1:2::/64 }")
+		e, found, err := tbl.Check("f2b-sshd", netip.MustParsePrefix("2001:db8:1:2::7/128"))
+		require.NoError(t, err)
+		assert.True(t, found, "a member of the /64 is banned by it")
+		assert.Equal(t, netip.MustParsePrefix("2001:db8:1:2::/64"), e.Prefix)
+		_, found, err = tbl.Check("f2b-sshd", netip.MustParsePrefix("2001:db8:1:3::7/128"))
+		require.NoError(t, err)
+		assert.False(t, found, "the next /64 is not")
+	})
+
+	t.Run("ensuring everything again changes nothing", func(t *testing.T) {
+		before := listTable(t, ns)
+		require.NoError(t, tbl.Do(start))
+		assert.Equal(t, before, listTable(t, ns))
+	})
+
+	t.Run("a new target replaces the family's rule in one transaction", func(t *testing.T) {
+		require.NoError(t, tbl.Do(func(b *Batch) { b.SetVerdict(sshd.Chain, policy.IPv4, drop) }))
+		snap, err := tbl.ReadBack()
+		require.NoError(t, err)
+		assert.Equal(t, drop, snap.Chains["f2b-sshd"].Verdicts[policy.IPv4])
+		assert.Empty(t, snap.Foreign)
+	})
+
+	t.Run("a chain a hook jumps to cannot be deleted, and the error says why", func(t *testing.T) {
+		err := tbl.Do(func(b *Batch) { b.DeleteChain(sshd.Chain) })
+		require.Error(t, err)
+		assert.Contains(t, err.Error(), "delete the hooks first")
+	})
+
+	t.Run("actionstop: delete the hook, flush and delete the chain", func(t *testing.T) {
+		require.NoError(t, tbl.Do(func(b *Batch) { b.DeleteHook(sshd); b.FlushChain(sshd.Chain) }))
+		snap, err := tbl.ReadBack()
+		require.NoError(t, err)
+		assert.Equal(t, []Hook{mail}, snap.Hooks)
+		assert.Empty(t, snap.Chains["f2b-sshd"].Verdicts)
+		assert.Empty(t, snap.Chains["f2b-sshd"].Bans[policy.IPv4])
+		require.NoError(t, tbl.Do(func(b *Batch) { b.DeleteChain(sshd.Chain) }))
+		snap, err = tbl.ReadBack()
+		require.NoError(t, err)
+		assert.NotContains(t, snap.Chains, policy.Chain("f2b-sshd"))
+		assert.Empty(t, snap.Foreign, "the chain's sets went with it")
+	})
+
+	t.Run("deleting what is not there is no error", func(t *testing.T) {
+		require.NoError(t, tbl.Do(func(b *Batch) {
+			b.DeleteHook(sshd)
+			b.DeleteChain(sshd.Chain)
+			b.FlushChain(sshd.Chain)
+			b.RemoveBans(mail.Chain, prefixes("198.51.100.99/32"))
+		}))
+	})
+
+	t.Run("a rule added by hand is foreign, not a hook", func(t *testing.T) {
+		ns.MustRun(t, "nft", "add", "rule", "inet", DefaultTable, BaseChain, "tcp", "dport", "8080", "accept")
+		snap, err := tbl.ReadBack()
+		require.NoError(t, err)
+		assert.Equal(t, []Hook{mail}, snap.Hooks)
+		require.Len(t, snap.Foreign, 1)
+		assert.Contains(t, snap.Foreign[0], `chain "input"`)
+	})
+
+	t.Run("nft flush ruleset is drift that read back shows as nothing", func(t *testing.T) {
+		ns.MustRun(t, "nft", "flush", "ruleset")
+		snap, err := tbl.ReadBack()
+		require.NoError(t, err)
+		assert.False(t, snap.Exists)
+		assert.Empty(t, snap.Chains)
+		assert.Empty(t, snap.Hooks)
+		_, found, err := tbl.Check(mail.Chain, netip.MustParsePrefix("203.0.113.0/24"))
+		require.NoError(t, err)
+		assert.False(t, found)
+		// Repair is the same batch again.
+		require.NoError(t, tbl.Do(start))
+		snap, err = tbl.ReadBack()
+		require.NoError(t, err)
+		assert.Len(t, snap.Hooks, 2)
+	})
+
+	t.Run("prune deletes the whole table, twice without error", func(t *testing.T) {
+		require.NoError(t, tbl.Do(func(b *Batch) { b.DeleteTable() }))
+		require.NoError(t, tbl.Do(func(b *Batch) { b.DeleteTable() }))
+		assert.NotContains(t, ns.MustRun(t, "nft", "list", "tables"), DefaultTable)
+	})
+}
+
+func TestSystemHundredThousandBans(t *testing.T) {
+	tbl, _ := nsTable(t)
+	many := make([]Ban, 100_000)
+	for i := range many {
+		// 100,000 addresses only fit documentation space as IPv6.
+		a := netip.MustParseAddr("2001:db8::").As16()
+		a[12], a[13], a[14], a[15] = byte(i>>24), byte(i>>16), byte(i>>8), byte(i)
+		many[i] = Ban{Prefix: netip.PrefixFrom(netip.AddrFrom16(a), 128), Timeout: 30 * 24 * time.Hour}
+	}
+	require.NoError(t, tbl.Do(func(b *Batch) { b.EnsureChain("f2b-many"); b.AddBans("f2b-many", many) }))
+	snap, err := tbl.ReadBack()
+	require.NoError(t, err)
+	assert.Len(t, snap.Chains["f2b-many"].Bans[policy.IPv6], 100_000)
+	// Each read of a set this large costs seconds: the kernel resumes a
+	// dump by walking the set from its start again, so one read is enough.
+	// And all of them out again, in one transaction too.
+	ps := make([]netip.Prefix, len(many))
+	for i, b := range many {
+		ps[i] = b.Prefix
+	}
+	require.NoError(t, tbl.Do(func(b *Batch) { b.RemoveBans("f2b-many", ps) }))
+	snap, err = tbl.ReadBack()
+	require.NoError(t, err)
+	assert.Empty(t, snap.Chains["f2b-many"].Bans[policy.IPv6])
+}
