@@ -4,7 +4,11 @@ import (
 	"net/netip"
 	"testing"
 
+	"github.com/google/nftables"
 	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/f2b-shim/f2b-shim/policy"
 )
 
 func TestPrefixRange(t *testing.T) {
@@ -63,4 +67,73 @@ func TestRangePrefixRefusesWhatIsNoPrefix(t *testing.T) {
 		_, ok := rangePrefix(netip.MustParseAddr("192.0.2.1"), netip.Addr{}, true)
 		assert.False(t, ok)
 	})
+}
+
+func FuzzPrefixRange(f *testing.F) {
+	f.Add([]byte{192, 0, 2, 7}, uint8(32))
+	f.Add([]byte{0, 0, 0, 0}, uint8(0))
+	f.Add(netip.MustParseAddr("2001:db8::").AsSlice(), uint8(64))
+	f.Add(netip.MustParseAddr("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff").AsSlice(), uint8(128))
+	f.Fuzz(func(t *testing.T, raw []byte, bits uint8) {
+		a, ok := netip.AddrFromSlice(raw)
+		if !ok || int(bits) > a.BitLen() {
+			return
+		}
+		p := netip.PrefixFrom(a, int(bits)).Masked()
+		start, end, open := prefixRange(p)
+		if start != p.Addr() {
+			t.Fatalf("%s starts at %s", p, start)
+		}
+		if open != !lastAddr(p).Next().IsValid() {
+			t.Fatalf("%s: open %v", p, open)
+		}
+		if !open && (p.Contains(end) || end.Prev() != lastAddr(p)) {
+			t.Fatalf("%s: end %s is not just past the prefix", p, end)
+		}
+		back, ok := rangePrefix(start, end, open)
+		if !ok || back != p {
+			t.Fatalf("%s reads back as %s (%v)", p, back, ok)
+		}
+	})
+}
+
+func TestIntervalsReadBack(t *testing.T) {
+	el := func(a string, end bool) nftables.SetElement {
+		return nftables.SetElement{Key: keyOf(netip.MustParseAddr(a)), IntervalEnd: end}
+	}
+	tests := []struct {
+		name    string
+		elems   []nftables.SetElement
+		want    []string
+		foreign int
+	}{
+		{"adjacent prefixes share a key, the end first", []nftables.SetElement{el("192.0.3.0", false), el("192.0.4.0", true), el("192.0.2.0", false), el("192.0.3.0", true)}, []string{"192.0.2.0/24", "192.0.3.0/24"}, 0},
+		{"nft's leading end element at zero closes nothing", []nftables.SetElement{el("0.0.0.0", true), el("192.0.2.7", false), el("192.0.2.8", true)}, []string{"192.0.2.7/32"}, 0},
+		{"a last start without an end runs to the top", []nftables.SetElement{el("::", false)}, []string{"::/0"}, 0},
+		{"a range that is no prefix is foreign", []nftables.SetElement{el("192.0.2.1", false), el("192.0.2.4", true)}, nil, 1},
+		{"an end without its start is foreign", []nftables.SetElement{el("192.0.2.9", true)}, nil, 1},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, foreign := intervals(tt.elems)
+			var ps []string
+			for _, e := range got {
+				ps = append(ps, e.Prefix.String())
+			}
+			assert.Equal(t, tt.want, ps)
+			assert.Len(t, foreign, tt.foreign)
+		})
+	}
+}
+
+func TestFit(t *testing.T) {
+	live := map[setKey][]netip.Prefix{{"c", policy.IPv4}: {netip.MustParsePrefix("192.0.2.0/24"), netip.MustParsePrefix("198.51.100.7/32")}}
+	b := &Batch{}
+	f := b.fit(&banStep{chain: "c", fam: policy.IPv4, bans: bans(0, "192.0.2.9/32", "198.51.100.0/24", "203.0.113.1/32", "192.0.2.0/24")}, live)
+	assert.Equal(t, bans(0, "192.0.2.0/24"), f.there, "the exact ban is refreshed")
+	assert.Equal(t, bans(0, "198.51.100.0/24", "203.0.113.1/32"), f.added)
+	assert.Equal(t, prefixes("198.51.100.7/32"), f.replaced)
+	assert.Equal(t, prefixes("192.0.2.0/24", "198.51.100.0/24", "203.0.113.1/32"), live[setKey{"c", policy.IPv4}])
+	require.Len(t, b.Adjustments, 2)
+	assert.Equal(t, netip.MustParsePrefix("192.0.2.0/24"), b.Adjustments[1].Within)
 }
