@@ -46,6 +46,11 @@ type Batch struct {
 	bans   int
 	setIDs uint32
 	err    error
+	// Reads see the kernel, not the batch: what the batch itself queued
+	// is remembered, so that ensuring a hook twice adds it once, and the
+	// last verdict set for a chain's family is the one it gets.
+	hooks    []Hook
+	verdicts map[setKey]int // index into steps
 	// Adjustments lists the bans that Commit changed to fit the sets'
 	// no-overlap rule, after it commits; see Adjustment.
 	Adjustments []Adjustment
@@ -156,14 +161,14 @@ func (b *Batch) SetVerdict(chain policy.Chain, fam policy.Family, target policy.
 		if !ok || f != fam {
 			continue
 		}
-		if tg == target && len(stale) == 0 {
+		if _, queued := b.verdicts[setKey{chain, fam}]; tg == target && len(stale) == 0 && !queued {
 			return
 		}
 		stale = append(stale, r)
 	}
 	b.rules = true
 	t := b.t
-	b.queue(func(c *nftables.Conn) error {
+	op := func(c *nftables.Conn) error {
 		for _, r := range stale {
 			if err := c.DelRule(r); err != nil {
 				return err
@@ -171,7 +176,17 @@ func (b *Batch) SetVerdict(chain policy.Chain, fam policy.Family, target policy.
 		}
 		c.AddRule(&nftables.Rule{Table: t.table, Chain: t.chain(chain), Exprs: verdictExprs(chain, fam, target)})
 		return nil
-	})
+	}
+	key := setKey{chain, fam}
+	if i, ok := b.verdicts[key]; ok {
+		b.steps[i].op = op
+		return
+	}
+	if b.verdicts == nil {
+		b.verdicts = map[setKey]int{}
+	}
+	b.verdicts[key] = len(b.steps)
+	b.queue(op)
 }
 
 // EnsureHook adds the hook's rule to the base chain unless a rule with the
@@ -192,6 +207,12 @@ func (b *Batch) EnsureHook(h Hook) {
 			return
 		}
 	}
+	for _, queued := range b.hooks {
+		if sameHook(queued, h) {
+			return
+		}
+	}
+	b.hooks = append(b.hooks, h)
 	b.ensureTable()
 	b.rules = true
 	t := b.t

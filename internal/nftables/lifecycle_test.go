@@ -163,3 +163,20 @@ func TestSystemHundredThousandBans(t *testing.T) {
 	require.NoError(t, err)
 	assert.Empty(t, snap.Chains["f2b-many"].Bans[policy.IPv6])
 }
+
+func TestSystemBatchSeesItself(t *testing.T) {
+	tbl, _ := nsTable(t)
+	h := Hook{Chain: "c", Proto: "tcp", Ports: []policy.PortRange{pr(22, 22)}}
+	require.NoError(t, tbl.Do(func(b *Batch) {
+		b.EnsureChain("c")
+		b.EnsureHook(h)
+		b.EnsureHook(h)
+		b.SetVerdict("c", policy.IPv4, reject4)
+		b.SetVerdict("c", policy.IPv4, drop)
+	}))
+	snap, err := tbl.ReadBack()
+	require.NoError(t, err)
+	assert.Equal(t, []Hook{h}, snap.Hooks, "a hook ensured twice in a batch is added once")
+	assert.Equal(t, map[policy.Family]policy.Target{policy.IPv4: drop}, snap.Chains["c"].Verdicts, "the last verdict of a batch wins")
+	assert.Empty(t, snap.Foreign)
+}
