@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"syscall"
 	"time"
 
@@ -50,7 +51,9 @@ type Batch struct {
 	// is remembered, so that ensuring a hook twice adds it once, and the
 	// last verdict set for a chain's family is the one it gets.
 	hooks    []Hook
-	verdicts map[setKey]int // index into steps
+	unhooked []Hook
+	deleted  map[uint64]bool // handles of rules the batch deletes
+	verdicts map[setKey]*verdictStep
 	// Adjustments lists the bans that Commit changed to fit the sets'
 	// no-overlap rule, after it commits; see Adjustment.
 	Adjustments []Adjustment
@@ -86,6 +89,49 @@ func (b *Batch) withID(s *nftables.Set) *nftables.Set {
 	return s
 }
 
+// verdictStep is a queued SetVerdict: its step, and the kernel's rules it
+// deletes, which a later SetVerdict, FlushChain or DeleteChain of the
+// same chain and family in the batch must still delete.
+type verdictStep struct {
+	index int
+	stale []*nftables.Rule
+}
+
+// unsetVerdict turns a queued SetVerdict into the deletion of the rules
+// it replaced: a flush or delete later in the batch removes the verdict.
+func (b *Batch) unsetVerdict(key setKey) {
+	v, ok := b.verdicts[key]
+	if !ok {
+		return
+	}
+	stale := v.stale
+	b.steps[v.index].op = func(c *nftables.Conn) error {
+		var errs []error
+		for _, r := range stale {
+			errs = append(errs, c.DelRule(r))
+		}
+		return errors.Join(errs...)
+	}
+	delete(b.verdicts, key)
+}
+
+// forget filters out the rules that the batch already deletes, and
+// marks the rest as deleted: two calls that read the same rule (a flush
+// and a delete of one chain) delete it once.
+func (b *Batch) forget(rules []*nftables.Rule) []*nftables.Rule {
+	if b.deleted == nil {
+		b.deleted = map[uint64]bool{}
+	}
+	var out []*nftables.Rule
+	for _, r := range rules {
+		if !b.deleted[r.Handle] {
+			b.deleted[r.Handle] = true
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
 func (b *Batch) fail(err error) {
 	if b.err == nil {
 		b.err = err
@@ -118,13 +164,17 @@ func (t *Table) set(chain policy.Chain, fam policy.Family) *nftables.Set {
 	return &nftables.Set{Table: t.table, Name: SetName(chain, fam), KeyType: key, Interval: true, HasTimeout: true}
 }
 
-// EnsureChain makes the ban chain and its set pair, if they are missing.
-// The chain holds nothing else until SetVerdict: a packet that no rule
-// of it matches returns to the base chain, which is what fail2ban's
-// "-A CHAIN -j RETURN" says; that rule is implicit here, and the
-// chain keeps its meaning by construction.
-func (b *Batch) EnsureChain(chain policy.Chain) {
-	if err := checkChain(chain); err != nil {
+// EnsureChain makes the ban chain and the family's set, if they are
+// missing: what "iptables -N CHAIN" (or ip6tables) asks for. The nft
+// chain is shared by both families; each family has its own set, verdict
+// rule and hooks, so that one family's requests never change the other's,
+// as with iptables and ip6tables.
+//
+// A packet that no rule of the chain matches returns to the base chain,
+// which is what fail2ban's "-A CHAIN -j RETURN" says; that rule is
+// implicit here, and the chain keeps its meaning by construction.
+func (b *Batch) EnsureChain(chain policy.Chain, fam policy.Family) {
+	if err := errors.Join(checkChain(chain), checkFamily(fam)); err != nil {
 		b.fail(err)
 		return
 	}
@@ -132,12 +182,7 @@ func (b *Batch) EnsureChain(chain policy.Chain) {
 	t := b.t
 	b.queue(func(c *nftables.Conn) error {
 		c.AddChain(t.chain(chain))
-		for _, fam := range []policy.Family{policy.IPv4, policy.IPv6} {
-			if err := c.AddSet(b.withID(t.set(chain, fam)), nil); err != nil {
-				return err
-			}
-		}
-		return nil
+		return c.AddSet(b.withID(t.set(chain, fam)), nil)
 	})
 }
 
@@ -161,6 +206,9 @@ func (b *Batch) SetVerdict(chain policy.Chain, fam policy.Family, target policy.
 		if !ok || f != fam {
 			continue
 		}
+		if b.deleted[r.Handle] {
+			continue
+		}
 		if _, queued := b.verdicts[setKey{chain, fam}]; tg == target && len(stale) == 0 && !queued {
 			return
 		}
@@ -168,24 +216,28 @@ func (b *Batch) SetVerdict(chain policy.Chain, fam policy.Family, target policy.
 	}
 	b.rules = true
 	t := b.t
+	key := setKey{chain, fam}
+	stale = b.forget(stale)
+	if v, ok := b.verdicts[key]; ok {
+		stale = append(v.stale, stale...)
+	}
 	op := func(c *nftables.Conn) error {
+		var errs []error
 		for _, r := range stale {
-			if err := c.DelRule(r); err != nil {
-				return err
-			}
+			errs = append(errs, c.DelRule(r))
 		}
 		c.AddRule(&nftables.Rule{Table: t.table, Chain: t.chain(chain), Exprs: verdictExprs(chain, fam, target)})
-		return nil
+		return errors.Join(errs...)
 	}
-	key := setKey{chain, fam}
-	if i, ok := b.verdicts[key]; ok {
-		b.steps[i].op = op
+	if v, ok := b.verdicts[key]; ok {
+		b.steps[v.index].op = op
+		v.stale = stale
 		return
 	}
 	if b.verdicts == nil {
-		b.verdicts = map[setKey]int{}
+		b.verdicts = map[setKey]*verdictStep{}
 	}
-	b.verdicts[key] = len(b.steps)
+	b.verdicts[key] = &verdictStep{index: len(b.steps), stale: stale}
 	b.queue(op)
 }
 
@@ -243,17 +295,19 @@ func (b *Batch) DeleteHook(h Hook) {
 		return
 	}
 	for _, live := range hooks {
-		if !live.ok || !sameHook(live.hook, h) {
+		if !live.ok || !sameHook(live.hook, h) || len(b.forget([]*nftables.Rule{live.rule})) == 0 {
 			continue
 		}
 		b.rules = true
 		r := live.rule
 		b.queue(func(c *nftables.Conn) error { return c.DelRule(r) })
 	}
+	b.unhooked = append(b.unhooked, h)
+	b.hooks = slices.DeleteFunc(b.hooks, func(q Hook) bool { return sameHook(q, h) })
 }
 
 func sameHook(a, b Hook) bool {
-	if a.Chain != b.Chain || a.Proto != b.Proto || (a.Ports == nil) != (b.Ports == nil) || len(a.Ports) != len(b.Ports) {
+	if a.Family != b.Family || a.Chain != b.Chain || a.Proto != b.Proto || (a.Ports == nil) != (b.Ports == nil) || len(a.Ports) != len(b.Ports) {
 		return false
 	}
 	for i := range a.Ports {
@@ -264,59 +318,137 @@ func sameHook(a, b Hook) bool {
 	return true
 }
 
-// FlushChain empties the ban chain, as "iptables -F": its bans and its
-// verdict rules go, the chain and its sets stay.
-func (b *Batch) FlushChain(chain policy.Chain) {
-	if err := checkChain(chain); err != nil {
+// FlushChain empties the family's part of the ban chain, as "iptables -F":
+// its bans and its verdict rule go; the chain and the set stay. A chain
+// or set that is not there is no error.
+func (b *Batch) FlushChain(chain policy.Chain, fam policy.Family) {
+	if err := errors.Join(checkChain(chain), checkFamily(fam)); err != nil {
 		b.fail(err)
 		return
 	}
-	exists, err := b.t.chainExists(chain)
-	if err != nil || !exists {
+	verdicts, hasSet, err := b.t.familyPart(chain, fam)
+	if err != nil {
 		b.fail(err)
 		return
 	}
 	t := b.t
 	b.rules = true
+	verdicts = b.forget(verdicts)
 	b.queue(func(c *nftables.Conn) error {
-		c.FlushChain(t.chain(chain))
-		for _, fam := range []policy.Family{policy.IPv4, policy.IPv6} {
-			// A chain whose set went missing gets it back first.
-			if err := c.AddSet(b.withID(t.set(chain, fam)), nil); err != nil {
-				return err
-			}
+		var errs []error
+		for _, r := range verdicts {
+			errs = append(errs, c.DelRule(r))
+		}
+		if hasSet {
 			c.FlushSet(t.set(chain, fam))
 		}
-		return nil
+		return errors.Join(errs...)
 	})
+	b.unsetVerdict(setKey{chain, fam})
 }
 
-// DeleteChain removes the ban chain and its sets, as "iptables -X". Like
-// iptables, the kernel refuses while a hook still jumps to it (EBUSY).
-func (b *Batch) DeleteChain(chain policy.Chain) {
-	if err := checkChain(chain); err != nil {
+// DeleteChain removes the family's part of the ban chain, as "iptables
+// -X": its verdict rule and its set, and the nft chain itself once no
+// family has a set in it. Like iptables, it refuses while a hook of the
+// family still jumps to the chain. A chain that is not there is no error.
+func (b *Batch) DeleteChain(chain policy.Chain, fam policy.Family) {
+	if err := errors.Join(checkChain(chain), checkFamily(fam)); err != nil {
+		b.fail(err)
+		return
+	}
+	hooks, err := b.t.hooks()
+	if err != nil {
+		b.fail(err)
+		return
+	}
+	for _, h := range hooks {
+		gone := slices.ContainsFunc(b.unhooked, func(u Hook) bool { return sameHook(u, h.hook) })
+		if h.ok && h.hook.Chain == chain && h.hook.Family == fam && !gone {
+			b.fail(fmt.Errorf("f2b-shim: chain %q still has an %s hook (%s); delete the hook first, as fail2ban does at actionstop", chain, fam, h.hook))
+			return
+		}
+	}
+	verdicts, hasSet, err := b.t.familyPart(chain, fam)
+	if err != nil {
+		b.fail(err)
+		return
+	}
+	other := policy.IPv6
+	if fam == policy.IPv6 {
+		other = policy.IPv4
+	}
+	_, otherSet, err := b.t.familyPart(chain, other)
+	if err != nil {
 		b.fail(err)
 		return
 	}
 	exists, err := b.t.chainExists(chain)
-	if err != nil || !exists {
+	if err != nil {
 		b.fail(err)
 		return
 	}
 	t := b.t
 	b.rules = true
+	verdicts = b.forget(verdicts)
 	b.queue(func(c *nftables.Conn) error {
-		c.FlushChain(t.chain(chain))
-		c.DelChain(t.chain(chain))
-		for _, fam := range []policy.Family{policy.IPv4, policy.IPv6} {
-			s := b.withID(t.set(chain, fam))
-			if err := c.AddSet(s, nil); err != nil {
-				return err
-			}
-			c.DelSet(s)
+		var errs []error
+		for _, r := range verdicts {
+			errs = append(errs, c.DelRule(r))
 		}
-		return nil
+		if hasSet {
+			c.DelSet(t.set(chain, fam))
+		}
+		if exists && !otherSet {
+			// Rules of the chain that are not ours would keep it in
+			// use; the chain is the shim's, so they go with it.
+			c.FlushChain(t.chain(chain))
+			c.DelChain(t.chain(chain))
+		}
+		return errors.Join(errs...)
 	})
+	b.unsetVerdict(setKey{chain, fam})
+}
+
+// familyPart reads the family's verdict rules of a chain and whether its
+// set exists.
+func (t *Table) familyPart(chain policy.Chain, fam policy.Family) (verdicts []*nftables.Rule, hasSet bool, err error) {
+	rules, err := t.rules(chain)
+	if err != nil {
+		return nil, false, err
+	}
+	for _, r := range rules {
+		if f, _, ok := decodeVerdict(chain, r.Exprs); ok && f == fam {
+			verdicts = append(verdicts, r)
+		}
+	}
+	hasSet, err = t.setExists(SetName(chain, fam))
+	return verdicts, hasSet, err
+}
+
+func (t *Table) setExists(name string) (bool, error) {
+	exists, err := t.tableExists()
+	if err != nil || !exists {
+		return false, err
+	}
+	libraryMu.Lock()
+	defer libraryMu.Unlock()
+	sets, err := t.conn.GetSets(t.table)
+	if err != nil {
+		return false, t.readErr("the sets", err)
+	}
+	for _, s := range sets {
+		if s.Name == name {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+func checkFamily(fam policy.Family) error {
+	if fam != policy.IPv4 && fam != policy.IPv6 {
+		return fmt.Errorf("f2b-shim: family %d is neither IPv4 nor IPv6", fam)
+	}
+	return nil
 }
 
 // DeleteTable removes the whole table, the shim's every hook, chain and

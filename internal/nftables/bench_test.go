@@ -47,7 +47,7 @@ func benchAddBans(b *testing.B, reban bool, preload, size int) {
 	for i := range pre {
 		pre[i] = Ban{Prefix: benchPrefix(i), Timeout: 30 * 24 * time.Hour}
 	}
-	require.NoError(b, tbl.Do(func(bt *Batch) { bt.EnsureChain(chain); bt.AddBans(chain, pre) }))
+	require.NoError(b, tbl.Do(func(bt *Batch) { ensureBoth(bt, chain); bt.AddBans(chain, pre) }))
 	next := pool
 	batch := make([]Ban, size)
 	b.ResetTimer()

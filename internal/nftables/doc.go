@@ -18,7 +18,7 @@
 //		set CHAIN-v6 { type ipv6_addr; flags interval,timeout; }
 //		chain input {
 //			type filter hook input priority filter - 1; policy accept;
-//			tcp dport { 25, 465, 587 } jump CHAIN        # one rule per hook
+//			meta nfproto ipv4 tcp dport { 25, 465, 587 } jump CHAIN  # a hook
 //		}
 //		chain CHAIN {
 //			ip saddr @CHAIN-v4 reject with icmp port-unreachable
@@ -28,10 +28,14 @@
 //
 // A hook is a jump to the ban chain, as in iptables, and not a verdict of
 // its own: fail2ban names the target with each ban, not with the hook, so
-// the target belongs to the ban chain (SetVerdict), and one hook rule
-// serves both families. A packet that matches no ban reaches the end of
-// the ban chain and returns, which is the meaning of fail2ban's "-A CHAIN
-// -j RETURN"; that rule is implicit, so no order of calls can lose it.
+// the target belongs to the ban chain (SetVerdict). fail2ban starts,
+// checks and stops each family on its own (iptables, ip6tables), so every
+// part but the nft chain itself has a family: the sets, the verdict rules
+// and the hooks; a request for one family never changes the other's, and
+// the chain goes when the last family's part does. A packet that matches
+// no ban reaches the end of the ban chain and returns, which is the
+// meaning of fail2ban's "-A CHAIN -j RETURN"; that rule is implicit, so no
+// order of calls can lose it.
 // Each prefix is one interval element ([start, end+1)), so a /64 is one
 // element and a lookup costs the same at any number of bans.
 //

@@ -146,10 +146,14 @@ func TestSystemEnforcement(t *testing.T) {
 				require.Equal(t, "connected", l.connect(f.banned, f.proxy, tt.hooked), "before the ban")
 			}
 			require.NoError(t, l.tbl.Do(func(b *Batch) {
-				b.EnsureChain(tt.hook.Chain)
+				ensureBoth(b, tt.hook.Chain)
 				b.SetVerdict(tt.hook.Chain, policy.IPv4, tt.target4)
 				b.SetVerdict(tt.hook.Chain, policy.IPv6, tt.target6)
-				b.EnsureHook(tt.hook)
+				for _, fam := range []policy.Family{policy.IPv4, policy.IPv6} {
+					h := tt.hook
+					h.Family = fam
+					b.EnsureHook(h)
+				}
 				// The IPv6 ban is a widened /64 around the client.
 				b.AddBans(tt.hook.Chain, bans(0, banned4+"/32", "2001:db8:1:2::/64"))
 			}))
@@ -172,9 +176,9 @@ func TestSystemEnforcement(t *testing.T) {
 
 func TestSystemExpiry(t *testing.T) {
 	l := newLab(t, 22)
-	hook := Hook{Chain: "f2b-sshd", Proto: "tcp", Ports: []policy.PortRange{pr(22, 22)}}
+	hook := Hook{Family: policy.IPv4, Chain: "f2b-sshd", Proto: "tcp", Ports: []policy.PortRange{pr(22, 22)}}
 	require.NoError(t, l.tbl.Do(func(b *Batch) {
-		b.EnsureChain(hook.Chain)
+		ensureBoth(b, hook.Chain)
 		b.SetVerdict(hook.Chain, policy.IPv4, reject4)
 		b.EnsureHook(hook)
 		b.AddBans(hook.Chain, []Ban{{Prefix: netip.MustParsePrefix(banned4 + "/32"), Timeout: time.Second}})

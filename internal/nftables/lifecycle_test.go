@@ -15,11 +15,14 @@ import (
 // or reconcile meets.
 func TestSystemLifecycle(t *testing.T) {
 	tbl, ns := nsTable(t)
-	sshd := Hook{Chain: "f2b-sshd", Proto: "tcp", Ports: []policy.PortRange{pr(22, 22)}}
-	mail := Hook{Chain: "f2b-mail", Proto: "tcp", Ports: []policy.PortRange{pr(25, 25), pr(465, 465), pr(587, 587)}}
+	sshd := Hook{Family: policy.IPv4, Chain: "f2b-sshd", Proto: "tcp", Ports: []policy.PortRange{pr(22, 22)}}
+	sshd6 := sshd
+	sshd6.Family = policy.IPv6
+	mail := Hook{Family: policy.IPv4, Chain: "f2b-mail", Proto: "tcp", Ports: []policy.PortRange{pr(25, 25), pr(465, 465), pr(587, 587)}}
 	start := func(b *Batch) {
-		for _, h := range []Hook{sshd, mail} {
-			b.EnsureChain(h.Chain)
+		ensureBoth(b, sshd.Chain)
+		b.EnsureChain(mail.Chain, policy.IPv4)
+		for _, h := range []Hook{sshd, sshd6, mail} {
 			b.EnsureHook(h)
 		}
 		b.SetVerdict(sshd.Chain, policy.IPv4, reject4)
@@ -37,7 +40,7 @@ func TestSystemLifecycle(t *testing.T) {
 		assert.True(t, snap.BaseChain)
 		assert.Empty(t, snap.Foreign)
 		// Hooks are inserted at the top, as fail2ban's "-I INPUT".
-		assert.Equal(t, []Hook{mail, sshd}, snap.Hooks)
+		assert.Equal(t, []Hook{mail, sshd6, sshd}, snap.Hooks)
 		require.Contains(t, snap.Chains, policy.Chain("f2b-sshd"))
 		assert.Equal(t, map[policy.Family]policy.Target{policy.IPv4: reject4, policy.IPv6: reject6}, snap.Chains["f2b-sshd"].Verdicts)
 		assert.Equal(t, map[policy.Family][]Element{
@@ -77,30 +80,52 @@ func TestSystemLifecycle(t *testing.T) {
 	})
 
 	t.Run("a chain a hook jumps to cannot be deleted, and the error says why", func(t *testing.T) {
-		err := tbl.Do(func(b *Batch) { b.DeleteChain(sshd.Chain) })
+		err := tbl.Do(func(b *Batch) { b.DeleteChain(sshd.Chain, policy.IPv4) })
 		require.Error(t, err)
-		assert.Contains(t, err.Error(), "delete the hooks first")
+		assert.Contains(t, err.Error(), "delete the hook first")
 	})
 
-	t.Run("actionstop: delete the hook, flush and delete the chain", func(t *testing.T) {
-		require.NoError(t, tbl.Do(func(b *Batch) { b.DeleteHook(sshd); b.FlushChain(sshd.Chain) }))
+	t.Run("actionstop of one family leaves the other's bans, verdict and hook", func(t *testing.T) {
+		require.NoError(t, tbl.Do(func(b *Batch) {
+			b.DeleteHook(sshd)
+			b.FlushChain(sshd.Chain, policy.IPv4)
+			b.DeleteChain(sshd.Chain, policy.IPv4)
+		}))
+		snap, err := tbl.ReadBack()
+		require.NoError(t, err)
+		assert.Equal(t, []Hook{mail, sshd6}, snap.Hooks)
+		require.Contains(t, snap.Chains, policy.Chain("f2b-sshd"))
+		assert.Equal(t, map[policy.Family]policy.Target{policy.IPv6: reject6}, snap.Chains["f2b-sshd"].Verdicts)
+		assert.Equal(t, map[policy.Family][]Element{policy.IPv6: {{Prefix: netip.MustParsePrefix("2001:db8:1:2::/64")}}}, snap.Chains["f2b-sshd"].Bans)
+		assert.Empty(t, snap.Foreign)
+	})
+
+	t.Run("actionstop of the other family deletes the chain", func(t *testing.T) {
+		require.NoError(t, tbl.Do(func(b *Batch) {
+			b.DeleteHook(sshd6)
+			b.FlushChain(sshd.Chain, policy.IPv6)
+			b.DeleteChain(sshd.Chain, policy.IPv6)
+		}))
 		snap, err := tbl.ReadBack()
 		require.NoError(t, err)
 		assert.Equal(t, []Hook{mail}, snap.Hooks)
-		assert.Empty(t, snap.Chains["f2b-sshd"].Verdicts)
-		assert.Empty(t, snap.Chains["f2b-sshd"].Bans[policy.IPv4])
-		require.NoError(t, tbl.Do(func(b *Batch) { b.DeleteChain(sshd.Chain) }))
-		snap, err = tbl.ReadBack()
-		require.NoError(t, err)
 		assert.NotContains(t, snap.Chains, policy.Chain("f2b-sshd"))
 		assert.Empty(t, snap.Foreign, "the chain's sets went with it")
+	})
+
+	t.Run("a flush empties the family's set and drops its verdict", func(t *testing.T) {
+		require.NoError(t, tbl.Do(func(b *Batch) { b.FlushChain(mail.Chain, policy.IPv4) }))
+		snap, err := tbl.ReadBack()
+		require.NoError(t, err)
+		assert.Empty(t, snap.Chains["f2b-mail"].Verdicts)
+		assert.Empty(t, snap.Chains["f2b-mail"].Bans[policy.IPv4])
 	})
 
 	t.Run("deleting what is not there is no error", func(t *testing.T) {
 		require.NoError(t, tbl.Do(func(b *Batch) {
 			b.DeleteHook(sshd)
-			b.DeleteChain(sshd.Chain)
-			b.FlushChain(sshd.Chain)
+			b.DeleteChain("f2b-gone", policy.IPv4)
+			b.FlushChain("f2b-gone", policy.IPv6)
 			b.RemoveBans(mail.Chain, prefixes("198.51.100.99/32"))
 		}))
 	})
@@ -128,7 +153,7 @@ func TestSystemLifecycle(t *testing.T) {
 		require.NoError(t, tbl.Do(start))
 		snap, err = tbl.ReadBack()
 		require.NoError(t, err)
-		assert.Len(t, snap.Hooks, 2)
+		assert.Len(t, snap.Hooks, 3)
 	})
 
 	t.Run("prune deletes the whole table, twice without error", func(t *testing.T) {
@@ -147,7 +172,7 @@ func TestSystemHundredThousandBans(t *testing.T) {
 		a[12], a[13], a[14], a[15] = byte(i>>24), byte(i>>16), byte(i>>8), byte(i)
 		many[i] = Ban{Prefix: netip.PrefixFrom(netip.AddrFrom16(a), 128), Timeout: 30 * 24 * time.Hour}
 	}
-	require.NoError(t, tbl.Do(func(b *Batch) { b.EnsureChain("f2b-many"); b.AddBans("f2b-many", many) }))
+	require.NoError(t, tbl.Do(func(b *Batch) { ensureBoth(b, "f2b-many"); b.AddBans("f2b-many", many) }))
 	snap, err := tbl.ReadBack()
 	require.NoError(t, err)
 	assert.Len(t, snap.Chains["f2b-many"].Bans[policy.IPv6], 100_000)
@@ -166,9 +191,9 @@ func TestSystemHundredThousandBans(t *testing.T) {
 
 func TestSystemBatchSeesItself(t *testing.T) {
 	tbl, _ := nsTable(t)
-	h := Hook{Chain: "c", Proto: "tcp", Ports: []policy.PortRange{pr(22, 22)}}
+	h := Hook{Family: policy.IPv4, Chain: "c", Proto: "tcp", Ports: []policy.PortRange{pr(22, 22)}}
 	require.NoError(t, tbl.Do(func(b *Batch) {
-		b.EnsureChain("c")
+		ensureBoth(b, "c")
 		b.EnsureHook(h)
 		b.EnsureHook(h)
 		b.SetVerdict("c", policy.IPv4, reject4)
@@ -178,5 +203,26 @@ func TestSystemBatchSeesItself(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, []Hook{h}, snap.Hooks, "a hook ensured twice in a batch is added once")
 	assert.Equal(t, map[policy.Family]policy.Target{policy.IPv4: drop}, snap.Chains["c"].Verdicts, "the last verdict of a batch wins")
+	assert.Empty(t, snap.Foreign)
+
+	require.NoError(t, tbl.Do(func(b *Batch) {
+		b.SetVerdict("c", policy.IPv4, reject4)
+		b.SetVerdict("c", policy.IPv4, drop)
+		b.SetVerdict("c", policy.IPv4, reject4)
+	}))
+	snap, err = tbl.ReadBack()
+	require.NoError(t, err)
+	assert.Equal(t, map[policy.Family]policy.Target{policy.IPv4: reject4}, snap.Chains["c"].Verdicts, "the kernel's old verdict is replaced once")
+	assert.Empty(t, snap.Foreign, "and not left beside the new one")
+
+	require.NoError(t, tbl.Do(func(b *Batch) {
+		b.SetVerdict("c", policy.IPv4, drop)
+		b.AddBans("c", bans(0, "192.0.2.1/32"))
+		b.FlushChain("c", policy.IPv4)
+	}))
+	snap, err = tbl.ReadBack()
+	require.NoError(t, err)
+	assert.Empty(t, snap.Chains["c"].Verdicts, "a flush after a verdict in one batch leaves none")
+	assert.Empty(t, snap.Chains["c"].Bans[policy.IPv4], "nor the batch's bans")
 	assert.Empty(t, snap.Foreign)
 }

@@ -120,10 +120,10 @@ func dump(msgs []netlink.Message) string {
 func TestMessagesGolden(t *testing.T) {
 	tbl, rec := recordedTable(t)
 	require.NoError(t, tbl.Do(func(b *Batch) {
-		b.EnsureChain("f2b-sshd")
+		ensureBoth(b, "f2b-sshd")
 		b.SetVerdict("f2b-sshd", policy.IPv4, reject4)
 		b.SetVerdict("f2b-sshd", policy.IPv6, drop)
-		b.EnsureHook(Hook{Chain: "f2b-sshd", Proto: "tcp", Ports: []policy.PortRange{pr(22, 22), pr(2222, 2223)}})
+		b.EnsureHook(Hook{Family: policy.IPv4, Chain: "f2b-sshd", Proto: "tcp", Ports: []policy.PortRange{pr(22, 22), pr(2222, 2223)}})
 		b.AddBans("f2b-sshd", bans(time.Hour, "192.0.2.7/32", "2001:db8::/64"))
 	}))
 	txs := rec.transactions()
@@ -154,7 +154,7 @@ func attrs(t *testing.T, m netlink.Message) map[uint16][]byte {
 func TestMessages(t *testing.T) {
 	t.Run("nothing is created exclusively, so ensuring twice changes nothing", func(t *testing.T) {
 		tbl, rec := recordedTable(t)
-		require.NoError(t, tbl.Do(func(b *Batch) { b.EnsureChain("c"); b.AddBans("c", bans(0, "192.0.2.1/32")) }))
+		require.NoError(t, tbl.Do(func(b *Batch) { ensureBoth(b, "c"); b.AddBans("c", bans(0, "192.0.2.1/32")) }))
 		for _, m := range rec.transactions()[0] {
 			assert.Zero(t, m.Header.Flags&netlink.Excl, "%s has NLM_F_EXCL", msgName(m))
 		}
@@ -169,7 +169,7 @@ func TestMessages(t *testing.T) {
 			a[12], a[13], a[14], a[15] = byte(i>>24), byte(i>>16), byte(i>>8), byte(i)
 			many[i] = Ban{Prefix: netip.PrefixFrom(netip.AddrFrom16(a), 128), Timeout: 30 * 24 * time.Hour}
 		}
-		require.NoError(t, tbl.Do(func(b *Batch) { b.EnsureChain("c"); b.AddBans("c", many) }))
+		require.NoError(t, tbl.Do(func(b *Batch) { ensureBoth(b, "c"); b.AddBans("c", many) }))
 		txs := rec.transactions()
 		require.Len(t, txs, 1)
 		counts := map[string]int{}
@@ -235,7 +235,7 @@ func TestMessages(t *testing.T) {
 	t.Run("a batch of bans that meets ENOBUFS is sent once more, the same", func(t *testing.T) {
 		tbl, rec := recordedTable(t)
 		rec.failNext = syscall.ENOBUFS
-		require.NoError(t, tbl.Do(func(b *Batch) { b.EnsureChain("c"); b.AddBans("c", bans(time.Hour, "192.0.2.1/32")) }))
+		require.NoError(t, tbl.Do(func(b *Batch) { ensureBoth(b, "c"); b.AddBans("c", bans(time.Hour, "192.0.2.1/32")) }))
 		txs := rec.transactions()
 		require.Len(t, txs, 2)
 		assert.Equal(t, strings.Split(dump(txs[0]), "\n"), strings.Split(dump(txs[1]), "\n"))
@@ -245,7 +245,7 @@ func TestMessages(t *testing.T) {
 	t.Run("a batch that changes rules and meets ENOBUFS is not replayed and says so", func(t *testing.T) {
 		tbl, rec := recordedTable(t)
 		rec.failNext = syscall.ENOBUFS
-		err := tbl.Do(func(b *Batch) { b.EnsureChain("c"); b.SetVerdict("c", policy.IPv4, drop) })
+		err := tbl.Do(func(b *Batch) { ensureBoth(b, "c"); b.SetVerdict("c", policy.IPv4, drop) })
 		require.Error(t, err)
 		assert.Contains(t, err.Error(), "may or may not have been applied")
 		assert.Len(t, rec.transactions(), 1)
@@ -269,21 +269,24 @@ func TestRefusedBeforeAnyMessage(t *testing.T) {
 		name, want string
 		fill       func(b *Batch)
 	}{
-		{"a chain name with a space", `chain name "a b"`, func(b *Batch) { b.EnsureChain("a b") }},
+		{"a chain name with a space", `chain name "a b"`, func(b *Batch) { ensureBoth(b, "a b") }},
 		{"an IPv4-mapped IPv6 ban", "unmap", func(b *Batch) { b.AddBans("c", bans(0, "::ffff:192.0.2.1/128")) }},
 		{"a negative timeout", "timeout", func(b *Batch) { b.AddBans("c", bans(-time.Second, "192.0.2.1/32")) }},
 		{"a sub-millisecond timeout", "at least 1ms", func(b *Batch) { b.AddBans("c", bans(time.Microsecond, "192.0.2.1/32")) }},
 		{"an IPv6 reject type on the IPv4 rule", "not an ipv4 reject type", func(b *Batch) { b.SetVerdict("c", policy.IPv4, reject6) }},
-		{"a hook on a protocol without ports", `protocol "icmp"`, func(b *Batch) { b.EnsureHook(Hook{Chain: "c", Proto: "icmp"}) }},
+		{"a hook on a protocol without ports", `protocol "icmp"`, func(b *Batch) { b.EnsureHook(Hook{Family: policy.IPv4, Chain: "c", Proto: "icmp"}) }},
 		{"a hook with unsorted ports", "sorted", func(b *Batch) {
-			b.EnsureHook(Hook{Chain: "c", Proto: "tcp", Ports: []policy.PortRange{pr(80, 80), pr(22, 22)}})
+			b.EnsureHook(Hook{Family: policy.IPv4, Chain: "c", Proto: "tcp", Ports: []policy.PortRange{pr(80, 80), pr(22, 22)}})
 		}},
-		{"a hook with port 0", "from 1", func(b *Batch) { b.EnsureHook(Hook{Chain: "c", Proto: "tcp", Ports: []policy.PortRange{pr(0, 22)}}) }},
+		{"a hook without a family", "neither IPv4 nor IPv6", func(b *Batch) { b.EnsureHook(Hook{Chain: "c", Proto: "tcp"}) }},
+		{"a hook with port 0", "from 1", func(b *Batch) {
+			b.EnsureHook(Hook{Family: policy.IPv4, Chain: "c", Proto: "tcp", Ports: []policy.PortRange{pr(0, 22)}})
+		}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			tbl, rec := recordedTable(t)
-			err := tbl.Do(func(b *Batch) { b.EnsureChain("c"); tt.fill(b) })
+			err := tbl.Do(func(b *Batch) { ensureBoth(b, "c"); tt.fill(b) })
 			require.Error(t, err)
 			assert.Contains(t, err.Error(), tt.want)
 			assert.True(t, strings.HasPrefix(err.Error(), "f2b-shim: "), err.Error())

@@ -49,7 +49,7 @@ func TestSystemOverlappingBans(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			require.NoError(t, tbl.Do(func(b *Batch) { b.DeleteTable() }))
-			require.NoError(t, tbl.Do(func(b *Batch) { b.EnsureChain("c"); b.AddBans("c", bans(0, tt.before...)) }))
+			require.NoError(t, tbl.Do(func(b *Batch) { ensureBoth(b, "c"); b.AddBans("c", bans(0, tt.before...)) }))
 			batch := tbl.NewBatch()
 			for _, p := range tt.add {
 				batch.AddBans("c", bans(0, strings.Split(p, ",")...))

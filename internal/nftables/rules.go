@@ -3,6 +3,7 @@ package nftables
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"slices"
 
@@ -13,21 +14,21 @@ import (
 	"github.com/f2b-shim/f2b-shim/policy"
 )
 
-// Hook is one rule of the base chain: packets of Proto to one of Ports
-// (every port when Ports is nil) go through the ban chain Chain. It is
-// family-agnostic: the inet table sees IPv4 and IPv6, and the ban chain
-// tells the two apart. fail2ban's iptables and ip6tables hooks of one
-// jail are thus one rule here.
+// Hook is one rule of the base chain: packets of the family, of Proto, to
+// one of Ports (every port when Ports is nil) go through the ban chain
+// Chain. fail2ban hooks each family on its own (iptables and ip6tables),
+// and removes each on its own, so a hook here has a family too.
 type Hook struct {
-	Chain policy.Chain
-	Proto string
-	Ports []policy.PortRange // sorted and merged; nil for all ports
+	Family policy.Family
+	Chain  policy.Chain
+	Proto  string
+	Ports  []policy.PortRange // sorted and merged; nil for all ports
 }
 
 // String is the hook as nft would show its match, for messages.
 func (h Hook) String() string {
 	if h.Ports == nil {
-		return fmt.Sprintf("%s all ports -> %s", h.Proto, h.Chain)
+		return fmt.Sprintf("%s %s all ports -> %s", h.Family, h.Proto, h.Chain)
 	}
 	s := ""
 	for i, r := range h.Ports {
@@ -39,7 +40,7 @@ func (h Hook) String() string {
 			s += fmt.Sprintf("-%d", r.Hi)
 		}
 	}
-	return fmt.Sprintf("%s ports %s -> %s", h.Proto, s, h.Chain)
+	return fmt.Sprintf("%s %s ports %s -> %s", h.Family, h.Proto, s, h.Chain)
 }
 
 // protocols are the transport protocols whose header starts with the
@@ -61,7 +62,7 @@ func protoName(n byte) (string, bool) {
 
 // check validates a hook before anything is queued.
 func (h Hook) check() error {
-	if err := checkChain(h.Chain); err != nil {
+	if err := errors.Join(checkChain(h.Chain), checkFamily(h.Family)); err != nil {
 		return err
 	}
 	if _, ok := protocols[h.Proto]; !ok {
@@ -102,10 +103,14 @@ func hookSet(t *nftables.Table, h Hook) (*nftables.Set, []nftables.SetElement) {
 
 func port(p uint16) []byte { return binary.BigEndian.AppendUint16(nil, p) }
 
-// hookExprs is the rule "meta l4proto P [th dport PORTS] jump C"; set is
-// the anonymous port set for a multiport hook, already added.
+// hookExprs is the rule "meta nfproto F meta l4proto P [th dport PORTS]
+// jump C"; set is the anonymous port set for a multiport hook, already
+// added.
 func hookExprs(h Hook, set *nftables.Set) []expr.Any {
+	nfproto, _, _ := familyMatch(h.Family)
 	e := []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{nfproto}},
 		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{protocols[h.Proto]}},
 	}
@@ -126,9 +131,21 @@ func hookExprs(h Hook, set *nftables.Set) []expr.Any {
 // decodeHook reads a base chain rule back. ports resolves an anonymous
 // set's elements. ok is false for a rule this package does not write.
 func decodeHook(exprs []expr.Any, ports func(set string) ([]policy.PortRange, error)) (h Hook, ok bool, err error) {
-	if len(exprs) != 3 && len(exprs) != 5 {
+	if len(exprs) != 5 && len(exprs) != 7 {
 		return Hook{}, false, nil
 	}
+	var fam policy.Family
+	for _, f := range []policy.Family{policy.IPv4, policy.IPv6} {
+		nfproto, _, _ := familyMatch(f)
+		want := []expr.Any{&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1}, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{nfproto}}}
+		if exprsEqual(exprs[:2], want) {
+			fam = f
+		}
+	}
+	if fam == 0 {
+		return Hook{}, false, nil
+	}
+	exprs = exprs[2:]
 	meta, ok1 := exprs[0].(*expr.Meta)
 	cmp, ok2 := exprs[1].(*expr.Cmp)
 	verdict, ok3 := exprs[len(exprs)-1].(*expr.Verdict)
@@ -139,7 +156,7 @@ func decodeHook(exprs []expr.Any, ports func(set string) ([]policy.PortRange, er
 	if !known {
 		return Hook{}, false, nil
 	}
-	h = Hook{Chain: policy.Chain(verdict.Chain), Proto: proto}
+	h = Hook{Family: fam, Chain: policy.Chain(verdict.Chain), Proto: proto}
 	if len(exprs) == 3 {
 		return h, true, nil
 	}

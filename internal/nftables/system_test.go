@@ -63,6 +63,12 @@ var (
 
 func pr(lo, hi uint16) policy.PortRange { return policy.PortRange{Lo: lo, Hi: hi} }
 
+// ensureBoth makes a ban chain for both families, as fail2ban's actions do.
+func ensureBoth(b *Batch, chain policy.Chain) {
+	b.EnsureChain(chain, policy.IPv4)
+	b.EnsureChain(chain, policy.IPv6)
+}
+
 func bans(timeout time.Duration, prefixes ...string) []Ban {
 	out := make([]Ban, len(prefixes))
 	for i, p := range prefixes {
@@ -74,15 +80,16 @@ func bans(timeout time.Duration, prefixes ...string) []Ban {
 func TestSystemGolden(t *testing.T) {
 	tbl, ns := nsTable(t)
 	require.NoError(t, tbl.Do(func(b *Batch) {
-		b.EnsureChain("mail-remote-f2b-sshd")
-		b.EnsureChain("mail-remote-f2b-postfix")
+		ensureBoth(b, "mail-remote-f2b-sshd")
+		ensureBoth(b, "mail-remote-f2b-postfix")
 		b.SetVerdict("mail-remote-f2b-sshd", policy.IPv4, reject4)
 		b.SetVerdict("mail-remote-f2b-sshd", policy.IPv6, reject6)
 		b.SetVerdict("mail-remote-f2b-postfix", policy.IPv4, drop)
-		b.EnsureHook(Hook{Chain: "mail-remote-f2b-sshd", Proto: "tcp", Ports: []policy.PortRange{pr(22, 22)}})
-		b.EnsureHook(Hook{Chain: "mail-remote-f2b-postfix", Proto: "tcp", Ports: []policy.PortRange{pr(25, 25), pr(465, 465), pr(587, 587)}})
-		b.EnsureHook(Hook{Chain: "mail-remote-f2b-postfix", Proto: "udp", Ports: []policy.PortRange{pr(1000, 2000)}})
-		b.EnsureHook(Hook{Chain: "mail-remote-f2b-sshd", Proto: "sctp"})
+		b.EnsureHook(Hook{Family: policy.IPv4, Chain: "mail-remote-f2b-sshd", Proto: "tcp", Ports: []policy.PortRange{pr(22, 22)}})
+		b.EnsureHook(Hook{Family: policy.IPv6, Chain: "mail-remote-f2b-sshd", Proto: "tcp", Ports: []policy.PortRange{pr(22, 22)}})
+		b.EnsureHook(Hook{Family: policy.IPv4, Chain: "mail-remote-f2b-postfix", Proto: "tcp", Ports: []policy.PortRange{pr(25, 25), pr(465, 465), pr(587, 587)}})
+		b.EnsureHook(Hook{Family: policy.IPv4, Chain: "mail-remote-f2b-postfix", Proto: "udp", Ports: []policy.PortRange{pr(1000, 2000)}})
+		b.EnsureHook(Hook{Family: policy.IPv6, Chain: "mail-remote-f2b-sshd", Proto: "sctp"})
 		b.AddBans("mail-remote-f2b-sshd", bans(0, "192.0.2.7/32", "2001:db8::7/128", "2001:db8:1:2::/64", "198.51.100.0/24"))
 		b.AddBans("mail-remote-f2b-postfix", bans(time.Hour, "203.0.113.9/32"))
 	}))
