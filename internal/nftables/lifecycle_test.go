@@ -139,6 +139,21 @@ func TestSystemLifecycle(t *testing.T) {
 		assert.Contains(t, snap.Foreign[0], `chain "input"`)
 	})
 
+	t.Run("a base chain moved off its priority is drift", func(t *testing.T) {
+		ns.MustRun(t, "nft", "delete", "table", "inet", DefaultTable)
+		ns.MustRun(t, "nft", "add", "table", "inet", DefaultTable)
+		ns.MustRun(t, "nft", "add", "chain", "inet", DefaultTable, BaseChain, "{ type filter hook input priority 10; }")
+		snap, err := tbl.ReadBack()
+		require.NoError(t, err)
+		assert.False(t, snap.BaseChain)
+		require.Len(t, snap.Foreign, 1)
+		assert.Contains(t, snap.Foreign[0], "priority filter - 1")
+		err = tbl.Do(start)
+		require.Error(t, err, "the kernel will not move a base chain")
+		assert.Contains(t, err.Error(), "f2b-shim: hint:")
+		t.Log(err)
+	})
+
 	t.Run("nft flush ruleset is drift that read back shows as nothing", func(t *testing.T) {
 		ns.MustRun(t, "nft", "flush", "ruleset")
 		snap, err := tbl.ReadBack()

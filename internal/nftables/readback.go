@@ -36,7 +36,7 @@ type ChainState struct {
 // listed in Foreign rather than guessed at.
 type Snapshot struct {
 	Exists    bool // the table exists
-	BaseChain bool // its base chain exists
+	BaseChain bool // its base chain exists, on the input hook at priority filter - 1
 	Hooks     []Hook
 	Chains    map[policy.Chain]*ChainState
 	Foreign   []string
@@ -57,7 +57,10 @@ func (t *Table) ReadBack() (*Snapshot, error) {
 	snap.Exists = true
 	for _, c := range chains {
 		if c.Name == BaseChain {
-			snap.BaseChain = true
+			snap.BaseChain = isBaseChain(c)
+			if !snap.BaseChain {
+				snap.Foreign = append(snap.Foreign, fmt.Sprintf("chain %q is not a filter chain on the input hook at priority filter - 1", BaseChain))
+			}
 			continue
 		}
 		snap.Chains[policy.Chain(c.Name)] = &ChainState{Verdicts: map[policy.Family]policy.Target{}, Bans: map[policy.Family][]Element{}}
@@ -65,7 +68,7 @@ func (t *Table) ReadBack() (*Snapshot, error) {
 	if err := t.readSets(snap); err != nil {
 		return nil, err
 	}
-	if snap.BaseChain {
+	if slices.ContainsFunc(chains, func(c *nftables.Chain) bool { return c.Name == BaseChain }) {
 		hooks, err := t.hooks()
 		if err != nil {
 			return nil, err
@@ -94,6 +97,13 @@ func (t *Table) ReadBack() (*Snapshot, error) {
 	}
 	slices.Sort(snap.Foreign)
 	return snap, nil
+}
+
+// isBaseChain says whether the chain is the base chain Open describes:
+// hooks in a chain that is not on the input hook are never reached.
+func isBaseChain(c *nftables.Chain) bool {
+	return c.Type == nftables.ChainTypeFilter && c.Hooknum != nil && *c.Hooknum == *nftables.ChainHookInput &&
+		c.Priority != nil && *c.Priority == basePriority
 }
 
 func (t *Table) tableExists() (bool, error) {
