@@ -534,7 +534,7 @@ func explain(err error) error {
 	case syscall.EBUSY:
 		hint = "a hook still jumps to the chain, or its set is in use; delete the hooks first, as fail2ban does at actionstop"
 	case syscall.EEXIST, syscall.ENOTEMPTY:
-		hint = "a ban overlaps another ban of the chain without being the same prefix, and the table changed while the batch was adjusted to it; send the batch again"
+		hint = "a ban overlaps another ban of the chain, and the table changed while the batch was fitted to it (send the batch again); or a set of the table was made by hand with other flags (read back lists it as foreign: delete it and let reconcile remake it)"
 	case syscall.EMSGSIZE:
 		hint = "the transaction is larger than the socket buffer; split the batch"
 	case syscall.ENOBUFS:

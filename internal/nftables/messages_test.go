@@ -2,6 +2,7 @@ package nftables
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -306,4 +307,31 @@ func TestOneTablePerProcess(t *testing.T) {
 	again, err := Open("", WithTestDial(rec.dial))
 	require.NoError(t, err)
 	require.NoError(t, again.Close())
+}
+
+func TestExplain(t *testing.T) {
+	tests := []struct {
+		name string
+		err  error
+		want string
+	}{
+		{"a missing capability", syscall.EPERM, "CAP_NET_ADMIN"},
+		{"a missing chain", syscall.ENOENT, "ensure the chain"},
+		{"a chain in use", syscall.EBUSY, "delete the hooks first"},
+		{"an overlap", syscall.EEXIST, "overlaps"},
+		{"a batch too large", syscall.EMSGSIZE, "split the batch"},
+		{"a lost acknowledgement", syscall.ENOBUFS, "may or may not have been applied"},
+		{"a moved base chain", syscall.EOPNOTSUPP, "delete the table"},
+		// The message that failed comes first; ENOENT for what it would
+		// have made follows, and must not hide it.
+		{"the telling errno among its consequences", errors.Join(syscall.ENOENT, syscall.EEXIST, syscall.ENOENT), "overlaps"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			err := explain(fmt.Errorf("conn.Receive: %w", tt.err))
+			assert.Contains(t, err.Error(), tt.want)
+			assert.True(t, strings.HasPrefix(err.Error(), "f2b-shim: "))
+			assert.ErrorIs(t, err, tt.err, "the kernel's errno stays reachable for the caller")
+		})
+	}
 }
