@@ -8,6 +8,8 @@ import (
 
 	"github.com/google/nftables"
 	"github.com/stretchr/testify/require"
+
+	"github.com/f2b-shim/f2b-shim/policy"
 )
 
 // benchPrefix is the i-th /128 of 2001:db8::/32, documentation space.
@@ -124,5 +126,28 @@ func benchSetKind(b *testing.B, interval bool, preload int) {
 		if err := tbl.flush(func(c *nftables.Conn) error { return c.SetAddElements(set, e) }, true); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// BenchmarkReadBack measures what reconcile pays to read a chain's bans
+// back. The kernel resumes a dump of a set by walking it from its start
+// again, so the time grows faster than the set.
+func BenchmarkReadBack(b *testing.B) {
+	for _, preload := range []int{1_000, 10_000, 50_000} {
+		b.Run(fmt.Sprintf("bans=%d", preload), func(b *testing.B) {
+			tbl, _ := nsTable(b)
+			pre := make([]Ban, preload)
+			for i := range pre {
+				pre[i] = Ban{Prefix: benchPrefix(i), Timeout: time.Hour}
+			}
+			require.NoError(b, tbl.Do(func(bt *Batch) { bt.EnsureChain("f2b-bench", policy.IPv6); bt.AddBans("f2b-bench", pre) }))
+			b.ResetTimer()
+			for n := 0; n < b.N; n++ {
+				snap, err := tbl.ReadBack()
+				if err != nil || len(snap.Chains["f2b-bench"].Bans[policy.IPv6]) != preload {
+					b.Fatal(err)
+				}
+			}
+		})
 	}
 }
