@@ -47,6 +47,8 @@ func TestSystemLifecycle(t *testing.T) {
 			policy.IPv4: {{Prefix: netip.MustParsePrefix("192.0.2.7/32")}},
 			policy.IPv6: {{Prefix: netip.MustParsePrefix("2001:db8:1:2::/64")}},
 		}, snap.Chains["f2b-sshd"].Bans)
+		assert.True(t, snap.Chains["f2b-mail"].Returns(policy.IPv4), "the return rule holds where the family's part exists")
+		assert.False(t, snap.Chains["f2b-mail"].Returns(policy.IPv6), "and not where it does not")
 		mailBans := snap.Chains["f2b-mail"].Bans[policy.IPv4]
 		require.Len(t, mailBans, 1)
 		assert.Equal(t, netip.MustParsePrefix("203.0.113.0/24"), mailBans[0].Prefix)

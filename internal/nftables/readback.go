@@ -30,6 +30,14 @@ type ChainState struct {
 	Bans map[policy.Family][]Element
 }
 
+// Returns answers fail2ban's "-C CHAIN -j RETURN" for the family: the
+// rule is implicit in nftables (a regular chain returns at its end), so
+// it holds exactly while the family's part of the chain, its set, exists.
+func (cs *ChainState) Returns(fam policy.Family) bool {
+	_, ok := cs.Bans[fam]
+	return ok
+}
+
 // Snapshot is the table as the kernel holds it, in typed values, for
 // reconcile to compare with the state. What the package does not write
 // (a rule, set or chain added by hand, a range that is no prefix) is
@@ -145,6 +153,9 @@ func (t *Table) readSets(snap *Snapshot) error {
 			return t.readErr(fmt.Sprintf("set %q", s.Name), err)
 		}
 		bans, foreign := intervals(elems)
+		if bans == nil {
+			bans = []Element{} // the set exists: Returns says so
+		}
 		cs.Bans[fam] = bans
 		for _, f := range foreign {
 			snap.Foreign = append(snap.Foreign, fmt.Sprintf("set %q: %s", s.Name, f))
