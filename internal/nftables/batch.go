@@ -15,15 +15,17 @@ import (
 
 // maxElementsPerMessage bounds the elements of one netlink message. The
 // library puts all elements of a call into one attribute, whose length is
-// 16 bits; at most 52 bytes per element (an IPv6 interval end with its
-// flags and timeout) times 1000 stays under 64 KiB, with room for the
-// headers. A test checks the worst case.
+// 16 bits and wraps silently; at most 40 bytes per element (an IPv6 start
+// with its timeout) times 1000 stays well under 64 KiB. CrowdSec's bouncer
+// sends 200; larger messages mean fewer acknowledgements. A test checks
+// 100,000 IPv6 bans.
 const maxElementsPerMessage = 1000
 
 // maxBansPerTransaction bounds one batch: 150,000 IPv6 prefixes, each
-// added, deleted and added again as two elements, fill maxTransactionBytes
-// (a transaction is one sendmsg, and the kernel copies it whole). A
-// stream's batch is far smaller; restore splits larger ones.
+// added, deleted and added again as two elements (76 bytes a pair), stay
+// within maxTransactionBytes (a transaction is one sendmsg, and the
+// kernel copies it whole). A stream's batch is far smaller; restore
+// splits larger ones.
 const maxBansPerTransaction = 150_000
 
 // Ban is one prefix of a ban chain. A Timeout other than 0 makes the

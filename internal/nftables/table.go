@@ -35,7 +35,8 @@ const maxTableName = 255
 // message of it is acknowledged into the receive buffer, where too many
 // acknowledgements overflow as ENOBUFS. maxTransactionBytes holds the
 // largest batch AddBans allows (maxBansPerTransaction IPv6 prefixes, each
-// added, deleted and added again: 6 elements of at most 52 bytes).
+// added, deleted and added again: about 34 MB) with room to spare; the
+// kernel takes memory for what is sent, not for the limit.
 const (
 	maxTransactionBytes = 64 << 20
 	receiveBufferBytes  = 8 << 20
