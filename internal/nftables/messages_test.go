@@ -223,6 +223,28 @@ func TestMessages(t *testing.T) {
 		assert.Less(t, len(list), 2000*24, "the attribute's length wrapped: the kernel would read a fraction of the list")
 	})
 
+	t.Run("the largest batch allowed fits the send buffer, and one ban more is refused", func(t *testing.T) {
+		tbl, rec := recordedTable(t)
+		many := make([]Ban, maxBansPerTransaction)
+		for i := range many {
+			many[i] = Ban{Prefix: benchPrefix(i).Masked(), Timeout: 30 * 24 * time.Hour}
+		}
+		require.NoError(t, tbl.Do(func(b *Batch) { ensureBoth(b, "c"); b.AddBans("c", many) }))
+		size := 0
+		for _, m := range rec.transactions()[0] {
+			size += int(m.Header.Length)
+			if m.Header.Length == 0 {
+				size += 16 + len(m.Data)
+			}
+		}
+		assert.Greater(t, size, 3*maxBansPerTransaction*2*36, "every element was counted")
+		assert.Less(t, size, maxTransactionBytes)
+		err := tbl.Do(func(b *Batch) { b.AddBans("c", append(many, Ban{Prefix: benchPrefix(-1)})) })
+		require.Error(t, err)
+		assert.Contains(t, err.Error(), "split it")
+		assert.Len(t, rec.transactions(), 1, "nothing more was sent")
+	})
+
 	t.Run("a timeout goes on an interval's start, never on its end", func(t *testing.T) {
 		for _, e := range elementsOf(bans(time.Minute, "192.0.2.0/24", "2001:db8::/64")) {
 			if e.IntervalEnd {
