@@ -16,6 +16,7 @@ import (
 type banStep struct {
 	chain  policy.Chain
 	fam    policy.Family
+	addr   bool // single addresses in the hash set (WithAddressSets)
 	remove bool
 	bans   []Ban
 }
@@ -71,7 +72,7 @@ func (b *Batch) banStep(chain policy.Chain, bans []Ban, remove bool) {
 		b.fail(fmt.Errorf("f2b-shim: a batch of %d bans is more than one nftables transaction holds (%d); split it", b.bans, maxBansPerTransaction))
 		return
 	}
-	byFam := map[policy.Family][]Ban{}
+	byKind := map[setKind][]Ban{}
 	for _, ban := range bans {
 		p := ban.Prefix
 		if !p.IsValid() || p.Addr().Zone() != "" || p.Addr().Is4In6() {
@@ -83,13 +84,21 @@ func (b *Batch) banStep(chain policy.Chain, bans []Ban, remove bool) {
 			return
 		}
 		ban.Prefix = p.Masked()
-		byFam[familyOf(p.Addr())] = append(byFam[familyOf(p.Addr())], ban)
+		k := setKind{familyOf(p.Addr()), b.t.addrSets && p.Bits() == p.Addr().BitLen()}
+		byKind[k] = append(byKind[k], ban)
 	}
 	for _, fam := range []policy.Family{policy.IPv4, policy.IPv6} {
-		if len(byFam[fam]) > 0 {
-			b.steps = append(b.steps, step{bans: &banStep{chain: chain, fam: fam, remove: remove, bans: byFam[fam]}})
+		for _, addr := range []bool{false, true} {
+			if bans := byKind[setKind{fam, addr}]; len(bans) > 0 {
+				b.steps = append(b.steps, step{bans: &banStep{chain: chain, fam: fam, addr: addr, remove: remove, bans: bans}})
+			}
 		}
 	}
+}
+
+type setKind struct {
+	fam  policy.Family
+	addr bool
 }
 
 func familyOf(a netip.Addr) policy.Family {
@@ -105,7 +114,7 @@ func (b *Batch) hasBans() bool { return len(b.banSets()) > 0 }
 func (b *Batch) banSets() []setKey {
 	var out []setKey
 	for _, s := range b.steps {
-		if s.bans != nil && !slices.Contains(out, setKey{s.bans.chain, s.bans.fam}) {
+		if s.bans != nil && !s.bans.addr && !slices.Contains(out, setKey{s.bans.chain, s.bans.fam}) {
 			out = append(out, setKey{s.bans.chain, s.bans.fam})
 		}
 	}
@@ -117,9 +126,14 @@ func (b *Batch) banSets() []setKey {
 // to date as the batch goes) it first fits the bans to what is there.
 func (b *Batch) banOps(s *banStep, live map[setKey][]netip.Prefix) []func(c *nftables.Conn) error {
 	set := b.t.set(s.chain, s.fam)
+	toElements := elementsOf
+	if s.addr {
+		// A hash set holds no overlaps to fit, and no interval ends.
+		set, toElements, live = b.t.addrSet(s.chain, s.fam), addrElementsOf, nil
+	}
 	var ops []func(c *nftables.Conn) error
 	emit := func(bans []Ban, calls func(c *nftables.Conn, chunk []nftables.SetElement) error) {
-		elems := elementsOf(bans)
+		elems := toElements(bans)
 		for start := 0; start < len(elems); start += maxElementsPerMessage {
 			chunk := elems[start:min(start+maxElementsPerMessage, len(elems))]
 			ops = append(ops, func(c *nftables.Conn) error { return calls(c, chunk) })
@@ -245,6 +259,15 @@ func elementsOf(bans []Ban) []nftables.SetElement {
 			// the start element's timeout is the interval's.
 			out = append(out, nftables.SetElement{Key: keyOf(end), IntervalEnd: true})
 		}
+	}
+	return out
+}
+
+// addrElementsOf turns single-address bans into hash set elements.
+func addrElementsOf(bans []Ban) []nftables.SetElement {
+	out := make([]nftables.SetElement, len(bans))
+	for i, ban := range bans {
+		out[i] = nftables.SetElement{Key: keyOf(ban.Prefix.Addr()), Timeout: ban.Timeout}
 	}
 	return out
 }

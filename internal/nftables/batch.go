@@ -166,6 +166,21 @@ func (t *Table) set(chain policy.Chain, fam policy.Family) *nftables.Set {
 	return &nftables.Set{Table: t.table, Name: SetName(chain, fam), KeyType: key, Interval: true, HasTimeout: true}
 }
 
+// addrSet is the family's hash set of single addresses (WithAddressSets).
+func (t *Table) addrSet(chain policy.Chain, fam policy.Family) *nftables.Set {
+	s := t.set(chain, fam)
+	s.Name, s.Interval = AddrSetName(chain, fam), false
+	return s
+}
+
+// sets lists the family's sets of a chain in this table's layout.
+func (t *Table) sets(chain policy.Chain, fam policy.Family) []*nftables.Set {
+	if t.addrSets {
+		return []*nftables.Set{t.set(chain, fam), t.addrSet(chain, fam)}
+	}
+	return []*nftables.Set{t.set(chain, fam)}
+}
+
 // EnsureChain makes the ban chain and the family's set, if they are
 // missing: what "iptables -N CHAIN" (or ip6tables) asks for. The nft
 // chain is shared by both families; each family has its own set, verdict
@@ -184,7 +199,12 @@ func (b *Batch) EnsureChain(chain policy.Chain, fam policy.Family) {
 	t := b.t
 	b.queue(func(c *nftables.Conn) error {
 		c.AddChain(t.chain(chain))
-		return c.AddSet(b.withID(t.set(chain, fam)), nil)
+		for _, s := range t.sets(chain, fam) {
+			if err := c.AddSet(b.withID(s), nil); err != nil {
+				return err
+			}
+		}
+		return nil
 	})
 }
 
@@ -202,24 +222,30 @@ func (b *Batch) SetVerdict(chain policy.Chain, fam policy.Family, target policy.
 		b.fail(err)
 		return
 	}
-	var stale []*nftables.Rule
+	key := setKey{chain, fam}
+	want := map[string]bool{} // the layout's sets, each with one rule saying target
+	for _, s := range b.t.sets(chain, fam) {
+		want[s.Name] = true
+	}
+	var live []*nftables.Rule
+	matches := 0
 	for _, r := range rules {
-		f, tg, ok := decodeVerdict(chain, r.Exprs)
-		if !ok || f != fam {
+		f, set, tg, ok := decodeVerdict(chain, r.Exprs)
+		if !ok || f != fam || b.deleted[r.Handle] {
 			continue
 		}
-		if b.deleted[r.Handle] {
-			continue
+		live = append(live, r)
+		if tg == target && want[set] {
+			matches++
+			delete(want, set)
 		}
-		if _, queued := b.verdicts[setKey{chain, fam}]; tg == target && len(stale) == 0 && !queued {
-			return
-		}
-		stale = append(stale, r)
+	}
+	if _, queued := b.verdicts[key]; !queued && len(want) == 0 && matches == len(live) {
+		return
 	}
 	b.rules = true
 	t := b.t
-	key := setKey{chain, fam}
-	stale = b.forget(stale)
+	stale := b.forget(live)
 	if v, ok := b.verdicts[key]; ok {
 		stale = append(v.stale, stale...)
 	}
@@ -228,7 +254,9 @@ func (b *Batch) SetVerdict(chain policy.Chain, fam policy.Family, target policy.
 		for _, r := range stale {
 			errs = append(errs, c.DelRule(r))
 		}
-		c.AddRule(&nftables.Rule{Table: t.table, Chain: t.chain(chain), Exprs: verdictExprs(chain, fam, target)})
+		for _, s := range t.sets(chain, fam) {
+			c.AddRule(&nftables.Rule{Table: t.table, Chain: t.chain(chain), Exprs: verdictExprs(s.Name, fam, target)})
+		}
 		return errors.Join(errs...)
 	}
 	if v, ok := b.verdicts[key]; ok {
@@ -328,7 +356,7 @@ func (b *Batch) FlushChain(chain policy.Chain, fam policy.Family) {
 		b.fail(err)
 		return
 	}
-	verdicts, hasSet, err := b.t.familyPart(chain, fam)
+	verdicts, sets, err := b.t.familyPart(chain, fam)
 	if err != nil {
 		b.fail(err)
 		return
@@ -341,8 +369,8 @@ func (b *Batch) FlushChain(chain policy.Chain, fam policy.Family) {
 		for _, r := range verdicts {
 			errs = append(errs, c.DelRule(r))
 		}
-		if hasSet {
-			c.FlushSet(t.set(chain, fam))
+		for _, s := range sets {
+			c.FlushSet(&nftables.Set{Table: t.table, Name: s})
 		}
 		return errors.Join(errs...)
 	})
@@ -370,7 +398,7 @@ func (b *Batch) DeleteChain(chain policy.Chain, fam policy.Family) {
 			return
 		}
 	}
-	verdicts, hasSet, err := b.t.familyPart(chain, fam)
+	verdicts, sets, err := b.t.familyPart(chain, fam)
 	if err != nil {
 		b.fail(err)
 		return
@@ -379,7 +407,7 @@ func (b *Batch) DeleteChain(chain policy.Chain, fam policy.Family) {
 	if fam == policy.IPv6 {
 		other = policy.IPv4
 	}
-	_, otherSet, err := b.t.familyPart(chain, other)
+	_, otherSets, err := b.t.familyPart(chain, other)
 	if err != nil {
 		b.fail(err)
 		return
@@ -397,10 +425,10 @@ func (b *Batch) DeleteChain(chain policy.Chain, fam policy.Family) {
 		for _, r := range verdicts {
 			errs = append(errs, c.DelRule(r))
 		}
-		if hasSet {
-			c.DelSet(t.set(chain, fam))
+		for _, s := range sets {
+			c.DelSet(&nftables.Set{Table: t.table, Name: s})
 		}
-		if exists && !otherSet {
+		if exists && len(otherSets) == 0 {
 			// Rules of the chain that are not ours would keep it in
 			// use; the chain is the shim's, so they go with it.
 			c.FlushChain(t.chain(chain))
@@ -411,39 +439,34 @@ func (b *Batch) DeleteChain(chain policy.Chain, fam policy.Family) {
 	b.unsetVerdict(setKey{chain, fam})
 }
 
-// familyPart reads the family's verdict rules of a chain and whether its
-// set exists.
-func (t *Table) familyPart(chain policy.Chain, fam policy.Family) (verdicts []*nftables.Rule, hasSet bool, err error) {
+// familyPart reads the family's verdict rules of a chain and which of
+// its sets (of either layout) exist.
+func (t *Table) familyPart(chain policy.Chain, fam policy.Family) (verdicts []*nftables.Rule, sets []string, err error) {
 	rules, err := t.rules(chain)
 	if err != nil {
-		return nil, false, err
+		return nil, nil, err
 	}
 	for _, r := range rules {
-		if f, _, ok := decodeVerdict(chain, r.Exprs); ok && f == fam {
+		if f, _, _, ok := decodeVerdict(chain, r.Exprs); ok && f == fam {
 			verdicts = append(verdicts, r)
 		}
 	}
-	hasSet, err = t.setExists(SetName(chain, fam))
-	return verdicts, hasSet, err
-}
-
-func (t *Table) setExists(name string) (bool, error) {
 	exists, err := t.tableExists()
 	if err != nil || !exists {
-		return false, err
+		return verdicts, nil, err
 	}
 	libraryMu.Lock()
 	defer libraryMu.Unlock()
-	sets, err := t.conn.GetSets(t.table)
+	all, err := t.conn.GetSets(t.table)
 	if err != nil {
-		return false, t.readErr("the sets", err)
+		return nil, nil, t.readErr("the sets", err)
 	}
-	for _, s := range sets {
-		if s.Name == name {
-			return true, nil
+	for _, s := range all {
+		if slices.Contains(setNames(chain, fam), s.Name) {
+			sets = append(sets, s.Name)
 		}
 	}
-	return false, nil
+	return verdicts, sets, nil
 }
 
 func checkFamily(fam policy.Family) error {

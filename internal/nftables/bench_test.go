@@ -23,23 +23,30 @@ func benchPrefix(i int) netip.Prefix {
 // transaction per batch, in a fresh namespace: a batch of 1 is a one-shot
 // ban, a batch of 512 a stream's. "new" bans go into a set that grows;
 // "reban" refreshes bans already there (add, delete, add). preload is how
-// many bans the set held before.
+// many bans the set held before. The bans are single IPv6 addresses, so
+// "addrsets" (WithAddressSets) keeps them in the hash set.
 //
 //	go test -run '^$' -bench AddBans -count 5 ./internal/nftables/
 func BenchmarkAddBans(b *testing.B) {
-	for _, kind := range []string{"new", "reban"} {
-		for _, preload := range []int{0, 50_000} {
-			for _, size := range []int{1, 512} {
-				b.Run(fmt.Sprintf("%s/preload=%d/batch=%d", kind, preload, size), func(b *testing.B) {
-					benchAddBans(b, kind == "reban", preload, size)
-				})
+	layouts := []struct {
+		name string
+		opts []Option
+	}{{"interval", nil}, {"addrsets", []Option{WithAddressSets()}}}
+	for _, layout := range layouts {
+		for _, kind := range []string{"new", "reban"} {
+			for _, preload := range []int{0, 50_000} {
+				for _, size := range []int{1, 512} {
+					b.Run(fmt.Sprintf("%s/%s/preload=%d/batch=%d", layout.name, kind, preload, size), func(b *testing.B) {
+						benchAddBans(b, layout.opts, kind == "reban", preload, size)
+					})
+				}
 			}
 		}
 	}
 }
 
-func benchAddBans(b *testing.B, reban bool, preload, size int) {
-	tbl, _ := nsTable(b)
+func benchAddBans(b *testing.B, opts []Option, reban bool, preload, size int) {
+	tbl, _ := nsTable(b, opts...)
 	const chain = "f2b-bench"
 	pool := preload
 	if reban && pool < size {

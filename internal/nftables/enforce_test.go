@@ -58,8 +58,8 @@ type lab struct {
 	tbl *Table
 }
 
-func newLab(t *testing.T, ports ...int) *lab {
-	tbl, ns := nsTable(t)
+func newLab(t *testing.T, opts []Option, ports ...int) *lab {
+	tbl, ns := nsTable(t, opts...)
 	for _, a := range []string{proxy4 + "/32", banned4 + "/32", other4 + "/32"} {
 		ns.MustRun(t, "ip", "addr", "add", a, "dev", "lo")
 	}
@@ -118,6 +118,12 @@ func (l *lab) connect(from, to string, port int) string {
 }
 
 func TestSystemEnforcement(t *testing.T) {
+	for _, layout := range layouts {
+		t.Run(layout.name, func(t *testing.T) { testSystemEnforcement(t, layout.opts) })
+	}
+}
+
+func testSystemEnforcement(t *testing.T, opts []Option) {
 	tests := []struct {
 		name         string
 		hook         Hook
@@ -137,7 +143,7 @@ func TestSystemEnforcement(t *testing.T) {
 			if tt.free != 0 {
 				ports = append(ports, tt.free)
 			}
-			l := newLab(t, ports...)
+			l := newLab(t, opts, ports...)
 			fams := []struct {
 				proxy, banned, other string
 				bits                 int
@@ -175,7 +181,13 @@ func TestSystemEnforcement(t *testing.T) {
 }
 
 func TestSystemExpiry(t *testing.T) {
-	l := newLab(t, 22)
+	for _, layout := range layouts {
+		t.Run(layout.name, func(t *testing.T) { testSystemExpiry(t, layout.opts) })
+	}
+}
+
+func testSystemExpiry(t *testing.T, opts []Option) {
+	l := newLab(t, opts, 22)
 	hook := Hook{Family: policy.IPv4, Chain: "f2b-sshd", Proto: "tcp", Ports: []policy.PortRange{pr(22, 22)}}
 	require.NoError(t, l.tbl.Do(func(b *Batch) {
 		ensureBoth(b, hook.Chain)

@@ -14,7 +14,13 @@ import (
 // fail2ban's own order: actionstart, bans, actionstop; then what an admin
 // or reconcile meets.
 func TestSystemLifecycle(t *testing.T) {
-	tbl, ns := nsTable(t)
+	for _, layout := range layouts {
+		t.Run(layout.name, func(t *testing.T) { testSystemLifecycle(t, layout.opts) })
+	}
+}
+
+func testSystemLifecycle(t *testing.T, opts []Option) {
+	tbl, ns := nsTable(t, opts...)
 	sshd := Hook{Family: policy.IPv4, Chain: "f2b-sshd", Proto: "tcp", Ports: []policy.PortRange{pr(22, 22)}}
 	sshd6 := sshd
 	sshd6.Family = policy.IPv6
@@ -207,7 +213,13 @@ func TestSystemHundredThousandBans(t *testing.T) {
 }
 
 func TestSystemBatchSeesItself(t *testing.T) {
-	tbl, _ := nsTable(t)
+	for _, layout := range layouts {
+		t.Run(layout.name, func(t *testing.T) { testSystemBatchSeesItself(t, layout.opts) })
+	}
+}
+
+func testSystemBatchSeesItself(t *testing.T, opts []Option) {
+	tbl, _ := nsTable(t, opts...)
 	h := Hook{Family: policy.IPv4, Chain: "c", Proto: "tcp", Ports: []policy.PortRange{pr(22, 22)}}
 	require.NoError(t, tbl.Do(func(b *Batch) {
 		ensureBoth(b, "c")

@@ -94,12 +94,17 @@ func (t *Table) ReadBack() (*Snapshot, error) {
 		if err != nil {
 			return nil, err
 		}
+		seen := map[string]bool{}
 		for _, r := range rules {
-			fam, target, ok := decodeVerdict(name, r.Exprs)
-			if _, dup := cs.Verdicts[fam]; !ok || dup {
+			// One rule per set; a family's rules (one per set of the
+			// layout) say the same target.
+			fam, set, target, ok := decodeVerdict(name, r.Exprs)
+			prev, had := cs.Verdicts[fam]
+			if !ok || seen[set] || had && prev != target {
 				snap.Foreign = append(snap.Foreign, fmt.Sprintf("rule handle %d in chain %q", r.Handle, name))
 				continue
 			}
+			seen[set] = true
 			cs.Verdicts[fam] = target
 		}
 	}
@@ -142,21 +147,27 @@ func (t *Table) readSets(snap *Snapshot) error {
 		if s.Anonymous {
 			continue // a hook's ports, read with its rule
 		}
-		chain, fam, ok := chainOfSet(s.Name)
+		chain, fam, addr, ok := chainOfSet(s.Name)
 		cs := snap.Chains[chain]
-		if !ok || cs == nil || !s.Interval || !s.HasTimeout {
+		if !ok || cs == nil || s.Interval == addr || !s.HasTimeout {
 			snap.Foreign = append(snap.Foreign, fmt.Sprintf("set %q", s.Name))
 			continue
 		}
-		elems, err := t.conn.GetSetElements(s)
+		bans, foreign, err := t.setBans(s, addr)
 		if err != nil {
-			return t.readErr(fmt.Sprintf("set %q", s.Name), err)
+			return err
 		}
-		bans, foreign := intervals(elems)
-		if bans == nil {
-			bans = []Element{} // the set exists: Returns says so
+		// The set exists, even empty: Returns says so.
+		cs.Bans[fam] = append(cs.Bans[fam], bans...)
+		if cs.Bans[fam] == nil {
+			cs.Bans[fam] = []Element{}
 		}
-		cs.Bans[fam] = bans
+		slices.SortFunc(cs.Bans[fam], func(a, b Element) int {
+			if c := a.Prefix.Addr().Compare(b.Prefix.Addr()); c != 0 {
+				return c
+			}
+			return a.Prefix.Bits() - b.Prefix.Bits()
+		})
 		for _, f := range foreign {
 			snap.Foreign = append(snap.Foreign, fmt.Sprintf("set %q: %s", s.Name, f))
 		}
@@ -164,14 +175,38 @@ func (t *Table) readSets(snap *Snapshot) error {
 	return nil
 }
 
-func chainOfSet(name string) (policy.Chain, policy.Family, bool) {
+// setBans reads a set's elements as bans; the caller holds libraryMu.
+func (t *Table) setBans(s *nftables.Set, addr bool) (bans []Element, foreign []string, err error) {
+	elems, err := t.conn.GetSetElements(s)
+	if err != nil {
+		return nil, nil, t.readErr(fmt.Sprintf("set %q", s.Name), err)
+	}
+	if !addr {
+		bans, foreign = intervals(elems)
+		return bans, foreign, nil
+	}
+	for _, e := range elems {
+		a, err := addrOf(e.Key)
+		if err != nil {
+			foreign = append(foreign, err.Error())
+			continue
+		}
+		bans = append(bans, Element{Prefix: netip.PrefixFrom(a, a.BitLen()), Timeout: e.Timeout, Expires: e.Expires})
+	}
+	return bans, foreign, nil
+}
+
+// chainOfSet maps a set name back to its chain, family and kind. Every
+// name ends in exactly one of the suffixes, so no two chains share one.
+func chainOfSet(name string) (chain policy.Chain, fam policy.Family, addr bool, ok bool) {
+	name, addr = strings.CutSuffix(name, "-addr")
 	if c, ok := strings.CutSuffix(name, "-v4"); ok {
-		return policy.Chain(c), policy.IPv4, true
+		return policy.Chain(c), policy.IPv4, addr, true
 	}
 	if c, ok := strings.CutSuffix(name, "-v6"); ok {
-		return policy.Chain(c), policy.IPv6, true
+		return policy.Chain(c), policy.IPv6, addr, true
 	}
-	return "", 0, false
+	return "", 0, false, false
 }
 
 // intervals pairs an interval set's elements back into prefixes: each
@@ -238,10 +273,7 @@ func (t *Table) Check(chain policy.Chain, p netip.Prefix) (Element, bool, error)
 	if err := checkChain(chain); err != nil {
 		return Element{}, false, err
 	}
-	fam := policy.IPv4
-	if p.Addr().Is6() {
-		fam = policy.IPv6
-	}
+	fam := familyOf(p.Addr())
 	exists, err := t.chainExists(chain)
 	if err != nil || !exists {
 		return Element{}, false, err
@@ -253,14 +285,14 @@ func (t *Table) Check(chain policy.Chain, p netip.Prefix) (Element, bool, error)
 		return Element{}, false, t.readErr("the sets", err)
 	}
 	for _, s := range sets {
-		if s.Name != SetName(chain, fam) {
+		c, f, addr, ok := chainOfSet(s.Name)
+		if !ok || c != chain || f != fam || addr && p.Bits() != p.Addr().BitLen() {
 			continue
 		}
-		elems, err := t.conn.GetSetElements(s)
+		bans, _, err := t.setBans(s, addr)
 		if err != nil {
-			return Element{}, false, t.readErr(fmt.Sprintf("set %q", s.Name), err)
+			return Element{}, false, err
 		}
-		bans, _ := intervals(elems)
 		for _, b := range bans {
 			if b.Prefix.Bits() <= p.Bits() && b.Prefix.Contains(p.Addr()) {
 				return b, true, nil

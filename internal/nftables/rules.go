@@ -224,6 +224,17 @@ func SetName(chain policy.Chain, fam policy.Family) string {
 	return string(chain) + "-v4"
 }
 
+// AddrSetName is the hash set of single addresses (/32, /128) beside the
+// interval set, in a table opened WithAddressSets.
+func AddrSetName(chain policy.Chain, fam policy.Family) string {
+	return SetName(chain, fam) + "-addr"
+}
+
+// setNames lists the family's sets of a chain that a verdict rule may match.
+func setNames(chain policy.Chain, fam policy.Family) []string {
+	return []string{SetName(chain, fam), AddrSetName(chain, fam)}
+}
+
 // icmpCodes maps iptables' --reject-with types to the ICMP (or ICMPv6)
 // code of nftables' "reject with icmp(v6) type": the same packets go out.
 var icmpCodes = map[string]uint8{
@@ -263,13 +274,13 @@ func familyMatch(fam policy.Family) (nfproto byte, offset, length uint32) {
 	return unix.NFPROTO_IPV4, 12, 4
 }
 
-func verdictExprs(chain policy.Chain, fam policy.Family, t policy.Target) []expr.Any {
+func verdictExprs(set string, fam policy.Family, t policy.Target) []expr.Any {
 	nfproto, off, n := familyMatch(fam)
 	e := []expr.Any{
 		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{nfproto}},
 		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: n},
-		&expr.Lookup{SourceRegister: 1, SetName: SetName(chain, fam)},
+		&expr.Lookup{SourceRegister: 1, SetName: set},
 	}
 	if t.Kind == policy.Drop {
 		return append(e, &expr.Verdict{Kind: expr.VerdictDrop})
@@ -278,26 +289,27 @@ func verdictExprs(chain policy.Chain, fam policy.Family, t policy.Target) []expr
 }
 
 // decodeVerdict reads a ban chain rule back: the family whose set it
-// matches and its target. ok is false for a rule this package does not write.
-func decodeVerdict(chain policy.Chain, exprs []expr.Any) (fam policy.Family, t policy.Target, ok bool) {
+// matches, the set, and its target. ok is false for a rule this package
+// does not write.
+func decodeVerdict(chain policy.Chain, exprs []expr.Any) (fam policy.Family, set string, t policy.Target, ok bool) {
 	if len(exprs) != 5 {
-		return 0, policy.Target{}, false
+		return 0, "", policy.Target{}, false
 	}
 	lookup, isLookup := exprs[3].(*expr.Lookup)
 	if !isLookup {
-		return 0, policy.Target{}, false
+		return 0, "", policy.Target{}, false
 	}
 	for _, fam := range []policy.Family{policy.IPv4, policy.IPv6} {
-		if lookup.SetName != SetName(chain, fam) {
+		if !slices.Contains(setNames(chain, fam), lookup.SetName) {
 			continue
 		}
 		for _, t := range targets(fam) {
-			if exprsEqual(exprs, verdictExprs(chain, fam, t)) {
-				return fam, t, true
+			if exprsEqual(exprs, verdictExprs(lookup.SetName, fam, t)) {
+				return fam, lookup.SetName, t, true
 			}
 		}
 	}
-	return 0, policy.Target{}, false
+	return 0, "", policy.Target{}, false
 }
 
 // targets lists every target a family's ban chain rule can have.

@@ -18,17 +18,27 @@ import (
 
 // nsTable opens the shim's table in a fresh network namespace, which the
 // test deletes when it ends: nothing here touches the host's firewall.
-func nsTable(t testing.TB) (*Table, *nstest.Netns) {
+func nsTable(t testing.TB, opts ...Option) (*Table, *nstest.Netns) {
 	t.Helper()
 	nstest.RequireRoot(t, "nft")
 	ns := nstest.NewNetns(t)
 	f, err := os.Open(filepath.Join("/var/run/netns", ns.Name))
 	require.NoError(t, err)
 	t.Cleanup(func() { f.Close() })
-	tbl, err := Open("", WithNetNS(int(f.Fd())))
+	tbl, err := Open("", append(opts, WithNetNS(int(f.Fd())))...)
 	require.NoError(t, err)
 	t.Cleanup(func() { tbl.Close() })
 	return tbl, ns
+}
+
+// layouts are the two ways a table can keep bans; the system tests that
+// do not depend on where an element goes run in both.
+var layouts = []struct {
+	name, golden string
+	opts         []Option
+}{
+	{"interval sets", "golden", nil},
+	{"address sets", "golden-addr", []Option{WithAddressSets()}},
 }
 
 var expiresRE = regexp.MustCompile(` expires [0-9hmsd]+`)
@@ -78,7 +88,13 @@ func bans(timeout time.Duration, prefixes ...string) []Ban {
 }
 
 func TestSystemGolden(t *testing.T) {
-	tbl, ns := nsTable(t)
+	for _, layout := range layouts {
+		t.Run(layout.name, func(t *testing.T) { testSystemGolden(t, layout.golden, layout.opts...) })
+	}
+}
+
+func testSystemGolden(t *testing.T, golden string, opts ...Option) {
+	tbl, ns := nsTable(t, opts...)
 	require.NoError(t, tbl.Do(func(b *Batch) {
 		ensureBoth(b, "mail-remote-f2b-sshd")
 		ensureBoth(b, "mail-remote-f2b-postfix")
@@ -93,7 +109,7 @@ func TestSystemGolden(t *testing.T) {
 		b.AddBans("mail-remote-f2b-sshd", bans(0, "192.0.2.7/32", "2001:db8::7/128", "2001:db8:1:2::/64", "198.51.100.0/24"))
 		b.AddBans("mail-remote-f2b-postfix", bans(time.Hour, "203.0.113.9/32"))
 	}))
-	assertGolden(t, ns, "golden")
+	assertGolden(t, ns, golden)
 }
 
 func prefixes(ps ...string) []netip.Prefix {
