@@ -37,7 +37,11 @@
 // meaning of fail2ban's "-A CHAIN -j RETURN"; that rule is implicit, so no
 // order of calls can lose it.
 // Each prefix is one interval element ([start, end+1)), so a /64 is one
-// element and a lookup costs the same at any number of bans.
+// element and a lookup costs the same at any number of bans. The kernel's
+// interval sets (an rbtree) cost time in proportion to the set at every
+// commit, though; WithAddressSets keeps single addresses in a hash set
+// beside the interval set (one more rule per family), whose cost per ban
+// stays flat. Both layouts read back the same.
 //
 // # The safety argument
 //
