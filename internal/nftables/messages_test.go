@@ -274,6 +274,32 @@ func TestMessages(t *testing.T) {
 		assert.Len(t, rec.transactions(), 1)
 	})
 
+	t.Run("with address sets a single address goes to the hash set, a prefix to the interval set", func(t *testing.T) {
+		rec := &recorder{}
+		tbl, err := Open("", WithTestDial(rec.dial), WithAddressSets())
+		require.NoError(t, err)
+		t.Cleanup(func() { tbl.Close() })
+		require.NoError(t, tbl.Do(func(b *Batch) {
+			b.EnsureChain("c", policy.IPv4)
+			b.AddBans("c", bans(time.Hour, "192.0.2.7/32", "198.51.100.0/24"))
+		}))
+		elements := map[string]int{}
+		for _, m := range rec.transactions()[0] {
+			if msgName(m) != "NEWSETELEM" {
+				continue
+			}
+			a := attrs(t, m)
+			ad, err := netlink.NewAttributeDecoder(a[unix.NFTA_SET_ELEM_LIST_ELEMENTS])
+			require.NoError(t, err)
+			for ad.Next() {
+				elements[strings.TrimRight(string(a[unix.NFTA_SET_ELEM_LIST_SET]), "\x00")]++
+			}
+		}
+		// Added twice (add, delete, add): one element for the address,
+		// start and end for the prefix.
+		assert.Equal(t, map[string]int{"c-v4-addr": 2, "c-v4": 4}, elements)
+	})
+
 	t.Run("an unban is an add and a delete of the same elements", func(t *testing.T) {
 		tbl, rec := recordedTable(t)
 		require.NoError(t, tbl.Do(func(b *Batch) { b.RemoveBans("c", prefixes("192.0.2.0/24")) }))
