@@ -187,7 +187,13 @@ func testSystemLifecycle(t *testing.T, opts []Option) {
 }
 
 func TestSystemHundredThousandBans(t *testing.T) {
-	tbl, _ := nsTable(t)
+	for _, layout := range layouts {
+		t.Run(layout.name, func(t *testing.T) { testSystemHundredThousandBans(t, layout.opts) })
+	}
+}
+
+func testSystemHundredThousandBans(t *testing.T, opts []Option) {
+	tbl, _ := nsTable(t, opts...)
 	many := make([]Ban, 100_000)
 	for i := range many {
 		// 100,000 addresses only fit documentation space as IPv6.
