@@ -73,6 +73,11 @@ func (b *Batch) banStep(chain policy.Chain, bans []Ban, remove bool) {
 		return
 	}
 	byKind := map[setKind][]Ban{}
+	type position struct {
+		kind  setKind
+		index int
+	}
+	seen := map[netip.Prefix]position{}
 	for _, ban := range bans {
 		p := ban.Prefix
 		if !p.IsValid() || p.Addr().Zone() != "" || p.Addr().Is4In6() {
@@ -84,7 +89,14 @@ func (b *Batch) banStep(chain policy.Chain, bans []Ban, remove bool) {
 			return
 		}
 		ban.Prefix = p.Masked()
+		// A prefix twice in one message would be deleted twice, and the
+		// second delete fail the transaction: the last one counts.
+		if i, dup := seen[ban.Prefix]; dup {
+			byKind[i.kind][i.index] = ban
+			continue
+		}
 		k := setKind{familyOf(p.Addr()), b.t.addrSets && p.Bits() == p.Addr().BitLen()}
+		seen[ban.Prefix] = position{k, len(byKind[k])}
 		byKind[k] = append(byKind[k], ban)
 	}
 	for _, fam := range []policy.Family{policy.IPv4, policy.IPv6} {

@@ -251,6 +251,15 @@ func testSystemBatchSeesItself(t *testing.T, opts []Option) {
 	assert.Empty(t, snap.Foreign, "and not left beside the new one")
 
 	require.NoError(t, tbl.Do(func(b *Batch) {
+		b.AddBans("c", append(bans(time.Minute, "192.0.2.1/32", "198.51.100.0/24"), bans(time.Hour, "192.0.2.1/32", "198.51.100.0/24")...))
+		b.RemoveBans("c", prefixes("203.0.113.0/24", "203.0.113.0/24"))
+	}), "a prefix twice in one call is one ban")
+	e, found, err := tbl.Check("c", netip.MustParsePrefix("192.0.2.1/32"))
+	require.NoError(t, err)
+	require.True(t, found)
+	assert.Equal(t, time.Hour, e.Timeout, "the last of the duplicates counts")
+
+	require.NoError(t, tbl.Do(func(b *Batch) {
 		b.SetVerdict("c", policy.IPv4, drop)
 		b.AddBans("c", bans(0, "192.0.2.1/32"))
 		b.FlushChain("c", policy.IPv4)
