@@ -136,7 +136,7 @@ func (b *Batch) banSets() []setKey {
 // banOps turns a ban step into library calls, in messages of at most
 // maxElementsPerMessage elements. With live (the sets' elements, kept up
 // to date as the batch goes) it first fits the bans to what is there.
-func (b *Batch) banOps(s *banStep, live map[setKey][]netip.Prefix) []func(c *nftables.Conn) error {
+func (b *Batch) banOps(s *banStep, live map[setKey][]netip.Prefix, empty bool) []func(c *nftables.Conn) error {
 	set := b.t.set(s.chain, s.fam)
 	toElements := elementsOf
 	if s.addr {
@@ -160,6 +160,9 @@ func (b *Batch) banOps(s *banStep, live map[setKey][]netip.Prefix) []func(c *nft
 		return errors.Join(add(c, chunk), del(c, chunk), add(c, chunk))
 	}
 	switch {
+	case empty && s.remove:
+	case empty && live == nil:
+		emit(s.bans, add)
 	case live == nil && s.remove:
 		emit(s.bans, addDel)
 	case live == nil:

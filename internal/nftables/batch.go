@@ -76,6 +76,9 @@ func (t *Table) Do(fill func(b *Batch)) error {
 type step struct {
 	op   func(c *nftables.Conn) error
 	bans *banStep
+	// empties lists the families whose sets the op leaves empty (a flush
+	// or a delete of the chain's family part).
+	empties []setKey
 }
 
 func (b *Batch) queue(op func(c *nftables.Conn) error) { b.steps = append(b.steps, step{op: op}) }
@@ -374,6 +377,7 @@ func (b *Batch) FlushChain(chain policy.Chain, fam policy.Family) {
 		}
 		return errors.Join(errs...)
 	})
+	b.steps[len(b.steps)-1].empties = []setKey{{chain, fam}}
 	b.unsetVerdict(setKey{chain, fam})
 }
 
@@ -436,6 +440,7 @@ func (b *Batch) DeleteChain(chain policy.Chain, fam policy.Family) {
 		}
 		return errors.Join(errs...)
 	})
+	b.steps[len(b.steps)-1].empties = []setKey{{chain, fam}}
 	b.unsetVerdict(setKey{chain, fam})
 }
 
@@ -518,15 +523,50 @@ func (b *Batch) Commit() error {
 
 // replay is the batch as library calls; live, when set, holds the sets'
 // elements, against which the bans are adjusted.
+//
+// Each prefix of a set is changed once per transaction, by the batch's
+// last call that names it: the kernel's rbtree cannot delete an element
+// that the same transaction deleted and added before (ENOENT), so a ban
+// and an unban of one address in one stream batch, sent as they come,
+// would fail the whole batch. After a flush or delete of the family's
+// part, its sets are known to be empty: bans are plain adds, and unbans
+// nothing.
 func (b *Batch) replay(live map[setKey][]netip.Prefix) func(c *nftables.Conn) error {
 	b.Adjustments = nil
+	type touch struct {
+		set    setKind
+		chain  policy.Chain
+		prefix netip.Prefix
+	}
+	last := map[touch]int{}
+	for i, s := range b.steps {
+		if s.bans != nil {
+			for _, ban := range s.bans.bans {
+				last[touch{setKind{s.bans.fam, s.bans.addr}, s.bans.chain, ban.Prefix}] = i
+			}
+		}
+	}
+	empty := map[setKey]bool{}
 	var ops []func(c *nftables.Conn) error
-	for _, s := range b.steps {
+	for i, s := range b.steps {
+		for _, k := range s.empties {
+			empty[k] = true
+			if live != nil {
+				live[k] = nil
+			}
+		}
 		if s.op != nil {
 			ops = append(ops, s.op)
 			continue
 		}
-		ops = append(ops, b.banOps(s.bans, live)...)
+		step := *s.bans
+		step.bans = nil
+		for _, ban := range s.bans.bans {
+			if last[touch{setKind{step.fam, step.addr}, step.chain, ban.Prefix}] == i {
+				step.bans = append(step.bans, ban)
+			}
+		}
+		ops = append(ops, b.banOps(&step, live, empty[setKey{step.chain, step.fam}])...)
 	}
 	return func(c *nftables.Conn) error {
 		b.setIDs = 0

@@ -270,3 +270,58 @@ func testSystemBatchSeesItself(t *testing.T, opts []Option) {
 	assert.Empty(t, snap.Chains["c"].Bans[policy.IPv4], "nor the batch's bans")
 	assert.Empty(t, snap.Foreign)
 }
+
+// A stream batch carries requests as they come: a ban and an unban of one
+// address, a ban sent twice, a flush between two bans. The kernel's
+// rbtree cannot change one element twice in a transaction, so the batch
+// changes each prefix once, as its last request says.
+func TestSystemOnePrefixTwiceInABatch(t *testing.T) {
+	tests := []struct {
+		name  string
+		fill  func(b *Batch)
+		wants []string
+	}{
+		{"a ban sent twice is one ban", func(b *Batch) {
+			b.AddBans("c", bans(0, "192.0.2.1/32", "198.51.100.0/24"))
+			b.AddBans("c", bans(0, "192.0.2.1/32", "198.51.100.0/24"))
+		}, []string{"192.0.2.1/32", "198.51.100.0/24"}},
+		{"a ban then its unban leaves nothing", func(b *Batch) {
+			b.AddBans("c", bans(0, "192.0.2.1/32", "198.51.100.0/24"))
+			b.RemoveBans("c", prefixes("192.0.2.1/32", "198.51.100.0/24"))
+		}, nil},
+		{"an unban then a ban leaves the ban", func(b *Batch) {
+			b.RemoveBans("c", prefixes("192.0.2.1/32", "198.51.100.0/24"))
+			b.AddBans("c", bans(0, "192.0.2.1/32", "198.51.100.0/24"))
+		}, []string{"192.0.2.1/32", "198.51.100.0/24"}},
+		{"a ban, a flush and the ban again leave the ban", func(b *Batch) {
+			b.AddBans("c", bans(0, "192.0.2.1/32", "198.51.100.0/24"))
+			b.FlushChain("c", policy.IPv4)
+			b.SetVerdict("c", policy.IPv4, drop)
+			b.AddBans("c", bans(0, "192.0.2.1/32", "198.51.100.0/24"))
+		}, []string{"192.0.2.1/32", "198.51.100.0/24"}},
+		{"a ban and a flush leave nothing", func(b *Batch) {
+			b.AddBans("c", bans(0, "192.0.2.1/32", "198.51.100.0/24"))
+			b.FlushChain("c", policy.IPv4)
+			b.RemoveBans("c", prefixes("192.0.2.1/32"))
+		}, nil},
+	}
+	for _, layout := range layouts {
+		t.Run(layout.name, func(t *testing.T) {
+			tbl, _ := nsTable(t, layout.opts...)
+			for _, tt := range tests {
+				t.Run(tt.name, func(t *testing.T) {
+					require.NoError(t, tbl.Do(func(b *Batch) { b.DeleteTable() }))
+					// What is there before: one of the two, so that each
+					// case meets an element the kernel holds.
+					require.NoError(t, tbl.Do(func(b *Batch) {
+						b.EnsureChain("c", policy.IPv4)
+						b.SetVerdict("c", policy.IPv4, drop)
+						b.AddBans("c", bans(0, "192.0.2.1/32"))
+					}))
+					require.NoError(t, tbl.Do(tt.fill))
+					assert.Equal(t, tt.wants, elementPrefixes(t, tbl, "c", policy.IPv4))
+				})
+			}
+		})
+	}
+}
