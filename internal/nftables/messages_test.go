@@ -319,6 +319,7 @@ func TestRefusedBeforeAnyMessage(t *testing.T) {
 		fill       func(b *Batch)
 	}{
 		{"a chain name with a space", `chain name "a b"`, func(b *Batch) { ensureBoth(b, "a b") }},
+		{"a chain name whose sets' names the kernel would refuse", "1 to 247 bytes", func(b *Batch) { ensureBoth(b, policy.Chain(strings.Repeat("c", 248))) }},
 		{"an IPv4-mapped IPv6 ban", "unmap", func(b *Batch) { b.AddBans("c", bans(0, "::ffff:192.0.2.1/128")) }},
 		{"a negative timeout", "timeout", func(b *Batch) { b.AddBans("c", bans(-time.Second, "192.0.2.1/32")) }},
 		{"a sub-millisecond timeout", "at least 1ms", func(b *Batch) { b.AddBans("c", bans(time.Microsecond, "192.0.2.1/32")) }},

@@ -79,9 +79,13 @@ func (h Hook) check() error {
 	return nil
 }
 
+// maxChainName keeps the longest set name, CHAIN-v4-addr, within the
+// kernel's 255 bytes (NFT_SET_MAXNAMELEN minus the NUL). The policy's own
+// limit, iptables' 28, is far below it.
+const maxChainName = 255 - len("-v4-addr")
+
 func checkChain(c policy.Chain) error {
-	// nft's own limit is 255; the policy's is iptables' 28.
-	return checkName("chain", string(c), 255)
+	return checkName("chain", string(c), maxChainName)
 }
 
 // hookSet is the anonymous set of a multiport hook's ports: nft's own
