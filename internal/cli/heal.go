@@ -272,7 +272,7 @@ func joinNotes(notes ...string) string {
 
 // lastRepair says, for status, when the firewall was last put back from
 // the state and what was put back.
-func lastRepair(store *state.Store) string {
+func lastRepair(store *state.Store, now time.Time) string {
 	at, what, err := store.LastRepair()
 	switch {
 	case err != nil:
@@ -280,5 +280,5 @@ func lastRepair(store *state.Store) string {
 	case at.IsZero():
 		return "none: the firewall has never had to be put back"
 	}
-	return fmt.Sprintf("last at %s (%s ago): %s", at.Local().Format(time.RFC3339), time.Since(at).Round(time.Second), what)
+	return fmt.Sprintf("last at %s (%s ago): %s", at.Local().Format(time.RFC3339), max(now.Sub(at), 0).Round(time.Second), what)
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -38,8 +39,13 @@ func (h *harness) recordedBans() int {
 	return strings.Count(stdout, `"type": "ban"`)
 }
 
-// admin runs an admin subcommand with the harness's policy.
+// admin runs an admin subcommand with the harness's policy, kept outside
+// /etc/f2b-shim, so that status checks this policy and not this host's
+// install.
 func (h *harness) admin(args ...string) (int, string, string) {
+	if h.pol.File == "" {
+		h.pol.File = filepath.Join(h.t.TempDir(), "policy.toml")
+	}
 	var stdout, stderr bytes.Buffer
 	code := Run(append(args, "--policy", "/etc/f2b-shim/policy.toml"), Env{}, &stdout, &stderr, h.deps)
 	return code, stdout.String(), stderr.String()

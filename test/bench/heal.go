@@ -13,7 +13,7 @@ import (
 // healBench measures what the check that a chain is still in place
 // costs per ban (issue 20: "heal on contact"), one-shot and stream, with
 // the chain hooked into INPUT and N bans in place, for this build and,
-// with --old, an older f2b-shim binary side by side in the same run: each
+// with --baseline, an older f2b-shim binary side by side in the same run: each
 // binary in its own namespace, measured in alternating rounds, so that a
 // busy machine weighs on both alike.
 func healBench(c config, md *strings.Builder, tmp, shim, self, old string) error {

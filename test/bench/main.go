@@ -50,9 +50,12 @@ type config struct {
 	// The stream part (stream.go).
 	streamBans, streamRuns, plainBurst, streamBurst, singleBans int
 	// The heal part (heal.go): bans in place, runs, bans per stream
-	// session; old is an older binary measured side by side.
+	// session (it measures beside baseline too).
 	healBans, healRuns, healStream int
-	old                            string
+	// The stream bounds part (streambounds.go): a build to compare with,
+	// and the sizes of its floods.
+	baseline                  string
+	floodRebans, floodRetries int
 }
 
 // runs reports whether the part is to run.
@@ -75,18 +78,18 @@ func main() {
 	}
 	quick := flag.Bool("quick", false, "a short run, as a smoke test: N = 0 and 100, few repetitions")
 	out := flag.String("out", "bench-out", "directory for results.md and latency.png")
-	only := flag.String("only", "", "run one part: latency, sshd, packets, hooks, stream or heal")
-	old := flag.String("old", "", "heal: an older f2b-shim binary to measure side by side")
+	only := flag.String("only", "", "run one part: latency, sshd, packets, hooks, stream, streambounds or heal")
+	baseline := flag.String("baseline", "", "streambounds and heal: an f2b-shim binary to measure side by side with this build")
 	healN := flag.Int("heal-bans", 1000, "heal: bans in place")
 	flag.Parse()
 	c := config{ns: []int{0, 1000, 10000, 50000}, reps: 15, e2eBans: 50, connTime: 2 * time.Second, connRuns: 3, out: *out,
-		streamBans: 10000, streamRuns: 3, plainBurst: 1000, streamBurst: 10000, singleBans: 15}
+		streamBans: 10000, streamRuns: 3, plainBurst: 1000, streamBurst: 10000, singleBans: 15, floodRebans: 100000, floodRetries: 20}
 	if *quick {
 		c = config{ns: []int{0, 100}, reps: 3, e2eBans: 5, connTime: 300 * time.Millisecond, connRuns: 1, out: *out,
-			streamBans: 1000, streamRuns: 1, plainBurst: 20, streamBurst: 200, singleBans: 3}
+			streamBans: 1000, streamRuns: 1, plainBurst: 20, streamBurst: 200, singleBans: 3, floodRebans: 1000, floodRetries: 2}
 	}
-	c.only = *only
-	c.healBans, c.healRuns, c.healStream, c.old = *healN, 5, 1000, *old
+	c.only, c.baseline = *only, *baseline
+	c.healBans, c.healRuns, c.healStream = *healN, 5, 1000
 	if *quick {
 		c.healBans, c.healRuns, c.healStream = 100, 1, 100
 	}
@@ -173,12 +176,17 @@ func run(c config) error {
 		}
 	}
 	if c.runs("heal") {
-		if err := healBench(c, &md, tmp, shim, self, c.old); err != nil {
+		if err := healBench(c, &md, tmp, shim, self, c.baseline); err != nil {
 			return err
 		}
 	}
 	if c.runs("stream") {
 		if err := streamBench(c, &md, tmp, shim, self); err != nil {
+			return err
+		}
+	}
+	if c.runs("streambounds") {
+		if err := streamBounds(c, &md, tmp, shim); err != nil {
 			return err
 		}
 	}
@@ -233,7 +241,7 @@ func writePolicy(dir string, v variant) (string, error) {
 
 func benchAddr(i int) string { return fmt.Sprintf("10.%d.%d.%d", i>>16&255, i>>8&255, i&255) }
 
-// preload puts n bans in place through the journal and "f2b-shim
+// preload puts n bans in place through the state and "f2b-shim
 // restore" in ns, and the same n rules into rawChain in rawNS (its own
 // namespace: iptables-legacy reads and writes the whole table, so raw
 // rules next to the shim's chain would slow the shim down too), and
