@@ -178,7 +178,7 @@ func serve(store *state.Store, b firewall.Backend, pol *policy.Policy, op policy
 		outcome, err = firewall.Apply(b, op)
 	}
 	if err != nil {
-		if errors.Is(err, firewall.ErrLimit) {
+		if errors.Is(err, firewall.ErrLimit) || nothingChanged(b, op, err) {
 			// Nothing was changed: there is nothing to look at again.
 			_ = store.ClearIntent()
 		}
@@ -199,6 +199,15 @@ func serve(store *state.Store, b firewall.Backend, pol *policy.Policy, op policy
 		return ExitCheckFalse, outcome.String(), ""
 	}
 	return ExitOK, outcome.String(), ""
+}
+
+// nothingChanged reports whether a failed ban or unban of the rule
+// backend left the firewall as it was: it is one iptables call, and
+// iptables changes nothing when it exits with an error. (A stream's
+// queued bans fail later, at the batch's flush, and are forgotten there.)
+func nothingChanged(b firewall.Backend, op policy.Operation, err error) bool {
+	var ce *firewall.CommandError
+	return b.Sets == nil && (op.Kind == policy.AddBan || op.Kind == policy.DeleteBan) && errors.As(err, &ce)
 }
 
 // failure fills in rec for an operation that failed, and returns its exit

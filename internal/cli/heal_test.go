@@ -11,6 +11,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/f2b-shim/f2b-shim/internal/firewall"
 	"github.com/f2b-shim/f2b-shim/policy"
 )
 
@@ -275,4 +276,19 @@ func TestABigRuleChainChecksOnlyItsHooks(t *testing.T) {
 	bans, hooked, ret = h.liveBans()
 	assert.Equal(t, fullCheckMaxBans+4, bans, "a chain gone is a hook gone: all put back")
 	assert.True(t, hooked && ret)
+}
+
+// TestAFailedBanClearsItsIntent: a rule-backend ban that iptables refused
+// changed nothing, so the next request has nothing to read back.
+func TestAFailedBanClearsItsIntent(t *testing.T) {
+	h := newHarness(t)
+	h.startWithBans(2)
+	h.tables[policy.IPv4].Fail["Insert"] = &firewall.CommandError{Status: 4, Stderr: "iptables: Resource temporarily unavailable."}
+	code, _ := h.forced(healBan(9))
+	require.Equal(t, ExitFirewall, code)
+	delete(h.tables[policy.IPv4].Fail, "Insert")
+	code, stderr := h.forced(healBan(8))
+	require.Equal(t, ExitOK, code, stderr)
+	recs := h.records()
+	assert.Empty(t, recs[len(recs)-1].State, "no earlier change to read back")
 }
