@@ -57,7 +57,7 @@ func CheckDir(dir string) error {
 		case mode.Perm()&0o022 != 0 && child != "" && mode&os.ModeSticky != 0 && sys.Uid == 0:
 			// /tmp: see above.
 		case mode.Perm()&0o022 != 0:
-			return fmt.Errorf("%s is writable by its group or by others (mode %#o): another user could plant operations or links there; chmod go-w %s, or set outbox_dir to a directory only root can write, such as /var/lib/fail2ban/f2b-shim", p, mode.Perm(), p)
+			return fmt.Errorf("%s is writable by its group or by others (mode %#o): another user could plant operations or links there; chmod go-w %s, or set outbox_dir to a directory only root can write, such as /var/lib/fail2ban/f2b-shim", p, sys.Mode&0o7777, p)
 		}
 		if p == filepath.Dir(p) {
 			return nil

@@ -467,9 +467,11 @@ func (o *Outbox) AppendBatch(ops []Op) (int, error) {
 	}
 	n := len(ops)
 	err := o.write(buf)
+	if err != nil {
+		n = 0
+	}
 	if err != nil && len(ops) > 1 {
 		// Take what still fits, one by one.
-		n, err = 0, nil
 		for _, op := range ops {
 			if err = o.write([]byte(op.record())); err != nil {
 				break
