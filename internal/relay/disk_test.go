@@ -262,4 +262,3 @@ func TestUnsafeDirectoriesAreRefused(t *testing.T) {
 		assert.Contains(t, err.Error(), "is a symbolic link")
 	})
 }
-
