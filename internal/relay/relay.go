@@ -24,8 +24,9 @@ type Config struct {
 	Drain time.Duration
 	// Logf goes to fail2ban's log, through the action.
 	Logf func(level, format string, a ...any)
-	// MaxBackoff caps the wait between attempts to reach a proxy.
-	MaxBackoff time.Duration
+	// MinBackoff and MaxBackoff bound the wait between attempts to
+	// reach a proxy (1 s and 1 min when zero).
+	MinBackoff, MaxBackoff time.Duration
 	// Quit, when closed, ends the input as its end would (SIGTERM).
 	Quit <-chan struct{}
 	// Restart, when closed, ends the relay without the drain: its
@@ -56,6 +57,10 @@ func Run(cfg Config, in io.Reader, out io.Writer) error {
 	if cfg.MaxBackoff == 0 {
 		cfg.MaxBackoff = time.Minute
 	}
+	if cfg.MinBackoff == 0 {
+		cfg.MinBackoff = time.Second
+	}
+	cfg.MinBackoff = min(cfg.MinBackoff, cfg.MaxBackoff)
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	for _, p := range cfg.Proxies {
@@ -227,10 +232,10 @@ func deliver(cfg Config, dest string, stop <-chan struct{}) {
 			// it, the backoff applies.
 			d.restarting = true
 		case progressed && !retry.quota:
-			backoff = time.Second
+			backoff = cfg.MinBackoff
 			wait = backoff
 		default:
-			backoff = min(max(2*backoff, time.Second), cfg.MaxBackoff)
+			backoff = min(max(2*backoff, cfg.MinBackoff), cfg.MaxBackoff)
 			wait = backoff
 		}
 		// A start that failed too is sent again with the line.
