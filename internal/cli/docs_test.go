@@ -62,4 +62,4 @@ func TestDocsNameEveryPolicyKeyAndExitCode(t *testing.T) {
 
 // subcommands are the admin subcommands, each of which the README, the
 // man page and the usage text name.
-var subcommands = []string{"check", "restore", "list", "reconcile", "audit", "expire", "ban", "unban", "prune", "metrics", "status", "relay"}
+var subcommands = []string{"check", "restore", "list", "reconcile", "audit", "expire", "ban", "unban", "prune", "metrics", "status", "relay", "outbox"}

@@ -225,6 +225,7 @@ func OpenOutbox(dir string, proxies []string, logf func(level, format string, a 
 		o.cursors[p] = o.readCursor(p)
 		o.backlog[p] = o.countAfter(o.cursors[p])
 	}
+	o.initCursors(proxies)
 	o.sweep()
 	if o.lines > 2*o.live()+1024 || o.hadSkipped {
 		// An optimisation, never a precondition: on a full disk the
