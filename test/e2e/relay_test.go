@@ -1,0 +1,83 @@
+package e2e
+
+import (
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/f2b-shim/f2b-shim/test/e2e/lab"
+	"github.com/f2b-shim/f2b-shim/test/nstest"
+)
+
+// TestStreamFail2banKilledMidBurst: fail2ban-server is killed with
+// SIGKILL in the middle of a burst, while the stream action's ban()
+// returns without waiting for the relay. No ban that ban() returned for
+// is lost: every address fail2ban went past (it logs "Ban" for the next
+// one only once ban() returned) is on the proxy or in the outbox once the
+// orphaned relay has read its pipe and exited. After fail2ban's restart
+// the proxy holds exactly fail2ban's list.
+func TestStreamFail2banKilledMidBurst(t *testing.T) {
+	nstest.RequireRoot(t, streamTools...)
+	bin, err := nstest.BuildShim(t.TempDir())
+	require.NoError(t, err)
+	l := upStream(t, bin, "rules", "", false, false)
+	require.NoError(t, l.SetPolicy("max_new_bans_per_minute", "20000"))
+	require.NoError(t, l.StartFail2ban())
+	ips := burst(0, 4000)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; i < len(ips); i += 200 {
+			// Calls after the kill fail: that is the point.
+			if _, err := l.Fail2ban(append([]string{"set", lab.Jail, "banip"}, ips[i:i+200]...)...); err != nil {
+				return
+			}
+		}
+	}()
+	require.NoError(t, lab.WaitFor(time.Minute, func() bool { return strings.Count(l.Log("fail2ban.log"), "] Ban 2001:db8:1:") >= 1500 }))
+	require.NoError(t, l.KillFail2ban())
+	<-done
+	require.NoError(t, lab.WaitFor(time.Minute, func() bool { return len(l.PidsIn(l.Mail, "f2b-shim relay")) == 0 }), "the orphaned relay did not end")
+
+	var logged []string
+	for _, line := range strings.Split(l.Log("fail2ban.log"), "\n") {
+		if _, ip, ok := strings.Cut(line, "] Ban "); ok && strings.HasPrefix(ip, "2001:db8:1:") {
+			logged = append(logged, strings.TrimSpace(ip))
+		}
+	}
+	require.NotEmpty(t, logged)
+	returned := logged[:len(logged)-1] // the last one's ban() may not have returned
+	have := map[string]bool{}
+	for _, ip := range l.ProxyBans() {
+		have[ip] = true
+	}
+	outbox, err := os.ReadFile(filepath.Join(l.Dir, "outbox", lab.Jail, "outbox.log"))
+	require.NoError(t, err)
+	for _, line := range strings.Split(string(outbox), "\n") {
+		if f := strings.Fields(line); len(f) >= 3 && f[1] == "ban" {
+			have[strings.TrimSuffix(f[2], "/128")] = true
+		}
+	}
+	var lost []string
+	for _, ip := range returned {
+		if !have[ip] {
+			lost = append(lost, ip)
+		}
+	}
+	assert.Empty(t, lost, "bans whose ban() returned are neither on the proxy nor in the outbox (%d of %d)", len(lost), len(returned))
+	t.Logf("fail2ban went past %d bans before it was killed; the proxy had %d when the relay ended", len(returned), len(l.ProxyBans()))
+
+	require.NoError(t, l.StartFail2ban())
+	var f2b []string
+	err = lab.WaitFor(2*time.Minute, func() bool {
+		f2b, _ = l.Fail2banBans()
+		return len(f2b) >= len(returned) && slices.Equal(f2b, l.ProxyBans())
+	})
+	require.NoError(t, err, "fail2ban has %d, the proxy %d\n%s", len(f2b), len(l.ProxyBans()), tail(l.Log("fail2ban.log"), 20))
+}
