@@ -81,3 +81,43 @@ func TestStreamFail2banKilledMidBurst(t *testing.T) {
 	})
 	require.NoError(t, err, "fail2ban has %d, the proxy %d\n%s", len(f2b), len(l.ProxyBans()), tail(l.Log("fail2ban.log"), 20))
 }
+
+// TestStreamRelayRecoversAfterAWipe (issue 20, test 6, stream action):
+// after "iptables -F; iptables -X" on the proxy (ufw, a firewall reload),
+// the next ban fails there with exit 4 because its chain is gone; the
+// relay sends the jail's start again, says so in fail2ban's log, and goes
+// on: later bans land, and the jail is not stuck behind the failing one.
+func TestStreamRelayRecoversAfterAWipe(t *testing.T) {
+	nstest.RequireRoot(t, streamTools...)
+	bin, err := nstest.BuildShim(t.TempDir())
+	require.NoError(t, err)
+	l := upStream(t, bin, "rules", "", false, false)
+	require.NoError(t, l.StartFail2ban())
+	first := burst(0, 50)
+	banip(t, l, first)
+	want := slices.Clone(first)
+	slices.Sort(want)
+	require.NoError(t, lab.WaitFor(time.Minute, func() bool { return slices.Equal(l.ProxyBans(), want) }))
+
+	for _, fam := range []string{"iptables", "ip6tables"} {
+		for _, args := range [][]string{{"-w", "-F"}, {"-w", "-X"}} {
+			_, err := l.Proxy.Run(fam, args...)
+			require.NoError(t, err)
+		}
+	}
+	require.Empty(t, l.ProxyBans(), "the wipe left the chain")
+
+	later := burst(1000, 20)
+	banip(t, l, later)
+	require.NoError(t, lab.WaitFor(time.Minute, func() bool {
+		have := l.ProxyBans()
+		for _, ip := range later {
+			if !slices.Contains(have, ip) {
+				return false
+			}
+		}
+		return true
+	}), "the later bans never landed: the relay is stuck\n%s", tail(l.Log("fail2ban.log"), 20))
+	assert.Contains(t, l.Rules("ip6tables"), "-j "+lab.Chain, "the start put the hook back")
+	assert.Contains(t, l.Log("fail2ban.log"), "sending the jail's start again")
+}
