@@ -399,3 +399,42 @@ func TestDeliveredOperationsAreDropped(t *testing.T) {
 	require.NoError(t, err)
 	assert.LessOrEqual(t, strings.Count(string(data), "\n"), 2*110+1024+1, "in the file: at most a rewrite's worth more")
 }
+
+// TestRunAcknowledgesInGroups: the relay answers "ok N" for the lines it
+// made durable, cumulatively and in order, in fewer answers than lines
+// when they come together (group commit), and "error N MESSAGE" for the
+// line it refused, before the "ok" that covers it.
+func TestRunAcknowledgesInGroups(t *testing.T) {
+	dir := t.TempDir()
+	box, err := OpenOutbox(dir, []string{"p"}, nil)
+	require.NoError(t, err)
+	defer box.Close()
+	var in strings.Builder
+	for i := range 3000 {
+		if i == 1499 {
+			in.WriteString("ban example.net\n")
+			continue
+		}
+		fmt.Fprintf(&in, "ban 2001:db8::%x\n", i)
+	}
+	var out strings.Builder
+	p := &fakeProxy{}
+	cfg := Config{Jail: DefaultJail("c"), Proxies: []string{"p"}, Outbox: box, Drain: time.Minute, Logf: (&logs{}).logf, Dial: p.dial}
+	require.NoError(t, Run(cfg, strings.NewReader(in.String()), &out))
+	var oks []int
+	var errs []string
+	for _, line := range strings.Split(strings.TrimSpace(out.String()), "\n") {
+		var n int
+		if _, err := fmt.Sscanf(line, "ok %d", &n); err == nil {
+			oks = append(oks, n)
+		} else {
+			errs = append(errs, line)
+		}
+	}
+	require.NotEmpty(t, oks)
+	assert.True(t, slices.IsSorted(oks), "acknowledgements go forward")
+	assert.Equal(t, 3000, oks[len(oks)-1])
+	assert.Less(t, len(oks), 3000, "lines that come together are synced together")
+	assert.Equal(t, []string{`error 1500 "example.net" is not an IP address or prefix`}, errs)
+	assert.Len(t, dedupe(p.taken()), 2999)
+}
