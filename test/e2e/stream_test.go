@@ -189,7 +189,12 @@ func TestStreamOneProxyDown(t *testing.T) {
 	require.NoError(t, l.StartProxy2())
 	require.NoError(t, lab.WaitFor(2*time.Minute, func() bool { return slices.Equal(l.Proxy2Bans(), want) }),
 		"the second proxy has %d bans, fail2ban %d\n%s", len(l.Proxy2Bans()), len(want), tail(l.Log("fail2ban.log"), 20))
-	assert.Contains(t, l.Log("fail2ban.log"), "proxy f2b-proxy2:", "the outage is in fail2ban's log")
+	log := l.Log("fail2ban.log")
+	assert.Contains(t, log, "proxy f2b-proxy2:", "the outage is in fail2ban's log")
+	assert.Contains(t, log, "f2b-proxy2 is back: ", "the end of the outage is in fail2ban's log")
+	// One line when it went down (two if the kill of its sessions and
+	// the refused connections are told apart), none per retry.
+	assert.LessOrEqual(t, strings.Count(log, "proxy f2b-proxy2:"), 2, tail(log, 30))
 
 	recs1, err := l.Audit()
 	require.NoError(t, err)
