@@ -174,16 +174,14 @@ func drain(cfg Config) {
 	}
 }
 
-// In a burst (a write less than burstGap after the last), a deliverer
-// writes at most every gather: the proxy then applies many bans per batch
-// (one lock hold, one fsync of its state and of its log) instead of one
-// each. A ban after a quiet spell goes at once. Writing does not wait
-// for replies (up to window lines), so a slow round trip never slows a
-// burst.
-const (
-	burstGap = 100 * time.Millisecond
-	gather   = 20 * time.Millisecond
-)
+// pipelined is how many operations a deliverer gathers before it writes
+// while earlier lines are still unanswered. A line to an idle proxy goes
+// at once; during a burst, what came while the proxy applied the last
+// batch goes as the next one, so the proxy applies many bans per batch
+// (one lock hold, one fsync of its state and of its log, one
+// iptables-restore) instead of a few, and its batches grow with its own
+// latency; pipelined keeps it fed when it is faster than that.
+const pipelined = 256
 
 // deliver sends the outbox to one proxy until stop: one session, kept
 // open, reopened with backoff when it fails. Lines go out as operations
@@ -266,7 +264,6 @@ type deliverer struct {
 	flying  []flight     // written, not yet answered, in order
 	sent    uint64       // the last operation written on conn
 	writing <-chan error // set while a write runs
-	lastW   time.Time    // when the last write started
 	// took counts the operations the proxy took on this session since
 	// its last quiet spell.
 	took int
@@ -337,25 +334,20 @@ func (d *deliverer) step(stop <-chan struct{}) error {
 			for _, c := range d.cfg.Jail.Commands(Op{Kind: Start}) {
 				lines = append(lines, flight{text: c, seq: d.sent, kind: Start})
 			}
-			d.flying, d.lastW = lines, time.Now()
+			d.flying = lines
 			d.writing = d.conn.write(lines)
 		}
 	}
-	var hold <-chan time.Time
 	if d.writing == nil && len(d.flying) < d.win {
-		if ops := box.PendingAfter(d.sent, d.win-len(d.flying)); len(ops) > 0 {
-			since := time.Since(d.lastW)
-			if since < burstGap && since < gather {
-				hold = time.After(gather - since)
-			} else {
-				lines := d.cfg.Jail.lines(ops, d.win-len(d.flying))
-				if len(d.flying) == 0 && !d.conn.last.IsZero() && time.Since(d.conn.last) > time.Second {
-					d.conn.quiet, d.took = true, 0
-				}
-				d.flying = append(d.flying, lines...)
-				d.sent, d.lastW = lines[len(lines)-1].seq, time.Now()
-				d.writing = d.conn.write(lines)
+		room := d.win - len(d.flying)
+		if ops := box.PendingAfter(d.sent, room); len(ops) > 0 && (len(d.flying) == 0 || len(ops) >= min(pipelined, room)) {
+			lines := d.cfg.Jail.lines(ops, room)
+			if len(d.flying) == 0 && !d.conn.last.IsZero() && time.Since(d.conn.last) > time.Second {
+				d.conn.quiet, d.took = true, 0
 			}
+			d.flying = append(d.flying, lines...)
+			d.sent = lines[len(lines)-1].seq
+			d.writing = d.conn.write(lines)
 		}
 	}
 	var timeout <-chan time.Time
@@ -380,8 +372,6 @@ func (d *deliverer) step(stop <-chan struct{}) error {
 		}
 		return d.replied(reply)
 	case <-changed:
-		return nil
-	case <-hold:
 		return nil
 	case <-timeout:
 		return fmt.Errorf("no reply in %s", replyTimeout)
