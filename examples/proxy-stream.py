@@ -74,7 +74,7 @@ class ProxyStreamAction(ActionBase):
 			"--blocktype", blocktype, "--blocktype6", blocktype6,
 			"--returntype", returntype,
 			"--ssh-config", ssh_config, "--ssh-key", ssh_key,
-			"--drain", "%gs" % self._drain,
+			"--drain", "%gs" % self._drain, "--acks", "groups",
 		]
 		self._relay = None
 		self._reader = None

@@ -46,11 +46,15 @@ func runRelay(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	sshConfig := fs.String("ssh-config", "", "ssh -F file")
 	sshKey := fs.String("ssh-key", "", "ssh -i key")
 	drain := fs.Duration("drain", 10*time.Second, "how long to keep delivering after fail2ban stops the jail")
+	acks := fs.String("acks", "lines", `"groups": answer "ok N" per group commit (proxy-stream.py of this version); "lines": "ok" per line (earlier versions)`)
 	if err := fs.Parse(args); err != nil {
 		return usageError(stderr, "relay: "+err.Error())
 	}
 	if fs.NArg() > 0 || *outbox == "" || *chain == "" || len(proxies) == 0 {
 		return usageError(stderr, "relay needs --outbox DIR, --chain NAME and at least one --proxy, and takes no other arguments")
+	}
+	if *acks != "lines" && *acks != "groups" {
+		return usageError(stderr, "relay: --acks is lines or groups")
 	}
 	j.Chain = *chain
 	if len(parents) > 0 {
@@ -98,7 +102,8 @@ func runRelay(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	}()
 	err = relay.Run(relay.Config{
 		Jail: j, Proxies: proxies, Outbox: box, Drain: *drain, Logf: logf, Quit: quit, Restart: restart,
-		Dial: relay.SSHDialer(*ssh, sshArgs),
+		GroupAcks: *acks == "groups",
+		Dial:      relay.SSHDialer(*ssh, sshArgs),
 	}, stdin, stdout)
 	if err != nil {
 		logf("error", "%v", err)

@@ -28,7 +28,7 @@ func TestRelayRestartsAfterAnUpgrade(t *testing.T) {
 	bin, err := nstest.BuildShim(dir)
 	require.NoError(t, err)
 	outbox := filepath.Join(dir, "outbox", "imap")
-	cmd := exec.Command(bin, "relay", "--outbox", outbox, "--chain", "mail-remote-f2b-imap", "--proxy", "f2b-proxy", "--ssh", "/bin/false", "--drain", "1m")
+	cmd := exec.Command(bin, "relay", "--outbox", outbox, "--chain", "mail-remote-f2b-imap", "--proxy", "f2b-proxy", "--ssh", "/bin/false", "--drain", "1m", "--acks", "groups")
 	in, err := cmd.StdinPipe()
 	require.NoError(t, err)
 	var out, errOut bytes.Buffer

@@ -29,6 +29,12 @@ type Config struct {
 	MinBackoff, MaxBackoff time.Duration
 	// Quit, when closed, ends the input as its end would (SIGTERM).
 	Quit <-chan struct{}
+	// GroupAcks answers "ok N" per group and "error N MESSAGE" (the
+	// action of this version, which does not wait); without it, each line
+	// gets its own "ok" or "error MESSAGE", in order, as the action of
+	// earlier versions expects: fail2ban keeps running the action it
+	// loaded when the package upgraded the binary under it.
+	GroupAcks bool
 	// Restart, when closed, ends the relay without the drain: its
 	// binary was replaced, and the action starts the new one at once,
 	// which goes on from the outbox. What was read is durable and
@@ -117,7 +123,9 @@ func Run(cfg Config, in io.Reader, out io.Writer) error {
 		}
 		commit(cfg, w, n, batch)
 		n += len(batch)
-		fmt.Fprintf(w, "ok %d\n", n)
+		if cfg.GroupAcks {
+			fmt.Fprintf(w, "ok %d\n", n)
+		}
 		if werr := w.Flush(); werr != nil && err == nil {
 			// The action is gone: what was read is durable, and is
 			// delivered; nothing more can come.
@@ -136,20 +144,32 @@ func Run(cfg Config, in io.Reader, out io.Writer) error {
 func commit(cfg Config, w io.Writer, from int, batch []string) {
 	ops := make([]Op, 0, len(batch))
 	which := make([]int, 0, len(batch)) // the line of each op
+	refused := make([]string, len(batch))
 	for i, line := range batch {
 		op, err := ParseOp(line)
 		if err != nil {
-			fmt.Fprintf(w, "error %d %s\n", from+i+1, oneLine(err.Error()))
+			refused[i] = err.Error()
 			continue
 		}
-		ops, which = append(ops, op), append(which, from+i+1)
+		ops, which = append(ops, op), append(which, i)
 	}
 	taken, err := cfg.Outbox.AppendBatch(ops)
 	if err != nil {
-		for _, line := range which[taken:] {
-			fmt.Fprintf(w, "error %d %s\n", line, oneLine(err.Error()))
+		for _, i := range which[taken:] {
+			refused[i] = err.Error()
 		}
 		cfg.Logf("error", "outbox: %d operation(s) refused: %v", len(ops)-taken, err)
+	}
+	for i, msg := range refused {
+		switch {
+		case cfg.GroupAcks && msg != "":
+			fmt.Fprintf(w, "error %d %s\n", from+i+1, oneLine(msg))
+		case cfg.GroupAcks:
+		case msg != "":
+			fmt.Fprintf(w, "error %s\n", oneLine(msg))
+		default:
+			fmt.Fprintln(w, "ok")
+		}
 	}
 }
 

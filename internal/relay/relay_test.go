@@ -234,7 +234,7 @@ func startRelay(t *testing.T, dir string, proxies map[string]*fakeProxy) (func(s
 	outR, outW := io.Pipe()
 	done := make(chan error, 1)
 	cfg := Config{
-		Jail: DefaultJail("mail-remote-f2b-imap"), Proxies: names, Outbox: box, Drain: 5 * time.Second, Logf: l.logf, MaxBackoff: 50 * time.Millisecond,
+		Jail: DefaultJail("mail-remote-f2b-imap"), Proxies: names, Outbox: box, Drain: 5 * time.Second, Logf: l.logf, MaxBackoff: 50 * time.Millisecond, GroupAcks: true,
 		Dial: func(dest string) (*Conn, error) { return proxies[dest].dial(dest) },
 	}
 	go func() { done <- Run(cfg, inR, outW); box.Close(); outW.Close() }()
@@ -419,7 +419,7 @@ func TestRunAcknowledgesInGroups(t *testing.T) {
 	}
 	var out strings.Builder
 	p := &fakeProxy{}
-	cfg := Config{Jail: DefaultJail("c"), Proxies: []string{"p"}, Outbox: box, Drain: time.Minute, Logf: (&logs{}).logf, Dial: p.dial}
+	cfg := Config{Jail: DefaultJail("c"), Proxies: []string{"p"}, Outbox: box, Drain: time.Minute, Logf: (&logs{}).logf, Dial: p.dial, GroupAcks: true}
 	require.NoError(t, Run(cfg, strings.NewReader(in.String()), &out))
 	var oks []int
 	var errs []string
@@ -437,4 +437,18 @@ func TestRunAcknowledgesInGroups(t *testing.T) {
 	assert.Less(t, len(oks), 3000, "lines that come together are synced together")
 	assert.Equal(t, []string{`error 1500 "example.net" is not an IP address or prefix`}, errs)
 	assert.Len(t, dedupe(p.taken()), 2999)
+}
+
+// TestRunAnswersEachLineForEarlierActions: without GroupAcks, each line
+// gets its own answer, in order, as the action of earlier versions
+// expects (fail2ban runs the action it loaded until it restarts, also
+// after an upgrade replaced the relay's binary under it).
+func TestRunAnswersEachLineForEarlierActions(t *testing.T) {
+	box, err := OpenOutbox(t.TempDir(), []string{"p"}, nil)
+	require.NoError(t, err)
+	defer box.Close()
+	var out strings.Builder
+	cfg := Config{Jail: DefaultJail("c"), Proxies: []string{"p"}, Outbox: box, Drain: time.Minute, Logf: (&logs{}).logf, Dial: (&fakeProxy{}).dial}
+	require.NoError(t, Run(cfg, strings.NewReader("start\nban 192.0.2.1\nban example.net\nunban 192.0.2.1\n"), &out))
+	assert.Equal(t, "ok\nok\nerror \"example.net\" is not an IP address or prefix\nok\n", out.String())
 }
