@@ -48,7 +48,7 @@ type config struct {
 	out      string
 	only     string
 	// The stream part (stream.go).
-	streamBans, streamRuns, plainBurst, streamBurst, singleBans int
+	streamBans, streamRuns, plainBurst, streamBurst, singleBans, burstRuns int
 }
 
 // runs reports whether the part is to run.
@@ -72,10 +72,10 @@ func main() {
 	only := flag.String("only", "", "run one part: latency, sshd, packets, hooks or stream")
 	flag.Parse()
 	c := config{ns: []int{0, 1000, 10000, 50000}, reps: 15, e2eBans: 50, connTime: 2 * time.Second, connRuns: 3, out: *out,
-		streamBans: 10000, streamRuns: 3, plainBurst: 1000, streamBurst: 10000, singleBans: 15}
+		streamBans: 10000, streamRuns: 3, plainBurst: 1000, streamBurst: 10000, singleBans: 15, burstRuns: 3}
 	if *quick {
 		c = config{ns: []int{0, 100}, reps: 3, e2eBans: 5, connTime: 300 * time.Millisecond, connRuns: 1, out: *out,
-			streamBans: 1000, streamRuns: 1, plainBurst: 20, streamBurst: 200, singleBans: 3}
+			streamBans: 1000, streamRuns: 1, plainBurst: 20, streamBurst: 200, singleBans: 3, burstRuns: 1}
 	}
 	c.only = *only
 	if err := run(c); err != nil {
