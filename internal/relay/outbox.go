@@ -104,7 +104,7 @@ func ParseOp(line string) (Op, error) {
 func parseRecord(line string) (Op, error) {
 	seqText, rest, _ := strings.Cut(line, " ")
 	seq, err := strconv.ParseUint(seqText, 10, 64)
-	if err != nil || seq == 0 {
+	if err != nil || seq == 0 || seq > maxSeq {
 		return Op{}, errors.New("not SEQ KIND [ADDR]")
 	}
 	var at int64
@@ -191,10 +191,14 @@ const logName = "outbox.log"
 // rewrite.
 const seqHeader = "#seq "
 
-// maxRecord bounds a line of the file: a record is below 100 bytes, so a
-// longer line is not one of ours and is skipped without being read
-// whole.
-const maxRecord = 4096
+// maxSeq bounds a record's number: far above the operations a relay
+// numbers in any lifetime, and far below the overflow of the next one.
+const maxSeq = 1 << 53
+
+// maxRecord bounds a record: "SEQ unban ADDR/LEN @TIME" is below 100
+// bytes. A torn line is searched for a record only in its last maxRecord
+// bytes, so a planted long line costs the load no more than a short one.
+const maxRecord = 128
 
 // OpenOutbox opens (creating) the outbox in dir for the given proxies,
 // and takes its lock: one relay per outbox. It refuses a directory that
@@ -286,7 +290,7 @@ func (o *Outbox) load() error {
 		o.size += int64(len(line))
 		text := string(line[:len(line)-1])
 		if s, ok := strings.CutPrefix(text, seqHeader); ok {
-			if seq, err := strconv.ParseUint(s, 10, 64); err == nil {
+			if seq, err := strconv.ParseUint(s, 10, 64); err == nil && seq <= maxSeq {
 				o.seq = max(o.seq, seq)
 				continue
 			}
@@ -328,7 +332,7 @@ func truncate(s string) string {
 func (o *Outbox) salvage(line string, prev uint64) (Op, bool) {
 	var best Op
 	found := false
-	for i := 1; i < len(line); i++ {
+	for i := max(1, len(line)-maxRecord); i < len(line); i++ {
 		o.work++
 		if c := line[i]; c < '0' || c > '9' {
 			continue
