@@ -200,6 +200,11 @@ class ProxyStreamAction(ActionBase):
 
 	def start(self):
 		self._running = True
+		# fail2ban bans again from its database after start(): a flush
+		# first makes each proxy hold exactly that list, also after a
+		# crash or a power loss of the mail host (no stop ran, and the
+		# database may have lost the last bans it had made).
+		self._send("flush")
 		self._send("start")
 
 	def stop(self):
