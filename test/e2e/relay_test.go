@@ -132,3 +132,28 @@ func TestStreamRelayRecoversAfterAWipe(t *testing.T) {
 	assert.Contains(t, l.Rules("ip6tables"), "-j "+lab.Chain, "the start put the hook back")
 	assert.Contains(t, l.Log("fail2ban.log"), "sending the jail's start again")
 }
+
+// TestStreamProxyDownIsQuiet: while a proxy's sshd is down for 30 s,
+// fail2ban's log gets one line about it (with ssh's own message), not one
+// or three per attempt, and one line when it is back with what it was
+// given; the bans made meanwhile reach it.
+func TestStreamProxyDownIsQuiet(t *testing.T) {
+	nstest.RequireRoot(t, streamTools...)
+	bin, err := nstest.BuildShim(t.TempDir())
+	require.NoError(t, err)
+	l := upStream(t, bin, "rules", "", true, false)
+	require.NoError(t, l.StartFail2ban())
+	banip(t, l, burst(0, 10))
+	require.NoError(t, lab.WaitFor(time.Minute, func() bool { return len(l.Proxy2Bans()) == 10 }))
+	require.NoError(t, l.StopProxy2())
+	banip(t, l, burst(10, 10))
+	time.Sleep(30 * time.Second)
+	down := l.Log("fail2ban.log")
+	assert.Equal(t, 1, strings.Count(down, "f2b-proxy2"), "one line while it is down:\n%s", tail(down, 20))
+	assert.Contains(t, down, "proxy f2b-proxy2: ssh: connect to host", "ssh's own message")
+
+	require.NoError(t, l.StartProxy2())
+	require.NoError(t, lab.WaitFor(2*time.Minute, func() bool { return len(l.Proxy2Bans()) == 20 }), tail(l.Log("fail2ban.log"), 20))
+	require.NoError(t, lab.WaitFor(time.Minute, func() bool { return strings.Contains(l.Log("fail2ban.log"), "f2b-proxy2 is back: 10 operations delivered") }), tail(l.Log("fail2ban.log"), 20))
+	assert.Equal(t, 2, strings.Count(l.Log("fail2ban.log"), "f2b-proxy2"), tail(l.Log("fail2ban.log"), 20))
+}
