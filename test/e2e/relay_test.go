@@ -154,6 +154,8 @@ func TestStreamProxyDownIsQuiet(t *testing.T) {
 
 	require.NoError(t, l.StartProxy2())
 	require.NoError(t, lab.WaitFor(2*time.Minute, func() bool { return len(l.Proxy2Bans()) == 20 }), tail(l.Log("fail2ban.log"), 20))
-	require.NoError(t, lab.WaitFor(time.Minute, func() bool { return strings.Contains(l.Log("fail2ban.log"), "f2b-proxy2 is back: 10 operations delivered") }), tail(l.Log("fail2ban.log"), 20))
+	require.NoError(t, lab.WaitFor(time.Minute, func() bool {
+		return strings.Contains(l.Log("fail2ban.log"), "f2b-proxy2 is back: 10 operations delivered")
+	}), tail(l.Log("fail2ban.log"), 20))
 	assert.Equal(t, 2, strings.Count(l.Log("fail2ban.log"), "f2b-proxy2"), tail(l.Log("fail2ban.log"), 20))
 }
