@@ -23,10 +23,12 @@ type sshProxy struct {
 	down       bool
 	quotaUntil time.Time
 	chain      bool
-	dials      int
-	denied     int
-	lines      []string
-	jail       Jail
+	// refuse is how many more sessions to refuse for max_stream_sessions.
+	refuse int
+	dials  int
+	denied int
+	lines  []string
+	jail   Jail
 }
 
 func (p *sshProxy) set(f func(p *sshProxy)) {
@@ -49,6 +51,10 @@ func (p *sshProxy) dial(string) (*Conn, error) {
 		return c, nil
 	}
 	create := p.jail.Commands(Op{Kind: Start})[0]
+	refused := p.refuse > 0
+	if refused {
+		p.refuse--
+	}
 	go func() {
 		defer outW.Close()
 		sc := bufio.NewScanner(inR)
@@ -59,6 +65,8 @@ func (p *sshProxy) dial(string) (*Conn, error) {
 			p.mu.Lock()
 			reply := fmt.Sprintf("%d 0 applied", n)
 			switch {
+			case refused:
+				reply = fmt.Sprintf("%d 3 denied denied: %d stream sessions are open, max_stream_sessions = 4", n, 4)
 			case strings.Contains(line, " -I "+p.jail.Chain+" ") && time.Now().Before(p.quotaUntil):
 				p.denied++
 				reply = fmt.Sprintf("%d 3 denied %s: max_new_bans_per_minute = 10", n, QuotaDenial)
@@ -192,4 +200,20 @@ func TestAWipedChainIsStartedAgain(t *testing.T) {
 	assert.Equal(t, append(p.jail.Commands(Op{Kind: Start}), ban("192.0.2.2"), ban("192.0.2.3")), p.lines, "the start, then the failed ban, then the rest")
 	assert.Contains(t, l.text(), "No chain/target/match by that name.; sending the jail's start again")
 	assert.Equal(t, 1, strings.Count(l.text(), "sending the jail's start again"), l.text())
+}
+
+// TestARefusedSessionIsTriedAgain: a proxy that refuses a session because
+// too many are open (max_stream_sessions) denies its lines with exit 3;
+// they are not dropped as a policy denial would be, but sent again on a
+// later session, after a backoff.
+func TestARefusedSessionIsTriedAgain(t *testing.T) {
+	p := &sshProxy{chain: true, refuse: 3, jail: DefaultJail("mail-remote-f2b-imap")}
+	send, stop, l := runWith(t, p, 10*time.Millisecond, 80*time.Millisecond)
+	send("ban 192.0.2.1")
+	ban := p.jail.Commands(Op{Kind: Ban, Addr: mustPrefix("192.0.2.1")})[0]
+	require.Eventually(t, func() bool { return p.has(ban) }, 10*time.Second, 5*time.Millisecond, l.text())
+	stop()
+	assert.NotContains(t, l.text(), "denied \"", "the line was dropped as denied")
+	assert.Contains(t, l.text(), "max_stream_sessions")
+	assert.Equal(t, 4, p.dials)
 }
