@@ -159,3 +159,28 @@ func TestStreamProxyDownIsQuiet(t *testing.T) {
 	}), tail(l.Log("fail2ban.log"), 20))
 	assert.Equal(t, 2, strings.Count(l.Log("fail2ban.log"), "f2b-proxy2"), tail(l.Log("fail2ban.log"), 20))
 }
+
+// TestStreamRefusesAnUnsafeOutbox: with outbox_dir writable by others,
+// the relay refuses to start and says why and how to fix it in
+// fail2ban's log; the action logs what was refused and fail2ban goes on
+// (its ban() never hangs).
+func TestStreamRefusesAnUnsafeOutbox(t *testing.T) {
+	nstest.RequireRoot(t, streamTools...)
+	bin, err := nstest.BuildShim(t.TempDir())
+	require.NoError(t, err)
+	l := upStream(t, bin, "rules", "", false, false)
+	outbox := filepath.Join(l.Dir, "outbox")
+	require.NoError(t, os.MkdirAll(outbox, 0o700))
+	require.NoError(t, os.Chmod(outbox, 0o777))
+	require.NoError(t, l.StartFail2ban())
+	banip(t, l, burst(0, 5))
+	require.NoError(t, lab.WaitFor(time.Minute, func() bool {
+		return strings.Contains(l.Log("fail2ban.log"), "f2b-shim relay could not start")
+	}), tail(l.Log("fail2ban.log"), 20))
+	log := l.Log("fail2ban.log")
+	assert.Contains(t, log, outbox+" is writable by its group or by others (mode 0777)")
+	assert.Contains(t, log, "chmod go-w "+outbox)
+	assert.Empty(t, l.ProxyBans())
+	_, err = os.Stat(filepath.Join(outbox, lab.Jail))
+	assert.ErrorIs(t, err, os.ErrNotExist, "nothing was made in the unsafe directory")
+}
