@@ -23,19 +23,41 @@ type Context struct {
 	LookupPort func(proto, name string) (uint16, bool)
 }
 
-// alwaysNeverBan are ranges no ban may ever touch, whatever the policy says:
-// unspecified, loopback, link-local, multicast and broadcast.
-var alwaysNeverBan = []netip.Prefix{
-	netip.MustParsePrefix("0.0.0.0/8"),
-	netip.MustParsePrefix("127.0.0.0/8"),
-	netip.MustParsePrefix("169.254.0.0/16"),
-	netip.MustParsePrefix("224.0.0.0/4"),
-	netip.MustParsePrefix("255.255.255.255/32"),
-	netip.MustParsePrefix("::/128"),
-	netip.MustParsePrefix("::1/128"),
-	netip.MustParsePrefix("fe80::/10"),
-	netip.MustParsePrefix("ff00::/8"),
+// alwaysNeverBan are ranges no ban may ever touch, whatever the policy
+// says, each with what it is.
+var alwaysNeverBan = []Protected{
+	{netip.MustParsePrefix("0.0.0.0/8"), "the unspecified range, built in"},
+	{netip.MustParsePrefix("127.0.0.0/8"), "loopback, built in"},
+	{netip.MustParsePrefix("169.254.0.0/16"), "link-local, built in"},
+	{netip.MustParsePrefix("224.0.0.0/4"), "multicast, built in"},
+	{netip.MustParsePrefix("255.255.255.255/32"), "broadcast, built in"},
+	{netip.MustParsePrefix("::/128"), "the unspecified address, built in"},
+	{netip.MustParsePrefix("::1/128"), "loopback, built in"},
+	{netip.MustParsePrefix("fe80::/10"), "link-local, built in"},
+	{netip.MustParsePrefix("ff00::/8"), "multicast, built in"},
 }
+
+// Protected is a range no ban may touch, and why: the denial names the
+// rule, so that the admin knows whether to fix the policy, the mail
+// server's logging or nothing.
+type Protected struct {
+	Prefix netip.Prefix
+	Why    string
+}
+
+// ownText is text of the shim's own in a denial, which deny does not
+// cut as it cuts the client's words.
+type ownText string
+
+// The reasons for the ranges that come from the policy and the context.
+const (
+	whyNeverBan = "the policy's never_ban"
+	whyClient   = "the ssh client, the mail host itself"
+	// A mail server that logs the proxy's address instead of the
+	// client's (no PROXY protocol) asks to ban the proxy: this says so.
+	whyLocal = "an address of this proxy; a mail server that logs it instead of the client's address needs the PROXY protocol"
+	whyInfra = "a nameserver or default gateway of this proxy"
+)
 
 // Operation is a Command that Authorize has allowed under a policy.
 type Operation struct {
@@ -49,7 +71,7 @@ type Operation struct {
 
 // Decide parses a command line and authorizes it: the whole judgement
 // the shim makes of a request, and of every line it reads back from its
-// journal or from the live firewall.
+// state or from the live firewall.
 func Decide(pol *Policy, line string, ctx Context) (Operation, error) {
 	c, err := ParseCommand(line)
 	if err != nil {
@@ -137,10 +159,10 @@ func (pol *Policy) checkSource(src netip.Prefix, ctx Context) error {
 	if src.Bits() < minBits {
 		return deny("address %q is wider than the policy allows (at most /%d)", src, minBits)
 	}
-	never := pol.NeverBanList(ctx)
+	never := pol.NeverBanReasons(ctx)
 	for _, nb := range never {
-		if src.Overlaps(nb) {
-			return deny("address %q overlaps %s, which is never banned", src, nb)
+		if src.Overlaps(nb.Prefix) {
+			return deny("address %q overlaps %s, which is never banned: %s", src, nb.Prefix, ownText(nb.Why))
 		}
 	}
 	if !src.Addr().Is6() {
@@ -160,8 +182,8 @@ func (pol *Policy) checkSource(src netip.Prefix, ctx Context) error {
 			return deny("address %q carries the IPv4 range %s through NAT64 (%s), wider than the policy allows (at most /%d)", src, v4, l.Block, pol.MinPrefixV4)
 		}
 		for _, nb := range never {
-			if nb.Addr().Is4() && v4.Overlaps(nb) {
-				return deny("address %q carries the IPv4 range %s through NAT64 (%s), which overlaps %s, never banned", src, v4, l.Block, nb)
+			if nb.Prefix.Addr().Is4() && v4.Overlaps(nb.Prefix) {
+				return deny("address %q carries the IPv4 range %s through NAT64 (%s), which overlaps %s, never banned: %s", src, v4, l.Block, nb.Prefix, ownText(nb.Why))
 			}
 		}
 	}
@@ -172,11 +194,28 @@ func (pol *Policy) checkSource(src netip.Prefix, ctx Context) error {
 // the built-in special ranges, the ssh client, the proxy's addresses, its
 // nameservers and its default gateways.
 func (pol *Policy) NeverBanList(ctx Context) []netip.Prefix {
-	list := slices.Concat(alwaysNeverBan, pol.NeverBan)
-	for _, a := range slices.Concat([]netip.Addr{ctx.Client}, ctx.LocalAddrs, ctx.Infrastructure) {
-		if a.IsValid() {
-			a = a.Unmap().WithZone("")
-			list = append(list, netip.PrefixFrom(a, a.BitLen()))
+	var list []netip.Prefix
+	for _, p := range pol.NeverBanReasons(ctx) {
+		list = append(list, p.Prefix)
+	}
+	return list
+}
+
+// NeverBanReasons is NeverBanList with the reason for each range.
+func (pol *Policy) NeverBanReasons(ctx Context) []Protected {
+	list := slices.Clone(alwaysNeverBan)
+	for _, p := range pol.NeverBan {
+		list = append(list, Protected{p, whyNeverBan})
+	}
+	for _, g := range []struct {
+		addrs []netip.Addr
+		why   string
+	}{{[]netip.Addr{ctx.Client}, whyClient}, {ctx.LocalAddrs, whyLocal}, {ctx.Infrastructure, whyInfra}} {
+		for _, a := range g.addrs {
+			if a.IsValid() {
+				a = a.Unmap().WithZone("")
+				list = append(list, Protected{netip.PrefixFrom(a, a.BitLen()), g.why})
+			}
 		}
 	}
 	return list

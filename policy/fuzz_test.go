@@ -41,12 +41,18 @@ func FuzzDecide(f *testing.F) {
 		f.Add(e.Line)
 	}
 	pol := Default()
+	protected := pol.NeverBanReasons(testContext())
 	f.Fuzz(func(t *testing.T, line string) {
 		op, err := decide(t, line)
 		if err != nil {
 			var d *Denial
 			require.ErrorAs(t, err, &d, "every refusal is a *Denial")
 			require.NotContains(t, d.Reason, "\n")
+			// A refusal to ban a protected address names the rule
+			// that protects it.
+			if _, why, ok := strings.Cut(d.Reason, "never banned"); ok {
+				require.True(t, slices.ContainsFunc(protected, func(p Protected) bool { return strings.HasSuffix(why, ": "+p.Why) }), "%q names no reason", d.Reason)
+			}
 			return
 		}
 		// Anything allowed names only a chain inside the prefix...
@@ -70,6 +76,9 @@ func FuzzDecide(f *testing.F) {
 			require.GreaterOrEqual(t, op.Source.Bits(), minBits)
 			require.Equal(t, op.Source.Masked(), op.Source)
 			require.Empty(t, op.Source.Addr().Zone())
+			for _, p := range protected {
+				require.False(t, op.Source.Overlaps(p.Prefix), "%s overlaps %s (%s)", op.Source, p.Prefix, p.Why)
+			}
 		}
 		// ...and the rule it builds holds no word the policy did not make.
 		for _, w := range op.RuleSpec() {

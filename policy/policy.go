@@ -68,6 +68,10 @@ type Policy struct {
 	// under one hold of the lock, so that a one-shot request waits for at
 	// most one batch.
 	StreamMaxBatch int `toml:"stream_max_batch"`
+	// File is the absolute path the policy was read from ("" for the
+	// built-in defaults). The state remembers it, so that a policy whose
+	// name changes finds its state again (name names the state file).
+	File string `toml:"-"`
 }
 
 // Limits on the policy itself, each with its reason.

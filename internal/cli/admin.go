@@ -24,7 +24,7 @@ import (
 var families = []policy.Family{policy.IPv4, policy.IPv6}
 
 // admin is what the state subcommands share: the policy, the lock, the
-// journal read through the policy.
+// state read through the policy.
 type admin struct {
 	pol      *policy.Policy
 	ctx      policy.Context
@@ -36,7 +36,7 @@ type admin struct {
 }
 
 // openAdmin loads the policy and takes the host-wide lock, so that no
-// forced command changes the firewall or the journal meanwhile.
+// forced command changes the firewall or the state meanwhile.
 func openAdmin(name string, args []string, stderr io.Writer, deps Deps, flags func(*flag.FlagSet)) (*admin, []string, int) {
 	fs := newFlagSet(name)
 	policyPath := fs.String("policy", "", "policy file (TOML)")
@@ -76,6 +76,9 @@ func newAdmin(pol *policy.Policy, stderr io.Writer, deps Deps) (*admin, int) {
 		fmt.Fprintf(stderr, "f2b-shim: %v\n", err)
 		return nil, ExitSetup
 	}
+	if a.store.RenamedFrom != "" {
+		fmt.Fprintf(stderr, "f2b-shim: policy %q was named %q before: its state moved to %s\n", pol.Name, a.store.RenamedFrom, state.Path(pol))
+	}
 	return a, ExitOK
 }
 
@@ -84,7 +87,8 @@ func (a *admin) close() {
 	a.held.Release()
 }
 
-// journal reads the state, reporting what it had to skip.
+// journal reads the state (the name is older than the store, which
+// replaced a journal file), reporting what it had to skip.
 func (a *admin) journal() (*state.State, error) {
 	s, problems, err := a.store.Load(a.ctx)
 	for _, p := range problems {
@@ -129,7 +133,7 @@ func restoreOne(pol *policy.Policy, stdout, stderr io.Writer, deps Deps) int {
 	// What max_ban_time has lifted while the proxy was down does not come
 	// back: it leaves the state, audited as expired, before the restore.
 	if n, _ := a.expireIn(s, false); n > 0 {
-		fmt.Fprintf(stdout, "policy %q: %d bans expired while the proxy was down; not restored\n", pol.Name, n)
+		fmt.Fprintf(stdout, "policy %q: %s expired while the proxy was down; not restored\n", pol.Name, plural(n, "ban"))
 	}
 	rec := audit.Record{Time: start.UTC(), Policy: a.pol.Name, UID: os.Getuid(), Decision: audit.Allow}
 	rec.SetCommand("f2b-shim restore")
@@ -157,7 +161,7 @@ func restoreOne(pol *policy.Policy, stdout, stderr io.Writer, deps Deps) int {
 		for _, c := range t.Chains {
 			bans += c.Len()
 		}
-		summary = append(summary, fmt.Sprintf("%s: %d chains, %d bans, %d hooks", fam, len(t.Chains), bans, len(t.Hooks)))
+		summary = append(summary, fmt.Sprintf("%s: %s, %s, %s", fam, plural(len(t.Chains), "chain"), plural(bans, "ban"), plural(len(t.Hooks), "hook")))
 	}
 	rec.Result, rec.Exit = "applied", code
 	if code != ExitOK {
@@ -280,7 +284,7 @@ func runList(args []string, stdout, stderr io.Writer, deps Deps) int {
 					sets[firewall.SetName(fam, name, b.Op.Target)+" ("+shortTarget(b.Op.Target)+")"] = true
 				}
 			}
-			fmt.Fprintf(w, "%s %s: %d bans%s%s\n", fam, name, len(bans), map[bool]string{true: ", return rule"}[c.Return], setNote(sets))
+			fmt.Fprintf(w, "%s %s: %s%s%s\n", fam, name, plural(len(bans), "ban"), map[bool]string{true: ", return rule"}[c.Return], setNote(sets))
 			for _, h := range t.Hooks {
 				if h.Op.Jump != name {
 					continue
@@ -395,7 +399,7 @@ func cutTo(s string, n int) string {
 	return s[:n-1] + "…"
 }
 
-// drift is one difference between the journal and the live firewall.
+// drift is one difference between the state and the live firewall.
 type drift struct {
 	kind string // missing, unexpected, duplicate
 	fam  policy.Family
@@ -403,7 +407,7 @@ type drift struct {
 	fix  *policy.Operation // for missing: what puts it back
 }
 
-// runReconcile compares the journal with the live firewall. Exit status 0:
+// runReconcile compares the state with the live firewall. Exit status 0:
 // no drift; 1: drift (fixed with --fix); 4: the firewall could not be read.
 func runReconcile(args []string, stdout, stderr io.Writer, deps Deps) int {
 	var fix bool
@@ -474,7 +478,8 @@ func runReconcile(args []string, stdout, stderr io.Writer, deps Deps) int {
 	a.audit(recs...)
 	fmt.Fprintf(stdout, "fixed: re-applied %d missing rules or chains\n", fixed)
 	if left > 0 {
-		fmt.Fprintf(stdout, "left: %d unexpected or duplicate rules, for you to check\n", left)
+		fmt.Fprintf(stdout, "left: %d unexpected or duplicate rules, for you to check; what clears each:\n", left)
+		printLeftAdvice(stdout, drifts)
 		return ExitCheckFalse
 	}
 	return ExitOK
@@ -540,7 +545,7 @@ func compare(want *state.State, fam policy.Family, b firewall.Backend, ctx polic
 	for _, name := range lt.ChainNames() {
 		wc, ok := wt.Chains[name]
 		if !ok {
-			add("unexpected", "chain "+string(name)+" (not in the journal)", nil)
+			add("unexpected", "chain "+string(name)+" (not in the state)", nil)
 			continue
 		}
 		wantBans := map[string]bool{}
@@ -647,6 +652,10 @@ func runAudit(args []string, stdout, stderr io.Writer, deps Deps) int {
 		return verifyAudit(pol.AuditLog, stdout, stderr)
 	}
 	entries, bad, err := audit.Read(pol.AuditLog)
+	if errors.Is(err, os.ErrNotExist) && !*asJSON {
+		printNoAuditRecords(stdout, pol.AuditLog, false)
+		return ExitOK
+	}
 	if err != nil {
 		fmt.Fprintf(stderr, "f2b-shim: audit: %v\n", err)
 		return ExitSetup
@@ -665,6 +674,8 @@ func runAudit(args []string, stdout, stderr io.Writer, deps Deps) int {
 		for _, e := range match {
 			stdout.Write(append(e.Raw, '\n'))
 		}
+	case *summary && len(match) == 0:
+		printNoAuditRecords(stdout, pol.AuditLog, len(entries) > 0)
 	case *summary:
 		audit.WriteSummary(stdout, match)
 	default:

@@ -108,7 +108,9 @@ Usage:
   f2b-shim prune [--policy FILE] CHAIN       retire a chain: unhook, flush, delete, forget
   f2b-shim status [--policy FILE | --all [--dir DIR]]
                                              self-test: policy, capabilities, audit log, lock, state,
-                                             iptables and ipset, drift; exit 0 when all is well
+                                             iptables and ipset, drift, and the install as the mail
+                                             host's account sees it (binary, key line, sshd -T), each
+                                             failure with its fix; exit 0 when all is well
   f2b-shim expire [--policy FILE | --all [--dir DIR]]
                                              lift bans older than max_ban_time (a timer runs it)
   f2b-shim metrics [--policy FILE | --all [--dir DIR]] [--out FILE]
@@ -124,7 +126,7 @@ Usage:
   f2b-shim help                              print this text
 
 Examples:
-  restrict,command="/usr/local/sbin/f2b-shim --policy /etc/f2b-shim/policy.toml" ssh-ed25519 AAAA... fail2ban@mail
+  restrict,from="192.0.2.10",command="/usr/sbin/f2b-shim --policy /etc/f2b-shim/policy.toml" ssh-ed25519 AAAA... fail2ban@mail
   f2b-shim check 'iptables -w -I mail-remote-f2b-imap 1 -s 203.0.113.45 -j REJECT'
 
 Exit status:

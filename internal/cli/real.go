@@ -104,6 +104,9 @@ func LoadPolicyFile(path string) (*policy.Policy, error) {
 	if err := checkSiblings(path, pol); err != nil {
 		return nil, err
 	}
+	if pol.File, err = filepath.Abs(path); err != nil {
+		return nil, err
+	}
 	return pol, nil
 }
 

@@ -112,7 +112,7 @@ func runExpire(args []string, stdout, stderr io.Writer, deps Deps) int {
 		}
 		defer a.close()
 		n, code := a.expire(true)
-		fmt.Fprintf(stdout, "policy %q: %d bans expired (max_ban_time %s)\n", pol.Name, n, maxBanTime(pol))
+		fmt.Fprintf(stdout, "policy %q: %s expired (max_ban_time %s)\n", pol.Name, plural(n, "ban"), maxBanTime(pol))
 		return code
 	})
 }
@@ -201,6 +201,10 @@ func runBanUnban(verb string, args []string, stdout, stderr io.Writer, deps Deps
 			fmt.Fprintf(stderr, "f2b-shim: denied: %v\n", err)
 			return ExitDenied
 		}
+		if err := a.noChainForBan(op); err != nil {
+			fmt.Fprintf(stderr, "f2b-shim: ban: %v\n", err)
+			return ExitFirewall
+		}
 		ops = append(ops, op)
 	} else {
 		// Every ban of that address in the chain, whatever its target.
@@ -213,10 +217,13 @@ func runBanUnban(verb string, args []string, stdout, stderr io.Writer, deps Deps
 			}
 			if has, _ := a.store.HasBan(op); has || op.Member.IsValid() {
 				ops = append(ops, op)
+			} else if a.liveOnlyBan(op) {
+				fmt.Fprintf(stdout, "note: the state did not hold the ban %s (\"f2b-shim reconcile\" lists it as unexpected); it is lifted from the firewall all the same\n", op.CommandLine())
+				ops = append(ops, op)
 			}
 		}
 		if len(ops) == 0 {
-			fmt.Fprintf(stdout, "%s is not banned in %s\n", addr, chain)
+			fmt.Fprintf(stdout, "%s is not banned in %s: neither the state nor the firewall holds a ban of it there\n", addr, chain)
 			return ExitCheckFalse
 		}
 	}

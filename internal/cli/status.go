@@ -18,6 +18,9 @@ import (
 // something needs a look (each line says what), 5 when the policy
 // cannot be read.
 func runStatus(args []string, stdout, stderr io.Writer, deps Deps) int {
+	if code, ok := mailHostStatus(args, stdout, deps); ok {
+		return code
+	}
 	return forPolicies("status", args, stderr, deps, func(pol *policy.Policy) int {
 		return statusOf(pol, stdout, stderr, deps)
 	})
@@ -39,6 +42,7 @@ func statusOf(pol *policy.Policy, stdout, stderr io.Writer, deps Deps) int {
 		caps = "cap_net_admin and cap_net_raw from the binary's file capabilities"
 	}
 	line("capabilities", deps.PrepareExec(), caps)
+	statusInstall(pol, line)
 	log, err := audit.Open(pol.AuditLog)
 	if err == nil {
 		log.Close()
@@ -67,7 +71,7 @@ func statusOf(pol *policy.Policy, stdout, stderr io.Writer, deps Deps) int {
 			}
 		}
 	}
-	line("state", err, fmt.Sprintf("%s: %d chains, %d bans", state.Path(pol), chains, bans))
+	line("state", err, fmt.Sprintf("%s: %s, %s", state.Path(pol), plural(chains, "chain"), plural(bans, "ban")))
 	for _, fam := range families {
 		b, err := a.backend(fam)
 		if err != nil {

@@ -146,7 +146,7 @@ func ruleLines(rules []string, chain string) []string {
 }
 
 // SetScripts are the restore inputs for the set backend: an "ipset
-// restore" script that makes each set hold exactly the journal's bans, and
+// restore" script that makes each set hold exactly the state's bans, and
 // the iptables-restore script with one set rule per target in use.
 func (s *State) SetScripts(fam policy.Family, pol *policy.Policy, missing func(Hook) bool) (ipsetScript, iptablesScript string) {
 	t := s.Tables[fam]

@@ -407,3 +407,61 @@ func TestBatchSeesItsOwnMarks(t *testing.T) {
 	require.NoError(t, err)
 	assert.True(t, unsettled)
 }
+
+// TestARenamedPolicyKeepsItsBans changes a policy's name, as an admin
+// edits name in its file: the state follows it (issue 22, item 5), and
+// another policy of the same state_dir is left alone.
+func TestARenamedPolicyKeepsItsBans(t *testing.T) {
+	dir := t.TempDir()
+	withFile := func(name, file string) *policy.Policy {
+		pol := policy.Default()
+		pol.Name, pol.StateDir, pol.File = name, dir, file
+		return pol
+	}
+	ban := func(t *testing.T, pol *policy.Policy) {
+		s, err := Open(pol, hostnet.LookupPort, time.Second)
+		require.NoError(t, err)
+		defer s.Close()
+		require.NoError(t, s.Record(op(t, "iptables -N "+chain), true, time.Now()))
+		require.NoError(t, s.Record(op(t, "iptables -I "+chain+" 1 -s 203.0.113.1 -j DROP"), true, time.Now()))
+	}
+	bans := func(t *testing.T, pol *policy.Policy) (int, string) {
+		s, err := Open(pol, hostnet.LookupPort, time.Second)
+		require.NoError(t, err)
+		defer s.Close()
+		got, _, err := s.Load(ctx)
+		require.NoError(t, err)
+		c := got.Tables[policy.IPv4].Chains[chain]
+		if c == nil {
+			return 0, s.RenamedFrom
+		}
+		return c.Len(), s.RenamedFrom
+	}
+
+	t.Run("the renamed policy finds its ban, and the old file is gone", func(t *testing.T) {
+		ban(t, withFile("default", "/etc/f2b-shim/policy.toml"))
+		n, from := bans(t, withFile("mail1", "/etc/f2b-shim/policy.toml"))
+		assert.Equal(t, 1, n)
+		assert.Equal(t, "default", from)
+		assert.NoFileExists(t, filepath.Join(dir, "default.db"))
+		n, from = bans(t, withFile("mail1", "/etc/f2b-shim/policy.toml"))
+		assert.Equal(t, 1, n, "and keeps it")
+		assert.Empty(t, from, "once moved, nothing more to move")
+	})
+	t.Run("another policy file's state is not taken", func(t *testing.T) {
+		ban(t, withFile("mx2", "/etc/f2b-shim/mx2.toml"))
+		n, from := bans(t, withFile("mx3", "/etc/f2b-shim/other.toml"))
+		assert.Equal(t, 0, n)
+		assert.Empty(t, from)
+		assert.FileExists(t, filepath.Join(dir, "mx2.db"))
+	})
+	t.Run("a file used under two names that both hold state is refused with what to do", func(t *testing.T) {
+		ban(t, withFile("a", "/etc/f2b-shim/twice.toml"))
+		ban(t, withFile("b", "/etc/f2b-shim/other-twice.toml"))
+		require.NoError(t, os.WriteFile(filepath.Join(dir, "b.source"), []byte("/etc/f2b-shim/twice.toml\n"), 0o640))
+		_, err := Open(withFile("c", "/etc/f2b-shim/twice.toml"), hostnet.LookupPort, time.Second)
+		require.Error(t, err)
+		assert.Contains(t, err.Error(), `under the names ["a" "b"], not "c"`)
+		assert.Contains(t, err.Error(), filepath.Join(dir, "c.db"))
+	})
+}

@@ -42,6 +42,9 @@ type Store struct {
 	// batch, between Begin and Commit, is the one write transaction every
 	// read and change goes through (stream mode).
 	batch *bolt.Tx
+	// RenamedFrom is the policy's old name when this Open took over the
+	// state it kept under it (see adoptRenamed).
+	RenamedFrom string
 }
 
 // view and update run fn in a transaction of their own, or in the batch.
@@ -117,7 +120,8 @@ var marker = []byte{1}
 func Path(pol *policy.Policy) string { return filepath.Join(pol.StateDir, pol.Name+".db") }
 
 // Open opens the policy's state, creating state_dir and the file when
-// they are missing. The caller holds the policy's lock. The first open
+// they are missing; a policy whose name changed takes over the state it
+// kept under its old name. The caller holds the policy's lock. The first open
 // imports the journal of f2b-shim versions before the store (see
 // importJournal). timeout bounds the wait for bbolt's own file lock.
 func Open(pol *policy.Policy, lookup func(proto, name string) (uint16, bool), timeout time.Duration) (*Store, error) {
@@ -127,6 +131,14 @@ func Open(pol *policy.Policy, lookup func(proto, name string) (uint16, bool), ti
 	path := Path(pol)
 	_, statErr := os.Lstat(path)
 	fresh := errors.Is(statErr, os.ErrNotExist)
+	var renamed string
+	if fresh {
+		var err error
+		if renamed, err = adoptRenamed(pol, timeout); err != nil {
+			return nil, fmt.Errorf("state %s: %w", path, err)
+		}
+		fresh = renamed == ""
+	}
 	db, err := bolt.Open(path, 0o640, &bolt.Options{
 		Timeout:  timeout,
 		OpenFile: safefile.Open,
@@ -137,7 +149,10 @@ func Open(pol *policy.Policy, lookup func(proto, name string) (uint16, bool), ti
 	if err != nil {
 		return nil, fmt.Errorf("state %s: %w", path, err)
 	}
-	s := &Store{db: db, pol: pol, lookup: lookup}
+	s := &Store{db: db, pol: pol, lookup: lookup, RenamedFrom: renamed}
+	// Without the note a later rename is not followed; the request
+	// itself is still fine, so it goes on.
+	_ = recordSource(pol)
 	if fresh {
 		if err := s.importJournal(); err != nil {
 			db.Close()

@@ -216,7 +216,7 @@ func writePolicy(dir string, v variant) (string, error) {
 
 func benchAddr(i int) string { return fmt.Sprintf("10.%d.%d.%d", i>>16&255, i>>8&255, i&255) }
 
-// preload puts n bans in place through the journal and "f2b-shim
+// preload puts n bans in place through the state and "f2b-shim
 // restore" in ns, and the same n rules into rawChain in rawNS (its own
 // namespace: iptables-legacy reads and writes the whole table, so raw
 // rules next to the shim's chain would slow the shim down too), and

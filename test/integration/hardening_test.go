@@ -323,8 +323,8 @@ func TestTwoPoliciesShareAStateDir(t *testing.T) {
 	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
 	r = nstest.RunCmd(t, cmd)
 	require.Equal(t, 0, r.Code, r.Stderr)
-	assert.Contains(t, r.Stdout, `policy "mx1": restored ipv4: 1 chains, 1 bans`)
-	assert.Contains(t, r.Stdout, `policy "mx2": restored ipv4: 1 chains, 50 bans`)
+	assert.Contains(t, r.Stdout, `policy "mx1": restored ipv4: 1 chain, 1 ban,`)
+	assert.Contains(t, r.Stdout, `policy "mx2": restored ipv4: 1 chain, 50 bans`)
 	assert.Equal(t, ns.Rules(t, "iptables", "nft"), rebooted.Rules(t, "iptables", "nft"))
 
 	nested := write("mx3", "mail-remote-mx1-x")

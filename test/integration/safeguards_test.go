@@ -56,7 +56,7 @@ func TestMaxBanTime(t *testing.T) {
 			rebooted := nstest.NewNetns(t)
 			r = admin(t, rebooted, pol, "restore")
 			require.Equal(t, 0, r.Code, r.Stderr)
-			assert.Contains(t, r.Stdout, "1 bans expired while the proxy was down")
+			assert.Contains(t, r.Stdout, "1 ban expired while the proxy was down")
 			assert.Empty(t, banned(t, rebooted, backend, "iptables", chain))
 			r = admin(t, rebooted, pol, "reconcile")
 			assert.Equal(t, 0, r.Code, "state and firewall agree: %s", r.Stdout)

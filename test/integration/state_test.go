@@ -56,7 +56,7 @@ func TestRebootAndRestore(t *testing.T) {
 			assert.Equal(t, policyLines, rebooted.Rules(t, "iptables", backend), "a fresh boot has an empty firewall")
 			r := admin(t, rebooted, pol, "restore")
 			require.Equal(t, 0, r.Code, r.Stderr)
-			assert.Contains(t, r.Stdout, "ipv4: 1 chains, 2 bans, 1 hooks")
+			assert.Contains(t, r.Stdout, "ipv4: 1 chain, 2 bans, 1 hook")
 			assert.Equal(t, before4, rebooted.Rules(t, "iptables", backend))
 			assert.Equal(t, before6, rebooted.Rules(t, "ip6tables", backend))
 			assert.Equal(t, bans4, banned(t, rebooted, backend, "iptables", chain))

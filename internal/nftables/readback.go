@@ -1,0 +1,303 @@
+package nftables
+
+import (
+	"bytes"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/google/nftables"
+
+	"github.com/f2b-shim/f2b-shim/policy"
+)
+
+// Element is a ban as the kernel holds it.
+type Element struct {
+	Prefix netip.Prefix
+	// Timeout is the ban's whole timeout, Expires what is left of it;
+	// both 0 for a ban without one.
+	Timeout, Expires time.Duration
+}
+
+// ChainState is one ban chain as read back.
+type ChainState struct {
+	// Verdicts holds the target of each family's rule.
+	Verdicts map[policy.Family]policy.Target
+	// Bans holds each family's set, sorted; a family whose set is missing
+	// has no key.
+	Bans map[policy.Family][]Element
+}
+
+// Returns answers fail2ban's "-C CHAIN -j RETURN" for the family: the
+// rule is implicit in nftables (a regular chain returns at its end), so
+// it holds exactly while the family's part of the chain, its set, exists.
+func (cs *ChainState) Returns(fam policy.Family) bool {
+	_, ok := cs.Bans[fam]
+	return ok
+}
+
+// Snapshot is the table as the kernel holds it, in typed values, for
+// reconcile to compare with the state. What the package does not write
+// (a rule, set or chain added by hand, a range that is no prefix) is
+// listed in Foreign rather than guessed at.
+type Snapshot struct {
+	Exists    bool // the table exists
+	BaseChain bool // its base chain exists, on the input hook at priority filter - 1
+	Hooks     []Hook
+	Chains    map[policy.Chain]*ChainState
+	Foreign   []string
+}
+
+// ReadBack lists the table. A missing table is an empty Snapshot, not an
+// error: after "nft flush ruleset" reconcile sees drift, not a failure.
+func (t *Table) ReadBack() (*Snapshot, error) {
+	snap := &Snapshot{Chains: map[policy.Chain]*ChainState{}}
+	chains, err := t.chains()
+	if err != nil {
+		return nil, err
+	}
+	exists, err := t.tableExists()
+	if err != nil || !exists {
+		return snap, err
+	}
+	snap.Exists = true
+	for _, c := range chains {
+		if c.Name == BaseChain {
+			snap.BaseChain = isBaseChain(c)
+			if !snap.BaseChain {
+				snap.Foreign = append(snap.Foreign, fmt.Sprintf("chain %q is not a filter chain on the input hook at priority filter - 1", BaseChain))
+			}
+			continue
+		}
+		snap.Chains[policy.Chain(c.Name)] = &ChainState{Verdicts: map[policy.Family]policy.Target{}, Bans: map[policy.Family][]Element{}}
+	}
+	if err := t.readSets(snap); err != nil {
+		return nil, err
+	}
+	if slices.ContainsFunc(chains, func(c *nftables.Chain) bool { return c.Name == BaseChain }) {
+		hooks, err := t.hooks()
+		if err != nil {
+			return nil, err
+		}
+		for _, h := range hooks {
+			if h.ok {
+				snap.Hooks = append(snap.Hooks, h.hook)
+			} else {
+				snap.Foreign = append(snap.Foreign, fmt.Sprintf("rule handle %d in chain %q", h.rule.Handle, BaseChain))
+			}
+		}
+	}
+	for name, cs := range snap.Chains {
+		rules, err := t.rules(name)
+		if err != nil {
+			return nil, err
+		}
+		seen := map[string]bool{}
+		for _, r := range rules {
+			// One rule per set; a family's rules (one per set of the
+			// layout) say the same target.
+			fam, set, target, ok := decodeVerdict(name, r.Exprs)
+			prev, had := cs.Verdicts[fam]
+			if !ok || seen[set] || had && prev != target {
+				snap.Foreign = append(snap.Foreign, fmt.Sprintf("rule handle %d in chain %q", r.Handle, name))
+				continue
+			}
+			seen[set] = true
+			cs.Verdicts[fam] = target
+		}
+	}
+	slices.Sort(snap.Foreign)
+	return snap, nil
+}
+
+// isBaseChain says whether the chain is the base chain Open describes:
+// hooks in a chain that is not on the input hook are never reached.
+func isBaseChain(c *nftables.Chain) bool {
+	return c.Type == nftables.ChainTypeFilter && c.Hooknum != nil && *c.Hooknum == *nftables.ChainHookInput &&
+		c.Priority != nil && *c.Priority == basePriority
+}
+
+func (t *Table) tableExists() (bool, error) {
+	libraryMu.Lock()
+	defer libraryMu.Unlock()
+	tables, err := t.conn.ListTablesOfFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return false, t.readErr("the inet tables", err)
+	}
+	for _, tb := range tables {
+		if tb.Name == t.table.Name {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// readSets reads every named set of the table and files its elements
+// under its chain.
+func (t *Table) readSets(snap *Snapshot) error {
+	libraryMu.Lock()
+	defer libraryMu.Unlock()
+	sets, err := t.conn.GetSets(t.table)
+	if err != nil {
+		return t.readErr("the sets", err)
+	}
+	for _, s := range sets {
+		if s.Anonymous {
+			continue // a hook's ports, read with its rule
+		}
+		chain, fam, addr, ok := chainOfSet(s.Name)
+		cs := snap.Chains[chain]
+		if !ok || cs == nil || s.Interval == addr || !s.HasTimeout {
+			snap.Foreign = append(snap.Foreign, fmt.Sprintf("set %q", s.Name))
+			continue
+		}
+		bans, foreign, err := t.setBans(s, addr)
+		if err != nil {
+			return err
+		}
+		// The set exists, even empty: Returns says so.
+		cs.Bans[fam] = append(cs.Bans[fam], bans...)
+		if cs.Bans[fam] == nil {
+			cs.Bans[fam] = []Element{}
+		}
+		slices.SortFunc(cs.Bans[fam], func(a, b Element) int {
+			if c := a.Prefix.Addr().Compare(b.Prefix.Addr()); c != 0 {
+				return c
+			}
+			return a.Prefix.Bits() - b.Prefix.Bits()
+		})
+		for _, f := range foreign {
+			snap.Foreign = append(snap.Foreign, fmt.Sprintf("set %q: %s", s.Name, f))
+		}
+	}
+	return nil
+}
+
+// setBans reads a set's elements as bans; the caller holds libraryMu.
+func (t *Table) setBans(s *nftables.Set, addr bool) (bans []Element, foreign []string, err error) {
+	elems, err := t.conn.GetSetElements(s)
+	if err != nil {
+		return nil, nil, t.readErr(fmt.Sprintf("set %q", s.Name), err)
+	}
+	if !addr {
+		bans, foreign = intervals(elems)
+		return bans, foreign, nil
+	}
+	for _, e := range elems {
+		a, err := addrOf(e.Key)
+		if err != nil {
+			foreign = append(foreign, err.Error())
+			continue
+		}
+		bans = append(bans, Element{Prefix: netip.PrefixFrom(a, a.BitLen()), Timeout: e.Timeout, Expires: e.Expires})
+	}
+	return bans, foreign, nil
+}
+
+// chainOfSet maps a set name back to its chain, family and kind. Every
+// name ends in exactly one of the suffixes, so no two chains share one.
+func chainOfSet(name string) (chain policy.Chain, fam policy.Family, addr bool, ok bool) {
+	name, addr = strings.CutSuffix(name, "-addr")
+	if c, ok := strings.CutSuffix(name, "-v4"); ok {
+		return policy.Chain(c), policy.IPv4, addr, true
+	}
+	if c, ok := strings.CutSuffix(name, "-v6"); ok {
+		return policy.Chain(c), policy.IPv6, addr, true
+	}
+	return "", 0, false, false
+}
+
+// intervals pairs an interval set's elements back into prefixes: each
+// start with the end element just above it, or open to the top when it is
+// the last and has none.
+func intervals(elems []nftables.SetElement) (bans []Element, foreign []string) {
+	slices.SortFunc(elems, compareElements)
+	for i := 0; i < len(elems); i++ {
+		e := elems[i]
+		if e.IntervalEnd {
+			// nft writes an end element at the family's zero address
+			// before a set's first interval; it closes nothing.
+			if a, err := addrOf(e.Key); err != nil || !a.IsUnspecified() {
+				foreign = append(foreign, fmt.Sprintf("interval end %x without a start", e.Key))
+			}
+			continue
+		}
+		start, err := addrOf(e.Key)
+		if err != nil {
+			foreign = append(foreign, err.Error())
+			continue
+		}
+		var end netip.Addr
+		open := true
+		if i+1 < len(elems) && elems[i+1].IntervalEnd {
+			if end, err = addrOf(elems[i+1].Key); err != nil {
+				foreign = append(foreign, err.Error())
+				continue
+			}
+			open = false
+			i++
+		}
+		p, ok := rangePrefix(start, end, open)
+		if !ok {
+			foreign = append(foreign, fmt.Sprintf("range %s-%s is no prefix", start, end))
+			continue
+		}
+		bans = append(bans, Element{Prefix: p, Timeout: e.Timeout, Expires: e.Expires})
+	}
+	return bans, foreign
+}
+
+// compareElements orders interval elements by key, and at one key the
+// end of an interval before the start of the next: adjacent prefixes
+// share that key (192.0.2.0/24 ends where 192.0.3.0/24 starts).
+func compareElements(a, b nftables.SetElement) int {
+	if c := bytes.Compare(a.Key, b.Key); c != 0 {
+		return c
+	}
+	switch {
+	case a.IntervalEnd == b.IntervalEnd:
+		return 0
+	case a.IntervalEnd:
+		return -1
+	}
+	return 1
+}
+
+// Check reports the ban of the chain that covers p: p itself, or a wider
+// prefix that holds it. It reads the family's whole set, so it costs as
+// much as the set is large; the shim's checks are rare (fail2ban's
+// actioncheck asks about hooks, not bans).
+func (t *Table) Check(chain policy.Chain, p netip.Prefix) (Element, bool, error) {
+	if err := checkChain(chain); err != nil {
+		return Element{}, false, err
+	}
+	fam := familyOf(p.Addr())
+	exists, err := t.chainExists(chain)
+	if err != nil || !exists {
+		return Element{}, false, err
+	}
+	libraryMu.Lock()
+	defer libraryMu.Unlock()
+	sets, err := t.conn.GetSets(t.table)
+	if err != nil {
+		return Element{}, false, t.readErr("the sets", err)
+	}
+	for _, s := range sets {
+		c, f, addr, ok := chainOfSet(s.Name)
+		if !ok || c != chain || f != fam || addr && p.Bits() != p.Addr().BitLen() {
+			continue
+		}
+		bans, _, err := t.setBans(s, addr)
+		if err != nil {
+			return Element{}, false, err
+		}
+		for _, b := range bans {
+			if b.Prefix.Bits() <= p.Bits() && b.Prefix.Contains(p.Addr()) {
+				return b, true, nil
+			}
+		}
+	}
+	return Element{}, false, nil
+}
