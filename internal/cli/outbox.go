@@ -10,15 +10,12 @@ import (
 	"github.com/f2b-shim/f2b-shim/internal/relay"
 )
 
-// DefaultOutboxDir is proxy-stream.py's default outbox_dir.
-const DefaultOutboxDir = "/var/lib/fail2ban/f2b-shim"
-
 // runOutbox is "f2b-shim outbox [--dir DIR]", on the mail host: what each
 // jail's relay has not yet delivered, per proxy, and why. Exit 0 when
 // every proxy has everything, 1 when something is pending.
 func runOutbox(args []string, stdout, stderr io.Writer, now func() time.Time) int {
 	fs := newFlagSet("outbox")
-	dir := fs.String("dir", DefaultOutboxDir, "proxy-stream.py's outbox_dir")
+	dir := fs.String("dir", mailHostOutboxDir, "proxy-stream.py's outbox_dir")
 	if err := fs.Parse(args); err != nil {
 		return usageError(stderr, "outbox: "+err.Error())
 	}
