@@ -68,6 +68,10 @@ type Policy struct {
 	// under one hold of the lock, so that a one-shot request waits for at
 	// most one batch.
 	StreamMaxBatch int `toml:"stream_max_batch"`
+	// MaxStreamSessions bounds the stream sessions of this policy open at
+	// once: sshd does not bound authenticated connections, and each
+	// session holds an sshd and a shim process.
+	MaxStreamSessions int `toml:"max_stream_sessions"`
 	// File is the absolute path the policy was read from ("" for the
 	// built-in defaults). The state remembers it, so that a policy whose
 	// name changes finds its state again (name names the state file).
@@ -85,6 +89,13 @@ const (
 	// maxStreamBatch keeps one batch's hold of the lock short: a batch of
 	// bans that each need their own iptables call takes a few ms each.
 	maxStreamBatch = 10000
+	// maxStreamSessionsLimit keeps a typo from switching the bound off:
+	// each session costs about 15 MB (shim and sshd).
+	maxStreamSessionsLimit = 256
+	// defaultMaxStreamSessions: the relay keeps one session per proxy
+	// and mail host, and a restart overlaps the old one for a moment;
+	// four leaves room for that and for an admin's own session.
+	defaultMaxStreamSessions = 4
 	// maxBansLimit keeps a typo from allowing an unbounded chain.
 	maxBansLimit = 1_000_000
 	// maxNameLen keeps the name short in every audit line.
@@ -157,6 +168,7 @@ func Default() *Policy {
 		MaxNewBansPerMinute: defaultMaxNewBans,
 		StreamIdleTimeout:   5 * time.Minute,
 		StreamMaxBatch:      512,
+		MaxStreamSessions:   defaultMaxStreamSessions,
 	}
 }
 
@@ -288,6 +300,9 @@ func (p *Policy) Validate() error {
 	}
 	if p.StreamMaxBatch < 1 || p.StreamMaxBatch > maxStreamBatch {
 		return fmt.Errorf("stream_max_batch %d must be from 1 to %d", p.StreamMaxBatch, maxStreamBatch)
+	}
+	if p.MaxStreamSessions < 1 || p.MaxStreamSessions > maxStreamSessionsLimit {
+		return fmt.Errorf("max_stream_sessions %d must be from 1 to %d", p.MaxStreamSessions, maxStreamSessionsLimit)
 	}
 	switch p.IptablesBackend {
 	case "auto", "nft", "legacy":

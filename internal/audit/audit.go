@@ -16,6 +16,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"syscall"
 	"time"
 	"unicode/utf8"
@@ -173,23 +174,58 @@ func Open(path string) (*Log, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := reserveRoom(f); err != nil {
+	if err := reserveRoom(f, reserve); err != nil {
 		f.Close()
 		return nil, err
 	}
 	return &Log{f: f, path: path}, nil
 }
 
+// Reserve makes sure the log has room for n more records before a
+// stream's batch of n requests touches the firewall: a change that
+// cannot be audited is not carried out, and a session's single
+// reservation at Open would be used up by its first batches. Each
+// record is counted at MaxLine, several times a real request's line, so
+// that concurrent writers of the same file fit in the same blocks.
+func (l *Log) Reserve(n int) error {
+	return reserveRoom(l.f, reserve+int64(n)*MaxLine)
+}
+
+// FollowRotation reopens the log when its path no longer names the open
+// file: logrotate's create mode renamed it (and a later run may have
+// compressed and deleted it). A long stream session would otherwise go
+// on writing into a file no one reads. It reports whether it reopened.
+// With copytruncate the path still names the open file, and O_APPEND
+// writes go on at its new end.
+func (l *Log) FollowRotation() (bool, error) {
+	open, err := l.f.Stat()
+	if err != nil {
+		return false, err
+	}
+	if now, err := os.Stat(l.path); err == nil && os.SameFile(open, now) {
+		return false, nil
+	} else if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return false, err
+	}
+	fresh, err := Open(l.path)
+	if err != nil {
+		return false, err
+	}
+	l.f.Close()
+	l.f = fresh.f
+	return true, nil
+}
+
 // reserveRoom allocates blocks past the end of the file without changing
 // its size, so that a full filesystem is found before the firewall is
 // touched rather than after. Filesystems without fallocate are let be.
-func reserveRoom(f *os.File) error {
+func reserveRoom(f *os.File, room int64) error {
 	st, err := f.Stat()
 	if err != nil {
 		return err
 	}
 	const keepSize = 0x01 // FALLOC_FL_KEEP_SIZE
-	err = syscall.Fallocate(int(f.Fd()), keepSize, st.Size(), reserve)
+	err = syscall.Fallocate(int(f.Fd()), keepSize, st.Size(), room)
 	if errors.Is(err, syscall.EOPNOTSUPP) || errors.Is(err, syscall.ENOSYS) {
 		return nil
 	}
@@ -249,37 +285,43 @@ func (l *Log) WriteBatch(recs []Record) error {
 	for i := range recs {
 		r := &recs[i]
 		sec := r.Time.Unix()
-		coalesce := r.Decision == Deny && r.Result == "denied" && r.ClientIP != ""
-		if p, ok := pending[r.ClientIP]; coalesce && ok && p.Second == sec {
-			p.Count++
-			pending[r.ClientIP] = p
-			continue
-		}
-		for _, client := range slices.Sorted(maps.Keys(pending)) {
-			if p := pending[client]; p.Count > 0 {
-				c := p.record(client)
+		kind := coalesceKind(*r)
+		// Counts of seconds that are over go out before this line. Those
+		// of this second go out before a change too, so that the log
+		// reads in order around it, and stay open for more of their kind
+		// in this second; a line of another non-changing kind leaves
+		// them be, so that kinds taking turns are still coalesced.
+		for _, key := range flushKeys(pending, sec, kind == "") {
+			p := pending[key]
+			if p.Count > 0 {
+				c := p.record()
 				if err := link(&c); err != nil {
 					return err
 				}
 			}
-			delete(pending, client)
+			if p.Second != sec {
+				delete(pending, key)
+			} else {
+				p.Count = 0
+				pending[key] = p
+			}
+		}
+		key := r.ClientIP + " " + kind
+		if p, ok := pending[key]; kind != "" && ok {
+			p.Count++
+			pending[key] = p
+			continue
 		}
 		if err := link(r); err != nil {
 			return err
 		}
-		if coalesce {
-			pending[r.ClientIP] = pendingDenials{Second: sec, Policy: r.Policy, UID: r.UID}
+		if kind != "" && len(pending) < maxPending {
+			pending[key] = pendingDenials{Second: sec, Policy: r.Policy, UID: r.UID, Client: r.ClientIP, Kind: kind,
+				Decision: r.Decision, Result: r.Result, Exit: r.Exit, Reason: capText(r.Reason, maxCoalescedReason)}
 		}
 	}
 	if len(out) > 0 {
-		n, err := l.f.Write(out)
-		if err == nil && n != len(out) {
-			err = fmt.Errorf("short write (%d of %d bytes)", n, len(out))
-		}
-		if err != nil {
-			return err
-		}
-		if err := l.f.Sync(); err != nil {
+		if err := l.append(out); err != nil {
 			return err
 		}
 	}
@@ -289,21 +331,136 @@ func (l *Log) WriteBatch(recs []Record) error {
 	return l.writePending(pending)
 }
 
-// pendingDenials counts a client's denials in one second that were not
-// written one by one.
+// append writes out at the end of the log and syncs it. A write cut
+// short (a full filesystem) is cut back to where it started, under the
+// caller's flock, so the log always ends with a whole line: the next
+// record must not be glued to half of one, which would break the chain.
+func (l *Log) append(out []byte) error {
+	st, err := l.f.Stat()
+	if err != nil {
+		return err
+	}
+	n, err := l.f.Write(out)
+	if err == nil && n != len(out) {
+		err = fmt.Errorf("short write (%d of %d bytes)", n, len(out))
+	}
+	if err != nil {
+		if n > 0 {
+			if terr := l.f.Truncate(st.Size()); terr != nil {
+				err = errors.Join(err, fmt.Errorf("cutting the torn record back: %w", terr))
+			}
+		}
+		return err
+	}
+	return l.f.Sync()
+}
+
+// flushKeys lists, in order, the keys of the counts to write out before a
+// line of second sec: those of other seconds, and before a change those
+// of this second with something counted. Usually none, so that a batch
+// pays no sort per line.
+func flushKeys(pending map[string]pendingDenials, sec int64, change bool) []string {
+	due := func(p pendingDenials) bool { return p.Second != sec || change && p.Count > 0 }
+	for _, p := range pending {
+		if due(p) {
+			return slices.DeleteFunc(slices.Sorted(maps.Keys(pending)), func(k string) bool { return !due(pending[k]) })
+		}
+	}
+	return nil
+}
+
+// Kinds of coalesced lines: every repeated request that changes nothing.
+// Changes are never coalesced; the ban quota bounds them.
+const (
+	kindDenied = "denied" // refused by the grammar or the policy
+	kindFailed = "failed"
+)
+
+// coalesceKind is the kind under which r is counted rather than written
+// when the same client had one of that kind in the same second, or "" for
+// a record that is always written in full: a change, or one without a
+// client to count it against. A hostile or merely retrying mail host
+// can so add at most a few lines per second to the log, whatever it
+// sends (see README, "Bounds").
+func coalesceKind(r Record) string {
+	if r.ClientIP == "" {
+		return ""
+	}
+	if r.Op != nil && r.Op.Kind == "ban" && r.Op.Member != "" && r.State != "" {
+		// A new member of a widened ban: the firewall is unchanged, the
+		// state is not, and the quota bounds these.
+		return ""
+	}
+	switch {
+	case r.Decision == Deny && r.Result == "denied":
+		return kindDenied
+	case r.Result == "denied":
+		// A limit: allowed by the policy, refused by one of its bounds.
+		// Each bound is its own kind, so the log shows which were hit.
+		return "limit " + limitName(string(r.Reason))
+	case r.Result == kindFailed:
+		// By exit and iptables' status: a new kind of failure is seen.
+		return fmt.Sprintf("%s %d %d", kindFailed, r.Exit, r.IptablesStatus)
+	case r.Result == "unchanged", r.Result == "check-true", r.Result == "check-false", r.Result == "dry-run":
+		return r.Result
+	}
+	return ""
+}
+
+// limitName is the policy key a limit's reason names, such as
+// max_new_bans_per_minute.
+func limitName(reason string) string {
+	i := strings.Index(reason, "max_")
+	if i < 0 {
+		return ""
+	}
+	j := i
+	for j < len(reason) && (reason[j] == '_' || reason[j] >= 'a' && reason[j] <= 'z') {
+		j++
+	}
+	return reason[i:j]
+}
+
+// maxCoalescedReason caps the first line's reason repeated on a
+// coalesced line.
+const maxCoalescedReason = 160
+
+// MaxCoalescedSecond bounds what one client adds to the log per kind of
+// non-change (coalesceKind) and second: its first line in full (at most
+// MaxLine) and one "coalesced" line (a few hundred bytes, its reason
+// capped).
+const MaxCoalescedSecond = MaxLine + 1024
+
+// pendingDenials counts a client's requests of one kind in one second
+// that were not written one by one.
 type pendingDenials struct {
 	Second int64  `json:"second"`
 	Count  int    `json:"count"`
 	Policy string `json:"policy"`
 	UID    int    `json:"uid"`
+	Client string `json:"client,omitempty"`
+	// Kind is "" in side files of versions that coalesced denials only.
+	Kind     string `json:"kind,omitempty"`
+	Decision string `json:"decision,omitempty"`
+	Result   string `json:"result,omitempty"`
+	Exit     int    `json:"exit,omitempty"`
+	Reason   Text   `json:"reason,omitempty"`
 }
 
-func (p pendingDenials) record(client string) Record {
-	return Record{
-		Time: time.Unix(p.Second, 0).UTC(), Policy: p.Policy, UID: p.UID, ClientIP: client,
+func (p pendingDenials) record() Record {
+	r := Record{
+		Time: time.Unix(p.Second, 0).UTC(), Policy: p.Policy, UID: p.UID, ClientIP: p.Client,
 		Decision: Deny, Result: "coalesced", Exit: 3, Count: p.Count,
 		Reason: Text(fmt.Sprintf("%d more denials of this client in this second; the first is logged in full", p.Count)),
 	}
+	if p.Kind != "" && p.Kind != kindDenied {
+		r.Decision, r.Exit = p.Decision, p.Exit
+		r.Reason = Text(fmt.Sprintf("%d more %q results of this client in this second; the first is logged in full", p.Count, p.Result))
+		if p.Reason != "" {
+			r.Reason += ": " + p.Reason
+		}
+	}
+	return r
 }
 
 // maxPending bounds the clients the side file tracks; only hosts whose
@@ -332,6 +489,14 @@ func (l *Log) readPending() (map[string]pendingDenials, error) {
 	if json.Unmarshal(data, &m) != nil || len(m) > maxPending {
 		// A damaged side file loses at most its counts; start afresh.
 		return map[string]pendingDenials{}, nil
+	}
+	for key, p := range m {
+		if p.Kind == "" {
+			// Written by a version that keyed denials by client alone.
+			delete(m, key)
+			p.Client, p.Kind = key, kindDenied
+			m[key+" "+kindDenied] = p
+		}
 	}
 	return m, nil
 }
@@ -391,3 +556,20 @@ func runeStart(s string, n int) int {
 
 // Close closes the log.
 func (l *Log) Close() error { return l.f.Close() }
+
+// Pending is how many coalesced requests of the log at path are counted
+// in its side file and not yet written on a "coalesced" line, by
+// decision: they go out before the next change, or the next line of a
+// later second.
+func Pending(path string) (map[string]int, error) {
+	m, err := (&Log{path: path}).readPending()
+	n := map[string]int{}
+	for _, p := range m {
+		d := p.Decision
+		if p.Kind == kindDenied || d == "" {
+			d = Deny
+		}
+		n[d] += p.Count
+	}
+	return n, err
+}

@@ -214,3 +214,114 @@ func TestOpenFailsWhenTheLogCannotBeCreated(t *testing.T) {
 	_, err := Open(filepath.Join(blocker, "audit.jsonl"))
 	assert.Error(t, err, "a path under a regular file cannot be created")
 }
+
+// TestRepeatedNonChangesAreCoalescedPerKind floods the log from one
+// client with every kind of request that changes nothing, interleaved,
+// in one second: each kind is written once in full and once as a count,
+// however they alternate, and the log grows by a bounded number of bytes.
+func TestRepeatedNonChangesAreCoalescedPerKind(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.jsonl")
+	l, err := Open(path)
+	require.NoError(t, err)
+	defer l.Close()
+	t0 := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
+	kinds := []Record{
+		{Decision: Deny, Result: "denied", Exit: 3, Reason: "chain \"INPUT\" is outside the allowed prefix"},
+		{Decision: Allow, Result: "denied", Exit: 3, Reason: "ban quota limit reached: 10 bans were made in the last minute (max_new_bans_per_minute); wait"},
+		{Decision: Allow, Result: "denied", Exit: 3, Reason: "ban limit reached: chain \"x\" already holds 5 bans (max_bans_per_chain); unban some"},
+		{Decision: Allow, Result: "unchanged"},
+		{Decision: Allow, Result: "check-true"},
+		{Decision: Allow, Result: "check-false", Exit: 1},
+		{Decision: Allow, Result: "dry-run"},
+		{Decision: Allow, Result: "failed", Exit: 4, Reason: "no chain by that name"},
+	}
+	const rounds = 1000
+	var batch []Record
+	for i := range rounds {
+		for _, k := range kinds {
+			r := k
+			r.Time, r.Policy, r.ClientIP = t0.Add(time.Duration(i)*time.Millisecond), "p", "192.0.2.10"
+			r.SetCommand("iptables -w -I f2b-x 1 -s 203.0.113.62 -j DROP " + strings.Repeat("\x01", 5000))
+			r.Reason = Text(strings.Repeat("\x02", 600)) + r.Reason
+			batch = append(batch, r)
+		}
+		if len(batch) >= 512 {
+			require.NoError(t, l.WriteBatch(batch))
+			batch = batch[:0]
+		}
+	}
+	batch = append(batch, Record{Time: t0.Add(time.Second), Policy: "p", ClientIP: "192.0.2.10", Decision: Allow, Result: "applied"})
+	require.NoError(t, l.WriteBatch(batch))
+	entries, bad, err := Read(path)
+	require.NoError(t, err)
+	require.Empty(t, bad)
+	full, counted := map[string]int{}, map[string]int{}
+	for _, e := range entries {
+		r := e.Record
+		if r.Result == "coalesced" {
+			counted[r.Decision] += r.Count
+			continue
+		}
+		full[r.Result]++
+	}
+	assert.Equal(t, map[string]int{"denied": 3, "unchanged": 1, "check-true": 1, "check-false": 1, "dry-run": 1, "failed": 1, "applied": 1}, full)
+	assert.Equal(t, map[string]int{Deny: rounds - 1, Allow: 7 * (rounds - 1)}, counted, "every request is counted")
+	assert.Len(t, entries, 2*len(kinds)+1)
+	st, err := os.Stat(path)
+	require.NoError(t, err)
+	t.Logf("%d requests of %d kinds in one second from one client: %d bytes", rounds*len(kinds), len(kinds), st.Size())
+	// The bound README and SECURITY.md state: per client, kind and
+	// second, one full line and one count line.
+	assert.LessOrEqual(t, st.Size(), int64(len(kinds)+1)*MaxCoalescedSecond, "the worst case per kind and second")
+}
+
+// TestFollowRotationReopensARenamedLog renames the log as logrotate's
+// create mode does: the next record goes to a new file at the path, and
+// links to the last line of the rotated one.
+func TestFollowRotationReopensARenamedLog(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.jsonl")
+	l, err := Open(path)
+	require.NoError(t, err)
+	defer l.Close()
+	rec := Record{Time: time.Now(), Policy: "p", Decision: Allow, Result: "applied"}
+	require.NoError(t, l.Write(rec))
+	moved, err := l.FollowRotation()
+	require.NoError(t, err)
+	assert.False(t, moved, "nothing rotated yet")
+	require.NoError(t, os.Rename(path, path+".1"))
+	moved, err = l.FollowRotation()
+	require.NoError(t, err)
+	assert.True(t, moved)
+	require.NoError(t, l.Write(rec))
+	entries, _, err := ReadCurrent(path)
+	require.NoError(t, err)
+	assert.Len(t, entries, 1, "the new record is in the new file")
+	old, _, err := ReadCurrent(path + ".1")
+	require.NoError(t, err)
+	assert.Len(t, old, 1, "and not in the rotated one")
+}
+
+// TestScanCurrentStreamsTheLog: metrics reads every record one at a time,
+// counts a line that is not one, and finds no records in a missing log.
+func TestScanCurrentStreamsTheLog(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.jsonl")
+	n, err := ScanCurrent(path, func(Record) { t.Fatal("a missing log has no records") })
+	require.NoError(t, err)
+	assert.Zero(t, n)
+	l, err := Open(path)
+	require.NoError(t, err)
+	for i := range 1000 {
+		require.NoError(t, l.Write(Record{Time: time.Unix(int64(i), 0), Policy: "p", Decision: Allow, Result: "applied"}))
+	}
+	l.Close()
+	f, err := os.OpenFile(path, os.O_APPEND|os.O_WRONLY, 0)
+	require.NoError(t, err)
+	_, err = f.WriteString("not json\n")
+	require.NoError(t, err)
+	f.Close()
+	seen := 0
+	bad, err := ScanCurrent(path, func(r Record) { seen++ })
+	require.NoError(t, err)
+	assert.Equal(t, 1000, seen)
+	assert.Equal(t, 1, bad)
+}

@@ -58,6 +58,31 @@ func ReadCurrent(path string) ([]Entry, []string, error) {
 	return entries, bad, err
 }
 
+// ScanCurrent calls fn with each record of the current audit log, one at
+// a time, and keeps none: "f2b-shim metrics" reads the log every minute,
+// and its memory must not grow with the log. A line that is not a record
+// is counted in bad. A missing log has no records.
+func ScanCurrent(path string, fn func(Record)) (bad int, err error) {
+	err = scanLog(path, func(_ int, line []byte) {
+		var r Record
+		if json.Unmarshal(line, &r) != nil {
+			bad++
+			return
+		}
+		fn(r)
+	})
+	var open *openError
+	switch {
+	case errors.As(err, &open) && os.IsNotExist(open.err):
+		return 0, nil
+	case errors.As(err, &open):
+		return bad, open.err
+	case err != nil && !errors.Is(err, io.ErrUnexpectedEOF):
+		bad++
+	}
+	return bad, nil
+}
+
 // rotations lists path's rotated files, the highest number (the oldest)
 // first, then path itself.
 func rotations(path string) ([]string, error) {

@@ -83,8 +83,12 @@ func newAdmin(pol *policy.Policy, stderr io.Writer, deps Deps) (*admin, int) {
 }
 
 func (a *admin) close() {
-	a.store.Close()
-	a.held.Release()
+	if a.store != nil {
+		a.store.Close()
+	}
+	if a.held != nil {
+		a.held.Release()
+	}
 }
 
 // journal reads the state (the name is older than the store, which

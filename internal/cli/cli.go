@@ -158,7 +158,7 @@ func Run(args []string, env Env, stdout, stderr io.Writer, deps Deps) int {
 		case "prune":
 			return runPrune(args[1:], stdout, stderr, deps)
 		case "metrics":
-			return runMetrics(args[1:], stderr)
+			return runMetrics(args[1:], stderr, deps)
 		case "relay":
 			in := deps.Stdin
 			if in == nil {

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"slices"
 	"strings"
 	"time"
 
@@ -145,23 +144,26 @@ func serve(store *state.Store, b firewall.Backend, pol *policy.Policy, op policy
 	case op.Kind == policy.AddBan:
 		err = checkQuota(store, pol, op, deps.Now())
 		if err == nil {
+			err = checkMembers(store, pol, op, rec)
+		}
+		if err == nil {
 			outcome, err = firewall.Apply(b, op)
 		}
 	case op.Member.IsValid() && op.Kind == policy.DeleteBan:
 		// The prefix stays while it is banned for other addresses.
-		var others []string
-		if others, err = otherMembers(store, op); err == nil && len(others) > 0 {
+		var others bool
+		if others, err = store.HasOtherMember(op); err == nil && others {
 			lifted, outcome = false, firewall.Unchanged
-			rec.State = audit.Text(strings.TrimPrefix(fmt.Sprintf("%s; %s stays banned for %d other address(es) in it", rec.State, op.Source, len(others)), "; "))
+			rec.State = audit.Text(strings.TrimPrefix(fmt.Sprintf("%s; %s stays banned for other addresses in it", rec.State, op.Source), "; "))
 		} else if err == nil {
 			outcome, err = firewall.Apply(b, op)
 		}
 	case op.Member.IsValid() && op.Kind == policy.CheckBan:
 		// A check answers for the address it names, not for its prefix.
-		var members []string
-		if members, err = store.Members(op); err == nil {
+		var has bool
+		if has, err = store.HasMember(op); err == nil {
 			outcome = firewall.CheckFalse
-			if slices.Contains(members, op.Member.String()) {
+			if has {
 				outcome = firewall.CheckTrue
 			}
 		}
@@ -215,17 +217,15 @@ func checkQuota(store *state.Store, pol *policy.Policy, op policy.Operation, now
 	if err != nil || n < pol.MaxNewBansPerMinute {
 		return err
 	}
-	if has, err := store.HasBan(op); err != nil || has {
+	has, err := store.HasBan(op)
+	if err == nil && has && op.Member.IsValid() {
+		// A new member of a widened ban is new, though its prefix is not.
+		has, err = store.HasMember(op)
+	}
+	if err != nil || has {
 		return err
 	}
 	return fmt.Errorf("ban quota %w: %d bans were made in the last minute (max_new_bans_per_minute); wait, or raise the limit in the policy", firewall.ErrLimit, n)
-}
-
-// otherMembers lists the addresses a widened ban stands for, besides the
-// one this request names.
-func otherMembers(store *state.Store, op policy.Operation) ([]string, error) {
-	members, err := store.Members(op)
-	return slices.DeleteFunc(members, func(m string) bool { return m == op.Member.String() }), err
 }
 
 // lockName is the policy's lock file in state_dir.

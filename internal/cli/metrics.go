@@ -35,8 +35,15 @@ type Snapshot struct {
 // MetricsHelper is the binary that renders the metrics, beside f2b-shim.
 const MetricsHelper = "f2b-shim-metrics"
 
-// runMetrics hands over to f2b-shim-metrics beside this binary.
-func runMetrics(args []string, stderr io.Writer) int {
+// runMetrics hands over to f2b-shim-metrics beside this binary. In the
+// least-privilege install only f2b-shim is sure to carry the file
+// capabilities (the package sets them on it alone), so it raises them as
+// ambient capabilities first: they pass to the helper across exec, and
+// from it to iptables, and the helper can read the firewall to measure
+// drift. Without them (a copy lost its capabilities) the helper reports
+// f2b_shim_up 0 and no drift, which is what is known.
+func runMetrics(args []string, stderr io.Writer, deps Deps) int {
+	_ = deps.PrepareExec()
 	self, err := os.Executable()
 	if err != nil {
 		fmt.Fprintf(stderr, "f2b-shim: metrics: %v\n", err)
@@ -77,13 +84,16 @@ func collect(pol *policy.Policy, stderr io.Writer, deps Deps) (Snapshot, int) {
 		for _, name := range t.ChainNames() {
 			snap.Bans[[2]string{fam.String(), string(name)}] = t.Chains[name].Len()
 		}
-		for _, kind := range []string{"missing", "unexpected", "duplicate"} {
-			snap.Drift[[2]string{fam.String(), kind}] = 0
-		}
 		b, err := a.backend(fam)
 		if err == nil {
 			var ds []drift
 			if ds, err = compare(s, fam, b, a.ctx); err == nil {
+				// Only a drift that was measured is reported: a gauge of 0
+				// for a firewall that could not be read would say "no
+				// drift" when nothing is known (f2b_shim_up says why).
+				for _, kind := range []string{"missing", "unexpected", "duplicate"} {
+					snap.Drift[[2]string{fam.String(), kind}] = 0
+				}
 				for _, d := range ds {
 					snap.Drift[[2]string{fam.String(), d.kind}]++
 				}
@@ -94,22 +104,20 @@ func collect(pol *policy.Policy, stderr io.Writer, deps Deps) (Snapshot, int) {
 			code = ExitFirewall
 		}
 	}
-	entries, _, err := audit.ReadCurrent(pol.AuditLog)
-	if err != nil {
-		fmt.Fprintf(stderr, "f2b-shim: metrics: %v\n", err)
-		return snap, ExitSetup
-	}
-	for _, e := range entries {
-		r := e.Record
+	_, err = audit.ScanCurrent(pol.AuditLog, func(r audit.Record) {
 		snap.Requests[[2]string{r.Decision, r.Result}] += max(1, r.Count)
 		switch {
 		case r.Result == "applied" && r.Time.After(snap.LastApply):
 			snap.LastApply = r.Time
 		case r.Result == "expired":
 			snap.Expired++
-		case r.Result == "denied" && strings.Contains(string(r.Reason), "ban quota"):
-			snap.QuotaDenials++
+		case (r.Result == "denied" || r.Result == "coalesced") && strings.Contains(string(r.Reason), "max_new_bans_per_minute"):
+			snap.QuotaDenials += max(1, r.Count)
 		}
+	})
+	if err != nil {
+		fmt.Fprintf(stderr, "f2b-shim: metrics: %v\n", err)
+		return snap, ExitSetup
 	}
 	snap.Up = code == ExitOK
 	return snap, code

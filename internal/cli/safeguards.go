@@ -1,14 +1,12 @@
 package cli
 
 import (
-	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"net/netip"
 	"os"
 	"strings"
-	"time"
 
 	"github.com/f2b-shim/f2b-shim/internal/audit"
 	"github.com/f2b-shim/f2b-shim/internal/firewall"
@@ -73,9 +71,8 @@ func (a *admin) record(command string, op *policy.Operation, result string, code
 func (a *admin) audit(recs ...audit.Record) {
 	log, err := audit.Open(a.pol.AuditLog)
 	if err == nil {
-		for _, r := range recs {
-			err = errors.Join(err, log.Write(r))
-		}
+		// One write and one fsync for them all (expire's chunks).
+		err = log.WriteBatch(recs)
 		log.Close()
 	}
 	if err != nil {
@@ -136,38 +133,6 @@ func (a *admin) expire(applyFirewall bool) (int, int) {
 		return 0, ExitSetup
 	}
 	return a.expireIn(s, applyFirewall)
-}
-
-// expireIn expires what is due in s, the state as just read, and takes
-// it out of s as well. restore passes applyFirewall false: it is about to
-// rebuild the firewall from s.
-func (a *admin) expireIn(s *state.State, applyFirewall bool) (int, int) {
-	if a.pol.MaxBanTime == 0 {
-		return 0, ExitOK
-	}
-	var recs []audit.Record
-	code, n := ExitOK, 0
-	now := a.deps.Now()
-	for _, b := range s.Expired(now.Add(-a.pol.MaxBanTime)) {
-		op := b.Op
-		op.Kind, op.Member = policy.DeleteBan, netip.Prefix{}
-		_, err := a.change(op, applyFirewall)
-		if err != nil {
-			fmt.Fprintf(a.stderr, "f2b-shim: expire %s: %s\n", op.CommandLine(), oneLine.Replace(err.Error()))
-			recs = append(recs, a.record("f2b-shim expire", &op, "failed", ExitFirewall, err))
-			code = ExitFirewall
-			continue
-		}
-		s.Apply(op, now)
-		n++
-		rec := a.record("f2b-shim expire", &op, "expired", ExitOK, nil)
-		rec.Reason = audit.Text(fmt.Sprintf("last made %s, more than max_ban_time (%s) ago", b.Last.Format(time.RFC3339), a.pol.MaxBanTime))
-		recs = append(recs, rec)
-	}
-	if len(recs) > 0 {
-		a.audit(recs...)
-	}
-	return n, code
 }
 
 // runBanUnban is "f2b-shim ban|unban CHAIN ADDR [--target T]": the admin's

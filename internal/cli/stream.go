@@ -44,6 +44,10 @@ type session struct {
 	// broken is set when the audit log failed: nothing more is carried
 	// out, since it could not be audited.
 	broken error
+	// policyPath and stamp tell when the policy file changed (see
+	// beforeBatch).
+	policyPath string
+	stamp      policyStamp
 }
 
 // runStream serves a stream session: one request per line on stdin, one
@@ -51,6 +55,12 @@ type session struct {
 // same precheck, grammar, policy and bounds as a one-shot request, and
 // gets its own audit line with the session's id and its line number.
 func runStream(policyPath string, env Env, stdout, stderr io.Writer, deps Deps) int {
+	if policyPath == "" && deps.DefaultPolicyFile != "" {
+		if _, err := os.Stat(deps.DefaultPolicyFile); err == nil {
+			policyPath = deps.DefaultPolicyFile
+		}
+	}
+	stamp := stampOf(policyPath)
 	pol, err := loadPolicy(policyPath, deps)
 	if err != nil {
 		fmt.Fprintf(stderr, "f2b-shim: policy: %v\nf2b-shim: hint: nothing was changed; fix the policy file on the proxy\n", err)
@@ -61,9 +71,9 @@ func runStream(policyPath string, env Env, stdout, stderr io.Writer, deps Deps) 
 		fmt.Fprintf(stderr, "f2b-shim: denied: cannot write the audit log %q: %v\nf2b-shim: hint: nothing was changed; make the audit log's directory writable and its filesystem not full\n", pol.AuditLog, err)
 		return ExitSetup
 	}
-	defer log.Close()
-	s := &session{pol: pol, log: log, deps: deps, id: newSessionID()}
+	s := &session{pol: pol, log: log, deps: deps, id: newSessionID(), policyPath: policyPath, stamp: stamp}
 	client, port := parseSSHConnection(env.SSHConnection)
+	defer func() { s.log.Close() }()
 	s.addr = client
 	if client.IsValid() {
 		s.client, s.port = client.String(), port
@@ -81,14 +91,25 @@ func runStream(policyPath string, env Env, stdout, stderr io.Writer, deps Deps) 
 		fmt.Fprintf(stderr, "f2b-shim: denied: %v\n", oneLine.Replace(err.Error()))
 		return ExitSetup
 	}
+	slot, code := s.takeSlot(stderr)
+	if slot == nil {
+		return code
+	}
+	defer slot.Release()
 	if deps.Stdin == nil {
 		deps.Stdin = os.Stdin
 	}
+	stop, unwatch := stopOnSignals()
+	defer unwatch()
 	err = stream.Serve(deps.Stdin, stdout, stream.Options{
 		MaxLine:  policy.MaxCommandLen,
 		MaxBatch: pol.StreamMaxBatch,
 		Idle:     pol.StreamIdleTimeout,
+		Stop:     stop,
 	}, s.serveBatch)
+	if code, done := sessionEnd(err, pol, stderr); done {
+		return code
+	}
 	switch {
 	case errors.Is(err, stream.ErrIdle):
 		fmt.Fprintf(stderr, "f2b-shim: stream idle for %s (stream_idle_timeout); closing the session\n", pol.StreamIdleTimeout)
@@ -145,6 +166,13 @@ func (s *session) serveBatch(batch []stream.Request) []stream.Reply {
 	} else {
 		s.ctxErr = err
 	}
+	note, fit, refuse := s.beforeBatch(len(batch))
+	if refuse != nil && s.broken == nil {
+		return s.refuseBatch(batch, refuse)
+	}
+	if refuse == nil {
+		batch = batch[:fit]
+	}
 	lines := make([]line, len(batch))
 	acting := 0
 	for i, req := range batch {
@@ -177,6 +205,9 @@ func (s *session) serveBatch(batch []stream.Request) []stream.Reply {
 		}
 		l.act = true
 		acting++
+	}
+	if note != "" {
+		lines[0].rec.State = audit.Text(note)
 	}
 	served := len(lines)
 	if acting > 0 && s.broken == nil {

@@ -1,6 +1,7 @@
 package firewall
 
 import (
+	"errors"
 	"strings"
 )
 
@@ -19,22 +20,28 @@ type Batched struct {
 	// Restore runs one iptables-restore --noflush script.
 	Restore func(script string) error
 	// Queue, when set, queues the next Insert under Ticket.
-	Queue  bool
-	Ticket int
-	queue  []queued
-	failed map[int]error
+	Queue bool
+	// QueueDeletes, when set, queues every Delete under Ticket as well:
+	// expire lifts a chunk of bans with one iptables-restore. A queued
+	// delete of a rule that is not there is no failure (the ban is gone
+	// either way).
+	QueueDeletes bool
+	Ticket       int
+	queue        []queued
+	failed       map[int]error
 }
 
 type queued struct {
 	ticket int
 	chain  string
 	spec   []string
+	delete bool
 }
 
 // Insert queues a ban's insert, or writes the queue and inserts.
 func (b *Batched) Insert(chain string, pos int, spec ...string) error {
 	if b.Queue && pos == 1 {
-		b.queue = append(b.queue, queued{b.Ticket, chain, spec})
+		b.queue = append(b.queue, queued{b.Ticket, chain, spec, false})
 		return nil
 	}
 	b.flush()
@@ -59,6 +66,10 @@ func (b *Batched) Append(chain string, spec ...string) error {
 	return b.Table.Append(chain, spec...)
 }
 func (b *Batched) Delete(chain string, spec ...string) error {
+	if b.QueueDeletes {
+		b.queue = append(b.queue, queued{b.Ticket, chain, spec, true})
+		return nil
+	}
 	b.flush()
 	return b.Table.Delete(chain, spec...)
 }
@@ -83,6 +94,10 @@ func (b *Batched) flush() {
 	var script strings.Builder
 	script.WriteString("*filter\n")
 	for _, e := range q {
+		if e.delete {
+			script.WriteString("-D " + e.chain + " " + strings.Join(e.spec, " ") + "\n")
+			continue
+		}
 		script.WriteString("-I " + e.chain + " 1 " + strings.Join(e.spec, " ") + "\n")
 	}
 	script.WriteString("COMMIT\n")
@@ -90,7 +105,16 @@ func (b *Batched) flush() {
 		return
 	}
 	for _, e := range q {
-		if err := b.Table.Insert(e.chain, 1, e.spec...); err != nil {
+		var err error
+		if e.delete {
+			var ce *CommandError
+			if err = b.Table.Delete(e.chain, e.spec...); errors.As(err, &ce) && notThere(ce.Stderr) {
+				err = nil
+			}
+		} else {
+			err = b.Table.Insert(e.chain, 1, e.spec...)
+		}
+		if err != nil {
 			if b.failed == nil {
 				b.failed = map[int]error{}
 			}

@@ -65,3 +65,32 @@ func Acquire(dir, name string, deadline time.Time) (*Lock, error) {
 func (l *Lock) Release() error {
 	return l.f.Close() // closing the last descriptor drops the flock
 }
+
+// ErrNoSlot is returned by Slot when every slot is taken.
+var ErrNoSlot = errors.New("every slot is taken")
+
+// Slot takes one of n slots, dir/name.0 to dir/name.(n-1), without
+// waiting: a bound on how many holders may run at once, such as stream
+// sessions. The kernel frees a slot when its holder ends, however it
+// ends. Release gives it back.
+func Slot(dir, name string, n int) (*Lock, error) {
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		return nil, err
+	}
+	for i := range n {
+		path := filepath.Join(dir, fmt.Sprintf("%s.%d", name, i))
+		f, err := safefile.Open(path, os.O_RDWR|os.O_CREATE, 0o600)
+		if err != nil {
+			return nil, err
+		}
+		err = syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			return &Lock{f: f}, nil
+		}
+		f.Close()
+		if !errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, fmt.Errorf("locking %s: %w", path, err)
+		}
+	}
+	return nil, ErrNoSlot
+}

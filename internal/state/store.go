@@ -108,6 +108,9 @@ var (
 	returnKey       = []byte("return")
 	syncedKey       = []byte("synced")
 	countKey        = []byte("count")
+	// memberCountKey counts the chain's members (see recordMember), so
+	// that max_bans_per_chain bounds them without a scan.
+	memberCountKey = []byte("members-count")
 )
 
 // marker is the value of a key that only marks (synced, return,
@@ -306,7 +309,9 @@ func (s *Store) RecordRequest(op policy.Operation, applied bool, at time.Time) e
 
 func (s *Store) recordTx(op policy.Operation, applied bool, at time.Time, quota bool) error {
 	return s.update(func(tx *bolt.Tx) error {
-		if quota && applied && op.Kind == policy.AddBan {
+		if quota && op.Kind == policy.AddBan && (applied || newMember(tx, op)) {
+			// A new member of a widened ban counts like a new ban: each
+			// is an address the mail host made the proxy record.
 			if err := countNewBan(tx, at); err != nil {
 				return err
 			}
@@ -323,6 +328,19 @@ func (s *Store) recordTx(op policy.Operation, applied bool, at time.Time, quota 
 		}
 		return s.record(tx, op, applied, at)
 	})
+}
+
+// newMember reports whether op is a widened ban for an address not yet
+// recorded as a member.
+func newMember(tx *bolt.Tx, op policy.Operation) bool {
+	if op.Member == (netip.Prefix{}) {
+		return false
+	}
+	c, err := chainBucket(tx, op.Family, op.Chain, false)
+	if err != nil || c == nil || c.Bucket(membersBucket) == nil {
+		return err == nil
+	}
+	return c.Bucket(membersBucket).Get(memberKey(op)) == nil
 }
 
 // RecordBatch records several changes in one transaction, one fsync:
@@ -492,19 +510,93 @@ func recordMember(c *bolt.Bucket, op policy.Operation) error {
 	if err != nil {
 		return err
 	}
+	n := memberCount(c)
 	switch {
 	case op.Member != (netip.Prefix{}) && op.Kind == policy.AddBan:
-		return m.Put(memberKey(op), marker)
+		if m.Get(memberKey(op)) != nil {
+			return nil
+		}
+		if err := m.Put(memberKey(op), marker); err != nil {
+			return err
+		}
+		n++
 	case op.Member != (netip.Prefix{}):
-		return m.Delete(memberKey(op))
+		if m.Get(memberKey(op)) == nil {
+			return nil
+		}
+		if err := m.Delete(memberKey(op)); err != nil {
+			return err
+		}
+		n--
 	case op.Kind == policy.DeleteBan:
 		for _, k := range keysWithPrefix(m, banKey(op)+" ") {
 			if err := m.Delete(k); err != nil {
 				return err
 			}
+			n--
 		}
+	default:
+		return nil
 	}
-	return nil
+	return c.Put(memberCountKey, binary.BigEndian.AppendUint64(nil, uint64(max(n, 0))))
+}
+
+func memberCount(c *bolt.Bucket) int {
+	b := c.Get(memberCountKey)
+	if len(b) != 8 {
+		return 0
+	}
+	return int(binary.BigEndian.Uint64(b))
+}
+
+// HasMember reports whether the address of a widened ban is recorded as
+// one of its members: one lookup, whatever the number of members.
+func (s *Store) HasMember(op policy.Operation) (bool, error) {
+	var ok bool
+	err := s.view(func(tx *bolt.Tx) error {
+		c, err := chainBucket(tx, op.Family, op.Chain, false)
+		if c != nil && c.Bucket(membersBucket) != nil {
+			ok = c.Bucket(membersBucket).Get(memberKey(op)) != nil
+		}
+		return err
+	})
+	return ok, err
+}
+
+// HasOtherMember reports whether a widened ban stands for another address
+// than the one op names: at most two steps of a cursor, whatever the
+// number of members.
+func (s *Store) HasOtherMember(op policy.Operation) (bool, error) {
+	var ok bool
+	err := s.view(func(tx *bolt.Tx) error {
+		c, err := chainBucket(tx, op.Family, op.Chain, false)
+		if c == nil || c.Bucket(membersBucket) == nil {
+			return err
+		}
+		prefix, own := []byte(banKey(op)+" "), memberKey(op)
+		cur := c.Bucket(membersBucket).Cursor()
+		for k, _ := cur.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = cur.Next() {
+			if !bytes.Equal(k, own) {
+				ok = true
+				return nil
+			}
+		}
+		return nil
+	})
+	return ok, err
+}
+
+// MemberCount is the number of members recorded in the chain.
+func (s *Store) MemberCount(fam policy.Family, chain policy.Chain) (int, error) {
+	var n int
+	err := s.view(func(tx *bolt.Tx) error {
+		c, err := chainBucket(tx, fam, chain, false)
+		if c != nil {
+			n = memberCount(c)
+		}
+		return err
+	})
+	return n, err
 }
 
 func keysWithPrefix(b *bolt.Bucket, prefix string) [][]byte {

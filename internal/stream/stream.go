@@ -52,12 +52,24 @@ type Options struct {
 	MaxLine int
 	// MaxBatch is the most requests in one batch.
 	MaxBatch int
-	// Idle ends the session when no line has come for that long.
+	// Idle ends the session when no line has come for that long, and
+	// when the client has not taken a batch's replies for that long: a
+	// client that stops reading must not hold the session forever.
 	Idle time.Duration
+	// Stop, when closed, ends the session after the batch being served,
+	// with its replies written (SIGTERM, SIGHUP).
+	Stop <-chan struct{}
 }
 
 // ErrIdle ends a session that was idle for Options.Idle.
 var ErrIdle = errors.New("the stream was idle")
+
+// ErrStalled ends a session whose client did not take its replies within
+// Options.Idle.
+var ErrStalled = errors.New("the client did not read its replies")
+
+// ErrStopped ends a session that was told to stop (Options.Stop).
+var ErrStopped = errors.New("the session was told to stop")
 
 // oneLine keeps a reply on one line, whatever its message holds.
 var oneLine = strings.NewReplacer("\r\n", "; ", "\n", "; ", "\r", "; ")
@@ -97,6 +109,8 @@ func Serve(r io.Reader, w io.Writer, opt Options, h Handler) error {
 				pending = append(pending, req)
 			case <-idle.C:
 				return ErrIdle
+			case <-opt.Stop:
+				return ErrStopped
 			}
 		}
 		// Take whatever else has arrived, up to the bound.
@@ -117,15 +131,17 @@ func Serve(r io.Reader, w io.Writer, opt Options, h Handler) error {
 		if len(replies) == 0 || len(replies) > len(pending) {
 			return fmt.Errorf("stream: the handler served %d of %d requests", len(replies), len(pending))
 		}
-		for i, rep := range replies {
-			if _, err := out.WriteString(Format(pending[i].N, rep)); err != nil {
-				return err
-			}
-		}
-		if err := out.Flush(); err != nil {
+		if err := writeReplies(out, pending, replies, opt.Idle); err != nil {
 			return err
 		}
 		pending = pending[len(replies):]
+		select {
+		case <-opt.Stop:
+			// Lines read and not served get no reply: the client sends
+			// them again in its next session.
+			return ErrStopped
+		default:
+		}
 		if !idle.Stop() {
 			select {
 			case <-idle.C:
@@ -135,6 +151,32 @@ func Serve(r io.Reader, w io.Writer, opt Options, h Handler) error {
 		idle.Reset(opt.Idle)
 	}
 	return <-readErr
+}
+
+// writeReplies writes a batch's replies, and gives up with ErrStalled
+// when the client has not taken them within limit: a write to a full
+// pipe blocks, and a client that stops reading would otherwise keep the
+// session (and its sshd) forever. The write is left blocked; the caller
+// ends the process.
+func writeReplies(out *bufio.Writer, reqs []Request, replies []Reply, limit time.Duration) error {
+	done := make(chan error, 1)
+	go func() {
+		for i, rep := range replies {
+			if _, err := out.WriteString(Format(reqs[i].N, rep)); err != nil {
+				done <- err
+				return
+			}
+		}
+		done <- out.Flush()
+	}()
+	timer := time.NewTimer(limit)
+	defer timer.Stop()
+	select {
+	case err := <-done:
+		return err
+	case <-timer.C:
+		return ErrStalled
+	}
 }
 
 // read splits r into requests. A line longer than maxLine is read to its

@@ -138,3 +138,49 @@ func FuzzServe(f *testing.F) {
 		}
 	})
 }
+
+// blocked is a writer that never returns, as a pipe whose reader stopped
+// reading.
+type blocked struct{ never chan struct{} }
+
+func (b blocked) Write(p []byte) (int, error) { <-b.never; return 0, io.ErrClosedPipe }
+
+// TestAClientThatStopsReadingIsEnded: a reply that cannot be written
+// within the idle timeout ends the session, whatever the client sends.
+func TestAClientThatStopsReadingIsEnded(t *testing.T) {
+	o := opts()
+	o.Idle = 50 * time.Millisecond
+	r, w := io.Pipe()
+	defer w.Close()
+	go func() {
+		for i := 0; ; i++ {
+			if _, err := fmt.Fprintf(w, "line %d\n", i); err != nil {
+				return
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}()
+	e := &echo{}
+	err := Serve(r, blocked{make(chan struct{})}, o, e.handle)
+	assert.ErrorIs(t, err, ErrStalled)
+}
+
+// TestStopEndsTheSessionAfterTheBatch: once Stop is closed, the batch in
+// hand is answered and no other is taken.
+func TestStopEndsTheSessionAfterTheBatch(t *testing.T) {
+	o := opts()
+	stop := make(chan struct{})
+	o.Stop = stop
+	var out bytes.Buffer
+	served, first := 0, 0
+	h := func(batch []Request) []Reply {
+		served++
+		first = len(batch)
+		close(stop) // the signal comes while this batch is served
+		return (&echo{}).handle(batch)
+	}
+	err := Serve(strings.NewReader("a\nb\nc\nd\ne\nf\n"), &out, o, h)
+	assert.ErrorIs(t, err, ErrStopped)
+	assert.Equal(t, 1, served)
+	assert.Equal(t, first, strings.Count(out.String(), "\n"), "the batch's replies are written: %q", out.String())
+}

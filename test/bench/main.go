@@ -49,6 +49,10 @@ type config struct {
 	only     string
 	// The stream part (stream.go).
 	streamBans, streamRuns, plainBurst, streamBurst, singleBans, burstRuns int
+	// The stream bounds part (streambounds.go): a build to compare with,
+	// and the sizes of its floods.
+	baseline                  string
+	floodRebans, floodRetries int
 }
 
 // runs reports whether the part is to run.
@@ -69,15 +73,16 @@ func main() {
 	}
 	quick := flag.Bool("quick", false, "a short run, as a smoke test: N = 0 and 100, few repetitions")
 	out := flag.String("out", "bench-out", "directory for results.md and latency.png")
-	only := flag.String("only", "", "run one part: latency, sshd, packets, hooks or stream")
+	only := flag.String("only", "", "run one part: latency, sshd, packets, hooks, stream or streambounds")
+	baseline := flag.String("baseline", "", "streambounds: an f2b-shim binary to measure side by side with this build")
 	flag.Parse()
 	c := config{ns: []int{0, 1000, 10000, 50000}, reps: 15, e2eBans: 50, connTime: 2 * time.Second, connRuns: 3, out: *out,
-		streamBans: 10000, streamRuns: 3, plainBurst: 1000, streamBurst: 10000, singleBans: 15, burstRuns: 3}
+		streamBans: 10000, streamRuns: 3, plainBurst: 1000, streamBurst: 10000, singleBans: 15, burstRuns: 3, floodRebans: 100000, floodRetries: 20}
 	if *quick {
 		c = config{ns: []int{0, 100}, reps: 3, e2eBans: 5, connTime: 300 * time.Millisecond, connRuns: 1, out: *out,
-			streamBans: 1000, streamRuns: 1, plainBurst: 20, streamBurst: 200, singleBans: 3, burstRuns: 1}
+			streamBans: 1000, streamRuns: 1, plainBurst: 20, streamBurst: 200, singleBans: 3, burstRuns: 1, floodRebans: 1000, floodRetries: 2}
 	}
-	c.only = *only
+	c.only, c.baseline = *only, *baseline
 	if err := run(c); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
@@ -162,6 +167,11 @@ func run(c config) error {
 	}
 	if c.runs("stream") {
 		if err := streamBench(c, &md, tmp, shim, self); err != nil {
+			return err
+		}
+	}
+	if c.runs("streambounds") {
+		if err := streamBounds(c, &md, tmp, shim); err != nil {
 			return err
 		}
 	}
