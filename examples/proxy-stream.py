@@ -1,12 +1,23 @@
 # fail2ban action: stream bans to one or more f2b-shim proxies.
 #
 # A thin adapter. The delivery logic is in Go, in "f2b-shim relay", which
-# this action starts as its child and feeds on stdin: the relay makes each
-# ban durable in the jail's outbox (fsync'd) before ban() returns, and
-# streams the outbox to every proxy over one kept-open
-# "ssh PROXY f2b-shim stream" session each, in order, at least once, with
-# backoff while a proxy is down. So ban() and unban() return within a
-# fsync whatever state the proxies are in, and no ban is lost.
+# this action starts as its child and feeds on stdin. ban() and unban()
+# write their operation to the relay's pipe and return: they wait for no
+# sync and no round trip, so a burst goes at fail2ban's own pace. The
+# relay appends what comes to the jail's outbox and fdatasyncs it in
+# groups (one sync per few hundred operations in a burst), acknowledges
+# each group ("ok N"), and streams the outbox to every proxy over one
+# kept-open "ssh PROXY f2b-shim stream" session each, in order, at least
+# once, with backoff while a proxy is down.
+#
+# Until the relay acknowledges an operation, this action keeps it: if the
+# relay dies (killed, or it restarts itself after an upgrade of its
+# binary), the next relay gets every unacknowledged operation again, in
+# order, before anything new. If fail2ban-server dies instead, the relay
+# still reads everything already written to its pipe, makes it durable,
+# and delivers it. A refused operation (a full disk, an unsafe outbox
+# directory) is logged as an error by the thread that reads the relay's
+# answers.
 #
 # Install: copy this file to /etc/fail2ban/action.d/proxy-stream.py, and in
 # the jail:
@@ -30,6 +41,7 @@
 #
 # Works with fail2ban 0.11, 1.0 and 1.1.
 
+import collections
 import os
 import subprocess
 import threading
@@ -62,32 +74,82 @@ class ProxyStreamAction(ActionBase):
 			"--blocktype", blocktype, "--blocktype6", blocktype6,
 			"--returntype", returntype,
 			"--ssh-config", ssh_config, "--ssh-key", ssh_key,
-			"--drain", "%gs" % self._drain,
+			"--drain", "%gs" % self._drain, "--acks", "groups",
 		]
 		self._relay = None
+		self._reader = None
 		self._running = False
 		self._lock = threading.Lock()
+		# Operations written to the relay and not yet acknowledged, in
+		# order, and how many of the current relay's lines are.
+		self._unacked = collections.deque()
+		self._acked = 0
+		self._ackLock = threading.Lock()
+		self._delay = 1
 
 	def _spawn(self):
 		relay = subprocess.Popen(self._args, stdin=subprocess.PIPE,
 			stdout=subprocess.PIPE, stderr=subprocess.PIPE,
 			universal_newlines=True, bufsize=1, close_fds=True)
 		self._relay = relay
+		with self._ackLock:
+			self._acked = 0
+			again = list(self._unacked)
+		reader = threading.Thread(target=self._read, args=(relay,), daemon=True)
+		reader.start()
+		self._reader = reader
 		threading.Thread(target=self._watch, args=(relay,), daemon=True).start()
+		if again:
+			# The last relay died before it acknowledged these: they
+			# go first, in order (each is idempotent on the proxies).
+			try:
+				relay.stdin.write("".join(r + "\n" for r in again))
+				relay.stdin.flush()
+			except (BrokenPipeError, OSError):
+				pass
+
+	def _read(self, relay):
+		# "ok N": the relay's first N lines are durable. "error N MSG":
+		# its N-th line was refused.
+		for line in relay.stdout:
+			word, _, rest = line.rstrip("\n").partition(" ")
+			n, _, msg = rest.partition(" ")
+			try:
+				n = int(n)
+			except ValueError:
+				continue
+			with self._ackLock:
+				if word == "error" and 0 <= n - self._acked - 1 < len(self._unacked):
+					self._logSys.error("f2b-shim relay refused %r: %s", self._unacked[n - self._acked - 1], msg)
+				elif word == "ok":
+					while self._acked < n and self._unacked:
+						self._unacked.popleft()
+						self._acked += 1
 
 	def _watch(self, relay):
 		# The relay writes "LEVEL: message" lines: what a proxy denied,
-		# which proxy is unreachable, what waits in the outbox.
+		# which proxy is down and why, when it is back.
 		for line in relay.stderr:
 			level, _, msg = line.rstrip("\n").partition(": ")
 			log = {"error": self._logSys.error, "warning": self._logSys.warning}.get(level, self._logSys.info)
 			log("%s", msg or level)
 		relay.wait()
-		time.sleep(1)
+		if relay.returncode == 5:
+			# It cannot start (an unsafe outbox directory, say; its
+			# reason is above): what it did not take is refused, and
+			# it is tried again less and less often.
+			with self._ackLock:
+				if self._unacked:
+					self._logSys.error("f2b-shim relay could not start: %d operation(s) refused", len(self._unacked))
+					self._unacked.clear()
+			self._delay = min(self._delay * 2, 60)
+		else:
+			self._delay = 1
+		time.sleep(self._delay)
 		with self._lock:
-			# A relay that died while the jail runs (killed, crashed) is
-			# started again, so that its outbox goes on to the proxies
-			# even when no ban comes to restart it.
+			# A relay that died while the jail runs (killed, crashed,
+			# restarted for an upgrade) is started again, so that its
+			# outbox goes on to the proxies even when no ban comes.
 			if self._running and self._relay is relay:
 				self._ensure()
 
@@ -96,30 +158,29 @@ class ProxyStreamAction(ActionBase):
 			return
 		if self._relay is not None:
 			self._logSys.warning("f2b-shim relay exited (%s); starting it again", self._relay.returncode)
+			if self._reader is not None:
+				# Its last acknowledgements first: what it took is not
+				# sent again.
+				self._reader.join(5)
 		self._spawn()
 
 	def _send(self, request):
 		with self._lock:
-			for attempt in (1, 2):
-				self._ensure()
-				try:
-					self._relay.stdin.write(request + "\n")
-					self._relay.stdin.flush()
-					reply = self._relay.stdout.readline()
-				except (BrokenPipeError, OSError):
-					reply = ""
-				if reply == "ok\n":
-					return
-				if reply.startswith("error "):
-					raise RuntimeError("f2b-shim relay: %s" % reply[6:].strip())
-				# The relay is gone (killed, or it could not start): reap
-				# it and start it again, once; its outbox keeps what it had.
+			self._ensure()
+			with self._ackLock:
+				self._unacked.append(request)
+			try:
+				self._relay.stdin.write(request + "\n")
+				self._relay.stdin.flush()
+			except (BrokenPipeError, OSError):
+				# The relay is gone: reap it; the next one gets this
+				# request and every other one not acknowledged.
 				try:
 					self._relay.wait(1)
 				except subprocess.TimeoutExpired:
 					self._relay.kill()
 					self._relay.wait()
-			raise RuntimeError("f2b-shim relay did not take %r; see the lines above" % request)
+				self._ensure()
 
 	def _close(self, wait):
 		relay, self._relay = self._relay, None
@@ -134,17 +195,29 @@ class ProxyStreamAction(ActionBase):
 		except subprocess.TimeoutExpired:
 			relay.kill()
 			relay.wait()
+		if self._reader is not None:
+			self._reader.join(5)
 
 	def start(self):
 		self._running = True
+		# fail2ban bans again from its database after start(): a flush
+		# first makes each proxy hold exactly that list, also after a
+		# crash or a power loss of the mail host (no stop ran, and the
+		# database may have lost the last bans it had made).
+		self._send("flush")
 		self._send("start")
 
 	def stop(self):
 		self._send("stop")
 		with self._lock:
 			self._running = False
-			# The relay drains for "drain" seconds, then exits.
+			# The relay takes what is in its pipe, drains for "drain"
+			# seconds, then exits.
 			self._close(wait=self._drain + 5)
+		with self._ackLock:
+			if self._unacked:
+				self._logSys.error("f2b-shim relay stopped with %d operation(s) not acknowledged", len(self._unacked))
+				self._unacked.clear()
 
 	def flush(self):
 		self._send("flush")

@@ -122,6 +122,10 @@ Usage:
   f2b-shim relay --outbox DIR --chain NAME --proxy DEST [--proxy DEST]... [--port P] [--protocol P]
                                              on the mail host: proxy-stream.py's child, which keeps
                                              the jail's outbox and streams it to every proxy
+  f2b-shim outbox [--dir DIR]                on the mail host: per stream jail and proxy, what is not
+                                             yet delivered, its age, and the last error; exit 0 when
+                                             every proxy has everything, 1 when something is pending
+                                             (DIR: the action's outbox_dir, /var/lib/fail2ban/f2b-shim)
   f2b-shim version (or --version, -V)        print the version
   f2b-shim help                              print this text
 
@@ -165,6 +169,8 @@ func Run(args []string, env Env, stdout, stderr io.Writer, deps Deps) int {
 				in = os.Stdin
 			}
 			return runRelay(args[1:], in, stdout, stderr)
+		case "outbox":
+			return runOutbox(args[1:], stdout, stderr, time.Now)
 		case "version", "--version", "-V":
 			if len(args) > 1 {
 				return usageError(stderr, "version takes no arguments")

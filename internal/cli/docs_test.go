@@ -71,7 +71,7 @@ const referencePage = "../../docs/reference.md"
 
 // subcommands are the admin subcommands, each of which the reference page,
 // the man page and the usage text name.
-var subcommands = []string{"check", "restore", "list", "reconcile", "audit", "expire", "ban", "unban", "prune", "metrics", "status", "relay"}
+var subcommands = []string{"check", "restore", "list", "reconcile", "audit", "expire", "ban", "unban", "prune", "metrics", "status", "relay", "outbox"}
 
 // TestDocsLinksResolve checks that every relative link in the README and
 // in docs/*.md names a file of the repository and, with a #fragment, a

@@ -46,11 +46,15 @@ func runRelay(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	sshConfig := fs.String("ssh-config", "", "ssh -F file")
 	sshKey := fs.String("ssh-key", "", "ssh -i key")
 	drain := fs.Duration("drain", 10*time.Second, "how long to keep delivering after fail2ban stops the jail")
+	acks := fs.String("acks", "lines", `"groups": answer "ok N" per group commit (proxy-stream.py of this version); "lines": "ok" per line (earlier versions)`)
 	if err := fs.Parse(args); err != nil {
 		return usageError(stderr, "relay: "+err.Error())
 	}
 	if fs.NArg() > 0 || *outbox == "" || *chain == "" || len(proxies) == 0 {
 		return usageError(stderr, "relay needs --outbox DIR, --chain NAME and at least one --proxy, and takes no other arguments")
+	}
+	if *acks != "lines" && *acks != "groups" {
+		return usageError(stderr, "relay: --acks is lines or groups")
 	}
 	j.Chain = *chain
 	if len(parents) > 0 {
@@ -80,12 +84,14 @@ func runRelay(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	for _, o := range sshOpts {
 		sshArgs = append(sshArgs, "-o", o)
 	}
-	box, err := relay.OpenOutbox(*outbox, proxies)
+	box, err := relay.OpenOutbox(*outbox, proxies, logf)
 	if err != nil {
 		logf("error", "outbox: %v", err)
 		return ExitSetup
 	}
 	defer box.Close()
+	restart := make(chan struct{})
+	go watchBinary(binaryCheck, restart, logf)
 	quit := make(chan struct{})
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
@@ -95,12 +101,44 @@ func runRelay(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 		close(quit)
 	}()
 	err = relay.Run(relay.Config{
-		Jail: j, Proxies: proxies, Outbox: box, Drain: *drain, Logf: logf, Quit: quit,
-		Dial: relay.SSHDialer(*ssh, sshArgs, logf),
+		Jail: j, Proxies: proxies, Outbox: box, Drain: *drain, Logf: logf, Quit: quit, Restart: restart,
+		GroupAcks: *acks == "groups",
+		Dial:      relay.SSHDialer(*ssh, sshArgs),
 	}, stdin, stdout)
 	if err != nil {
 		logf("error", "%v", err)
 		return ExitFirewall
 	}
 	return ExitOK
+}
+
+// binaryCheck is how often a relay looks whether its binary was
+// replaced: an upgrade takes effect within this, without fail2ban's
+// restart.
+const binaryCheck = 10 * time.Second
+
+// watchBinary closes replaced once the file at the relay's own path is
+// no longer the binary it runs (a package upgrade renames a new one over
+// it): the relay then ends, and the action starts the new binary.
+func watchBinary(every time.Duration, replaced chan<- struct{}, logf func(level, format string, a ...any)) {
+	var running syscall.Stat_t
+	if err := syscall.Stat("/proc/self/exe", &running); err != nil {
+		return
+	}
+	path, err := os.Readlink("/proc/self/exe")
+	if err != nil || strings.HasSuffix(path, " (deleted)") {
+		return
+	}
+	for range time.Tick(every) {
+		var now syscall.Stat_t
+		if syscall.Stat(path, &now) != nil {
+			// Mid-upgrade: the new file is not there yet.
+			continue
+		}
+		if now.Ino != running.Ino || now.Dev != running.Dev {
+			logf("info", "the f2b-shim binary %s was replaced (an upgrade): this relay ends, and the action starts the new one, which goes on from the outbox", path)
+			close(replaced)
+			return
+		}
+	}
 }

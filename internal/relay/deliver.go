@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -24,6 +25,9 @@ type Conn struct {
 	last time.Time
 	// quiet is set when lines went out on a session that had been quiet.
 	quiet bool
+	// stderr, when set, is what the session's ssh said on stderr, once
+	// it has ended: why a proxy could not be reached.
+	stderr func() string
 }
 
 // NewConn wraps a session's stdin and stdout; close ends it.
@@ -50,9 +54,11 @@ func (c *Conn) Close() error {
 // Dialer opens a stream session with a proxy.
 type Dialer func(dest string) (*Conn, error)
 
-// SSHDialer runs "ssh [args] DEST f2b-shim stream". Its stderr goes to
-// logf, line by line: ssh says there why a proxy cannot be reached.
-func SSHDialer(ssh string, args []string, logf func(level, format string, a ...any)) Dialer {
+// SSHDialer runs "ssh [args] DEST f2b-shim stream". Its stderr is kept
+// (the last lines): ssh says there why a proxy cannot be reached, and the
+// deliverer says it once in fail2ban's log when the proxy goes down, not
+// at every attempt.
+func SSHDialer(ssh string, args []string) Dialer {
 	return func(dest string) (*Conn, error) {
 		cmd := exec.Command(ssh, append(append(append([]string(nil), args...), "--", dest), "f2b-shim stream")...)
 		stdin, err := cmd.StdinPipe()
@@ -63,22 +69,15 @@ func SSHDialer(ssh string, args []string, logf func(level, format string, a ...a
 		if err != nil {
 			return nil, err
 		}
-		stderr, err := cmd.StderrPipe()
-		if err != nil {
-			return nil, err
-		}
+		tail := &tailWriter{}
+		// Not a pipe: Wait returns once ssh's stderr is all read.
+		cmd.Stderr = tail
 		if err := cmd.Start(); err != nil {
 			return nil, fmt.Errorf("starting %s: %w", ssh, err)
 		}
-		go func() {
-			sc := bufio.NewScanner(stderr)
-			for sc.Scan() {
-				logf("warning", "proxy %s: %s", dest, sc.Text())
-			}
-		}()
 		done := make(chan error, 1)
 		go func() { done <- cmd.Wait() }()
-		return NewConn(stdin, stdout, func() error {
+		c := NewConn(stdin, stdout, func() error {
 			select {
 			case err := <-done:
 				return err
@@ -86,8 +85,43 @@ func SSHDialer(ssh string, args []string, logf func(level, format string, a ...a
 				_ = cmd.Process.Kill()
 				return <-done
 			}
-		}), nil
+		})
+		c.stderr = tail.String
+		return c, nil
 	}
+}
+
+// tailWriter keeps the last lines written to it, bounded.
+type tailWriter struct {
+	mu  sync.Mutex
+	buf []byte
+}
+
+// maxStderr bounds what is kept of a session's stderr: the reason ssh
+// gives fits in a line or two.
+const maxStderr = 1024
+
+func (t *tailWriter) Write(p []byte) (int, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.buf = append(t.buf, p...)
+	if len(t.buf) > maxStderr {
+		t.buf = t.buf[len(t.buf)-maxStderr:]
+	}
+	return len(p), nil
+}
+
+// String is the last non-empty lines, joined by "; ".
+func (t *tailWriter) String() string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	var lines []string
+	for _, l := range strings.Split(string(t.buf), "\n") {
+		if l = strings.TrimSpace(l); l != "" {
+			lines = append(lines, l)
+		}
+	}
+	return strings.Join(lines[max(0, len(lines)-3):], "; ")
 }
 
 // replyTimeout bounds the wait for one reply: a proxy that stops
@@ -99,13 +133,28 @@ const replyTimeout = 60 * time.Second
 // so always read what comes next: no deadlock however the two race.
 const window = 1000
 
+// SessionLimit is the policy key named by a proxy that refuses a session
+// because too many are open: the lines were not judged, and are sent
+// again later.
+const SessionLimit = "max_stream_sessions"
+
 // QuotaDenial starts the message of a ban the proxy refused only for
 // max_new_bans_per_minute: it is sent again later, not dropped.
 const QuotaDenial = "denied: ban quota"
 
 // errRetry marks a failure after which the same operations are sent
 // again, after a backoff.
-type errRetry struct{ msg string }
+type errRetry struct {
+	msg string
+	// quota is set for a ban refused by the proxy's quota: the backoff
+	// grows whatever the session took before it.
+	quota bool
+	// restart is set when an operation failed on the proxy's firewall
+	// (exit 4), most often because its chain is gone (a firewall
+	// reload): the jail's start, which is idempotent, is sent again
+	// before it.
+	restart bool
+}
 
 func (e errRetry) Error() string { return e.msg }
 
@@ -115,6 +164,8 @@ type flight struct {
 	seq  uint64
 	// last is set on an operation's last line: its reply completes it.
 	last bool
+	// kind is the operation's.
+	kind Kind
 }
 
 // lines are the command lines of ops, at most max of them, cut only
@@ -127,7 +178,7 @@ func (j Jail) lines(ops []Op, max int) []flight {
 			break
 		}
 		for i, c := range cmds {
-			out = append(out, flight{text: c, seq: op.Seq, last: i == len(cmds)-1})
+			out = append(out, flight{text: c, seq: op.Seq, last: i == len(cmds)-1, kind: op.Kind})
 		}
 	}
 	return out
@@ -148,13 +199,18 @@ func (c *Conn) answer(dest, reply string, f flight, logf func(level, format stri
 	switch {
 	case code == 0 || code == 1:
 	case code == 3 && strings.HasPrefix(msg, QuotaDenial):
-		return errRetry{fmt.Sprintf("%q: %s", f.text, msg)}
+		return errRetry{msg: fmt.Sprintf("%q: %s", f.text, msg), quota: true}
+	case code == 3 && strings.Contains(msg, SessionLimit):
+		// The proxy refused the session, not the line: try later.
+		return errRetry{msg: msg, quota: true}
 	case code == 3:
 		// The proxy's policy refuses it: sending it again would get the
 		// same answer. fail2ban's log says so.
 		logf("error", "proxy %s denied %q: %s", dest, f.text, msg)
+	case code == 4 && f.kind != Start && f.kind != Stop:
+		return errRetry{msg: fmt.Sprintf("%q failed (exit 4): %s; sending the jail's start again (it may have been wiped by a firewall reload), then the rest", f.text, msg), restart: true}
 	default:
-		return errRetry{fmt.Sprintf("%q failed (exit %d): %s", f.text, code, msg)}
+		return errRetry{msg: fmt.Sprintf("%q failed (exit %d): %s", f.text, code, msg)}
 	}
 	return nil
 }

@@ -4,11 +4,11 @@
 // outbox, and delivers it to every proxy over one kept-open
 // "ssh PROXY f2b-shim stream" session each, in order and at least once.
 //
-// The outbox is what makes this safe: an operation is fsync'd before the
-// action's ban() returns, a proxy that is down gets everything when it is
-// back, and a relay killed at any point replays from the outbox. Every
-// operation is idempotent on the proxy, so a replay changes nothing that
-// was already done.
+// The outbox is what makes this safe: operations are written to it and
+// fdatasync'd in groups (group commit), a proxy that is down gets
+// everything when it is back, and a relay killed at any point replays
+// from the outbox. Every operation is idempotent on the proxy, so a
+// replay changes nothing that was already done.
 package relay
 
 import (
@@ -25,6 +25,9 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+	"time"
+
+	"github.com/f2b-shim/f2b-shim/internal/safefile"
 )
 
 // Kind is what an operation does to the jail's chain on a proxy.
@@ -39,12 +42,19 @@ const (
 	Unban Kind = "unban"
 )
 
+// dead marks a superseded operation in the outbox's list until the list
+// is compacted.
+const dead Kind = ""
+
 // Op is one operation of the outbox.
 type Op struct {
 	Seq  uint64
 	Kind Kind
 	// Addr is the address or prefix of a ban or unban.
 	Addr netip.Prefix
+	// At is when the relay took it (Unix seconds): "f2b-shim outbox"
+	// shows the age of the oldest one a proxy has not taken.
+	At int64
 }
 
 func (o Op) String() string {
@@ -52,6 +62,14 @@ func (o Op) String() string {
 		return fmt.Sprintf("%d %s %s", o.Seq, o.Kind, o.Addr)
 	}
 	return fmt.Sprintf("%d %s", o.Seq, o.Kind)
+}
+
+// record is the op's line in the file: "SEQ KIND [ADDR] [@UNIXTIME]".
+func (o Op) record() string {
+	if o.At != 0 {
+		return o.String() + " @" + strconv.FormatInt(o.At, 10) + "\n"
+	}
+	return o.String() + "\n"
 }
 
 // ParseOp reads an operation as the action sends it: "start", "stop",
@@ -82,6 +100,25 @@ func ParseOp(line string) (Op, error) {
 	return op, nil
 }
 
+// parseRecord reads one line of the file.
+func parseRecord(line string) (Op, error) {
+	seqText, rest, _ := strings.Cut(line, " ")
+	seq, err := strconv.ParseUint(seqText, 10, 64)
+	if err != nil || seq == 0 || seq > maxSeq {
+		return Op{}, errors.New("not SEQ KIND [ADDR]")
+	}
+	var at int64
+	if i := strings.LastIndex(rest, " @"); i >= 0 {
+		if at, err = strconv.ParseInt(rest[i+2:], 10, 64); err != nil {
+			return Op{}, errors.New("not SEQ KIND [ADDR] [@TIME]")
+		}
+		rest = rest[:i]
+	}
+	op, err := ParseOp(rest)
+	op.Seq, op.At = seq, at
+	return op, err
+}
+
 func parseAddr(s string) (netip.Prefix, error) {
 	if p, err := netip.ParsePrefix(s); err == nil {
 		return p.Masked(), nil
@@ -95,9 +132,9 @@ func parseAddr(s string) (netip.Prefix, error) {
 }
 
 // Outbox is a jail's durable queue of operations for its proxies: the
-// file outbox.log in its directory, one "SEQ KIND [ADDR]" line per
-// operation, and a cursor file per proxy with the last sequence number
-// that proxy has taken.
+// file outbox.log in its directory, one "SEQ KIND [ADDR] [@TIME]" line
+// per operation, and a cursor file per proxy with the last sequence
+// number that proxy has taken.
 //
 // It keeps only what a later operation does not supersede: the latest
 // ban or unban of each address; a flush drops the bans and unbans before
@@ -106,18 +143,46 @@ func parseAddr(s string) (netip.Prefix, error) {
 // are dropped too. So the outbox is bounded by the number of addresses
 // in flight, not by history; it is rewritten when its file holds twice
 // what is live.
+//
+// Every step is O(1) amortized per operation (the live operation of an
+// address is found through an index, superseded ones are marked dead and
+// swept in bulk), so loading is O(n): an attacker who rotates IPv6
+// addresses while a proxy is down grows the outbox, not its cost per ban.
 type Outbox struct {
-	mu      sync.Mutex
-	dir     string
-	f       *os.File
-	lock    *os.File
-	ops     []Op // live, by Seq
-	seq     uint64
-	lines   int // lines in the file
+	mu   sync.Mutex
+	dir  string
+	logf func(level, format string, a ...any)
+	f    *os.File
+	// size is where the file's last whole record ends: a failed append
+	// is cut back to it, so the file only ever holds whole lines.
+	size int64
+	// torn is set when cutting back failed: the next append tries again
+	// before it writes.
+	torn bool
+	lock *os.File
+	// ops are by Seq; superseded ones are marked dead until a sweep.
+	ops    []Op
+	nDead  int
+	byAddr map[netip.Prefix]uint64 // the live ban or unban of each address
+	others []uint64                // the live start, flush and stop (a few)
+	seq    uint64
+	lines  int // records in the file
+	// cursors are what each proxy has taken; backlog what it has not,
+	// kept as a count so that asking costs nothing.
 	cursors map[string]uint64
-	changed chan struct{}
+	backlog map[string]int
+	// cursorErr is set while cursor files cannot be written (full
+	// disk): said once, and the cursors stay in memory.
+	cursorErr bool
+	// hadSkipped is set when the load skipped lines: the file is
+	// rewritten without them when it can be.
+	hadSkipped bool
+	changed    chan struct{}
 	// NoSync skips the fsync of appends: for benchmarks of what it costs.
 	NoSync bool
+	// work counts the steps of the outbox's loops: the complexity test
+	// compares it across sizes.
+	work int
 }
 
 const logName = "outbox.log"
@@ -126,13 +191,27 @@ const logName = "outbox.log"
 // rewrite.
 const seqHeader = "#seq "
 
+// maxSeq bounds a record's number: far above the operations a relay
+// numbers in any lifetime, and far below the overflow of the next one.
+const maxSeq = 1 << 53
+
+// maxRecord bounds a record: "SEQ unban ADDR/LEN @TIME" is below 100
+// bytes. A torn line is searched for a record only in its last maxRecord
+// bytes, so a planted long line costs the load no more than a short one.
+const maxRecord = 128
+
 // OpenOutbox opens (creating) the outbox in dir for the given proxies,
-// and takes its lock: one relay per outbox.
-func OpenOutbox(dir string, proxies []string) (*Outbox, error) {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+// and takes its lock: one relay per outbox. It refuses a directory that
+// another user could write to (CheckDir). logf, when not nil, hears of
+// what the load skipped and of compactions that could not be done.
+func OpenOutbox(dir string, proxies []string, logf func(level, format string, a ...any)) (*Outbox, error) {
+	if logf == nil {
+		logf = func(string, string, ...any) {}
+	}
+	if err := MakeDir(dir); err != nil {
 		return nil, err
 	}
-	lock, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW, 0o600)
+	lock, err := safefile.Open(filepath.Join(dir, "lock"), os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, err
 	}
@@ -140,118 +219,343 @@ func OpenOutbox(dir string, proxies []string) (*Outbox, error) {
 		lock.Close()
 		return nil, fmt.Errorf("outbox %s is in use by another relay (is the jail started twice, or two fail2ban servers share outbox_dir?): %w", dir, err)
 	}
-	o := &Outbox{dir: dir, lock: lock, cursors: map[string]uint64{}, changed: make(chan struct{})}
+	o := &Outbox{dir: dir, logf: logf, lock: lock, byAddr: map[netip.Prefix]uint64{},
+		cursors: map[string]uint64{}, backlog: map[string]int{}, changed: make(chan struct{})}
 	if err := o.load(); err != nil {
 		o.Close()
 		return nil, err
 	}
 	for _, p := range proxies {
 		o.cursors[p] = o.readCursor(p)
+		o.backlog[p] = o.countAfter(o.cursors[p])
 	}
-	if err := o.compact(); err != nil {
-		o.Close()
-		return nil, err
+	o.initCursors(proxies)
+	o.sweep()
+	if o.lines > 2*o.live()+1024 || o.hadSkipped {
+		// An optimisation, never a precondition: on a full disk the
+		// relay starts, and delivers, from the file as it is.
+		if err := o.compact(); err != nil {
+			logf("warning", "outbox %s: not rewritten (%v); it is delivered as it is", dir, err)
+		}
 	}
 	return o, nil
 }
 
-// load replays the file. A last line without its newline is a write the
-// crash cut short; its ban() never returned, so fail2ban did not count
-// it, and it is dropped.
+// load replays the file in one pass. A last line without its newline is
+// a write cut short (a crash, a full disk): its operation was never
+// acknowledged, and it is dropped and cut off. A line that is not a
+// record (torn in the middle by an older relay, or written by someone
+// else) is skipped and said, and every whole record around it is kept:
+// a torn line glued to the next record keeps that record.
 func (o *Outbox) load() error {
-	data, err := os.ReadFile(filepath.Join(o.dir, logName))
+	path := filepath.Join(o.dir, logName)
+	f, err := safefile.Open(path, os.O_RDONLY, 0)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil
 	}
 	if err != nil {
 		return err
 	}
-	text := string(data)
-	if i := strings.LastIndexByte(text, '\n'); i < len(text)-1 {
-		text = text[:i+1]
-	}
-	for n, line := range strings.Split(strings.TrimSuffix(text, "\n"), "\n") {
-		if line == "" {
-			continue
+	defer f.Close()
+	r := bufio.NewReaderSize(f, 64<<10)
+	var skipped []string
+	n := 0
+	prev := uint64(0) // the last record's number: they go up in the file
+	for {
+		line, err := r.ReadSlice('\n')
+		if errors.Is(err, bufio.ErrBufferFull) {
+			// Far longer than any record: skip it whole.
+			n++
+			long := len(line)
+			for errors.Is(err, bufio.ErrBufferFull) {
+				line, err = r.ReadSlice('\n')
+				long += len(line)
+			}
+			if err == nil {
+				o.size += int64(long)
+				skipped = append(skipped, fmt.Sprintf("line %d (%d bytes, not a record)", n, long))
+				continue
+			}
 		}
-		if n, ok := strings.CutPrefix(line, seqHeader); ok {
-			if seq, err := strconv.ParseUint(n, 10, 64); err == nil {
+		if err == io.EOF {
+			if len(line) > 0 {
+				o.logf("warning", "outbox %s: the last line %q was cut short (a crash or a full disk while it was written); its operation was never acknowledged, and it is dropped", path, truncate(string(line)))
+			}
+			break
+		}
+		if err != nil {
+			return err
+		}
+		n++
+		o.size += int64(len(line))
+		text := string(line[:len(line)-1])
+		if s, ok := strings.CutPrefix(text, seqHeader); ok {
+			if seq, err := strconv.ParseUint(s, 10, 64); err == nil && seq <= maxSeq {
 				o.seq = max(o.seq, seq)
 				continue
 			}
 		}
 		o.lines++
-		seqText, rest, _ := strings.Cut(line, " ")
-		seq, err := strconv.ParseUint(seqText, 10, 64)
-		if err != nil {
-			return fmt.Errorf("%s line %d: %q: not SEQ KIND [ADDR]; move the file away to start afresh", filepath.Join(o.dir, logName), n+1, line)
+		op, err := parseRecord(text)
+		if err != nil || op.Seq <= prev {
+			var ok bool
+			op, ok = o.salvage(text, prev)
+			if !ok {
+				skipped = append(skipped, fmt.Sprintf("line %d %q", n, truncate(text)))
+				continue
+			}
+			skipped = append(skipped, fmt.Sprintf("line %d: the torn start of %q (its record %q is kept)", n, truncate(text), op.String()))
 		}
-		op, err := ParseOp(rest)
-		if err != nil {
-			return fmt.Errorf("%s line %d: %v; move the file away to start afresh", filepath.Join(o.dir, logName), n+1, err)
-		}
-		op.Seq = seq
-		o.seq = max(o.seq, seq)
+		prev, o.seq = op.Seq, max(o.seq, op.Seq)
 		o.add(op)
+	}
+	if len(skipped) > 0 {
+		o.hadSkipped = true
+		o.logf("warning", "outbox %s: skipped what is not a whole record: %s; every whole record around it is kept", path, strings.Join(skipped, ", "))
 	}
 	return nil
 }
 
-// add puts op into the live list and drops what it supersedes.
-func (o *Outbox) add(op Op) {
-	keep := o.ops[:0]
-	dup := false
-	for _, old := range o.ops {
-		drop := false
-		switch op.Kind {
-		case Stop:
-			drop = true
-		case Flush:
-			drop = old.Kind == Ban || old.Kind == Unban || old.Kind == Flush
-		case Ban, Unban:
-			drop = (old.Kind == Ban || old.Kind == Unban) && old.Addr == op.Addr
-		case Start:
-			dup = dup || old.Kind == Start
+// truncate shortens a foreign line for a log message.
+func truncate(s string) string {
+	if len(s) > 80 {
+		return s[:80] + "..."
+	}
+	return s
+}
+
+// salvage finds the whole record at the end of a line whose start was
+// torn: "341 ban 203341 ban 198.51.100.1/32" is the torn "341 ban 203"
+// and the record "341 ban 198.51.100.1/32". Of the tails that parse,
+// the one with the lowest sequence number above the last one read is
+// the record (numbers go up by one at each append).
+func (o *Outbox) salvage(line string, prev uint64) (Op, bool) {
+	var best Op
+	found := false
+	for i := max(1, len(line)-maxRecord); i < len(line); i++ {
+		o.work++
+		if c := line[i]; c < '0' || c > '9' {
+			continue
 		}
-		if !drop {
-			keep = append(keep, old)
+		op, err := parseRecord(line[i:])
+		if err != nil || op.Seq <= prev {
+			continue
+		}
+		if !found || op.Seq < best.Seq {
+			best, found = op, true
 		}
 	}
-	o.ops = keep
-	if !dup {
-		o.ops = append(o.ops, op)
+	return best, found
+}
+
+// live is how many operations are live.
+func (o *Outbox) live() int { return len(o.ops) - o.nDead }
+
+// at is the index of the operation numbered seq, or -1.
+func (o *Outbox) at(seq uint64) int {
+	i, ok := slices.BinarySearchFunc(o.ops, seq, func(op Op, seq uint64) int { return cmp.Compare(op.Seq, seq) })
+	if !ok {
+		return -1
+	}
+	return i
+}
+
+// kill marks the operation numbered seq dead.
+func (o *Outbox) kill(seq uint64) {
+	i := o.at(seq)
+	if i < 0 || o.ops[i].Kind == dead {
+		return
+	}
+	if a := o.ops[i].Addr; a.IsValid() {
+		if o.byAddr[a] == seq {
+			delete(o.byAddr, a)
+		}
+	} else {
+		o.others = slices.DeleteFunc(o.others, func(s uint64) bool { return s == seq })
+	}
+	o.ops[i].Kind = dead
+	o.nDead++
+	for p, c := range o.cursors {
+		if c < seq {
+			o.backlog[p]--
+		}
+	}
+}
+
+// add puts op into the live list and marks dead what it supersedes.
+func (o *Outbox) add(op Op) {
+	switch op.Kind {
+	case Ban, Unban:
+		if old, ok := o.byAddr[op.Addr]; ok {
+			o.kill(old)
+		}
+	case Flush, Stop:
+		for _, seq := range o.byAddr {
+			o.work++
+			o.kill(seq)
+		}
+		clear(o.byAddr)
+		for _, seq := range slices.Clone(o.others) {
+			if op.Kind == Stop || o.ops[o.at(seq)].Kind == Flush {
+				o.kill(seq)
+			}
+		}
+	case Start:
+		for _, seq := range o.others {
+			if o.ops[o.at(seq)].Kind == Start {
+				return
+			}
+		}
+	}
+	o.ops = append(o.ops, op)
+	o.work++
+	if op.Addr.IsValid() {
+		o.byAddr[op.Addr] = op.Seq
+	} else {
+		o.others = append(o.others, op.Seq)
+	}
+	for p := range o.cursors {
+		o.backlog[p]++
+	}
+}
+
+// sweep drops what every proxy has taken and, when the dead outnumber
+// the live, the dead: each operation is swept once, so the cost is O(1)
+// per operation.
+func (o *Outbox) sweep() {
+	low := o.low()
+	i := 0
+	for i < len(o.ops) && o.ops[i].Seq <= low {
+		o.work++
+		o.kill(o.ops[i].Seq)
+		i++
+	}
+	// The taken prefix, now all dead, goes at once.
+	o.ops, o.nDead = o.ops[i:], o.nDead-i
+	if o.nDead > len(o.ops)/2 {
+		o.work += len(o.ops)
+		o.ops = slices.DeleteFunc(o.ops, func(op Op) bool { return op.Kind == dead })
+		o.nDead = 0
 	}
 }
 
 // Append makes op durable (fsync'd) and live, and wakes the deliverers.
 func (o *Outbox) Append(op Op) error {
+	n, err := o.AppendBatch([]Op{op})
+	if n == 1 {
+		return nil
+	}
+	return err
+}
+
+// AppendBatch writes ops in one write and makes them durable with one
+// fdatasync (group commit), then makes them live and wakes the
+// deliverers. It returns how many were taken, from the first on: when a
+// write fails (a full disk), the file is cut back to its last whole
+// record, the operations that still fit are taken one by one, and the
+// rest are refused with the error. What was taken is never lost, and
+// the file never holds a torn line.
+func (o *Outbox) AppendBatch(ops []Op) (int, error) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	op.Seq = o.seq + 1
+	if len(ops) == 0 {
+		return 0, nil
+	}
+	if err := o.openFile(); err != nil {
+		return 0, err
+	}
+	now := time.Now().Unix()
+	var buf []byte
+	for i := range ops {
+		ops[i].Seq, ops[i].At = o.seq+uint64(i)+1, now
+		buf = append(buf, ops[i].record()...)
+	}
+	n := len(ops)
+	err := o.write(buf)
+	if err != nil {
+		n = 0
+	}
+	if err != nil && len(ops) > 1 {
+		// Take what still fits, one by one.
+		for _, op := range ops {
+			if err = o.write([]byte(op.record())); err != nil {
+				break
+			}
+			n++
+		}
+	}
+	if n > 0 && !o.NoSync {
+		// fdatasync: the lines' data and the file's new size, without
+		// the times, which nothing reads.
+		if serr := syscall.Fdatasync(int(o.f.Fd())); serr != nil {
+			// What the disk holds is unknown: refuse it all, and cut
+			// the file back so that a later load does not replay it.
+			o.cutBack(o.size)
+			return 0, fmt.Errorf("syncing the outbox: %w", serr)
+		}
+	}
+	for _, op := range ops[:n] {
+		o.seq = op.Seq
+		o.lines++
+		o.add(op)
+	}
+	if n > 0 {
+		o.wake()
+	}
+	if o.lines > 2*o.live()+1024 {
+		if cerr := o.compact(); cerr != nil {
+			o.logf("warning", "outbox %s: not rewritten (%v); it goes on growing until there is room", o.dir, cerr)
+		}
+	}
+	if err != nil {
+		return n, fmt.Errorf("writing the outbox: %w", err)
+	}
+	return n, nil
+}
+
+// openFile opens the file for appending, and cuts off a torn end that
+// an earlier failure left.
+func (o *Outbox) openFile() error {
 	if o.f == nil {
-		f, err := os.OpenFile(filepath.Join(o.dir, logName), os.O_WRONLY|os.O_APPEND|os.O_CREATE|syscall.O_NOFOLLOW, 0o600)
+		f, err := safefile.Open(filepath.Join(o.dir, logName), os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
 		if err != nil {
 			return err
 		}
 		o.f = f
-	}
-	if _, err := o.f.WriteString(op.String() + "\n"); err != nil {
-		return err
-	}
-	if !o.NoSync {
-		// fdatasync: the line's data and the file's new size, without
-		// the times, which nothing reads.
-		if err := syscall.Fdatasync(int(o.f.Fd())); err != nil {
+		st, err := f.Stat()
+		if err != nil {
 			return err
 		}
+		o.torn = st.Size() != o.size
 	}
-	o.seq, o.lines = op.Seq, o.lines+1
-	o.add(op)
-	o.wake()
-	if o.lines > 2*len(o.ops)+1024 {
-		return o.compact()
+	if o.torn {
+		if err := o.f.Truncate(o.size); err != nil {
+			return fmt.Errorf("cutting the outbox back to its last whole record: %w", err)
+		}
+		o.torn = false
 	}
 	return nil
+}
+
+// write appends whole records, or nothing.
+func (o *Outbox) write(b []byte) error {
+	n, err := o.f.Write(b)
+	if err == nil && n == len(b) {
+		o.size += int64(n)
+		return nil
+	}
+	if err == nil {
+		err = io.ErrShortWrite
+	}
+	o.cutBack(o.size)
+	return err
+}
+
+// cutBack truncates the file to size: a failed append leaves no part of
+// itself, so a later append never glues onto a torn line.
+func (o *Outbox) cutBack(size int64) {
+	o.size = size
+	o.torn = o.f.Truncate(size) != nil
 }
 
 // wake tells every deliverer waiting in Changed that there is news.
@@ -284,8 +588,25 @@ func (o *Outbox) PendingAfter(seq uint64, n int) []Op {
 }
 
 func (o *Outbox) after(seq uint64, n int) []Op {
-	i := o.index(seq + 1)
-	return slices.Clone(o.ops[i:min(len(o.ops), i+n)])
+	var out []Op
+	for i := o.index(seq + 1); i < len(o.ops) && len(out) < n; i++ {
+		o.work++
+		if o.ops[i].Kind != dead {
+			out = append(out, o.ops[i])
+		}
+	}
+	return out
+}
+
+// countAfter counts the live operations after seq.
+func (o *Outbox) countAfter(seq uint64) int {
+	n := 0
+	for i := o.index(seq + 1); i < len(o.ops); i++ {
+		if o.ops[i].Kind != dead {
+			n++
+		}
+	}
+	return n
 }
 
 // index is where the first operation numbered seq or more is.
@@ -305,32 +626,40 @@ func (o *Outbox) Cursor(proxy string) uint64 {
 func (o *Outbox) Backlog(proxy string) int {
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	return len(o.ops) - o.index(o.cursors[proxy]+1)
+	return o.backlog[proxy]
 }
 
 // Taken records that the proxy has taken every operation up to seq. The
 // cursor file is written without fsync: a cursor lost in a crash only
-// sends operations again, which changes nothing on the proxy.
+// sends operations again, which changes nothing on the proxy. A cursor
+// that cannot be written (a full disk) stays in memory.
 func (o *Outbox) Taken(proxy string, seq uint64) error {
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	if seq <= o.cursors[proxy] {
+	old := o.cursors[proxy]
+	if seq <= old {
 		return nil
+	}
+	for i := o.index(old + 1); i < len(o.ops) && o.ops[i].Seq <= seq; i++ {
+		o.work++
+		if o.ops[i].Kind != dead {
+			o.backlog[proxy]--
+		}
 	}
 	o.cursors[proxy] = seq
 	o.wake()
-	tmp := o.cursorPath(proxy) + ".tmp"
-	if err := os.WriteFile(tmp, []byte(strconv.FormatUint(seq, 10)+"\n"), 0o600); err != nil {
-		return err
+	err := writeAside(o.dir, o.cursorPath(proxy), []byte(strconv.FormatUint(seq, 10)+"\n"), false)
+	if err != nil && !o.cursorErr {
+		o.logf("warning", "outbox %s: cannot record what proxy %s took (%v); it is kept in memory, and sent again after a restart", o.dir, proxy, err)
 	}
-	if err := os.Rename(tmp, o.cursorPath(proxy)); err != nil {
-		return err
-	}
+	o.cursorErr = err != nil
 	// What every proxy has taken is dropped from memory at once, and
 	// from the file when it holds twice what is live.
-	o.ops = slices.Delete(o.ops, 0, o.index(o.low()+1))
-	if o.lines > 2*len(o.ops)+1024 {
-		return o.compact()
+	o.sweep()
+	if o.lines > 2*o.live()+1024 {
+		if cerr := o.compact(); cerr != nil {
+			o.logf("warning", "outbox %s: not rewritten (%v)", o.dir, cerr)
+		}
 	}
 	return nil
 }
@@ -346,50 +675,84 @@ func (o *Outbox) low() uint64 {
 	return low
 }
 
-func (o *Outbox) cursorPath(proxy string) string {
-	safe := strings.Map(func(r rune) rune {
+// safeName keeps a proxy's name to characters that are safe in a file
+// name.
+func safeName(proxy string) string {
+	return strings.Map(func(r rune) rune {
 		if r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '-' || r == '_' {
 			return r
 		}
 		return '_'
 	}, proxy)
-	return filepath.Join(o.dir, "cursor."+safe)
+}
+
+func (o *Outbox) cursorPath(proxy string) string {
+	return filepath.Join(o.dir, "cursor."+safeName(proxy))
 }
 
 func (o *Outbox) readCursor(proxy string) uint64 {
-	data, err := os.ReadFile(o.cursorPath(proxy))
-	if err != nil {
-		return 0
-	}
-	n, err := strconv.ParseUint(strings.TrimSpace(string(data)), 10, 64)
+	n, err := readNumber(o.cursorPath(proxy))
 	if err != nil || n > o.seq {
 		return 0
 	}
 	return n
 }
 
-// compact rewrites the file with the live operations some proxy has not
-// taken: written aside, fsync'd, and renamed over the old one.
-func (o *Outbox) compact() error {
-	low := o.low()
-	o.ops = slices.DeleteFunc(o.ops, func(op Op) bool { return op.Seq <= low })
-	tmp := filepath.Join(o.dir, logName+".tmp")
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|syscall.O_NOFOLLOW, 0o600)
+// readNumber reads a file holding one number, without following links.
+func readNumber(path string) (uint64, error) {
+	f, err := safefile.Open(path, os.O_RDONLY, 0)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, 64))
+	if err != nil {
+		return 0, err
+	}
+	return strconv.ParseUint(strings.TrimSpace(string(data)), 10, 64)
+}
+
+// writeAside writes data to path through a temporary file made with
+// O_EXCL and O_NOFOLLOW (a stale one, or a link someone planted, is
+// removed first, never followed), then renames it over path.
+func writeAside(dir, path string, data []byte, sync bool) error {
+	tmp := path + ".tmp"
+	if err := os.Remove(tmp); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW|syscall.O_CLOEXEC, 0o600)
 	if err != nil {
 		return err
 	}
-	w := bufio.NewWriter(f)
-	// The last sequence number stays in the file, so that numbers never
-	// go back after a restart, even when nothing is live.
-	fmt.Fprintf(w, "%s%d\n", seqHeader, o.seq)
-	for _, op := range o.ops {
-		fmt.Fprintln(w, op.String())
+	_, err = f.Write(data)
+	if err == nil && sync {
+		err = f.Sync()
 	}
-	err = errors.Join(w.Flush(), f.Sync(), f.Close())
-	if err == nil {
-		err = os.Rename(tmp, filepath.Join(o.dir, logName))
+	if err = errors.Join(err, f.Close()); err == nil {
+		err = os.Rename(tmp, path)
 	}
 	if err != nil {
+		_ = os.Remove(tmp)
+	}
+	return err
+}
+
+// compact rewrites the file with the live operations some proxy has not
+// taken: written aside, fsync'd, and renamed over the old one.
+func (o *Outbox) compact() error {
+	o.sweep()
+	var b strings.Builder
+	// The last sequence number stays in the file, so that numbers never
+	// go back after a restart, even when nothing is live.
+	fmt.Fprintf(&b, "%s%d\n", seqHeader, o.seq)
+	n := 0
+	for _, op := range o.ops {
+		if op.Kind != dead {
+			b.WriteString(op.record())
+			n++
+		}
+	}
+	if err := writeAside(o.dir, filepath.Join(o.dir, logName), []byte(b.String()), true); err != nil {
 		return fmt.Errorf("rewriting the outbox: %w", err)
 	}
 	if d, err := os.Open(o.dir); err == nil {
@@ -400,7 +763,7 @@ func (o *Outbox) compact() error {
 		o.f.Close()
 		o.f = nil
 	}
-	o.lines = len(o.ops)
+	o.lines, o.size, o.hadSkipped = n, int64(b.Len()), false
 	return nil
 }
 
@@ -411,9 +774,11 @@ func (o *Outbox) Close() error {
 	var err error
 	if o.f != nil {
 		err = o.f.Close()
+		o.f = nil
 	}
 	if o.lock != nil {
 		err = errors.Join(err, o.lock.Close())
+		o.lock = nil
 	}
 	return err
 }

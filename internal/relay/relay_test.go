@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -30,6 +31,9 @@ func ops(t *testing.T, lines ...string) []Op {
 func live(o *Outbox) []string {
 	var out []string
 	for _, op := range o.ops {
+		if op.Kind == dead {
+			continue
+		}
 		_, s, _ := strings.Cut(op.String(), " ")
 		out = append(out, s)
 	}
@@ -55,7 +59,7 @@ func TestOutboxKeepsOnlyWhatIsNotSuperseded(t *testing.T) {
 		{"an address is one key whatever its spelling", []string{"ban 2001:db8::1", "unban 2001:0db8::0001", "ban ::ffff:192.0.2.1", "unban 192.0.2.1/32"}, []string{"unban 2001:db8::1/128", "unban 192.0.2.1/32"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			o, err := OpenOutbox(t.TempDir(), []string{"p"})
+			o, err := OpenOutbox(t.TempDir(), []string{"p"}, nil)
 			require.NoError(t, err)
 			defer o.Close()
 			for _, op := range ops(t, tc.in...) {
@@ -79,13 +83,13 @@ func TestParseOpRefusesWhatTheActionNeverSends(t *testing.T) {
 // numbers that never go back, even after a rewrite.
 func TestOutboxSurvivesARestart(t *testing.T) {
 	dir := t.TempDir()
-	o, err := OpenOutbox(dir, []string{"a", "b"})
+	o, err := OpenOutbox(dir, []string{"a", "b"}, nil)
 	require.NoError(t, err)
 	for _, op := range ops(t, "start", "ban 192.0.2.1", "ban 192.0.2.2", "ban 192.0.2.3") {
 		require.NoError(t, o.Append(op))
 	}
 	require.NoError(t, o.Taken("a", 3))
-	_, err = OpenOutbox(dir, []string{"a"})
+	_, err = OpenOutbox(dir, []string{"a"}, nil)
 	require.Error(t, err, "one relay per outbox")
 	require.NoError(t, o.Close())
 
@@ -95,7 +99,7 @@ func TestOutboxSurvivesARestart(t *testing.T) {
 	require.NoError(t, err)
 	require.NoError(t, f.Close())
 
-	o, err = OpenOutbox(dir, []string{"a", "b"})
+	o, err = OpenOutbox(dir, []string{"a", "b"}, nil)
 	require.NoError(t, err)
 	assert.Equal(t, []string{"start", "ban 192.0.2.1/32", "ban 192.0.2.2/32", "ban 192.0.2.3/32"}, live(o))
 	assert.Len(t, o.Pending("a", 10), 1, "a took three")
@@ -104,7 +108,7 @@ func TestOutboxSurvivesARestart(t *testing.T) {
 	require.NoError(t, o.Taken("a", 4))
 	require.NoError(t, o.Close())
 
-	o, err = OpenOutbox(dir, []string{"a", "b"})
+	o, err = OpenOutbox(dir, []string{"a", "b"}, nil)
 	require.NoError(t, err)
 	defer o.Close()
 	assert.Empty(t, live(o), "what every proxy took is dropped")
@@ -117,7 +121,7 @@ func TestOutboxSurvivesARestart(t *testing.T) {
 // few lines, not of the history.
 func TestOutboxIsBoundedByAddresses(t *testing.T) {
 	dir := t.TempDir()
-	o, err := OpenOutbox(dir, []string{"down"})
+	o, err := OpenOutbox(dir, []string{"down"}, nil)
 	require.NoError(t, err)
 	o.NoSync = true
 	for i := range 20000 {
@@ -132,7 +136,7 @@ func TestOutboxIsBoundedByAddresses(t *testing.T) {
 	require.NoError(t, err)
 	lines := strings.Count(string(data), "\n")
 	assert.LessOrEqual(t, lines, 2*10+1024+1, "the file holds the live operations, and at most a rewrite's worth more")
-	o, err = OpenOutbox(dir, []string{"down"})
+	o, err = OpenOutbox(dir, []string{"down"}, nil)
 	require.NoError(t, err)
 	defer o.Close()
 	assert.Len(t, live(o), 10)
@@ -216,34 +220,49 @@ func (l *logs) text() string {
 	return strings.Join(l.lines, "\n")
 }
 
-// startRelay runs a relay with two fake proxies and returns its input
-// and a way to read each "ok".
+// startRelay runs a relay with fake proxies and returns its input, a
+// stop that ends the input and waits for the relay, and its log.
 func startRelay(t *testing.T, dir string, proxies map[string]*fakeProxy) (func(string), func() error, *logs) {
 	var names []string
 	for n := range proxies {
 		names = append(names, n)
 	}
-	box, err := OpenOutbox(dir, names)
+	box, err := OpenOutbox(dir, names, nil)
 	require.NoError(t, err)
 	l := &logs{}
 	inR, inW := io.Pipe()
 	outR, outW := io.Pipe()
 	done := make(chan error, 1)
 	cfg := Config{
-		Jail: DefaultJail("mail-remote-f2b-imap"), Proxies: names, Outbox: box, Drain: 5 * time.Second, Logf: l.logf, MaxBackoff: 50 * time.Millisecond,
+		Jail: DefaultJail("mail-remote-f2b-imap"), Proxies: names, Outbox: box, Drain: 5 * time.Second, Logf: l.logf, MaxBackoff: 50 * time.Millisecond, GroupAcks: true,
 		Dial: func(dest string) (*Conn, error) { return proxies[dest].dial(dest) },
 	}
 	go func() { done <- Run(cfg, inR, outW); box.Close(); outW.Close() }()
-	replies := bufio.NewScanner(outR)
+	var replies []string
+	read := make(chan struct{})
+	go func() {
+		defer close(read)
+		sc := bufio.NewScanner(outR)
+		for sc.Scan() {
+			replies = append(replies, sc.Text())
+		}
+	}()
+	sent := 0
 	send := func(line string) {
 		_, err := fmt.Fprintln(inW, line)
 		require.NoError(t, err)
-		require.True(t, replies.Scan())
-		require.Equal(t, "ok", replies.Text(), line)
+		sent++
 	}
 	stop := func() error {
 		inW.Close()
-		return <-done
+		err := <-done
+		<-read
+		require.NotEmpty(t, replies)
+		assert.Equal(t, fmt.Sprintf("ok %d", sent), replies[len(replies)-1], "every line is acknowledged")
+		for _, r := range replies {
+			assert.True(t, strings.HasPrefix(r, "ok "), "no line refused: %q", r)
+		}
+		return err
 	}
 	return send, stop, l
 }
@@ -281,7 +300,7 @@ func TestOneProxyDownDelaysNoOther(t *testing.T) {
 	}
 	want = append(want, j.Commands(Op{Kind: Unban, Addr: mustPrefix("192.0.2.5")})...)
 	assert.Equal(t, want, got, "in order, and the ban the unban superseded is not sent")
-	assert.Contains(t, l.text(), "proxy down: connection refused; trying again")
+	assert.Contains(t, l.text(), "proxy down: connection refused; it counts as down")
 }
 
 // TestDeniedLinesAreDroppedFailedLinesRetried: a line the proxy denies
@@ -296,7 +315,7 @@ func TestDeniedLinesAreDroppedFailedLinesRetried(t *testing.T) {
 		send("ban " + a)
 	}
 	require.NoError(t, stop())
-	got := p.taken()
+	got := slices.DeleteFunc(p.taken(), func(l string) bool { return slices.Contains(j.Commands(Op{Kind: Start}), l) })
 	// Lines after a failed one may have been taken already (they were
 	// sent before its reply came); the session that follows sends them
 	// all again from the failed one on, in order, so the proxy ends as
@@ -305,7 +324,7 @@ func TestDeniedLinesAreDroppedFailedLinesRetried(t *testing.T) {
 	assert.Equal(t, []string{ban("192.0.2.3"), ban("192.0.2.4")}, got[len(got)-2:], "the last session sends from the failed line on, in order")
 	assert.ElementsMatch(t, []string{ban("192.0.2.1"), ban("192.0.2.3"), ban("192.0.2.4")}, dedupe(got), "every ban but the denied one")
 	assert.Contains(t, l.text(), `error: proxy p denied "`+ban("192.0.2.2")+`": denied: no`)
-	assert.Contains(t, l.text(), "failed (exit 4): firewall: busy; trying again")
+	assert.Contains(t, l.text(), "failed (exit 4): firewall: busy; sending the jail's start again")
 	assert.GreaterOrEqual(t, p.dials, 3, "a failed line ends the session, and a new one sends it again")
 }
 
@@ -329,14 +348,14 @@ func TestDrainIsBounded(t *testing.T) {
 	dir := t.TempDir()
 	down := &fakeProxy{down: true}
 	names := []string{"down"}
-	box, err := OpenOutbox(dir, names)
+	box, err := OpenOutbox(dir, names, nil)
 	require.NoError(t, err)
 	l := &logs{}
 	cfg := Config{Jail: DefaultJail("c"), Proxies: names, Outbox: box, Drain: 100 * time.Millisecond, Logf: l.logf, MaxBackoff: 20 * time.Millisecond, Dial: down.dial}
 	require.NoError(t, Run(cfg, strings.NewReader("start\nban 192.0.2.1\n"), io.Discard))
 	require.NoError(t, box.Close())
 	assert.Contains(t, l.text(), "stopping with 2 operation(s) not yet delivered")
-	box, err = OpenOutbox(dir, names)
+	box, err = OpenOutbox(dir, names, nil)
 	require.NoError(t, err)
 	defer box.Close()
 	assert.Equal(t, []string{"start", "ban 192.0.2.1/32"}, live(box))
@@ -364,7 +383,7 @@ func TestCommandsMatchTheActionFile(t *testing.T) {
 // proxies that keep up leaves an outbox of what is still in flight.
 func TestDeliveredOperationsAreDropped(t *testing.T) {
 	dir := t.TempDir()
-	o, err := OpenOutbox(dir, []string{"a", "b"})
+	o, err := OpenOutbox(dir, []string{"a", "b"}, nil)
 	require.NoError(t, err)
 	defer o.Close()
 	o.NoSync = true
@@ -379,4 +398,57 @@ func TestDeliveredOperationsAreDropped(t *testing.T) {
 	data, err := os.ReadFile(filepath.Join(dir, logName))
 	require.NoError(t, err)
 	assert.LessOrEqual(t, strings.Count(string(data), "\n"), 2*110+1024+1, "in the file: at most a rewrite's worth more")
+}
+
+// TestRunAcknowledgesInGroups: the relay answers "ok N" for the lines it
+// made durable, cumulatively and in order, in fewer answers than lines
+// when they come together (group commit), and "error N MESSAGE" for the
+// line it refused, before the "ok" that covers it.
+func TestRunAcknowledgesInGroups(t *testing.T) {
+	dir := t.TempDir()
+	box, err := OpenOutbox(dir, []string{"p"}, nil)
+	require.NoError(t, err)
+	defer box.Close()
+	var in strings.Builder
+	for i := range 3000 {
+		if i == 1499 {
+			in.WriteString("ban example.net\n")
+			continue
+		}
+		fmt.Fprintf(&in, "ban 2001:db8::%x\n", i)
+	}
+	var out strings.Builder
+	p := &fakeProxy{}
+	cfg := Config{Jail: DefaultJail("c"), Proxies: []string{"p"}, Outbox: box, Drain: time.Minute, Logf: (&logs{}).logf, Dial: p.dial, GroupAcks: true}
+	require.NoError(t, Run(cfg, strings.NewReader(in.String()), &out))
+	var oks []int
+	var errs []string
+	for _, line := range strings.Split(strings.TrimSpace(out.String()), "\n") {
+		var n int
+		if _, err := fmt.Sscanf(line, "ok %d", &n); err == nil {
+			oks = append(oks, n)
+		} else {
+			errs = append(errs, line)
+		}
+	}
+	require.NotEmpty(t, oks)
+	assert.True(t, slices.IsSorted(oks), "acknowledgements go forward")
+	assert.Equal(t, 3000, oks[len(oks)-1])
+	assert.Less(t, len(oks), 3000, "lines that come together are synced together")
+	assert.Equal(t, []string{`error 1500 "example.net" is not an IP address or prefix`}, errs)
+	assert.Len(t, dedupe(p.taken()), 2999)
+}
+
+// TestRunAnswersEachLineForEarlierActions: without GroupAcks, each line
+// gets its own answer, in order, as the action of earlier versions
+// expects (fail2ban runs the action it loaded until it restarts, also
+// after an upgrade replaced the relay's binary under it).
+func TestRunAnswersEachLineForEarlierActions(t *testing.T) {
+	box, err := OpenOutbox(t.TempDir(), []string{"p"}, nil)
+	require.NoError(t, err)
+	defer box.Close()
+	var out strings.Builder
+	cfg := Config{Jail: DefaultJail("c"), Proxies: []string{"p"}, Outbox: box, Drain: time.Minute, Logf: (&logs{}).logf, Dial: (&fakeProxy{}).dial}
+	require.NoError(t, Run(cfg, strings.NewReader("start\nban 192.0.2.1\nban example.net\nunban 192.0.2.1\n"), &out))
+	assert.Equal(t, "ok\nok\nerror \"example.net\" is not an IP address or prefix\nok\n", out.String())
 }

@@ -48,7 +48,7 @@ type config struct {
 	out      string
 	only     string
 	// The stream part (stream.go).
-	streamBans, streamRuns, plainBurst, streamBurst, singleBans int
+	streamBans, streamRuns, plainBurst, streamBurst, singleBans, burstRuns int
 	// The heal part (heal.go): bans in place, runs, bans per stream
 	// session (it measures beside baseline too).
 	healBans, healRuns, healStream int
@@ -83,10 +83,10 @@ func main() {
 	healN := flag.Int("heal-bans", 1000, "heal: bans in place")
 	flag.Parse()
 	c := config{ns: []int{0, 1000, 10000, 50000}, reps: 15, e2eBans: 50, connTime: 2 * time.Second, connRuns: 3, out: *out,
-		streamBans: 10000, streamRuns: 3, plainBurst: 1000, streamBurst: 10000, singleBans: 15, floodRebans: 100000, floodRetries: 20}
+		streamBans: 10000, streamRuns: 3, plainBurst: 1000, streamBurst: 10000, singleBans: 15, burstRuns: 3, floodRebans: 100000, floodRetries: 20}
 	if *quick {
 		c = config{ns: []int{0, 100}, reps: 3, e2eBans: 5, connTime: 300 * time.Millisecond, connRuns: 1, out: *out,
-			streamBans: 1000, streamRuns: 1, plainBurst: 20, streamBurst: 200, singleBans: 3, floodRebans: 1000, floodRetries: 2}
+			streamBans: 1000, streamRuns: 1, plainBurst: 20, streamBurst: 200, singleBans: 3, burstRuns: 1, floodRebans: 1000, floodRetries: 2}
 	}
 	c.only, c.baseline = *only, *baseline
 	c.healBans, c.healRuns, c.healStream = *healN, 5, 1000

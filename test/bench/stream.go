@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -36,27 +37,79 @@ func streamBench(c config, md *strings.Builder, tmp, shim, self string) error {
 		fmt.Fprintf(md, "| %s | %.2f | %.0f |\n", v, m, float64(c.streamBans)/m)
 	}
 
-	fmt.Fprintf(md, "\n### A burst of banip, fail2ban 1.0.2 to the proxy's firewall (nft; one proxy; user mode)\n\n| action | backend | bans | seconds until the last is in place | bans/s | extrapolated to 10,000 |\n|---|---|---|---|---|---|\n")
-	// The floor: fail2ban itself, with a Python action that does nothing.
-	floor, err := burstFloor(shim, c.streamBurst)
-	if err != nil {
-		return fmt.Errorf("burst floor: %w", err)
+	// The floor and the stream's bursts are run burstRuns times each, in
+	// turn (floor, stream, baseline, ...), so that a busy spell of the
+	// machine falls on all of them alike; the table has their medians.
+	// The plain action's burst takes minutes and runs once.
+	runs := c.burstRuns
+	fmt.Fprintf(md, "\n### A burst of banip, fail2ban 1.0.2 to the proxy's firewall (nft; one proxy; user mode; median of %d, in turn)\n\n| action | backend | bans | seconds until the last is in place | bans/s | extrapolated to 10,000 | × the floor |\n|---|---|---|---|---|---|---|\n", runs)
+	// A baseline, when given: the stream action and shim of an older
+	// checkout, measured in the same run (F2B_SHIM_BENCH_BASELINE=DIR).
+	var baseShim, baseAction, baseName string
+	if dir := os.Getenv(baselineEnv); dir != "" {
+		var err error
+		if baseShim, err = buildBaseline(dir, tmp); err != nil {
+			return err
+		}
+		baseAction = filepath.Join(dir, "examples", "proxy-stream.py")
+		baseName = "proxy-stream.py, before (" + gitHead(dir) + ")"
 	}
-	fmt.Fprintf(md, "| floor: a Python action that does nothing (until fail2ban has logged the last ban) | – | %d | %.1f | %.0f | %.0f s |\n", c.streamBurst, floor, float64(c.streamBurst)/floor, floor/float64(c.streamBurst)*10000)
-	for _, backend := range []string{"rules", "ipset"} {
-		for _, stream := range []bool{false, true} {
-			n := c.plainBurst
-			name := "proxy-iptables.conf"
-			if stream {
-				n, name = c.streamBurst, "proxy-stream.py"
+	type key struct{ name, backend string }
+	secs := map[key][]float64{}
+	var order []key
+	measure := func(k key, f func() (float64, error)) error {
+		s, err := f()
+		if err != nil {
+			return fmt.Errorf("burst %s %s: %w", k.name, k.backend, err)
+		}
+		if secs[k] == nil {
+			order = append(order, k)
+		}
+		secs[k] = append(secs[k], s)
+		return nil
+	}
+	floorKey := key{"floor: a Python action that does nothing (until fail2ban has logged the last ban)", "–"}
+	for range runs {
+		if err := measure(floorKey, func() (float64, error) { return burstFloor(shim, c.streamBurst) }); err != nil {
+			return err
+		}
+		for _, backend := range []string{"rules", "ipset"} {
+			if err := measure(key{"proxy-stream.py", backend}, func() (float64, error) {
+				return burstTime(shim, "", backend, true, c.streamBurst)
+			}); err != nil {
+				return err
 			}
-			secs, err := burstTime(shim, backend, stream, n)
-			if err != nil {
-				return fmt.Errorf("burst %s %s: %w", name, backend, err)
+			if baseShim != "" {
+				if err := measure(key{baseName, backend}, func() (float64, error) {
+					return burstTime(baseShim, baseAction, backend, true, c.streamBurst)
+				}); err != nil {
+					return err
+				}
 			}
-			fmt.Fprintf(md, "| %s | %s | %d | %.1f | %.0f | %.0f s |\n", name, backend, n, secs, float64(n)/secs, secs/float64(n)*10000)
 		}
 	}
+	floor := median(secs[floorKey])
+	row := func(name, backend string, n int, s float64) {
+		fmt.Fprintf(md, "| %s | %s | %d | %.1f | %.0f | %.0f s | %.1f |\n", name, backend, n, s, float64(n)/s, s/float64(n)*10000, s/float64(n)*float64(c.streamBurst)/floor)
+	}
+	for _, k := range order {
+		row(k.name, k.backend, c.streamBurst, median(secs[k]))
+	}
+	for _, backend := range []string{"rules", "ipset"} {
+		s, err := burstTime(shim, "", backend, false, c.plainBurst)
+		if err != nil {
+			return fmt.Errorf("burst proxy-iptables.conf %s: %w", backend, err)
+		}
+		row("proxy-iptables.conf (once)", backend, c.plainBurst, s)
+	}
+	fmt.Fprintf(md, "\nEach run, in seconds: ")
+	for i, k := range order {
+		if i > 0 {
+			fmt.Fprint(md, "; ")
+		}
+		fmt.Fprintf(md, "%s %s %.1f", k.name, k.backend, secs[k])
+	}
+	fmt.Fprintln(md)
 
 	fmt.Fprintf(md, "\n### A single ban: from fail2ban's \"Ban\" log line until the proxy bans (nft, rules; median of %d; the firewall is polled, a few ms a look)\n\n| action | median ms | min ms | max ms |\n|---|---|---|---|\n", c.singleBans)
 	for _, stream := range []bool{false, true} {
@@ -130,7 +183,7 @@ func burstAddr(i int) string {
 // burstTime starts a lab with the plain or the stream action, bans n
 // addresses with one "banip", and returns the seconds from the call until
 // the last is in the proxy's firewall.
-func burstTime(shim, backend string, stream bool, n int) (float64, error) {
+func burstTime(shim, action, backend string, stream bool, n int) (float64, error) {
 	var l *lab.Lab
 	var err error
 	if stream {
@@ -142,6 +195,13 @@ func burstTime(shim, backend string, stream bool, n int) (float64, error) {
 		return 0, err
 	}
 	defer l.Down()
+	if action != "" {
+		// The baseline's own action file, in place of this tree's.
+		to := filepath.Join(l.Dir, "fail2ban", "action.d", "proxy-stream.py")
+		if err := errors.Join(os.Remove(to), os.Symlink(action, to)); err != nil {
+			return 0, err
+		}
+	}
 	if err := l.SetPolicy("max_new_bans_per_minute", "1000000"); err != nil {
 		return 0, err
 	}
@@ -279,4 +339,30 @@ func banLogged(log, ip string) (time.Time, error) {
 		}
 	}
 	return time.Time{}, fmt.Errorf("fail2ban logged no ban of %s", ip)
+}
+
+// baselineEnv names an older checkout whose stream action and shim the
+// burst also measures, side by side with this tree's.
+const baselineEnv = "F2B_SHIM_BENCH_BASELINE"
+
+// buildBaseline builds the checkout's f2b-shim and f2b-shim-metrics.
+func buildBaseline(dir, tmp string) (string, error) {
+	out := filepath.Join(tmp, "baseline")
+	for _, cmd := range []string{"f2b-shim", "f2b-shim-metrics"} {
+		b := exec.Command("go", "build", "-trimpath", "-o", filepath.Join(out, cmd), "./cmd/"+cmd)
+		b.Dir, b.Env = dir, append(os.Environ(), "CGO_ENABLED=0")
+		if msg, err := b.CombinedOutput(); err != nil {
+			return "", fmt.Errorf("building the baseline in %s: %v: %s", dir, err, msg)
+		}
+	}
+	return filepath.Join(out, "f2b-shim"), nil
+}
+
+// gitHead is the checkout's short commit, or its directory's name.
+func gitHead(dir string) string {
+	out, err := exec.Command("git", "-C", dir, "rev-parse", "--short", "HEAD").Output()
+	if err != nil {
+		return filepath.Base(dir)
+	}
+	return strings.TrimSpace(string(out))
 }

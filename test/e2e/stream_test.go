@@ -189,7 +189,12 @@ func TestStreamOneProxyDown(t *testing.T) {
 	require.NoError(t, l.StartProxy2())
 	require.NoError(t, lab.WaitFor(2*time.Minute, func() bool { return slices.Equal(l.Proxy2Bans(), want) }),
 		"the second proxy has %d bans, fail2ban %d\n%s", len(l.Proxy2Bans()), len(want), tail(l.Log("fail2ban.log"), 20))
-	assert.Contains(t, l.Log("fail2ban.log"), "proxy f2b-proxy2:", "the outage is in fail2ban's log")
+	log := l.Log("fail2ban.log")
+	assert.Contains(t, log, "proxy f2b-proxy2:", "the outage is in fail2ban's log")
+	assert.Contains(t, log, "f2b-proxy2 is back: ", "the end of the outage is in fail2ban's log")
+	// One line when it went down (two if the kill of its sessions and
+	// the refused connections are told apart), none per retry.
+	assert.LessOrEqual(t, strings.Count(log, "proxy f2b-proxy2:"), 2, tail(log, 30))
 
 	recs1, err := l.Audit()
 	require.NoError(t, err)
@@ -197,7 +202,14 @@ func TestStreamOneProxyDown(t *testing.T) {
 	require.NoError(t, err)
 	order1, _ := appliedBans(t, recs1)
 	order2, _ := appliedBans(t, recs2)
-	assert.Equal(t, only(firstApplied(order1), want), only(firstApplied(order2), want), "both proxies banned in fail2ban's order")
+	// The kill of the second proxy's sessions can land between a batch's
+	// firewall change and its audit lines (the stream shim audits a batch
+	// after applying it), and those bans come back "unchanged": compare
+	// the order of what both audit logs show applied.
+	first1, first2 := firstApplied(order1), firstApplied(order2)
+	common := only(only(first1, first2), want)
+	assert.Equal(t, common, only(first2, common), "both proxies banned in fail2ban's order")
+	assert.Greater(t, len(common), len(want)/2, "most bans are in both audit logs")
 }
 
 // TestStreamLocalJailKeepsItsPace: a jail that bans on the mail host
