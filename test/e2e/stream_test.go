@@ -322,8 +322,8 @@ func TestStreamKeptOverReload(t *testing.T) {
 }
 
 // TestStreamOnOtherFail2banReleases: proxy-stream.py on fail2ban 0.11.2
-// and 1.1.1, from their source trees: a ban reaches the proxy, an unban
-// lifts it, a stop removes the chain, and a restart puts fail2ban's bans
+// and 1.1.1, from their source trees: a ban reaches the proxy, a reload
+// keeps the action, an unban lifts it, a stop removes the chain, and a restart puts fail2ban's bans
 // back.
 func TestStreamOnOtherFail2banReleases(t *testing.T) {
 	nstest.RequireRoot(t, append(streamTools, "tar")...)
@@ -349,7 +349,14 @@ func TestStreamOnOtherFail2banReleases(t *testing.T) {
 			require.NoError(t, err)
 			require.NoError(t, lab.WaitFor(time.Minute, func() bool { return slices.Equal(l.Proxy2Bans(), want) }))
 
-			out, err := l.Fail2ban("set", lab.Jail, "unbanip", lab.AttackerV4)
+			// A reload keeps the action (TestStreamKeptOverReload on 1.0).
+			out, err := l.Fail2ban("reload")
+			require.NoError(t, err, out)
+			out, err = l.Fail2ban("get", lab.Jail, "actions")
+			require.NoError(t, err, out)
+			require.Contains(t, out, "proxy-stream", "the reload dropped the action\n%s", tail(l.Log("fail2ban.log"), 20))
+
+			out, err = l.Fail2ban("set", lab.Jail, "unbanip", lab.AttackerV4)
 			require.NoError(t, err, out)
 			_, err = l.WaitBan(lab.AttackerV4, false, banWait)
 			require.NoError(t, err)
