@@ -219,6 +219,40 @@ class ProxyStreamAction(ActionBase):
 				self._logSys.error("f2b-shim relay stopped with %d operation(s) not acknowledged", len(self._unacked))
 				self._unacked.clear()
 
+	# fail2ban's reload ("fail2ban-client reload", "systemctl reload
+	# fail2ban") keeps an action that has clearAllParams and reload, and
+	# hands reload the jail's parameters. Without them it makes a second
+	# action, whose relay finds the outbox locked, then stops and drops
+	# that one: the jail is left with no action and the first relay with
+	# no fail2ban to feed it.
+	def clearAllParams(self):
+		pass
+
+	def reload(self, **kwargs):
+		with self._lock:
+			new = ProxyStreamAction(self._jail, self._name, **kwargs)._args
+			if new != self._args:
+				# The chains and hooks on the proxies are the jail's start's;
+				# a relay with other parameters would ban into chains that
+				# are not there. They change with the jail's restart.
+				self._logSys.warning("the action's parameters changed; they take effect when the jail restarts: fail2ban-client reload --restart %s", self._jail.name)
+			if self._relay is not None and self._relay.poll() is None and self._replaced():
+				# An upgrade replaced the binary: the relay drains and exits
+				# (its outbox keeps what it had), and one of the new binary
+				# takes over.
+				self._logSys.info("%s was replaced; starting its relay again", self._args[0])
+				self._close(wait=self._drain + 5)
+				if self._running:
+					self._spawn()
+
+	def _replaced(self):
+		try:
+			running = os.stat("/proc/%d/exe" % self._relay.pid)
+			installed = os.stat(self._args[0])
+		except OSError:
+			return False
+		return (running.st_dev, running.st_ino) != (installed.st_dev, installed.st_ino)
+
 	def flush(self):
 		self._send("flush")
 		return True

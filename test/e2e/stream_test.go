@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"os/exec"
 	"slices"
 	"strings"
 	"syscall"
@@ -285,9 +286,56 @@ func TestStreamKilledMidBatch(t *testing.T) {
 	}
 }
 
+// TestStreamKeptOverReload: "fail2ban-client reload" (what "systemctl
+// reload fail2ban" runs) keeps the stream action and its one relay, and
+// bans go on reaching the proxy. Once an upgrade has put a new binary in
+// the relay's place, a reload starts the relay again from the new one.
+func TestStreamKeptOverReload(t *testing.T) {
+	nstest.RequireRoot(t, streamTools...)
+	bin, err := nstest.BuildShim(t.TempDir())
+	require.NoError(t, err)
+	l := upStream(t, bin, "rules", "", false, false)
+	require.NoError(t, l.StartFail2ban())
+	relays := func() []int { return l.PidsIn(l.Mail, "f2b-shim relay") }
+	reaches := func(ip string) {
+		t.Helper()
+		banip(t, l, []string{ip})
+		require.NoError(t, lab.WaitFor(banWait, func() bool { return slices.Contains(l.ProxyBans(), ip) }),
+			"%s never reached the proxy\n%s", ip, tail(l.Log("fail2ban.log"), 20))
+	}
+	reload := func() {
+		t.Helper()
+		out, err := l.Fail2ban("reload")
+		require.NoError(t, err, out)
+		out, err = l.Fail2ban("get", lab.Jail, "actions")
+		require.NoError(t, err, out)
+		require.Contains(t, out, "proxy-stream", "the reload dropped the action\n%s", tail(l.Log("fail2ban.log"), 20))
+	}
+
+	reaches("2001:db8:2::1")
+	before := relays()
+	require.Len(t, before, 1, "one relay for the jail")
+	reload()
+	reaches("2001:db8:2::2")
+	assert.Equal(t, before, relays(), "a reload leaves the relay alone")
+
+	// An upgrade: a new file takes the binary's name, as dpkg does.
+	data, err := os.ReadFile(l.Shim)
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(l.Shim+".new", data, 0o755))
+	out, err := exec.Command("setcap", "cap_net_admin,cap_net_raw+ep", l.Shim+".new").CombinedOutput()
+	require.NoError(t, err, string(out))
+	require.NoError(t, os.Rename(l.Shim+".new", l.Shim))
+	reload()
+	reaches("2001:db8:2::3")
+	after := relays()
+	require.Len(t, after, 1, "one relay for the jail")
+	assert.NotEqual(t, before, after, "the reload started the relay again from the new binary")
+}
+
 // TestStreamOnOtherFail2banReleases: proxy-stream.py on fail2ban 0.11.2
-// and 1.1.1, from their source trees: a ban reaches the proxy, an unban
-// lifts it, a stop removes the chain, and a restart puts fail2ban's bans
+// and 1.1.1, from their source trees: a ban reaches the proxy, a reload
+// keeps the action, an unban lifts it, a stop removes the chain, and a restart puts fail2ban's bans
 // back.
 func TestStreamOnOtherFail2banReleases(t *testing.T) {
 	nstest.RequireRoot(t, append(streamTools, "tar")...)
@@ -313,7 +361,14 @@ func TestStreamOnOtherFail2banReleases(t *testing.T) {
 			require.NoError(t, err)
 			require.NoError(t, lab.WaitFor(time.Minute, func() bool { return slices.Equal(l.Proxy2Bans(), want) }))
 
-			out, err := l.Fail2ban("set", lab.Jail, "unbanip", lab.AttackerV4)
+			// A reload keeps the action (TestStreamKeptOverReload on 1.0).
+			out, err := l.Fail2ban("reload")
+			require.NoError(t, err, out)
+			out, err = l.Fail2ban("get", lab.Jail, "actions")
+			require.NoError(t, err, out)
+			require.Contains(t, out, "proxy-stream", "the reload dropped the action\n%s", tail(l.Log("fail2ban.log"), 20))
+
+			out, err = l.Fail2ban("set", lab.Jail, "unbanip", lab.AttackerV4)
 			require.NoError(t, err, out)
 			_, err = l.WaitBan(lab.AttackerV4, false, banWait)
 			require.NoError(t, err)
