@@ -766,7 +766,26 @@ func runAudit(args []string, stdout, stderr io.Writer, deps Deps) int {
 	default:
 		audit.WriteTable(stdout, match)
 	}
+	if !*asJSON {
+		notePending(pol.AuditLog, f.Denied, stderr)
+	}
 	return ExitOK
+}
+
+// notePending says how many repeated requests the log has counted and
+// not yet written: an admin who looks right after an attack would
+// otherwise see too few. They go out on a "coalesced" line with the next
+// request of a later second.
+func notePending(path string, deniedOnly bool, stderr io.Writer) {
+	pending, err := audit.Pending(path)
+	if err != nil {
+		return
+	}
+	for _, d := range []string{audit.Deny, audit.Allow} {
+		if n := pending[d]; n > 0 && (d == audit.Deny || !deniedOnly) {
+			fmt.Fprintf(stderr, "f2b-shim: note: %d more %s request(s) of the last second are counted and not yet written; the next request writes them on a \"coalesced\" line\n", n, d)
+		}
+	}
 }
 
 // verifyAudit checks the audit log's hash chain: exit 0 when it holds, 1

@@ -102,3 +102,35 @@ func TestAuditReview(t *testing.T) {
 		assert.Equal(t, 0, code, "%s: %s", when, stderr)
 	}
 }
+
+// TestAuditSaysWhatIsNotYetWritten: denials coalesced into the side file
+// are not in the log until a later request writes them; audit says so,
+// so that an admin looking right after an attack is not told too few.
+func TestAuditSaysWhatIsNotYetWritten(t *testing.T) {
+	h := newHarness(t)
+	now := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
+	h.deps.Now = func() time.Time { return now }
+	for range 3 {
+		code, _ := h.forced("id")
+		require.Equal(t, ExitDenied, code)
+	}
+	for _, tc := range []struct {
+		name string
+		args []string
+	}{
+		{"the table of denials", []string{"audit", "--denied"}},
+		{"the summary", []string{"audit", "--summary"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var stdout, stderr bytes.Buffer
+			code := Run(append(tc.args, "--policy", "/etc/f2b-shim/policy.toml"), Env{}, &stdout, &stderr, h.deps)
+			require.Equal(t, ExitOK, code, stderr.String())
+			assert.Contains(t, stderr.String(), "2 more deny request(s) of the last second are counted and not yet written")
+		})
+	}
+	t.Run("json output stays the log's lines only", func(t *testing.T) {
+		var stdout, stderr bytes.Buffer
+		require.Equal(t, ExitOK, Run([]string{"audit", "--json", "--policy", "/etc/f2b-shim/policy.toml"}, Env{}, &stdout, &stderr, h.deps))
+		assert.Empty(t, stderr.String())
+	})
+}
