@@ -37,7 +37,9 @@ func statusOf(pol *policy.Policy, stdout, stderr io.Writer, deps Deps) int {
 		fmt.Fprintf(stdout, "  %-13s ok    %s\n", what+":", ok)
 	}
 	fmt.Fprintf(stdout, "policy %q: backend %s, iptables %s, prefix %s\n", pol.Name, pol.Backend, pol.IptablesBackend, pol.ChainPrefix)
-	caps := "running as root"
+	// As root this line speaks only of this run; what the key's account
+	// gets from the binary is the "binary" check below.
+	caps := "this status runs as root (the key's account: see binary)"
 	if os.Geteuid() != 0 {
 		caps = "cap_net_admin and cap_net_raw from the binary's file capabilities"
 	}
