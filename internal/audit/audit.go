@@ -407,18 +407,23 @@ func coalesceKind(r Record) string {
 	return ""
 }
 
+// limitKeys are the policy keys a limit's reason can name. A kind must
+// come from this closed set: a reason also quotes the client's chain, and
+// a chain may be named "mail-remote-f2b-max_aa", so a key read out of the
+// text would let the client make a kind (a full line a second) per chain.
+var limitKeys = []string{"max_new_bans_per_minute", "max_bans_per_chain", "max_chains", "max_hooks_per_chain", "max_stream_sessions"}
+
 // limitName is the policy key a limit's reason names, such as
-// max_new_bans_per_minute.
+// max_new_bans_per_minute, or "". The key the shim wrote comes after the
+// chain it quotes, so the last one found wins.
 func limitName(reason string) string {
-	i := strings.Index(reason, "max_")
-	if i < 0 {
-		return ""
+	name, at := "", -1
+	for _, key := range limitKeys {
+		if i := strings.LastIndex(reason, key); i > at {
+			name, at = key, i
+		}
 	}
-	j := i
-	for j < len(reason) && (reason[j] == '_' || reason[j] >= 'a' && reason[j] <= 'z') {
-		j++
-	}
-	return reason[i:j]
+	return name
 }
 
 // maxCoalescedReason caps the first line's reason repeated on a
