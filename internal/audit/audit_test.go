@@ -366,3 +366,32 @@ func TestChainNamesDoNotMakeNewKinds(t *testing.T) {
 	assert.Equal(t, len(batch), total, "every limit denial is counted")
 	assert.LessOrEqual(t, len(entries), 2*2+1, "one full line and one count line per limit, whatever the chains are named")
 }
+
+// TestARotationDuringABatchKeepsTheChain: logrotate renames the log while
+// a stream's batch is being carried out (after the session checked for a
+// rotation), and a one-shot call writes the first line of the new file,
+// linked to the rotated file's last line. The batch's lines must not go
+// on in the rotated file after that line, or the chain breaks at the new
+// file's first line.
+func TestARotationDuringABatchKeepsTheChain(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.jsonl")
+	session, err := Open(path)
+	require.NoError(t, err)
+	defer session.Close()
+	rec := func(what string) Record {
+		return Record{Time: time.Now(), Policy: "p", ClientIP: "192.0.2.10", Decision: Allow, Result: "applied", Command: Text(what)}
+	}
+	require.NoError(t, session.Write(rec("before")))
+	_, err = session.FollowRotation() // the batch starts: nothing rotated yet
+	require.NoError(t, err)
+	require.NoError(t, os.Rename(path, path+".1")) // logrotate, create mode
+	oneShot, err := Open(path)
+	require.NoError(t, err)
+	require.NoError(t, oneShot.Write(rec("one-shot")))
+	require.NoError(t, oneShot.Close())
+	require.NoError(t, session.WriteBatch([]Record{rec("batch 1"), rec("batch 2")})) // the batch ends
+	brk, n, err := Verify(path)
+	require.NoError(t, err)
+	assert.Nil(t, brk, "the chain holds across the rotation")
+	assert.Equal(t, 4, n)
+}
