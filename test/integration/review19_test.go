@@ -1,0 +1,39 @@
+package integration
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// TestWidenedBansOfNewPrefixesCountMembers fills a chain's
+// max_bans_per_chain with the members of one widened /64, then bans
+// addresses of other /64s: each new prefix is a ban and a member, so
+// none may pass the bound the first prefix's members reached. The bound
+// counted bans alone for a new prefix, so the state held about three
+// times max_bans_per_chain.
+func TestWidenedBansOfNewPrefixesCountMembers(t *testing.T) {
+	for _, backend := range []string{"nft", "legacy"} {
+		t.Run(backend, func(t *testing.T) {
+			t.Parallel()
+			ns, pol, _ := startedJail(t, backend, "ban_prefix_v6 = 64\nmax_new_bans_per_minute = 100000\nmax_bans_per_chain = 10\n")
+			var in strings.Builder
+			for i := range 20 {
+				fmt.Fprintf(&in, "ip6tables -w -I %s 1 -s 2001:db8:6:4::%x -j DROP\n", chain, i+1)
+			}
+			for i := range 20 {
+				fmt.Fprintf(&in, "ip6tables -w -I %s 1 -s 2001:db8:7:%x::1 -j DROP\n", chain, i+1)
+			}
+			r := ns.Stream(t, shim, pol, in.String())
+			require.Equal(t, 0, r.Code, r.Stderr)
+			taken := strings.Count(r.Stdout, " 0 applied") + strings.Count(r.Stdout, " 0 unchanged")
+			t.Logf("%s: %d of 40 addresses taken with max_bans_per_chain = 10", backend, taken)
+			// The jail's own ban, 2001:db8:45::1, is a ban and a member.
+			assert.LessOrEqual(t, taken, 10-2, "bans and members together stay within max_bans_per_chain")
+			assert.Contains(t, r.Stdout, "max_bans_per_chain")
+		})
+	}
+}
