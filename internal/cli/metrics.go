@@ -111,7 +111,10 @@ func collect(pol *policy.Policy, stderr io.Writer, deps Deps) (Snapshot, int) {
 			snap.LastApply = r.Time
 		case r.Result == "expired":
 			snap.Expired++
-		case (r.Result == "denied" || r.Result == "coalesced") && strings.Contains(string(r.Reason), "max_new_bans_per_minute"):
+		case r.Decision == audit.Allow && (r.Result == "denied" || r.Result == "coalesced") && strings.Contains(string(r.Reason), "max_new_bans_per_minute"):
+			// A limit denial is allowed by the policy and refused by a
+			// bound; a policy denial may quote the client's words,
+			// such as a chain named max_new_bans_per_minute.
 			snap.QuotaDenials += max(1, r.Count)
 		}
 	})

@@ -37,3 +37,23 @@ func TestWidenedBansOfNewPrefixesCountMembers(t *testing.T) {
 		})
 	}
 }
+
+// TestMetricsCountOnlyQuotaDenials: f2b_shim_quota_denials_total counts
+// bans refused by max_new_bans_per_minute, not every line whose reason
+// quotes those words: a denied command naming a chain
+// "max_new_bans_per_minute" must not pass for a quota denial (the mail
+// host could so raise a quota alert at will, or hide a real one among
+// false ones).
+func TestMetricsCountOnlyQuotaDenials(t *testing.T) {
+	ns, pol, _ := setup(t, "nft", "max_new_bans_per_minute = 1\n")
+	runAll(t, ns, pol, "iptables -w -N "+chain, "iptables -w -I "+chain+" 1 -s 203.0.113.6 -j DROP")
+	r := ns.Shim(t, shim, pol, "iptables -w -I "+chain+" 1 -s 203.0.113.7 -j DROP")
+	require.Equal(t, 3, r.Code, "the first ban used the quota: %s", r.Stderr)
+	for i := range 3 {
+		r = ns.ShimFrom(t, shim, pol, "iptables -w -N max_new_bans_per_minute", fmt.Sprintf("192.0.2.%d", 20+i))
+		require.Equal(t, 3, r.Code, r.Stderr)
+	}
+	r = admin(t, ns, pol, "metrics")
+	require.Equal(t, 0, r.Code, r.Stderr)
+	assert.Contains(t, r.Stdout, `f2b_shim_quota_denials_total{policy="it-nft"} 1`+"\n", "the one quota denial, not the three denials that quote the key")
+}
