@@ -1,12 +1,17 @@
 package integration
 
 import (
+	"bytes"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/f2b-shim/f2b-shim/test/nstest"
 )
 
 // TestWidenedBansOfNewPrefixesCountMembers fills a chain's
@@ -56,4 +61,67 @@ func TestMetricsCountOnlyQuotaDenials(t *testing.T) {
 	r = admin(t, ns, pol, "metrics")
 	require.Equal(t, 0, r.Code, r.Stderr)
 	assert.Contains(t, r.Stdout, `f2b_shim_quota_denials_total{policy="it-nft"} 1`+"\n", "the one quota denial, not the three denials that quote the key")
+}
+
+// TestConcurrentBansOnAFullAuditFilesystem: with 80 KiB free on the audit
+// log's filesystem, 300 one-shot bans and two stream sessions of 200
+// bans each, all at once. Each request reserved its room before it
+// waited for the lock, from the same end of the log, so they shared the
+// same blocks, and those that got the lock late acted with no room left:
+// 16 of 300 one-shot bans were in the firewall without their audit line.
+// Every ban in the firewall must have its line, and the log must end
+// with a whole line and verify once space is freed.
+func TestConcurrentBansOnAFullAuditFilesystem(t *testing.T) {
+	for _, backend := range []string{"nft", "legacy"} {
+		t.Run(backend, func(t *testing.T) {
+			t.Parallel()
+			dir := t.TempDir()
+			logDir, out := filepath.Join(dir, "log"), filepath.Join(dir, "out")
+			require.NoError(t, os.MkdirAll(logDir, 0o750))
+			require.NoError(t, os.MkdirAll(out, 0o750))
+			ns, pol, _ := setup(t, backend, "")
+			pol = nstest.WritePolicy(t, filepath.Dir(pol), fmt.Sprintf("name = \"it-%s\"\naudit_log = %q\nstate_dir = %q\niptables_backend = %q\n",
+				ipt(backend), filepath.Join(logDir, "audit.jsonl"), filepath.Join(dir, "state"), ipt(backend)))
+			for i, fam := range []string{"a", "b"} {
+				var in strings.Builder
+				for j := range 200 {
+					fmt.Fprintf(&in, "iptables -w -I %s 1 -s 10.%d.%d.%d -j DROP\n", chain, 2+i, j/250, j%250+1)
+				}
+				require.NoError(t, os.WriteFile(filepath.Join(dir, "in-"+fam), []byte(in.String()), 0o644))
+			}
+			code, stdout, stderr := runPrivate(t, ns, pol, fmt.Sprintf(`D=%s; O=%s; I=%s
+mount -t tmpfs -o size=512k none "$D"
+SSH_ORIGINAL_COMMAND='iptables -w -N %s' "$SHIM" --policy "$POLICY"
+dd if=/dev/zero of="$D/fill" bs=4k 2>/dev/null || true
+truncate -s -80K "$D/fill"
+set +e
+for s in a b; do SSH_ORIGINAL_COMMAND='f2b-shim stream' "$SHIM" --policy "$POLICY" <"$I/in-$s" >"$O/replies-$s" 2>/dev/null & done
+i=0; while [ $i -lt 300 ]; do
+	i=$((i+1))
+	SSH_ORIGINAL_COMMAND="iptables -w -I %s 1 -s 10.1.$((i/250)).$((i%%250+1)) -j DROP" "$SHIM" --policy "$POLICY" 2>/dev/null &
+done
+wait
+cp "$D/audit.jsonl" "$O/full.jsonl"
+rm "$D/fill"
+"$SHIM" audit --verify --policy "$POLICY"; echo "verify=$?"
+`, logDir, out, dir, chain, chain))
+			require.Equal(t, 0, code, stderr)
+			assert.Contains(t, stdout, "verify=0", "the chain holds after the full disk: %s", stdout)
+			audited := map[string]bool{}
+			for _, rec := range auditLines(t, filepath.Join(out, "full.jsonl")) {
+				if op, ok := rec["op"].(map[string]any); ok && rec["result"] == "applied" {
+					audited[fmt.Sprint(op["source"])] = true
+				}
+			}
+			inFirewall := banned(t, ns, backend, "iptables", chain)
+			t.Logf("%s: %d bans in the firewall, %d with an applied audit line", backend, len(inFirewall), len(audited))
+			require.NotEmpty(t, inFirewall)
+			for _, src := range inFirewall {
+				assert.True(t, audited[src], "%s is in the firewall without its audit line", src)
+			}
+			full, err := os.ReadFile(filepath.Join(out, "full.jsonl"))
+			require.NoError(t, err)
+			assert.True(t, bytes.HasSuffix(full, []byte("\n")), "the log ends with a whole line")
+		})
+	}
 }
