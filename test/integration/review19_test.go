@@ -125,3 +125,52 @@ rm "$D/fill"
 		})
 	}
 }
+
+// TestExpireOnAFullAuditFilesystem: expire (run by its timer) lifted due
+// bans and then warned "not audited" when the audit log's filesystem was
+// full (400 due bans: all lifted, none audited), which a mail host
+// that fills the log can bring about. A due ban must stay until it can
+// be audited, and go once there is room.
+func TestExpireOnAFullAuditFilesystem(t *testing.T) {
+	for _, backend := range []string{"nft", "legacy+ipset"} {
+		t.Run(backend, func(t *testing.T) {
+			t.Parallel()
+			dir := t.TempDir()
+			logDir := filepath.Join(dir, "log")
+			require.NoError(t, os.MkdirAll(logDir, 0o750))
+			ns, pol, _ := setup(t, backend, "")
+			bans := "rules"
+			if usesSets(backend) {
+				bans = "ipset"
+			}
+			pol = nstest.WritePolicy(t, filepath.Dir(pol), fmt.Sprintf("name = \"it-%s\"\naudit_log = %q\nstate_dir = %q\niptables_backend = %q\nbackend = %q\nmax_ban_time = \"1s\"\n",
+				ipt(backend), filepath.Join(logDir, "audit.jsonl"), filepath.Join(dir, "state"), ipt(backend), bans))
+			// More expiries than the log's room reserved at its last write
+			// holds (64 KiB, about 130 lines).
+			in := filepath.Join(dir, "in")
+			require.NoError(t, os.WriteFile(in, []byte("iptables -w -N "+chain+"\n"+strings.Join(banLines("iptables", 400), "\n")+"\n"), 0o644))
+			code, stdout, stderr := runPrivate(t, ns, pol, fmt.Sprintf(`D=%s
+mount -t tmpfs -o size=4m none "$D"
+SSH_ORIGINAL_COMMAND='f2b-shim stream' "$SHIM" --policy "$POLICY" <%[3]q >/dev/null
+sleep 1.5
+mv "$D/audit.jsonl" "$D/audit.jsonl.1" # rotated: the new log has no room reserved
+dd if=/dev/zero of="$D/fill" bs=4k 2>/dev/null || true
+dd if=/dev/zero of="$D/fill2" bs=512 2>/dev/null || true
+set +e
+"$SHIM" expire --policy "$POLICY"; echo "full=$?"
+"$SHIM" list --policy "$POLICY" | grep -c ' ban '; echo
+rm "$D/fill" "$D/fill2"
+"$SHIM" expire --policy "$POLICY"; echo "room=$?"
+"$SHIM" audit --verify --policy "$POLICY"; echo "verify=$?"
+grep -c '"result":"expired"' "$D/audit.jsonl" "$D/audit.jsonl.1" || true
+`, logDir, chain, in))
+			require.Equal(t, 0, code, stderr)
+			t.Log(stdout, stderr)
+			assert.NotContains(t, stderr, "not audited", "nothing is changed without its audit line")
+			assert.Contains(t, stdout, "full=5")
+			assert.Contains(t, stdout, "room=0")
+			assert.Contains(t, stdout, "verify=0")
+			assert.Empty(t, banned(t, ns, backend, "iptables", chain), "the due bans went once there was room")
+		})
+	}
+}
