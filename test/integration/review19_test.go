@@ -174,3 +174,19 @@ grep -c '"result":"expired"' "$D/audit.jsonl" "$D/audit.jsonl.1" || true
 		})
 	}
 }
+
+// TestMetricsWithAnUnreadableAuditLog: when the audit log cannot be read,
+// f2b_shim_up is 0 and the counters read from it are absent, not 0 (or
+// the part read before the error), which a monitor reads as a reset.
+func TestMetricsWithAnUnreadableAuditLog(t *testing.T) {
+	ns, pol, audit := startedJail(t, "nft", "")
+	require.NoError(t, os.Rename(audit, audit+".1"))
+	require.NoError(t, os.Mkdir(audit, 0o750)) // not a file: reading it fails
+	r := admin(t, ns, pol, "metrics")
+	assert.NotEqual(t, 0, r.Code)
+	assert.Contains(t, r.Stdout, `f2b_shim_up{policy="it-nft"} 0`)
+	for _, name := range []string{"f2b_shim_quota_denials_total{", "f2b_shim_expired_total{", "f2b_shim_requests_total{"} {
+		assert.NotContains(t, r.Stdout, name, "a counter that was not read is absent")
+	}
+	assert.Contains(t, r.Stdout, `f2b_shim_drift{family="ipv4",kind="missing",policy="it-nft"} 0`, "the drift was measured")
+}
