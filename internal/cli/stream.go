@@ -54,6 +54,10 @@ type session struct {
 	// the order they were made, and the room reserved under the lock is
 	// not shared with the next holder.
 	held *lock.Lock
+	// slot is the session's max_stream_sessions slot; stopNow ends the
+	// session after the batch being served.
+	slot    *lock.Lock
+	stopNow func()
 }
 
 // runStream serves a stream session: one request per line on stdin, one
@@ -105,8 +109,9 @@ func runStream(policyPath string, env Env, stdout, stderr io.Writer, deps Deps) 
 	if deps.Stdin == nil {
 		deps.Stdin = os.Stdin
 	}
-	stop, unwatch := stopOnSignals()
+	stop, stopNow, unwatch := stopOnSignals()
 	defer unwatch()
+	s.slot, s.stopNow = slot, stopNow
 	err = stream.Serve(deps.Stdin, stdout, stream.Options{
 		MaxLine:  policy.MaxCommandLen,
 		MaxBatch: pol.StreamMaxBatch,

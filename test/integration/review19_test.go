@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -189,4 +190,27 @@ func TestMetricsWithAnUnreadableAuditLog(t *testing.T) {
 		assert.NotContains(t, r.Stdout, name, "a counter that was not read is absent")
 	}
 	assert.Contains(t, r.Stdout, `f2b_shim_drift{family="ipv4",kind="missing",policy="it-nft"} 0`, "the drift was measured")
+}
+
+// TestLoweredMaxStreamSessionsEndsTheSessionsPastIt: an admin lowers
+// max_stream_sessions under open sessions (to cut a flood of them):
+// the session past the new bound is refused at its next line and ends,
+// as a lower limit holds for the next line; the one within it goes on.
+// The open sessions kept their slots for as long as they were fed.
+func TestLoweredMaxStreamSessionsEndsTheSessionsPastIt(t *testing.T) {
+	ns, pol, _ := startedJail(t, "nft", "")
+	base, err := os.ReadFile(pol)
+	require.NoError(t, err)
+	check := "iptables -w -C " + chain + " -s 192.0.2.99 -j DROP"
+	first := startSession(t, ns, pol)
+	assert.Equal(t, "1 1 check-false", first.send(t, check))
+	second := startSession(t, ns, pol)
+	assert.Equal(t, "1 1 check-false", second.send(t, check))
+	require.NoError(t, os.WriteFile(pol+".new", append(base, "max_stream_sessions = 1\n"...), 0o644))
+	require.NoError(t, os.Rename(pol+".new", pol))
+	assert.Regexp(t, `^2 3 denied .*max_stream_sessions`, second.send(t, check))
+	assert.Equal(t, 0, second.wait(30*time.Second), "the session past the bound ends: %s", second.stderr.String())
+	assert.Equal(t, "2 1 check-false", first.send(t, check), "the session within the bound goes on")
+	require.NoError(t, first.in.Close())
+	assert.Equal(t, 0, first.wait(30*time.Second))
 }
