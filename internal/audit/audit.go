@@ -216,6 +216,34 @@ func (l *Log) FollowRotation() (bool, error) {
 	return true, nil
 }
 
+// followBeforeWrite moves to the file at the log's path when logrotate
+// renamed the open one after the caller's FollowRotation: a stream's
+// batch takes up to seconds, and a one-shot call may have started the
+// new file meanwhile, linked to the rotated file's last line, so lines
+// appended to the rotated file after that one would break the chain.
+// Room for the records is reserved in the new file first; when that
+// fails, they go to the rotated file, whose room was reserved before
+// the batch touched the firewall.
+func (l *Log) followBeforeWrite(n int) {
+	open, err := l.f.Stat()
+	if err != nil {
+		return
+	}
+	if now, err := os.Stat(l.path); err != nil || os.SameFile(open, now) {
+		return
+	}
+	fresh, err := Open(l.path)
+	if err != nil {
+		return
+	}
+	if err := reserveRoom(fresh.f, reserve+int64(n)*MaxLine); err != nil {
+		fresh.Close()
+		return
+	}
+	l.f.Close()
+	l.f = fresh.f
+}
+
 // reserveRoom allocates blocks past the end of the file without changing
 // its size, so that a full filesystem is found before the firewall is
 // touched rather than after. Filesystems without fallocate are let be.
@@ -254,6 +282,7 @@ func (l *Log) Write(r Record) error {
 // stream's batch of requests is audited line by line at the cost of one.
 // Each record written gets its Prev, for the copy that goes to syslog.
 func (l *Log) WriteBatch(recs []Record) error {
+	l.followBeforeWrite(len(recs))
 	fd := int(l.f.Fd())
 	if err := syscall.Flock(fd, syscall.LOCK_EX); err != nil {
 		return err
@@ -407,18 +436,23 @@ func coalesceKind(r Record) string {
 	return ""
 }
 
+// limitKeys are the policy keys a limit's reason can name. A kind must
+// come from this closed set: a reason also quotes the client's chain, and
+// a chain may be named "mail-remote-f2b-max_aa", so a key read out of the
+// text would let the client make a kind (a full line a second) per chain.
+var limitKeys = []string{"max_new_bans_per_minute", "max_bans_per_chain", "max_chains", "max_hooks_per_chain", "max_stream_sessions"}
+
 // limitName is the policy key a limit's reason names, such as
-// max_new_bans_per_minute.
+// max_new_bans_per_minute, or "". The key the shim wrote comes after the
+// chain it quotes, so the last one found wins.
 func limitName(reason string) string {
-	i := strings.Index(reason, "max_")
-	if i < 0 {
-		return ""
+	name, at := "", -1
+	for _, key := range limitKeys {
+		if i := strings.LastIndex(reason, key); i > at {
+			name, at = key, i
+		}
 	}
-	j := i
-	for j < len(reason) && (reason[j] == '_' || reason[j] >= 'a' && reason[j] <= 'z') {
-		j++
-	}
-	return reason[i:j]
+	return name
 }
 
 // maxCoalescedReason caps the first line's reason repeated on a

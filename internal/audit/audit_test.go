@@ -325,3 +325,73 @@ func TestScanCurrentStreamsTheLog(t *testing.T) {
 	assert.Equal(t, 1000, seen)
 	assert.Equal(t, 1, bad)
 }
+
+// TestChainNamesDoNotMakeNewKinds: a limit's reason quotes the client's
+// chain, and a chain may be named "mail-remote-f2b-max_aa". Limit denials
+// of many such chains in one second must still be coalesced as one kind
+// per limit, or a compromised mail host picks as many kinds (a full line
+// each per second) as it may make chains.
+func TestChainNamesDoNotMakeNewKinds(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.jsonl")
+	l, err := Open(path)
+	require.NoError(t, err)
+	defer l.Close()
+	t0 := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
+	reasons := []string{
+		"hook limit reached: 1 rules already jump to ipv4 chain %q (max_hooks_per_chain); remove one",
+		"ban limit reached: chain %q already holds 5 bans (max_bans_per_chain); unban some",
+		"ban limit reached: set f2b-1 of chain %q already holds max_bans_per_chain (5) bans with target \"DROP\"; unban some",
+	}
+	var batch []Record
+	for i := range 300 {
+		for _, reason := range reasons {
+			chain := fmt.Sprintf("mail-remote-f2b-max_%c%c", 'a'+i/26%26, 'a'+i%26)
+			r := Record{Time: t0.Add(time.Duration(i) * time.Millisecond), Policy: "p", ClientIP: "192.0.2.10",
+				Decision: Allow, Result: "denied", Exit: 3, Reason: Text(fmt.Sprintf(reason, chain))}
+			r.SetCommand("iptables -w -I INPUT -p tcp --dport 587 -j " + chain)
+			batch = append(batch, r)
+		}
+	}
+	require.NoError(t, l.WriteBatch(batch))
+	require.NoError(t, l.Write(Record{Time: t0.Add(3 * time.Second), Policy: "p", Decision: Allow, Result: "applied"}))
+	entries, bad, err := Read(path)
+	require.NoError(t, err)
+	require.Empty(t, bad)
+	total := 0
+	for _, e := range entries {
+		if e.Record.Result != "applied" {
+			total += max(1, e.Record.Count)
+		}
+	}
+	assert.Equal(t, len(batch), total, "every limit denial is counted")
+	assert.LessOrEqual(t, len(entries), 2*2+1, "one full line and one count line per limit, whatever the chains are named")
+}
+
+// TestARotationDuringABatchKeepsTheChain: logrotate renames the log while
+// a stream's batch is being carried out (after the session checked for a
+// rotation), and a one-shot call writes the first line of the new file,
+// linked to the rotated file's last line. The batch's lines must not go
+// on in the rotated file after that line, or the chain breaks at the new
+// file's first line.
+func TestARotationDuringABatchKeepsTheChain(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.jsonl")
+	session, err := Open(path)
+	require.NoError(t, err)
+	defer session.Close()
+	rec := func(what string) Record {
+		return Record{Time: time.Now(), Policy: "p", ClientIP: "192.0.2.10", Decision: Allow, Result: "applied", Command: Text(what)}
+	}
+	require.NoError(t, session.Write(rec("before")))
+	_, err = session.FollowRotation() // the batch starts: nothing rotated yet
+	require.NoError(t, err)
+	require.NoError(t, os.Rename(path, path+".1")) // logrotate, create mode
+	oneShot, err := Open(path)
+	require.NoError(t, err)
+	require.NoError(t, oneShot.Write(rec("one-shot")))
+	require.NoError(t, oneShot.Close())
+	require.NoError(t, session.WriteBatch([]Record{rec("batch 1"), rec("batch 2")})) // the batch ends
+	brk, n, err := Verify(path)
+	require.NoError(t, err)
+	assert.Nil(t, brk, "the chain holds across the rotation")
+	assert.Equal(t, 4, n)
+}

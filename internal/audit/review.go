@@ -61,7 +61,8 @@ func ReadCurrent(path string) ([]Entry, []string, error) {
 // ScanCurrent calls fn with each record of the current audit log, one at
 // a time, and keeps none: "f2b-shim metrics" reads the log every minute,
 // and its memory must not grow with the log. A line that is not a record
-// is counted in bad. A missing log has no records.
+// is counted in bad. A missing log has no records. A log that cannot be
+// read to its end is an error: what was read of it is not a count.
 func ScanCurrent(path string, fn func(Record)) (bad int, err error) {
 	err = scanLog(path, func(_ int, line []byte) {
 		var r Record
@@ -77,7 +78,9 @@ func ScanCurrent(path string, fn func(Record)) (bad int, err error) {
 		return 0, nil
 	case errors.As(err, &open):
 		return bad, open.err
-	case err != nil && !errors.Is(err, io.ErrUnexpectedEOF):
+	case err != nil && !errors.Is(err, io.ErrUnexpectedEOF) && !errors.Is(err, bufio.ErrTooLong):
+		return bad, err
+	case err != nil:
 		bad++
 	}
 	return bad, nil

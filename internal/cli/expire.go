@@ -59,6 +59,14 @@ func (a *admin) expireIn(s *state.State, applyFirewall bool) (int, int) {
 		if len(chunk) == 0 {
 			return n, code
 		}
+		if applyFirewall {
+			// A ban is not lifted without its audit line: the due bans
+			// wait for room, as a request from the mail host does.
+			if err := a.auditRoom(len(chunk)); err != nil {
+				fmt.Fprintf(a.stderr, "f2b-shim: expire: cannot write the audit log %q: %v; %d due bans stay until it has room\n", a.pol.AuditLog, err, len(s.Expired(cutoff)))
+				return n, ExitSetup
+			}
+		}
 		done, c := a.expireChunk(s, chunk, applyFirewall, failed)
 		n += done
 		if c != ExitOK {

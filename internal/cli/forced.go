@@ -109,6 +109,15 @@ func runForced(policyPath string, env Env, stderr io.Writer, deps Deps) int {
 		return finish(ExitFirewall, "failed", "firewall: "+err.Error())
 	}
 	defer held.Release()
+	// Room for the line, reserved again now that the lock is held: the
+	// reservation at Open shares its blocks with every request that
+	// opened the log at the same end and then waited for the lock, and
+	// their lines have used them since (300 concurrent bans with 80 KiB
+	// free put 16 bans in the firewall without their lines).
+	if err := log.Reserve(1); err != nil {
+		rec.Decision, rec.Reason = audit.Deny, audit.Text(err.Error())
+		return finish(ExitSetup, "denied", fmt.Sprintf("denied: cannot write the audit log %q: %v; nothing was changed", pol.AuditLog, err))
+	}
 	store, err := state.Open(pol, ctx.LookupPort, max(time.Until(deadline), 100*time.Millisecond))
 	if err != nil {
 		rec.Reason = audit.Text(err.Error())

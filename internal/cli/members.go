@@ -13,8 +13,11 @@ import (
 // max_bans_per_chain: a ban for a new address in a prefix already banned
 // changes no rule, but the state records the address, and without a
 // bound one /64 could make it grow without end. Each member counts like
-// a ban (the prefix's own ban counts too). A new member is noted in the
-// audit line, which so is written in full, never coalesced.
+// a ban (the prefix's own ban counts too), also for the ban of a new
+// prefix, which adds a ban and a member: counting its bans alone, the
+// firewall layer let a chain whose members had reached the bound take
+// max_bans_per_chain more prefixes. A new member is noted in the audit
+// line, which so is written in full, never coalesced.
 func checkMembers(store *state.Store, pol *policy.Policy, op policy.Operation, rec *audit.Record) error {
 	if !op.Member.IsValid() {
 		return nil
@@ -22,8 +25,9 @@ func checkMembers(store *state.Store, pol *policy.Policy, op policy.Operation, r
 	if has, err := store.HasMember(op); err != nil || has {
 		return err
 	}
-	if banned, err := store.HasBan(op); err != nil || !banned {
-		return err // the firewall layer bounds a new prefix's ban
+	banned, err := store.HasBan(op)
+	if err != nil {
+		return err
 	}
 	bans, err := store.BanCount(op.Family, op.Chain)
 	if err != nil {
@@ -36,6 +40,8 @@ func checkMembers(store *state.Store, pol *policy.Policy, op policy.Operation, r
 	if bans+members >= pol.MaxBansPerChain {
 		return fmt.Errorf("ban %w: chain %q already holds %d bans and %d addresses of widened bans (max_bans_per_chain); unban some or raise the limit in the policy", firewall.ErrLimit, op.Chain, bans, members)
 	}
-	rec.State = audit.Text(fmt.Sprintf("%s is recorded as a member of the ban of %s", op.Member, op.Source))
+	if banned {
+		rec.State = audit.Text(fmt.Sprintf("%s is recorded as a member of the ban of %s", op.Member, op.Source))
+	}
 	return nil
 }

@@ -30,6 +30,10 @@ type Snapshot struct {
 	LastApply    time.Time
 	QuotaDenials int
 	Expired      int
+	// AuditRead says the audit log was read to its end: Requests,
+	// LastApply, QuotaDenials and Expired were measured. Without it they
+	// are not reported, as a 0 (or a part) would read as a reset.
+	AuditRead bool
 }
 
 // MetricsHelper is the binary that renders the metrics, beside f2b-shim.
@@ -111,7 +115,10 @@ func collect(pol *policy.Policy, stderr io.Writer, deps Deps) (Snapshot, int) {
 			snap.LastApply = r.Time
 		case r.Result == "expired":
 			snap.Expired++
-		case (r.Result == "denied" || r.Result == "coalesced") && strings.Contains(string(r.Reason), "max_new_bans_per_minute"):
+		case r.Decision == audit.Allow && (r.Result == "denied" || r.Result == "coalesced") && strings.Contains(string(r.Reason), "max_new_bans_per_minute"):
+			// A limit denial is allowed by the policy and refused by a
+			// bound; a policy denial may quote the client's words,
+			// such as a chain named max_new_bans_per_minute.
 			snap.QuotaDenials += max(1, r.Count)
 		}
 	})
@@ -119,6 +126,7 @@ func collect(pol *policy.Policy, stderr io.Writer, deps Deps) (Snapshot, int) {
 		fmt.Fprintf(stderr, "f2b-shim: metrics: %v\n", err)
 		return snap, ExitSetup
 	}
+	snap.AuditRead = true
 	snap.Up = code == ExitOK
 	return snap, code
 }

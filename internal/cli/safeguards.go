@@ -74,6 +74,18 @@ func (a *admin) record(command string, op *policy.Operation, result string, code
 	return rec
 }
 
+// auditRoom reserves room in the audit log for n records, under the
+// lock, before an admin change that must be audited touches the
+// firewall.
+func (a *admin) auditRoom(n int) error {
+	log, err := audit.Open(a.pol.AuditLog)
+	if err != nil {
+		return err
+	}
+	defer log.Close()
+	return log.Reserve(n)
+}
+
 // audit writes admin records; a change that already happened is not
 // undone when it cannot be audited, but the admin is told.
 func (a *admin) audit(recs ...audit.Record) {

@@ -48,6 +48,16 @@ type session struct {
 	// beforeBatch).
 	policyPath string
 	stamp      policyStamp
+	// held is the policy's lock while a batch is carried out; it is let
+	// go once the batch's audit lines are written, as one-shot mode
+	// holds it until its line is written: the log records changes in
+	// the order they were made, and the room reserved under the lock is
+	// not shared with the next holder.
+	held *lock.Lock
+	// slot is the session's max_stream_sessions slot; stopNow ends the
+	// session after the batch being served.
+	slot    *lock.Lock
+	stopNow func()
 }
 
 // runStream serves a stream session: one request per line on stdin, one
@@ -99,8 +109,9 @@ func runStream(policyPath string, env Env, stdout, stderr io.Writer, deps Deps) 
 	if deps.Stdin == nil {
 		deps.Stdin = os.Stdin
 	}
-	stop, unwatch := stopOnSignals()
+	stop, stopNow, unwatch := stopOnSignals()
 	defer unwatch()
+	s.slot, s.stopNow = slot, stopNow
 	err = stream.Serve(deps.Stdin, stdout, stream.Options{
 		MaxLine:  policy.MaxCommandLen,
 		MaxBatch: pol.StreamMaxBatch,
@@ -225,6 +236,10 @@ func (s *session) serveBatch(batch []stream.Request) []stream.Reply {
 			s.broken = err
 		}
 	}
+	if s.held != nil {
+		s.held.Release()
+		s.held = nil
+	}
 	for i := range lines {
 		replies[i] = lines[i].reply
 		if s.broken != nil && lines[i].act {
@@ -264,7 +279,22 @@ func (s *session) act(lines []line, start time.Time) int {
 		}
 		return failAll(ExitFirewall, "failed", "firewall: "+err.Error(), err)
 	}
-	defer held.Release()
+	s.held = held // let go by serveBatch, after the audit lines
+	// Room for the batch's lines, reserved again now that the lock is
+	// held: the reservation before the batch shares its blocks with
+	// every request that reserved from the same end of the log and then
+	// waited for the lock, and their lines have used them since.
+	if err := s.log.Reserve(len(lines)); err != nil {
+		msg := fmt.Sprintf("denied: cannot write the audit log %q: %v; nothing was changed", s.pol.AuditLog, err)
+		for i := range lines {
+			if lines[i].act {
+				lines[i].act = false
+				lines[i].rec.Decision, lines[i].rec.Reason = audit.Deny, audit.Text(err.Error())
+				lines[i].done(ExitSetup, "denied", msg)
+			}
+		}
+		return len(lines)
+	}
 	taken := s.deps.Now()
 	store, err := state.Open(s.pol, s.ctx.LookupPort, max(time.Until(deadline), 100*time.Millisecond))
 	if err != nil {

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/signal"
 	"strings"
+	"sync"
 	"syscall"
 
 	"github.com/f2b-shim/f2b-shim/internal/audit"
@@ -59,6 +60,13 @@ func (s *session) beforeBatch(n int) (note string, fit int, refuse error) {
 			}
 			s.pol, s.stamp = pol, stamp
 			note = "the policy file changed; read again for this batch"
+			if s.slot != nil && s.slot.Index >= pol.MaxStreamSessions {
+				// A lowered bound holds for the sessions open, as a lower
+				// limit does for the next line: this one ends, and the
+				// relay reconnects when a slot under the bound is free.
+				s.stopNow()
+				return note, 0, fmt.Errorf("%w: the policy now allows %d stream sessions (max_stream_sessions), and this is session %d; ending it, nothing was changed", errOverSessions, pol.MaxStreamSessions, s.slot.Index+1)
+			}
 		}
 	}
 	if _, err := s.log.FollowRotation(); err != nil {
@@ -78,16 +86,24 @@ func (s *session) beforeBatch(n int) (note string, fit int, refuse error) {
 	}
 }
 
+// errOverSessions refuses the batch of a session past a lowered
+// max_stream_sessions.
+var errOverSessions = errors.New("denied")
+
 // refuseBatch answers every line of a batch that cannot be served safely
 // with exit 5, and tries to audit the refusal: the relay keeps the lines
 // and sends them again.
 func (s *session) refuseBatch(batch []stream.Request, why error) []stream.Reply {
 	replies := make([]stream.Reply, len(batch))
 	recs := make([]audit.Record, len(batch))
+	code, msg := ExitSetup, "denied: "+why.Error()
+	if errors.Is(why, errOverSessions) {
+		code, msg = ExitDenied, why.Error()
+	}
 	for i, req := range batch {
 		recs[i] = s.record(req, s.deps.Now())
-		recs[i].Decision, recs[i].Reason, recs[i].Exit, recs[i].Result = audit.Deny, audit.Text(why.Error()), ExitSetup, "denied"
-		replies[i] = stream.Reply{Exit: ExitSetup, Result: "denied", Message: "denied: " + why.Error()}
+		recs[i].Decision, recs[i].Reason, recs[i].Exit, recs[i].Result = audit.Deny, audit.Text(strings.TrimPrefix(msg, "denied: ")), code, "denied"
+		replies[i] = stream.Reply{Exit: code, Result: "denied", Message: msg}
 	}
 	// Best effort: the refusal changed nothing, so a log that cannot
 	// take it is not a reason to stop the session.
@@ -121,18 +137,22 @@ func (s *session) takeSlot(stderr io.Writer) (*lock.Lock, int) {
 // stopOnSignals makes SIGTERM and SIGHUP end the session after the batch
 // being served, with its replies written and exit 0: an admin or a
 // package's prerm can end a session without SIGKILL.
-func stopOnSignals() (<-chan struct{}, func()) {
+// stopNow does the same from within: a policy that lowered
+// max_stream_sessions below the session's slot.
+func stopOnSignals() (stop <-chan struct{}, stopNow func(), unwatch func()) {
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGHUP)
-	stop, quit := make(chan struct{}), make(chan struct{})
+	stopped, quit := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	stopNow = func() { once.Do(func() { close(stopped) }) }
 	go func() {
 		select {
 		case <-sigs:
-			close(stop)
+			stopNow()
 		case <-quit:
 		}
 	}()
-	return stop, func() { signal.Stop(sigs); close(quit) }
+	return stopped, stopNow, func() { signal.Stop(sigs); close(quit) }
 }
 
 // sessionEnd says how a session ended by a signal or by a client that
@@ -140,7 +160,7 @@ func stopOnSignals() (<-chan struct{}, func()) {
 func sessionEnd(err error, pol *policy.Policy, stderr io.Writer) (code int, done bool) {
 	switch {
 	case errors.Is(err, stream.ErrStopped):
-		fmt.Fprintf(stderr, "f2b-shim: stream: told to stop (SIGTERM or SIGHUP); the batch in hand was served and answered, the client sends the rest again\n")
+		fmt.Fprintf(stderr, "f2b-shim: stream: told to stop (SIGTERM or SIGHUP, or max_stream_sessions lowered below this session); the batch in hand was served and answered, the client sends the rest again\n")
 		return ExitOK, true
 	case errors.Is(err, stream.ErrStalled):
 		fmt.Fprintf(stderr, "f2b-shim: stream: the client took no replies for %s (stream_idle_timeout); closing the session\n", pol.StreamIdleTimeout)

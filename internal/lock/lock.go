@@ -19,6 +19,8 @@ import (
 // Lock is a held lock.
 type Lock struct {
 	f *os.File
+	// Index is the slot a lock from Slot holds, from 0.
+	Index int
 }
 
 // ErrTimeout is returned when the lock is still held at the deadline.
@@ -85,7 +87,7 @@ func Slot(dir, name string, n int) (*Lock, error) {
 		}
 		err = syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
 		if err == nil {
-			return &Lock{f: f}, nil
+			return &Lock{f: f, Index: i}, nil
 		}
 		f.Close()
 		if !errors.Is(err, syscall.EWOULDBLOCK) {

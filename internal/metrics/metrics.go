@@ -39,14 +39,17 @@ func Register(reg *prometheus.Registry, snaps []cli.Snapshot) {
 		for k, n := range s.Drift {
 			drift.WithLabelValues(s.Policy, k[0], k[1]).Set(float64(n))
 		}
-		for k, n := range s.Requests {
-			requests.WithLabelValues(s.Policy, k[0], k[1]).Add(float64(n))
+		if s.AuditRead {
+			// Only what was counted: an unread log is no requests.
+			for k, n := range s.Requests {
+				requests.WithLabelValues(s.Policy, k[0], k[1]).Add(float64(n))
+			}
+			if !s.LastApply.IsZero() {
+				lastApply.WithLabelValues(s.Policy).Set(float64(s.LastApply.Unix()))
+			}
+			quota.WithLabelValues(s.Policy).Add(float64(s.QuotaDenials))
+			expired.WithLabelValues(s.Policy).Add(float64(s.Expired))
 		}
-		if !s.LastApply.IsZero() {
-			lastApply.WithLabelValues(s.Policy).Set(float64(s.LastApply.Unix()))
-		}
-		quota.WithLabelValues(s.Policy).Add(float64(s.QuotaDenials))
-		expired.WithLabelValues(s.Policy).Add(float64(s.Expired))
 		v := 0.0
 		if s.Up {
 			v = 1

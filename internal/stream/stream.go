@@ -131,7 +131,7 @@ func Serve(r io.Reader, w io.Writer, opt Options, h Handler) error {
 		if len(replies) == 0 || len(replies) > len(pending) {
 			return fmt.Errorf("stream: the handler served %d of %d requests", len(replies), len(pending))
 		}
-		if err := writeReplies(out, pending, replies, opt.Idle); err != nil {
+		if err := writeReplies(out, pending, replies, opt.Idle, opt.Stop); err != nil {
 			return err
 		}
 		pending = pending[len(replies):]
@@ -157,8 +157,10 @@ func Serve(r io.Reader, w io.Writer, opt Options, h Handler) error {
 // when the client has not taken them within limit: a write to a full
 // pipe blocks, and a client that stops reading would otherwise keep the
 // session (and its sshd) forever. The write is left blocked; the caller
-// ends the process.
-func writeReplies(out *bufio.Writer, reqs []Request, replies []Reply, limit time.Duration) error {
+// ends the process. Once stop is closed, it waits stopGrace at most: a
+// session told to stop must not outlive the signal by the idle timeout
+// because its client does not read.
+func writeReplies(out *bufio.Writer, reqs []Request, replies []Reply, limit time.Duration, stop <-chan struct{}) error {
 	done := make(chan error, 1)
 	go func() {
 		for i, rep := range replies {
@@ -176,8 +178,24 @@ func writeReplies(out *bufio.Writer, reqs []Request, replies []Reply, limit time
 		return err
 	case <-timer.C:
 		return ErrStalled
+	case <-stop:
+	}
+	// Told to stop: a client that reads takes the replies at once.
+	grace := time.NewTimer(min(stopGrace, limit))
+	defer grace.Stop()
+	select {
+	case err := <-done:
+		return err
+	case <-grace.C:
+		return ErrStopped
 	}
 }
+
+// stopGrace is how long a session told to stop still waits for its
+// client to take the batch's replies: a reading client takes them in
+// milliseconds, and the package's prerm kills a session 5 s after its
+// SIGTERM.
+const stopGrace = 2 * time.Second
 
 // read splits r into requests. A line longer than maxLine is read to its
 // end and passed on cut, with its length, so that it is denied as one

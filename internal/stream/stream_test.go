@@ -184,3 +184,26 @@ func TestStopEndsTheSessionAfterTheBatch(t *testing.T) {
 	assert.Equal(t, 1, served)
 	assert.Equal(t, first, strings.Count(out.String(), "\n"), "the batch's replies are written: %q", out.String())
 }
+
+// TestStopEndsASessionWhoseClientDoesNotRead: a client that stopped
+// reading must not keep a session past SIGTERM for the whole idle
+// timeout (5 minutes by default; the package's prerm waits 5 seconds,
+// then kills).
+func TestStopEndsASessionWhoseClientDoesNotRead(t *testing.T) {
+	o := opts()
+	o.Idle = time.Hour
+	stop := make(chan struct{})
+	o.Stop = stop
+	h := func(batch []Request) []Reply {
+		close(stop) // the signal comes while this batch is served
+		return (&echo{}).handle(batch)
+	}
+	ended := make(chan error, 1)
+	go func() { ended <- Serve(strings.NewReader("a\n"), blocked{make(chan struct{})}, o, h) }()
+	select {
+	case err := <-ended:
+		assert.ErrorIs(t, err, ErrStopped)
+	case <-time.After(30 * time.Second):
+		t.Fatal("the session outlived its stop by 30s: it waits for the idle timeout (1h)")
+	}
+}
