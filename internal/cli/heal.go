@@ -131,6 +131,12 @@ func missingHooks(b firewall.Backend, pol *policy.Policy, ctx policy.Context, fa
 	var missing []string
 	for _, h := range hooks {
 		if !have[live.HookKey(h)] {
+			if gone, err := parentGone(b, h); err != nil || gone {
+				if err != nil {
+					return nil, err
+				}
+				continue
+			}
 			missing = append(missing, "hook from "+string(h.Chain))
 		}
 	}
@@ -183,10 +189,27 @@ func missingParts(b firewall.Backend, pol *policy.Policy, ctx policy.Context, fa
 			return nil, err
 		}
 		if !there {
+			if gone, err := parentGone(b, h); err != nil || gone {
+				if err != nil {
+					return nil, err
+				}
+				continue
+			}
 			missing = append(missing, "hook from "+string(h.Chain))
 		}
 	}
 	return missing, nil
+}
+
+// parentGone reports whether a hook's parent chain is missing from the
+// live firewall (the admin deleted their own chain, or docker's
+// DOCKER-USER went with docker). Such a hook cannot be put back:
+// iptables-restore would refuse the whole repair, and every request
+// into the chain would fail with it, though its other hooks still lead
+// to it. It stays recorded, as drift that status and reconcile report.
+func parentGone(b firewall.Backend, h policy.Operation) (bool, error) {
+	ok, err := b.Table.ChainExists(string(h.Chain))
+	return !ok, err
 }
 
 // repairChain puts back what the live chain lacks of the record, exactly:
@@ -224,6 +247,9 @@ func repairChain(store *state.Store, b firewall.Backend, pol *policy.Policy, ctx
 	hooks := 0
 	missing := func(h state.Hook) bool {
 		if have[only.HookKey(h.Op)] {
+			return false
+		}
+		if gone, err := parentGone(b, h.Op); err == nil && gone {
 			return false
 		}
 		hooks++

@@ -124,3 +124,40 @@ func allPolicies(t *testing.T, ns *nstest.Netns, pol string, args ...string) nst
 	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
 	return nstest.RunCmd(t, cmd)
 }
+
+// TestHealLeavesAHookWhoseParentChainIsGone: the admin deletes one of
+// the policy's parent chains (their own chain, or docker's DOCKER-USER
+// with docker gone) while a hook from it is recorded. That hook cannot
+// be put back (iptables-restore refuses the whole repair), so the heal
+// must not try: bans into the chain, still hooked from INPUT, go on
+// landing, and each request heals nothing. Status still reports the
+// lost hook as drift.
+func TestHealLeavesAHookWhoseParentChainIsGone(t *testing.T) {
+	for _, backend := range backends {
+		t.Run(backend, func(t *testing.T) {
+			t.Parallel() // each in its own namespace
+			ns, pol, audit := setup(t, backend, "parent_chains = [\"INPUT\", \"ADMIN-IN\"]\n")
+			ipt := "iptables-" + ipt(backend)
+			ns.MustRun(t, ipt, "-N", "ADMIN-IN")
+			runAll(t, ns, pol, jailStart[:3]...)
+			runAll(t, ns, pol, "iptables -w -I ADMIN-IN -p tcp -m multiport --dports 143,993 -j "+chain,
+				"iptables -w -I "+chain+" 1 -s 198.51.100.1 -j DROP")
+			ns.MustRun(t, ipt, "-F", "ADMIN-IN")
+			ns.MustRun(t, ipt, "-X", "ADMIN-IN")
+
+			for i := 2; i <= 4; i++ {
+				r := ns.Shim(t, shim, pol, fmt.Sprintf("iptables -w -I %s 1 -s 198.51.100.%d -j DROP", chain, i))
+				assert.Equal(t, 0, r.Code, "a ban lands though a parent chain is gone: %s", r.Stderr)
+			}
+			r := ns.Stream(t, shim, pol, "iptables -w -I "+chain+" 1 -s 198.51.100.5 -j DROP\n")
+			assert.Equal(t, "1 0 applied\n", r.Stdout, r.Stderr)
+			assert.ElementsMatch(t, []string{"198.51.100.1/32", "198.51.100.2/32", "198.51.100.3/32", "198.51.100.4/32", "198.51.100.5/32"},
+				banned(t, ns, backend, "iptables", chain))
+			assert.Contains(t, ns.Rules(t, "iptables", backend), "-A INPUT -p tcp -m multiport --dports 143,993 -j "+chain)
+			for _, l := range auditLines(t, audit) {
+				assert.NotContains(t, fmt.Sprint(l["state"]), "repaired", "nothing could be put back, so nothing is said to be")
+			}
+			assert.Equal(t, 1, admin(t, ns, pol, "status").Code, "the lost hook is drift")
+		})
+	}
+}
