@@ -268,7 +268,7 @@ func restoreFamily(a *admin, s *state.State, fam policy.Family, b firewall.Backe
 	} else {
 		// The sets first: the chains' rules refer to them.
 		sets, rules := s.SetScripts(fam, a.pol, missing)
-		if err := a.deps.RestoreSets(sets); err != nil {
+		if err := a.deps.RestoreSets(withoutExistingSets(sets, b.Sets)); err != nil {
 			return err
 		}
 		if err := a.deps.Restore(fam, a.pol.IptablesBackend, wait, rules); err != nil {

@@ -256,6 +256,7 @@ func repairChain(store *state.Store, b firewall.Backend, pol *policy.Policy, ctx
 		return true
 	}
 	sets, script := only.RepairScripts(fam, chain, pol, rules, missing)
+	sets = withoutExistingSets(sets, b.Sets)
 	wait := max(time.Until(deadline), time.Second)
 	switch {
 	case deps.Restore == nil || sets != "" && deps.RestoreSets == nil:
@@ -283,6 +284,27 @@ func repairChain(store *state.Store, b firewall.Backend, pol *policy.Policy, ctx
 		what += ", with its return rule"
 	}
 	return fmt.Sprintf("%s) and %d hook(s)", what, hooks), nil
+}
+
+// withoutExistingSets drops from an "ipset restore" script the "create"
+// of each set that exists already: "create -exist" fails when the live
+// set was made with another maxelem (max_bans_per_chain changed since),
+// and with it the whole repair, on every request, and the timer's too.
+// The existing set is kept as it is, and filled.
+func withoutExistingSets(script string, sets firewall.Sets) string {
+	if script == "" || sets == nil {
+		return script
+	}
+	var out strings.Builder
+	for _, line := range strings.SplitAfter(script, "\n") {
+		if f := strings.Fields(line); len(f) > 1 && f[0] == "create" {
+			if _, err := sets.References(f[1]); err == nil {
+				continue
+			}
+		}
+		out.WriteString(line)
+	}
+	return out.String()
 }
 
 // joinNotes joins the notes of an audit line's state field.

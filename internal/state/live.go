@@ -157,11 +157,12 @@ func (s *State) SetScripts(fam policy.Family, pol *policy.Policy, missing func(H
 		// would be one more name for the admin to wonder about (and one
 		// more that netfilter-persistent's saved rules never need).
 		made := map[string]bool{}
+		sizes := setSizes(fam, n, t.Chains[n], pol)
 		for _, b := range t.Chains[n].Bans() {
 			name := firewall.SetName(fam, n, b.Op.Target)
 			if !made[name] {
 				made[name] = true
-				fmt.Fprintf(&sets, "create %s hash:net family %s maxelem %d -exist\nflush %s\n", name, family, pol.MaxBansPerChain, name)
+				fmt.Fprintf(&sets, "create %s hash:net family %s maxelem %d -exist\nflush %s\n", name, family, sizes[name], name)
 			}
 		}
 		for _, b := range t.Chains[n].Bans() {
@@ -259,6 +260,7 @@ func (s *State) RepairScripts(fam policy.Family, chain policy.Chain, pol *policy
 	if c != nil {
 		family := map[policy.Family]string{policy.IPv4: "inet", policy.IPv6: "inet6"}[fam]
 		made := map[string]bool{}
+		sizes := setSizes(fam, chain, c, pol)
 		for _, b := range c.Bans() {
 			if pol.Backend != "ipset" {
 				insert(strings.Join(b.Op.RuleSpec(), " "))
@@ -267,7 +269,7 @@ func (s *State) RepairScripts(fam policy.Family, chain policy.Chain, pol *policy
 			name := firewall.SetName(fam, chain, b.Op.Target)
 			if !made[name] {
 				made[name] = true
-				fmt.Fprintf(&sets, "create %s hash:net family %s maxelem %d -exist\n", name, family, pol.MaxBansPerChain)
+				fmt.Fprintf(&sets, "create %s hash:net family %s maxelem %d -exist\n", name, family, sizes[name])
 				insert(fmt.Sprintf("-m set --match-set %s src %s", name, strings.Join(b.Op.Target.Args(), " ")))
 			}
 			fmt.Fprintf(&sets, "add %s %s -exist\n", name, b.Op.Source)
@@ -283,4 +285,20 @@ func (s *State) RepairScripts(fam policy.Family, chain policy.Chain, pol *policy
 	}
 	rules.WriteString("COMMIT\n")
 	return sets.String(), rules.String()
+}
+
+// setSizes is the maxelem of each set of a chain: max_bans_per_chain, or
+// the bans the record holds with that target when there are more (the
+// admin lowered the limit since): a set too small for them would make
+// "ipset restore" refuse the whole repair, and put back none of them.
+// New bans still stop at the limit (firewall.Apply counts them).
+func setSizes(fam policy.Family, chain policy.Chain, c *Chain, pol *policy.Policy) map[string]int {
+	sizes := map[string]int{}
+	for _, b := range c.Bans() {
+		sizes[firewall.SetName(fam, chain, b.Op.Target)]++
+	}
+	for name, n := range sizes {
+		sizes[name] = max(n, pol.MaxBansPerChain)
+	}
+	return sizes
 }

@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -159,5 +160,59 @@ func TestHealLeavesAHookWhoseParentChainIsGone(t *testing.T) {
 			}
 			assert.Equal(t, 1, admin(t, ns, pol, "status").Code, "the lost hook is drift")
 		})
+	}
+}
+
+// TestHealAfterMaxBansPerChainChanged: with the set backend, the admin
+// changes max_bans_per_chain, then the firewall is wiped. The live set
+// (made with the old maxelem) makes "ipset restore"'s "create -exist"
+// fail, and a set made anew must hold the recorded bans though they
+// are more than the new limit: otherwise no repair, no timer and no
+// reload ever puts the chain back, and every ban into it fails. New
+// bans still stop at the limit.
+func TestHealAfterMaxBansPerChainChanged(t *testing.T) {
+	for _, backend := range []string{"nft+ipset", "legacy+ipset"} {
+		for _, c := range []struct {
+			name, limit string
+			wipe        func(ns *nstest.Netns, ipt string)
+			later       int // the exit of a new ban after the heal
+		}{
+			{"raised, the ban chain flushed", "60000", func(ns *nstest.Netns, ipt string) {
+				ns.MustRun(t, ipt, "-F", chain)
+			}, 0},
+			{"lowered below the bans, everything wiped", "2", func(ns *nstest.Netns, ipt string) {
+				ns.MustRun(t, ipt, "-F")
+				ns.MustRun(t, ipt, "-X")
+				ns.MustRun(t, "ipset", "destroy")
+			}, 3},
+		} {
+			t.Run(backend+", "+c.name, func(t *testing.T) {
+				t.Parallel() // each in its own namespace
+				ns, pol, _ := setup(t, backend, "")
+				runAll(t, ns, pol, jailStart[:3]...)
+				var want []string
+				for i := 1; i <= 4; i++ {
+					runAll(t, ns, pol, fmt.Sprintf("iptables -w -I %s 1 -s 198.51.100.%d -j DROP", chain, i))
+					want = append(want, fmt.Sprintf("198.51.100.%d/32", i))
+				}
+				f, err := os.OpenFile(pol, os.O_APPEND|os.O_WRONLY, 0)
+				require.NoError(t, err)
+				_, err = fmt.Fprintf(f, "max_bans_per_chain = %s\n", c.limit)
+				require.NoError(t, errors.Join(err, f.Close()))
+				c.wipe(ns, "iptables-"+ipt(backend))
+
+				r := ns.Shim(t, shim, pol, "iptables -w -I "+chain+" 1 -s 198.51.100.4 -j DROP")
+				require.Equal(t, 0, r.Code, "a re-ban heals the chain: %s", r.Stderr)
+				assert.ElementsMatch(t, want, banned(t, ns, backend, "iptables", chain))
+				assert.Contains(t, ns.Rules(t, "iptables", backend), "-A INPUT -p tcp -m multiport --dports 143,993 -j "+chain)
+				r = ns.Shim(t, shim, pol, "iptables -w -I "+chain+" 1 -s 198.51.100.9 -j DROP")
+				assert.Equal(t, c.later, r.Code, r.Stderr)
+
+				c.wipe(ns, "iptables-"+ipt(backend))
+				r = allPolicies(t, ns, pol, "reconcile", "--fix", "--quiet")
+				assert.Equal(t, 0, r.Code, "the timer heals it too: %s", r.Stdout+r.Stderr)
+				assert.Equal(t, 0, admin(t, ns, pol, "status").Code)
+			})
+		}
 	}
 }
