@@ -233,7 +233,8 @@ func (s *State) iptablesScript(fam policy.Family, missing func(Hook) bool, banRu
 // RepairScripts are the restore inputs that put back what one live chain
 // lacks of the record, and nothing else: the chain when it is gone, each
 // missing ban (or, with the set backend, each set and its rule, and each
-// member with "-exist"), the return rule, and the hooks that missing
+// member with "-exist"; a set whose rule is gone is flushed first),
+// the return rule, and the hooks that missing
 // says are missing. What the live chain holds besides stays, for
 // reconcile to report: a repair reconciles, it never flushes and
 // reloads. live is the chain's rules as "iptables -S CHAIN" prints them,
@@ -270,7 +271,16 @@ func (s *State) RepairScripts(fam policy.Family, chain policy.Chain, pol *policy
 			if !made[name] {
 				made[name] = true
 				fmt.Fprintf(&sets, "create %s hash:net family %s maxelem %d -exist\n", name, family, sizes[name])
-				insert(fmt.Sprintf("-m set --match-set %s src %s", name, strings.Join(b.Op.Target.Args(), " ")))
+				rule := fmt.Sprintf("-m set --match-set %s src %s", name, strings.Join(b.Op.Target.Args(), " "))
+				if !have["-A "+string(chain)+" "+rule] {
+					// No rule uses the set: what a set left behind by a
+					// wipe holds is in force nowhere, and may be what the
+					// policy refuses now (an address that became the
+					// proxy's own since). It gets the record's bans
+					// exactly, as restore makes it.
+					fmt.Fprintf(&sets, "flush %s\n", name)
+				}
+				insert(rule)
 			}
 			fmt.Fprintf(&sets, "add %s %s -exist\n", name, b.Op.Source)
 		}

@@ -216,3 +216,29 @@ func TestHealAfterMaxBansPerChainChanged(t *testing.T) {
 		}
 	}
 }
+
+// TestHealDoesNotReviveAnOwnAddressInASet: with the set backend a wipe
+// of the chains leaves the sets, with what they held. A ban made before
+// its address became one of the proxy's own stays in its set, where the
+// policy now refuses it; the heal that puts the set's rule back must
+// not bring that ban back into force with it (restore flushes the set
+// and so does not either).
+func TestHealDoesNotReviveAnOwnAddressInASet(t *testing.T) {
+	for _, backend := range []string{"nft+ipset", "legacy+ipset"} {
+		t.Run(backend, func(t *testing.T) {
+			t.Parallel() // each in its own namespace
+			ns, pol, _ := setup(t, backend, "")
+			runAll(t, ns, pol, jailStart[:3]...)
+			for i := 6; i <= 8; i++ {
+				runAll(t, ns, pol, fmt.Sprintf("iptables -w -I %s 1 -s 198.51.100.%d -j DROP", chain, i))
+			}
+			ns.MustRun(t, "ip", "addr", "add", "198.51.100.7/32", "dev", "lo")
+			ns.MustRun(t, "iptables-"+ipt(backend), "-F")
+			ns.MustRun(t, "iptables-"+ipt(backend), "-X")
+
+			runAll(t, ns, pol, "iptables -w -I "+chain+" 1 -s 198.51.100.9 -j DROP")
+			assert.ElementsMatch(t, []string{"198.51.100.6/32", "198.51.100.8/32", "198.51.100.9/32"}, banned(t, ns, backend, "iptables", chain),
+				"the proxy's own address is not banned again")
+		})
+	}
+}
