@@ -259,7 +259,15 @@ func restoreFamily(a *admin, s *state.State, fam policy.Family, b firewall.Backe
 	for _, h := range live.Tables[fam].Hooks {
 		have[live.HookKey(h.Op)] = true
 	}
-	missing := func(h state.Hook) bool { return !have[s.HookKey(h.Op)] }
+	missing := func(h state.Hook) bool {
+		if have[s.HookKey(h.Op)] {
+			return false
+		}
+		// A hook from a parent chain that is gone would fail the whole
+		// family's restore: every chain's bans, for one hook.
+		gone, err := parentGone(b, h.Op)
+		return err != nil || !gone
+	}
 	wait := max(time.Until(a.deadline), time.Second)
 	if b.Sets == nil {
 		if err := a.deps.Restore(fam, a.pol.IptablesBackend, wait, s.RestoreScript(fam, missing)); err != nil {

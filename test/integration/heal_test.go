@@ -159,6 +159,13 @@ func TestHealLeavesAHookWhoseParentChainIsGone(t *testing.T) {
 				assert.NotContains(t, fmt.Sprint(l["state"]), "repaired", "nothing could be put back, so nothing is said to be")
 			}
 			assert.Equal(t, 1, admin(t, ns, pol, "status").Code, "the lost hook is drift")
+
+			// And the restore of a reload or a boot puts back the rest.
+			ns.MustRun(t, ipt, "-F")
+			ns.MustRun(t, ipt, "-X")
+			r = allPolicies(t, ns, pol, "restore")
+			assert.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
+			assert.Len(t, banned(t, ns, backend, "iptables", chain), 5)
 		})
 	}
 }
