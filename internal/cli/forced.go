@@ -320,7 +320,7 @@ func readBack(store *state.Store, pol *policy.Policy, ctx policy.Context, fam po
 		return "an earlier change was cut short, and the state is unreadable: " + err.Error()
 	}
 	merged := state.ReadBack(recorded, live, fam, chain, exists, cut)
-	if err := store.ReplaceChain(merged, fam, chain); err != nil {
+	if err := store.ReplaceChainKeeping(merged, recorded, fam, chain); err != nil {
 		return "an earlier change was cut short, and the state could not be repaired: " + err.Error()
 	}
 	return ""

@@ -249,3 +249,41 @@ func TestHealDoesNotReviveAnOwnAddressInASet(t *testing.T) {
 		})
 	}
 }
+
+// TestReadBackKeepsARecordThePolicyRefusesNow: a failed request leaves
+// its intent, and the next request reads the chain back. A recorded ban
+// the policy refuses at that moment (here its address has just become
+// one of the proxy's own; a never_ban edit or a resolver change does
+// the same) is not put in force, but it must not be erased from the
+// state either: no failure erases what the state holds.
+func TestReadBackKeepsARecordThePolicyRefusesNow(t *testing.T) {
+	for _, backend := range backends {
+		t.Run(backend, func(t *testing.T) {
+			t.Parallel() // each in its own namespace
+			ns, pol, _ := setup(t, backend, "")
+			runAll(t, ns, pol, jailStart[:3]...)
+			for i := 6; i <= 8; i++ {
+				runAll(t, ns, pol, fmt.Sprintf("iptables -w -I %s 1 -s 198.51.100.%d -j DROP", chain, i))
+			}
+			ns.MustRun(t, "ip", "addr", "add", "198.51.100.7/32", "dev", "lo")
+			r := ns.Shim(t, shim, pol, "iptables -w -X "+chain)
+			require.Equal(t, 4, r.Code, "a chain with rules in it cannot be deleted: %s", r.Stderr)
+			r = ns.Shim(t, shim, pol, "iptables -w -C "+chain+" -s 198.51.100.6 -j DROP")
+			require.Equal(t, 0, r.Code, r.Stderr)
+			require.Contains(t, lastAuditState(t, pol), "cut short", "the chain was read back")
+			ns.MustRun(t, "ip", "addr", "del", "198.51.100.7/32", "dev", "lo")
+
+			out := admin(t, ns, pol, "list").Stdout
+			for i := 6; i <= 8; i++ {
+				assert.Contains(t, out, fmt.Sprintf(" 198.51.100.%d/32 ", i))
+			}
+		})
+	}
+}
+
+// lastAuditState is the state field of the test policy's last audit line.
+func lastAuditState(t *testing.T, pol string) string {
+	lines := auditLines(t, filepath.Join(filepath.Dir(pol), "audit.jsonl"))
+	require.NotEmpty(t, lines)
+	return fmt.Sprint(lines[len(lines)-1]["state"])
+}
