@@ -125,7 +125,10 @@ func runForced(policyPath string, env Env, stderr io.Writer, deps Deps) int {
 		// Before the intent: a repair only puts back what the record
 		// holds, so a kill in the middle of it leaves nothing to read back.
 		var note string
-		note, err = healOnContact(store, b, pol, ctx, op.Family, op.BanChain(), deadline, deps, nil)
+		var probe *policy.Operation
+		if probe, err = recordedBan(store, pol, op); err == nil {
+			note, err = healOnContact(store, b, pol, ctx, op.Family, op.BanChain(), deadline, deps, nil, probe)
+		}
 		rec.State = audit.Text(joinNotes(string(rec.State), note))
 	}
 	if err == nil && state.Changes(op.Kind) {

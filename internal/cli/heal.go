@@ -37,8 +37,8 @@ func healsFirst(k policy.Kind) bool {
 // The check is what makes an "unchanged" answer true of the firewall and
 // not only of the record: a chain flushed behind the shim's back loses
 // its return rule too.
-func healOnContact(store *state.Store, b firewall.Backend, pol *policy.Policy, ctx policy.Context, fam policy.Family, chain policy.Chain, deadline time.Time, deps Deps, checked map[famChain]bool) (string, error) {
-	note, err := healChain(store, b, pol, ctx, fam, chain, deadline, deps)
+func healOnContact(store *state.Store, b firewall.Backend, pol *policy.Policy, ctx policy.Context, fam policy.Family, chain policy.Chain, deadline time.Time, deps Deps, checked map[famChain]bool, probe *policy.Operation) (string, error) {
+	note, err := healChain(store, b, pol, ctx, fam, chain, deadline, deps, probe)
 	if err != nil || note == "" {
 		return note, err
 	}
@@ -65,7 +65,7 @@ func healOnContact(store *state.Store, b firewall.Backend, pol *policy.Policy, c
 				}
 				other.LookupPort, opened = ctx.LookupPort, true
 			}
-			n, err := healChain(store, other, pol, ctx, f, n, deadline, deps)
+			n, err := healChain(store, other, pol, ctx, f, n, deadline, deps, nil)
 			if err != nil {
 				return "", err
 			}
@@ -82,12 +82,12 @@ func healOnContact(store *state.Store, b firewall.Backend, pol *policy.Policy, c
 }
 
 // healChain checks one chain and puts back what it lacks.
-func healChain(store *state.Store, b firewall.Backend, pol *policy.Policy, ctx policy.Context, fam policy.Family, chain policy.Chain, deadline time.Time, deps Deps) (string, error) {
+func healChain(store *state.Store, b firewall.Backend, pol *policy.Policy, ctx policy.Context, fam policy.Family, chain policy.Chain, deadline time.Time, deps Deps, probe *policy.Operation) (string, error) {
 	shape, err := store.ChainShape(fam, chain)
 	if err != nil || !shape.Recorded {
 		return "", err
 	}
-	missing, err := missingParts(b, pol, ctx, fam, chain, shape, deadline, deps)
+	missing, err := missingParts(b, pol, ctx, fam, chain, shape, deadline, deps, probe)
 	if err != nil || len(missing) == 0 {
 		return "", err
 	}
@@ -148,7 +148,13 @@ func missingHooks(b firewall.Backend, pol *policy.Policy, ctx policy.Context, fa
 // (the return rule and every hook), which changes nothing and fails when
 // one of them is not there; only then is each asked for on its own, to
 // name what is missing.
-func missingParts(b firewall.Backend, pol *policy.Policy, ctx policy.Context, fam policy.Family, chain policy.Chain, shape state.Shape, deadline time.Time, deps Deps) ([]string, error) {
+//
+// probe, when not nil, is a recorded ban the request names (rule
+// backend): it is checked in the same iptables-restore. A restore of a
+// file saved after the jail started leaves the chain, its return rule
+// and its hooks, and not the later bans; without the probe a re-ban
+// would answer "unchanged" from the record while the firewall lacks it.
+func missingParts(b firewall.Backend, pol *policy.Policy, ctx policy.Context, fam policy.Family, chain policy.Chain, shape state.Shape, deadline time.Time, deps Deps, probe *policy.Operation) ([]string, error) {
 	var hooks []policy.Operation
 	for _, line := range shape.Hooks {
 		if h, err := policy.Decide(pol, line, ctx); err == nil {
@@ -162,6 +168,9 @@ func missingParts(b firewall.Backend, pol *policy.Policy, ctx policy.Context, fa
 		script := fmt.Sprintf("*filter\n-C %s -j RETURN\n", chain)
 		for _, h := range hooks {
 			script += fmt.Sprintf("-C %s %s\n", h.Chain, strings.Join(h.RuleSpec(), " "))
+		}
+		if probe != nil {
+			script += fmt.Sprintf("-C %s %s\n", chain, strings.Join(probe.RuleSpec(), " "))
 		}
 		if deps.Restore(fam, pol.IptablesBackend, max(time.Until(deadline), time.Second), script+"COMMIT\n") == nil {
 			return nil, nil
@@ -198,7 +207,29 @@ func missingParts(b firewall.Backend, pol *policy.Policy, ctx policy.Context, fa
 			missing = append(missing, "hook from "+string(h.Chain))
 		}
 	}
+	if probe != nil && len(missing) == 0 {
+		there, err := b.Table.Exists(string(chain), probe.RuleSpec()...)
+		if err != nil {
+			return nil, err
+		}
+		if !there {
+			missing = append(missing, "ban of "+probe.Source.String())
+		}
+	}
 	return missing, nil
+}
+
+// recordedBan is the probe for missingParts: op when it is a ban the
+// record holds, with the rule backend; nil otherwise.
+func recordedBan(store *state.Store, pol *policy.Policy, op policy.Operation) (*policy.Operation, error) {
+	if op.Kind != policy.AddBan || pol.Backend == "ipset" {
+		return nil, nil
+	}
+	has, err := store.HasBan(op)
+	if err != nil || !has {
+		return nil, err
+	}
+	return &op, nil
 }
 
 // parentGone reports whether a hook's parent chain is missing from the

@@ -287,3 +287,43 @@ func lastAuditState(t *testing.T, pol string) string {
 	require.NotEmpty(t, lines)
 	return fmt.Sprint(lines[len(lines)-1]["state"])
 }
+
+// TestReBanAfterAnOlderSaveIsTrueOfTheFirewall: "iptables-restore" of a
+// file saved after the jail started (netfilter-persistent's rules.v4,
+// say) leaves the chain, its return rule and its hook, and loses the
+// bans made since. A re-ban of one of those (one-shot, or streamed
+// after a new ban) must not answer "unchanged" from the record alone:
+// the heal finds the ban missing and puts back every lost one.
+func TestReBanAfterAnOlderSaveIsTrueOfTheFirewall(t *testing.T) {
+	for _, backend := range backends {
+		t.Run(backend, func(t *testing.T) {
+			t.Parallel() // each in its own namespace
+			ns, pol, _ := setup(t, backend, "")
+			runAll(t, ns, pol, jailStart[:3]...)
+			runAll(t, ns, pol, "iptables -w -I "+chain+" 1 -s 198.51.100.1 -j DROP")
+			saved := ns.MustRun(t, "iptables-"+ipt(backend)+"-save", "-t", "filter")
+			want := []string{"198.51.100.1/32"}
+			for i := 2; i <= 4; i++ {
+				runAll(t, ns, pol, fmt.Sprintf("iptables -w -I %s 1 -s 198.51.100.%d -j DROP", chain, i))
+				want = append(want, fmt.Sprintf("198.51.100.%d/32", i))
+			}
+			restoreSaved := func() {
+				cmd := ns.Command("iptables-" + ipt(backend) + "-restore")
+				cmd.Stdin = strings.NewReader(saved)
+				out, err := cmd.CombinedOutput()
+				require.NoError(t, err, "%s", out)
+			}
+
+			restoreSaved()
+			runAll(t, ns, pol, "iptables -w -I "+chain+" 1 -s 198.51.100.3 -j DROP")
+			assert.ElementsMatch(t, want, banned(t, ns, backend, "iptables", chain), "one-shot")
+
+			restoreSaved()
+			r := ns.Stream(t, shim, pol, "iptables -w -I "+chain+" 1 -s 198.51.100.9 -j DROP\niptables -w -I "+chain+" 1 -s 198.51.100.2 -j DROP\n")
+			require.Equal(t, 0, r.Code, r.Stderr)
+			assert.Equal(t, "1 0 applied\n2 0 unchanged\n", r.Stdout)
+			assert.ElementsMatch(t, append(want, "198.51.100.9/32"), banned(t, ns, backend, "iptables", chain), "stream")
+			assert.Equal(t, 0, admin(t, ns, pol, "status").Code)
+		})
+	}
+}
