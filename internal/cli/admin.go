@@ -166,7 +166,13 @@ func restoreSets(pol *policy.Policy, stdout, stderr io.Writer, deps Deps) int {
 		fmt.Fprintf(stderr, "f2b-shim: restore --sets-only: %v\n", err)
 		return ExitSetup
 	}
-	if err := a.deps.RestoreSets(script.String()); err != nil {
+	text := script.String()
+	if sets, err := a.deps.OpenSets(); err == nil {
+		// A set that 10-ipset already made from a save, with another
+		// maxelem, would fail the whole script.
+		text = withoutExistingSets(text, sets)
+	}
+	if err := a.deps.RestoreSets(text); err != nil {
 		fmt.Fprintf(stderr, "f2b-shim: restore --sets-only (policy %q): %s\n", pol.Name, oneLine.Replace(strings.TrimSpace(err.Error())))
 		return ExitFirewall
 	}

@@ -219,6 +219,8 @@ func TestHealAfterMaxBansPerChainChanged(t *testing.T) {
 				r = allPolicies(t, ns, pol, "reconcile", "--fix", "--quiet")
 				assert.Equal(t, 0, r.Code, "the timer heals it too: %s", r.Stdout+r.Stderr)
 				assert.Equal(t, 0, admin(t, ns, pol, "status").Code)
+				r = allPolicies(t, ns, pol, "restore", "--sets-only")
+				assert.Equal(t, 0, r.Code, "netfilter-persistent's plugin, with the sets there: %s", r.Stdout+r.Stderr)
 			})
 		}
 	}
