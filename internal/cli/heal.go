@@ -32,7 +32,9 @@ func healsFirst(k policy.Kind) bool {
 // (those in checked, which a stream's batch has already seen, are
 // skipped, and those checked here are added). The returned note says
 // what was missing and what was put back, for the request's audit line;
-// status shows the last one.
+// status shows the last one. Only the request's own chain failing to
+// come back fails the request: another chain that cannot be put back
+// (ip6tables broken, say) is named in the note, for the timer to retry.
 //
 // The check is what makes an "unchanged" answer true of the firewall and
 // not only of the record: a chain flushed behind the shim's back loses
@@ -61,13 +63,16 @@ func healOnContact(store *state.Store, b firewall.Backend, pol *policy.Policy, c
 			if !opened {
 				other, err = openBackend(pol, f, deadline, deps)
 				if err != nil {
-					return "", err
+					// The request's own chain is back: another that
+					// cannot be is said, and left to the timer.
+					notes = append(notes, fmt.Sprintf("%s chains not checked: %v", f, err))
+					break
 				}
 				other.LookupPort, opened = ctx.LookupPort, true
 			}
 			n, err := healChain(store, other, pol, ctx, f, n, deadline, deps, nil)
 			if err != nil {
-				return "", err
+				n = "not repaired: " + err.Error()
 			}
 			if n != "" {
 				notes = append(notes, n)
