@@ -166,7 +166,13 @@ func restoreSets(pol *policy.Policy, stdout, stderr io.Writer, deps Deps) int {
 		fmt.Fprintf(stderr, "f2b-shim: restore --sets-only: %v\n", err)
 		return ExitSetup
 	}
-	if err := a.deps.RestoreSets(script.String()); err != nil {
+	text := script.String()
+	if sets, err := a.deps.OpenSets(); err == nil {
+		// A set that 10-ipset already made from a save, with another
+		// maxelem, would fail the whole script.
+		text = withoutExistingSets(text, sets)
+	}
+	if err := a.deps.RestoreSets(text); err != nil {
 		fmt.Fprintf(stderr, "f2b-shim: restore --sets-only (policy %q): %s\n", pol.Name, oneLine.Replace(strings.TrimSpace(err.Error())))
 		return ExitFirewall
 	}
@@ -259,7 +265,15 @@ func restoreFamily(a *admin, s *state.State, fam policy.Family, b firewall.Backe
 	for _, h := range live.Tables[fam].Hooks {
 		have[live.HookKey(h.Op)] = true
 	}
-	missing := func(h state.Hook) bool { return !have[s.HookKey(h.Op)] }
+	missing := func(h state.Hook) bool {
+		if have[s.HookKey(h.Op)] {
+			return false
+		}
+		// A hook from a parent chain that is gone would fail the whole
+		// family's restore: every chain's bans, for one hook.
+		gone, err := parentGone(b, h.Op)
+		return err != nil || !gone
+	}
 	wait := max(time.Until(a.deadline), time.Second)
 	if b.Sets == nil {
 		if err := a.deps.Restore(fam, a.pol.IptablesBackend, wait, s.RestoreScript(fam, missing)); err != nil {
@@ -268,7 +282,7 @@ func restoreFamily(a *admin, s *state.State, fam policy.Family, b firewall.Backe
 	} else {
 		// The sets first: the chains' rules refer to them.
 		sets, rules := s.SetScripts(fam, a.pol, missing)
-		if err := a.deps.RestoreSets(sets); err != nil {
+		if err := a.deps.RestoreSets(withoutExistingSets(sets, b.Sets)); err != nil {
 			return err
 		}
 		if err := a.deps.Restore(fam, a.pol.IptablesBackend, wait, rules); err != nil {

@@ -134,7 +134,10 @@ func runForced(policyPath string, env Env, stderr io.Writer, deps Deps) int {
 		// Before the intent: a repair only puts back what the record
 		// holds, so a kill in the middle of it leaves nothing to read back.
 		var note string
-		note, err = healOnContact(store, b, pol, ctx, op.Family, op.BanChain(), deadline, deps, nil)
+		var probe *policy.Operation
+		if probe, err = recordedBan(store, pol, op); err == nil {
+			note, err = healOnContact(store, b, pol, ctx, op.Family, op.BanChain(), deadline, deps, nil, probe)
+		}
 		rec.State = audit.Text(joinNotes(string(rec.State), note))
 	}
 	if err == nil && state.Changes(op.Kind) {
@@ -329,7 +332,7 @@ func readBack(store *state.Store, pol *policy.Policy, ctx policy.Context, fam po
 		return "an earlier change was cut short, and the state is unreadable: " + err.Error()
 	}
 	merged := state.ReadBack(recorded, live, fam, chain, exists, cut)
-	if err := store.ReplaceChain(merged, fam, chain); err != nil {
+	if err := store.ReplaceChainKeeping(merged, recorded, fam, chain); err != nil {
 		return "an earlier change was cut short, and the state could not be repaired: " + err.Error()
 	}
 	return ""

@@ -32,13 +32,15 @@ func healsFirst(k policy.Kind) bool {
 // (those in checked, which a stream's batch has already seen, are
 // skipped, and those checked here are added). The returned note says
 // what was missing and what was put back, for the request's audit line;
-// status shows the last one.
+// status shows the last one. Only the request's own chain failing to
+// come back fails the request: another chain that cannot be put back
+// (ip6tables broken, say) is named in the note, for the timer to retry.
 //
 // The check is what makes an "unchanged" answer true of the firewall and
 // not only of the record: a chain flushed behind the shim's back loses
 // its return rule too.
-func healOnContact(store *state.Store, b firewall.Backend, pol *policy.Policy, ctx policy.Context, fam policy.Family, chain policy.Chain, deadline time.Time, deps Deps, checked map[famChain]bool) (string, error) {
-	note, err := healChain(store, b, pol, ctx, fam, chain, deadline, deps)
+func healOnContact(store *state.Store, b firewall.Backend, pol *policy.Policy, ctx policy.Context, fam policy.Family, chain policy.Chain, deadline time.Time, deps Deps, checked map[famChain]bool, probe *policy.Operation) (string, error) {
+	note, err := healChain(store, b, pol, ctx, fam, chain, deadline, deps, probe)
 	if err != nil || note == "" {
 		return note, err
 	}
@@ -61,13 +63,16 @@ func healOnContact(store *state.Store, b firewall.Backend, pol *policy.Policy, c
 			if !opened {
 				other, err = openBackend(pol, f, deadline, deps)
 				if err != nil {
-					return "", err
+					// The request's own chain is back: another that
+					// cannot be is said, and left to the timer.
+					notes = append(notes, fmt.Sprintf("%s chains not checked: %v", f, err))
+					break
 				}
 				other.LookupPort, opened = ctx.LookupPort, true
 			}
-			n, err := healChain(store, other, pol, ctx, f, n, deadline, deps)
+			n, err := healChain(store, other, pol, ctx, f, n, deadline, deps, nil)
 			if err != nil {
-				return "", err
+				n = "not repaired: " + err.Error()
 			}
 			if n != "" {
 				notes = append(notes, n)
@@ -82,12 +87,12 @@ func healOnContact(store *state.Store, b firewall.Backend, pol *policy.Policy, c
 }
 
 // healChain checks one chain and puts back what it lacks.
-func healChain(store *state.Store, b firewall.Backend, pol *policy.Policy, ctx policy.Context, fam policy.Family, chain policy.Chain, deadline time.Time, deps Deps) (string, error) {
+func healChain(store *state.Store, b firewall.Backend, pol *policy.Policy, ctx policy.Context, fam policy.Family, chain policy.Chain, deadline time.Time, deps Deps, probe *policy.Operation) (string, error) {
 	shape, err := store.ChainShape(fam, chain)
 	if err != nil || !shape.Recorded {
 		return "", err
 	}
-	missing, err := missingParts(b, pol, ctx, fam, chain, shape, deadline, deps)
+	missing, err := missingParts(b, pol, ctx, fam, chain, shape, deadline, deps, probe)
 	if err != nil || len(missing) == 0 {
 		return "", err
 	}
@@ -131,6 +136,12 @@ func missingHooks(b firewall.Backend, pol *policy.Policy, ctx policy.Context, fa
 	var missing []string
 	for _, h := range hooks {
 		if !have[live.HookKey(h)] {
+			if gone, err := parentGone(b, h); err != nil || gone {
+				if err != nil {
+					return nil, err
+				}
+				continue
+			}
 			missing = append(missing, "hook from "+string(h.Chain))
 		}
 	}
@@ -142,7 +153,13 @@ func missingHooks(b firewall.Backend, pol *policy.Policy, ctx policy.Context, fa
 // (the return rule and every hook), which changes nothing and fails when
 // one of them is not there; only then is each asked for on its own, to
 // name what is missing.
-func missingParts(b firewall.Backend, pol *policy.Policy, ctx policy.Context, fam policy.Family, chain policy.Chain, shape state.Shape, deadline time.Time, deps Deps) ([]string, error) {
+//
+// probe, when not nil, is a recorded ban the request names (rule
+// backend): it is checked in the same iptables-restore. A restore of a
+// file saved after the jail started leaves the chain, its return rule
+// and its hooks, and not the later bans; without the probe a re-ban
+// would answer "unchanged" from the record while the firewall lacks it.
+func missingParts(b firewall.Backend, pol *policy.Policy, ctx policy.Context, fam policy.Family, chain policy.Chain, shape state.Shape, deadline time.Time, deps Deps, probe *policy.Operation) ([]string, error) {
 	var hooks []policy.Operation
 	for _, line := range shape.Hooks {
 		if h, err := policy.Decide(pol, line, ctx); err == nil {
@@ -156,6 +173,9 @@ func missingParts(b firewall.Backend, pol *policy.Policy, ctx policy.Context, fa
 		script := fmt.Sprintf("*filter\n-C %s -j RETURN\n", chain)
 		for _, h := range hooks {
 			script += fmt.Sprintf("-C %s %s\n", h.Chain, strings.Join(h.RuleSpec(), " "))
+		}
+		if probe != nil {
+			script += fmt.Sprintf("-C %s %s\n", chain, strings.Join(probe.RuleSpec(), " "))
 		}
 		if deps.Restore(fam, pol.IptablesBackend, max(time.Until(deadline), time.Second), script+"COMMIT\n") == nil {
 			return nil, nil
@@ -183,10 +203,49 @@ func missingParts(b firewall.Backend, pol *policy.Policy, ctx policy.Context, fa
 			return nil, err
 		}
 		if !there {
+			if gone, err := parentGone(b, h); err != nil || gone {
+				if err != nil {
+					return nil, err
+				}
+				continue
+			}
 			missing = append(missing, "hook from "+string(h.Chain))
 		}
 	}
+	if probe != nil && len(missing) == 0 {
+		there, err := b.Table.Exists(string(chain), probe.RuleSpec()...)
+		if err != nil {
+			return nil, err
+		}
+		if !there {
+			missing = append(missing, "ban of "+probe.Source.String())
+		}
+	}
 	return missing, nil
+}
+
+// recordedBan is the probe for missingParts: op when it is a ban the
+// record holds, with the rule backend; nil otherwise.
+func recordedBan(store *state.Store, pol *policy.Policy, op policy.Operation) (*policy.Operation, error) {
+	if op.Kind != policy.AddBan || pol.Backend == "ipset" {
+		return nil, nil
+	}
+	has, err := store.HasBan(op)
+	if err != nil || !has {
+		return nil, err
+	}
+	return &op, nil
+}
+
+// parentGone reports whether a hook's parent chain is missing from the
+// live firewall (the admin deleted their own chain, or docker's
+// DOCKER-USER went with docker). Such a hook cannot be put back:
+// iptables-restore would refuse the whole repair, and every request
+// into the chain would fail with it, though its other hooks still lead
+// to it. It stays recorded, as drift that status and reconcile report.
+func parentGone(b firewall.Backend, h policy.Operation) (bool, error) {
+	ok, err := b.Table.ChainExists(string(h.Chain))
+	return !ok, err
 }
 
 // repairChain puts back what the live chain lacks of the record, exactly:
@@ -226,10 +285,14 @@ func repairChain(store *state.Store, b firewall.Backend, pol *policy.Policy, ctx
 		if have[only.HookKey(h.Op)] {
 			return false
 		}
+		if gone, err := parentGone(b, h.Op); err == nil && gone {
+			return false
+		}
 		hooks++
 		return true
 	}
 	sets, script := only.RepairScripts(fam, chain, pol, rules, missing)
+	sets = withoutExistingSets(sets, b.Sets)
 	wait := max(time.Until(deadline), time.Second)
 	switch {
 	case deps.Restore == nil || sets != "" && deps.RestoreSets == nil:
@@ -257,6 +320,27 @@ func repairChain(store *state.Store, b firewall.Backend, pol *policy.Policy, ctx
 		what += ", with its return rule"
 	}
 	return fmt.Sprintf("%s) and %d hook(s)", what, hooks), nil
+}
+
+// withoutExistingSets drops from an "ipset restore" script the "create"
+// of each set that exists already: "create -exist" fails when the live
+// set was made with another maxelem (max_bans_per_chain changed since),
+// and with it the whole repair, on every request, and the timer's too.
+// The existing set is kept as it is, and filled.
+func withoutExistingSets(script string, sets firewall.Sets) string {
+	if script == "" || sets == nil {
+		return script
+	}
+	var out strings.Builder
+	for _, line := range strings.SplitAfter(script, "\n") {
+		if f := strings.Fields(line); len(f) > 1 && f[0] == "create" {
+			if _, err := sets.References(f[1]); err == nil {
+				continue
+			}
+		}
+		out.WriteString(line)
+	}
+	return out.String()
 }
 
 // joinNotes joins the notes of an audit line's state field.

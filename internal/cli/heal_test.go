@@ -292,3 +292,40 @@ func TestAFailedBanClearsItsIntent(t *testing.T) {
 	recs := h.records()
 	assert.Empty(t, recs[len(recs)-1].State, "no earlier change to read back")
 }
+
+// TestAnotherChainThatCannotBeHealedDoesNotFailTheRequest: a reload took
+// both families' chains, and the IPv6 one cannot be put back (ip6tables
+// fails). The IPv4 ban that found its own chain gone still heals that
+// chain and lands; the audit line says what could not be put back.
+func TestAnotherChainThatCannotBeHealedDoesNotFailTheRequest(t *testing.T) {
+	for _, mode := range []string{"one-shot", "stream"} {
+		t.Run(mode, func(t *testing.T) {
+			h := newHarness(t)
+			h.startWithBans(3)
+			for _, l := range []string{"ip6tables -w -N " + chain, "ip6tables -w -A " + chain + " -j RETURN", "ip6tables -w -I " + chain + " 1 -s 2001:db8::7 -j DROP"} {
+				code, stderr := h.forced(l)
+				require.Equal(t, ExitOK, code, stderr)
+			}
+			h.tables[policy.IPv4].Wipe("")
+			h.tables[policy.IPv6].Wipe("")
+			for _, m := range []string{"Restore", "Insert", "NewChain", "Append"} {
+				h.tables[policy.IPv6].Fail[m] = errors.New("ip6tables: resource busy")
+			}
+			if mode == "one-shot" {
+				code, stderr := h.forced(healBan(99))
+				require.Equal(t, ExitOK, code, stderr)
+			} else {
+				code, replies, stderr := h.stream(healBan(99) + "\n")
+				require.Equal(t, ExitOK, code, stderr)
+				require.Equal(t, []string{"1 0 applied"}, replies)
+			}
+			bans, hooked, ret := h.liveBans()
+			assert.Equal(t, 4, bans)
+			assert.True(t, hooked)
+			assert.True(t, ret)
+			recs := h.records()
+			assert.Contains(t, string(recs[len(recs)-1].State), "ipv6 "+chain)
+			assert.Contains(t, string(recs[len(recs)-1].State), "resource busy")
+		})
+	}
+}

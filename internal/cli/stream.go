@@ -348,7 +348,11 @@ func (s *session) act(lines []line, start time.Time) int {
 			// nothing but its own lines changes the chain meanwhile.
 			checked[fc] = true
 			if healsFirst(l.op.Kind) {
-				note, err := healOnContact(store, ob.b, s.pol, s.ctx, fc.fam, fc.chain, deadline, s.deps, checked)
+				probe, err := s.probe(store, lines[i:], fc)
+				var note string
+				if err == nil {
+					note, err = healOnContact(store, ob.b, s.pol, s.ctx, fc.fam, fc.chain, deadline, s.deps, checked, probe)
+				}
 				if err != nil {
 					l.done(failure(&l.rec, err))
 					continue
@@ -384,6 +388,21 @@ func (s *session) act(lines []line, start time.Time) int {
 		}
 	}
 	return served
+}
+
+// probe is the first ban of the chain in the rest of the batch that the
+// record holds: the heal checks it in the firewall, so that the batch's
+// re-bans answer "unchanged" only when it is true of the firewall.
+func (s *session) probe(store *state.Store, rest []line, fc famChain) (*policy.Operation, error) {
+	for _, l := range rest {
+		if !l.act || l.op.Family != fc.fam || l.op.BanChain() != fc.chain {
+			continue
+		}
+		if p, err := recordedBan(store, s.pol, l.op); err != nil || p != nil {
+			return p, err
+		}
+	}
+	return nil, nil
 }
 
 // openedBackend is a family's backend, opened once per batch.

@@ -157,11 +157,12 @@ func (s *State) SetScripts(fam policy.Family, pol *policy.Policy, missing func(H
 		// would be one more name for the admin to wonder about (and one
 		// more that netfilter-persistent's saved rules never need).
 		made := map[string]bool{}
+		sizes := setSizes(fam, n, t.Chains[n], pol)
 		for _, b := range t.Chains[n].Bans() {
 			name := firewall.SetName(fam, n, b.Op.Target)
 			if !made[name] {
 				made[name] = true
-				fmt.Fprintf(&sets, "create %s hash:net family %s maxelem %d -exist\nflush %s\n", name, family, pol.MaxBansPerChain, name)
+				fmt.Fprintf(&sets, "create %s hash:net family %s maxelem %d -exist\nflush %s\n", name, family, sizes[name], name)
 			}
 		}
 		for _, b := range t.Chains[n].Bans() {
@@ -232,7 +233,8 @@ func (s *State) iptablesScript(fam policy.Family, missing func(Hook) bool, banRu
 // RepairScripts are the restore inputs that put back what one live chain
 // lacks of the record, and nothing else: the chain when it is gone, each
 // missing ban (or, with the set backend, each set and its rule, and each
-// member with "-exist"), the return rule, and the hooks that missing
+// member with "-exist"; a set whose rule is gone is flushed first),
+// the return rule, and the hooks that missing
 // says are missing. What the live chain holds besides stays, for
 // reconcile to report: a repair reconciles, it never flushes and
 // reloads. live is the chain's rules as "iptables -S CHAIN" prints them,
@@ -259,6 +261,7 @@ func (s *State) RepairScripts(fam policy.Family, chain policy.Chain, pol *policy
 	if c != nil {
 		family := map[policy.Family]string{policy.IPv4: "inet", policy.IPv6: "inet6"}[fam]
 		made := map[string]bool{}
+		sizes := setSizes(fam, chain, c, pol)
 		for _, b := range c.Bans() {
 			if pol.Backend != "ipset" {
 				insert(strings.Join(b.Op.RuleSpec(), " "))
@@ -267,8 +270,17 @@ func (s *State) RepairScripts(fam policy.Family, chain policy.Chain, pol *policy
 			name := firewall.SetName(fam, chain, b.Op.Target)
 			if !made[name] {
 				made[name] = true
-				fmt.Fprintf(&sets, "create %s hash:net family %s maxelem %d -exist\n", name, family, pol.MaxBansPerChain)
-				insert(fmt.Sprintf("-m set --match-set %s src %s", name, strings.Join(b.Op.Target.Args(), " ")))
+				fmt.Fprintf(&sets, "create %s hash:net family %s maxelem %d -exist\n", name, family, sizes[name])
+				rule := fmt.Sprintf("-m set --match-set %s src %s", name, strings.Join(b.Op.Target.Args(), " "))
+				if !have["-A "+string(chain)+" "+rule] {
+					// No rule uses the set: what a set left behind by a
+					// wipe holds is in force nowhere, and may be what the
+					// policy refuses now (an address that became the
+					// proxy's own since). It gets the record's bans
+					// exactly, as restore makes it.
+					fmt.Fprintf(&sets, "flush %s\n", name)
+				}
+				insert(rule)
 			}
 			fmt.Fprintf(&sets, "add %s %s -exist\n", name, b.Op.Source)
 		}
@@ -283,4 +295,20 @@ func (s *State) RepairScripts(fam policy.Family, chain policy.Chain, pol *policy
 	}
 	rules.WriteString("COMMIT\n")
 	return sets.String(), rules.String()
+}
+
+// setSizes is the maxelem of each set of a chain: max_bans_per_chain, or
+// the bans the record holds with that target when there are more (the
+// admin lowered the limit since): a set too small for them would make
+// "ipset restore" refuse the whole repair, and put back none of them.
+// New bans still stop at the limit (firewall.Apply counts them).
+func setSizes(fam policy.Family, chain policy.Chain, c *Chain, pol *policy.Policy) map[string]int {
+	sizes := map[string]int{}
+	for _, b := range c.Bans() {
+		sizes[firewall.SetName(fam, chain, b.Op.Target)]++
+	}
+	for name, n := range sizes {
+		sizes[name] = max(n, pol.MaxBansPerChain)
+	}
+	return sizes
 }

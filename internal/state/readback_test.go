@@ -3,6 +3,7 @@ package state
 import (
 	"fmt"
 	"math/rand/v2"
+	"net/netip"
 	"testing"
 	"time"
 
@@ -152,4 +153,42 @@ func TestNoReadBackDropsARecordedBan(t *testing.T) {
 			}
 		}
 	}
+}
+
+// TestAReadBackKeepsWhatThePolicyRefusesNow: Load skips the records the
+// policy refuses at the moment; writing a read back made from what it
+// loaded must not erase them, whether the chain is read back with bans
+// or Load refused the chain itself.
+func TestAReadBackKeepsWhatThePolicyRefusesNow(t *testing.T) {
+	pol := testPolicy(t)
+	s := open(t, pol)
+	now := time.Now()
+	for _, line := range []string{"iptables -N " + chain, "iptables -I " + chain + " 1 -s 203.0.113.1 -j DROP", "iptables -I " + chain + " 1 -s 203.0.113.2 -j DROP"} {
+		require.NoError(t, s.Record(op(t, line), true, now))
+	}
+	refusing := policy.Context{LookupPort: ctx.LookupPort, Client: netip.MustParseAddr("203.0.113.2")}
+	t.Run("a refused ban stays in a chain read back", func(t *testing.T) {
+		loaded, _, err := s.Load(refusing)
+		require.NoError(t, err)
+		require.Equal(t, 1, loaded.Tables[policy.IPv4].Chains[chain].Len(), "the client's address is refused")
+		require.NoError(t, s.ReplaceChainKeeping(ReadBack(loaded, New(ctx.LookupPort), policy.IPv4, chain, false, nil), loaded, policy.IPv4, chain))
+		all, _, err := s.Load(ctx)
+		require.NoError(t, err)
+		assert.Equal(t, 2, all.Tables[policy.IPv4].Chains[chain].Len())
+		n, err := s.BanCount(policy.IPv4, chain)
+		require.NoError(t, err)
+		assert.Equal(t, 2, n)
+	})
+	t.Run("a chain the policy refuses stays whole", func(t *testing.T) {
+		other := *pol
+		other.ChainPrefix = "other-"
+		so := &Store{db: s.db, pol: &other, lookup: s.lookup}
+		loaded, _, err := so.Load(ctx)
+		require.NoError(t, err)
+		require.Empty(t, loaded.Tables[policy.IPv4].Chains)
+		require.NoError(t, so.ReplaceChainKeeping(ReadBack(loaded, New(ctx.LookupPort), policy.IPv4, chain, false, nil), loaded, policy.IPv4, chain))
+		all, _, err := s.Load(ctx)
+		require.NoError(t, err)
+		assert.Equal(t, 2, all.Tables[policy.IPv4].Chains[chain].Len())
+	})
 }

@@ -104,6 +104,9 @@ func (c *Chain) Bans() []Ban {
 	return out
 }
 
+// has reports whether the chain holds the ban with this key.
+func (c *Chain) has(key string) bool { _, ok := c.bans[key]; return ok }
+
 // Len is the number of bans in the chain.
 func (c *Chain) Len() int { return len(c.bans) }
 

@@ -927,12 +927,51 @@ func (s *Store) Replace(st *State, fams ...policy.Family) error {
 // ReplaceChain makes the record of one chain, and of the hooks into it,
 // equal to what st holds for it.
 func (s *Store) ReplaceChain(st *State, fam policy.Family, chain policy.Chain) error {
+	return s.ReplaceChainKeeping(st, nil, fam, chain)
+}
+
+// ReplaceChainKeeping is ReplaceChain after a read back, where st was
+// made from loaded, the record as Load judged it: the records Load
+// skipped because the policy refuses them now (an address that became
+// the proxy's own, a never_ban entry added, a resolver) are kept as
+// they are. A read back cannot explain their absence, and the policy
+// may allow them again; no failure erases what the state holds.
+func (s *Store) ReplaceChainKeeping(st, loaded *State, fam policy.Family, chain policy.Chain) error {
 	return s.update(func(tx *bolt.Tx) error {
 		// The firewall knows the widened bans, not whom they stand for:
 		// the members stay, for the bans that are still there.
 		members := map[string]bool{}
-		if c, err := chainBucket(tx, fam, chain, false); err == nil && c != nil {
+		refused := map[string][]byte{} // ban key: value
+		refusedHooks := map[string][]byte{}
+		c, err := chainBucket(tx, fam, chain, false)
+		if err == nil && c != nil {
 			_ = forEach(c.Bucket(membersBucket), func(k, _ []byte) error { members[string(k)] = true; return nil })
+			if loaded != nil {
+				lc := loaded.Tables[fam].Chains[chain]
+				if lc == nil && st.Tables[fam].Chains[chain] == nil {
+					// Load refused the chain itself: nothing was read
+					// into it, and nothing of it goes.
+					return nil
+				}
+				_ = forEach(c.Bucket(bansBucket), func(k, v []byte) error {
+					if lc == nil || !lc.has(string(k)) {
+						refused[string(k)] = bytes.Clone(v)
+					}
+					return nil
+				})
+				known := map[string]bool{}
+				for _, h := range loaded.Tables[fam].Hooks {
+					add := h.Op
+					add.Kind = policy.AddHook
+					known[add.CommandLine()] = true
+				}
+				_ = forEach(c.Bucket(hooksBucket), func(k, v []byte) error {
+					if !known[string(k)] {
+						refusedHooks[string(k)] = bytes.Clone(v)
+					}
+					return nil
+				})
+			}
 		}
 		if err := dropChain(tx, fam, chain); err != nil {
 			return err
@@ -950,8 +989,11 @@ func (s *Store) ReplaceChain(st *State, fam policy.Family, chain policy.Chain) e
 		if err := writeTable(tx, fam, only, true); err != nil {
 			return err
 		}
-		c, err := chainBucket(tx, fam, chain, false)
-		if err != nil || c == nil || len(members) == 0 {
+		c, err = chainBucket(tx, fam, chain, false)
+		if err != nil || c == nil {
+			return err
+		}
+		if err := keepRefused(c, refused, refusedHooks); err != nil || len(members) == 0 {
 			return err
 		}
 		m, err := c.CreateBucketIfNotExists(membersBucket)
@@ -970,6 +1012,27 @@ func (s *Store) ReplaceChain(st *State, fam policy.Family, chain policy.Chain) e
 		}
 		return nil
 	})
+}
+
+// keepRefused puts back into a rewritten chain bucket the bans and hooks
+// that Load refused, as they were.
+func keepRefused(c *bolt.Bucket, bans, hooks map[string][]byte) error {
+	n := count(c)
+	for k, v := range bans {
+		if c.Bucket(bansBucket).Get([]byte(k)) != nil {
+			continue
+		}
+		if err := c.Bucket(bansBucket).Put([]byte(k), v); err != nil {
+			return err
+		}
+		n++
+	}
+	for k, v := range hooks {
+		if err := c.Bucket(hooksBucket).Put([]byte(k), v); err != nil {
+			return err
+		}
+	}
+	return setCount(c, n)
 }
 
 func writeTable(tx *bolt.Tx, fam policy.Family, t *Table, synced bool) error {
