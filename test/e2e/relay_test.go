@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -117,6 +118,18 @@ func TestStreamRelayRecoversAfterAWipe(t *testing.T) {
 		}
 	}
 	require.Empty(t, l.ProxyBans(), "the wipe left the chain")
+	// The proxy's state goes too, as with a proxy rebuilt from scratch:
+	// a proxy that still has its state heals the chain itself on the
+	// next ban (issue 20) and never answers exit 4; one without it
+	// refuses bans into a chain it does not know, and the relay must
+	// start the jail there again.
+	stateDir := filepath.Join(l.Dir, "state")
+	st, err := os.Stat(stateDir)
+	require.NoError(t, err)
+	owner := st.Sys().(*syscall.Stat_t)
+	require.NoError(t, os.RemoveAll(stateDir))
+	require.NoError(t, os.Mkdir(stateDir, st.Mode().Perm()))
+	require.NoError(t, os.Chown(stateDir, int(owner.Uid), int(owner.Gid)))
 
 	later := burst(1000, 20)
 	banip(t, l, later)
