@@ -2,15 +2,12 @@ package integration
 
 import (
 	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/f2b-shim/f2b-shim/test/e2e/lab"
 	"github.com/f2b-shim/f2b-shim/test/nstest"
 )
 
@@ -19,17 +16,7 @@ import (
 func TestLogrotateAndAuditReview(t *testing.T) {
 	nstest.RequireRoot(t, "logrotate")
 	ns, pol, audit := setup(t, "nft", "")
-	example, err := os.ReadFile(filepath.Join(lab.RepoRoot(), "examples", "logrotate", "f2b-shim"))
-	require.NoError(t, err)
-	conf := filepath.Join(t.TempDir(), "f2b-shim")
-	require.NoError(t, os.WriteFile(conf, []byte(strings.NewReplacer(
-		"/var/log/f2b-shim/audit.jsonl", audit,
-		"create 0640 f2b-shim f2b-shim", "create 0640 root root",
-	).Replace(string(example))), 0o644))
-	rotate := func() {
-		out, err := exec.Command("logrotate", "--force", "--state", conf+".state", conf).CombinedOutput()
-		require.NoError(t, err, "%s", out)
-	}
+	rotate := shippedLogrotate(t, audit)
 	runAll(t, ns, pol, "iptables -w -N "+chain, "iptables -w -I "+chain+" 1 -s 203.0.113.1 -j DROP")
 	rotate()
 	runAll(t, ns, pol, "iptables -w -I "+chain+" 1 -s 203.0.113.2 -j DROP")

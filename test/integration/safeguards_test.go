@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -17,6 +18,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/f2b-shim/f2b-shim/test/e2e/lab"
 	"github.com/f2b-shim/f2b-shim/test/nstest"
 )
 
@@ -281,13 +283,21 @@ func TestAuditChain(t *testing.T) {
 }
 
 // rotate runs the shipped logrotate file on the audit log, forced.
-func rotate(t *testing.T, audit string) {
-	conf := t.TempDir() + "/logrotate.conf"
-	example, err := os.ReadFile("../../examples/logrotate/f2b-shim")
+func rotate(t *testing.T, audit string) { shippedLogrotate(t, audit)() }
+
+// shippedLogrotate writes the shipped examples/logrotate/f2b-shim for the
+// test's audit log (as root: the test has no f2b-shim user), and returns
+// what runs it, forced, as often as it is called.
+func shippedLogrotate(t *testing.T, audit string) (rotate func()) {
+	example, err := os.ReadFile(filepath.Join(lab.RepoRoot(), "examples", "logrotate", "f2b-shim"))
 	require.NoError(t, err)
-	c := strings.ReplaceAll(string(example), "/var/log/f2b-shim/audit.jsonl", audit)
-	c = strings.ReplaceAll(c, "create 0640 f2b-shim f2b-shim", "create 0640 root root")
-	require.NoError(t, os.WriteFile(conf, []byte(c), 0o644))
-	out, err := exec.Command("logrotate", "--force", "--state", t.TempDir()+"/state", conf).CombinedOutput()
-	require.NoError(t, err, "%s", out)
+	conf := filepath.Join(t.TempDir(), "f2b-shim")
+	require.NoError(t, os.WriteFile(conf, []byte(strings.NewReplacer(
+		"/var/log/f2b-shim/audit.jsonl", audit,
+		"create 0640 f2b-shim f2b-shim", "create 0640 root root",
+	).Replace(string(example))), 0o644))
+	return func() {
+		out, err := exec.Command("logrotate", "--force", "--state", conf+".state", conf).CombinedOutput()
+		require.NoError(t, err, "%s", out)
+	}
 }

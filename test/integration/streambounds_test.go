@@ -20,7 +20,6 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/f2b-shim/f2b-shim/test/e2e/lab"
 	"github.com/f2b-shim/f2b-shim/test/nstest"
 )
 
@@ -226,21 +225,14 @@ func TestStreamFollowsLogrotate(t *testing.T) {
 		t.Run(backend, func(t *testing.T) {
 			t.Parallel()
 			ns, pol, audit := startedJail(t, backend, "")
-			example, err := os.ReadFile(filepath.Join(lab.RepoRoot(), "examples", "logrotate", "f2b-shim"))
-			require.NoError(t, err)
-			conf := filepath.Join(t.TempDir(), "f2b-shim")
-			require.NoError(t, os.WriteFile(conf, []byte(strings.NewReplacer(
-				"/var/log/f2b-shim/audit.jsonl", audit,
-				"create 0640 f2b-shim f2b-shim", "create 0640 root root",
-			).Replace(string(example))), 0o644))
+			rotate := shippedLogrotate(t, audit)
 			s := startSession(t, ns, pol)
 			assert.Equal(t, "1 0 applied", s.send(t, "iptables -w -I "+chain+" 1 -s 203.0.113.61 -j DROP"))
-			out, err := exec.Command("logrotate", "--force", "--state", conf+".state", conf).CombinedOutput()
-			require.NoError(t, err, "%s", out)
+			rotate()
 			assert.Equal(t, "2 0 applied", s.send(t, "iptables -w -I "+chain+" 1 -s 203.0.113.62 -j DROP"))
 			require.NoError(t, s.in.Close())
 			require.Equal(t, 0, s.wait(30*time.Second), s.stderr.String())
-			_, err = os.Stat(audit)
+			_, err := os.Stat(audit)
 			require.NoError(t, err, "the session made the new log")
 			found := false
 			for _, rec := range auditLines(t, audit) {

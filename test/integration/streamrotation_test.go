@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -16,7 +15,6 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/f2b-shim/f2b-shim/test/e2e/lab"
 	"github.com/f2b-shim/f2b-shim/test/nstest"
 )
 
@@ -31,13 +29,7 @@ import (
 func TestStreamRotationDuringABatchKeepsTheChain(t *testing.T) {
 	nstest.RequireRoot(t, "logrotate")
 	ns, pol, audit := startedJail(t, "nft", "max_new_bans_per_minute = 1000000\n")
-	example, err := os.ReadFile(filepath.Join(lab.RepoRoot(), "examples", "logrotate", "f2b-shim"))
-	require.NoError(t, err)
-	conf := filepath.Join(t.TempDir(), "f2b-shim")
-	require.NoError(t, os.WriteFile(conf, []byte(strings.NewReplacer(
-		"/var/log/f2b-shim/audit.jsonl", audit,
-		"create 0640 f2b-shim f2b-shim", "create 0640 root root",
-	).Replace(string(example))), 0o644))
+	rotate := shippedLogrotate(t, audit)
 	s := startSession(t, ns, pol)
 	lines := banLines("iptables", 6000)
 	go func() {
@@ -47,8 +39,7 @@ func TestStreamRotationDuringABatchKeepsTheChain(t *testing.T) {
 	}()
 	got := 0
 	for round := 0; got < len(lines) && round < 200; round++ {
-		out, err := exec.Command("logrotate", "--force", "--state", conf+".state", conf).CombinedOutput()
-		require.NoError(t, err, "%s", out)
+		rotate()
 		r := ns.Shim(t, shim, pol, fmt.Sprintf("iptables -w -I %s 1 -s 198.51.100.%d -j DROP", chain, round%250+1))
 		require.Equal(t, 0, r.Code, r.Stderr)
 		// The replies that came meanwhile.
