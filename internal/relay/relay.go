@@ -403,6 +403,11 @@ func (d *deliverer) step(stop <-chan struct{}) error {
 // replied handles a reply, and every other reply already there, then
 // moves the proxy's cursor past the operations they complete.
 func (d *deliverer) replied(reply string) error {
+	if len(d.flying) == 0 {
+		// Unsolicited: a broken or compromised proxy. The session is
+		// dropped; the relay, and the other proxies, go on.
+		return fmt.Errorf("reply %q answers no line: none is in flight", reply)
+	}
 	var taken uint64
 	var err error
 	for {

@@ -1,0 +1,60 @@
+package relay
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// TestAReplyNoLineAwaitsEndsTheSessionNotTheRelay: a compromised or
+// broken proxy that writes a reply while nothing is in flight (an
+// unsolicited line on a kept-open session) ends that session, is said in
+// fail2ban's log, and is backed off from; the relay does not crash, and
+// so the other proxies go on.
+func TestAReplyNoLineAwaitsEndsTheSessionNotTheRelay(t *testing.T) {
+	box, err := OpenOutbox(t.TempDir(), []string{"evil"}, nil)
+	require.NoError(t, err)
+	defer box.Close()
+	l := &logs{}
+	dials := make(chan struct{}, 100)
+	dial := func(string) (*Conn, error) {
+		dials <- struct{}{}
+		inR, inW := io.Pipe()
+		outR, outW := io.Pipe()
+		go func() {
+			defer outW.Close()
+			sc := bufio.NewScanner(inR)
+			n := 0
+			for sc.Scan() {
+				n++
+				fmt.Fprintf(outW, "%d 0 applied\n", n)
+				// Once every line is answered, one more.
+				time.Sleep(20 * time.Millisecond)
+				fmt.Fprintf(outW, "%d 0 applied\n", n+1)
+			}
+		}()
+		return NewConn(inW, outR, func() error { return inR.Close() }), nil
+	}
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	cfg := Config{Jail: DefaultJail("mail-remote-f2b-imap"), Proxies: []string{"evil"}, Outbox: box,
+		Dial: dial, Logf: l.logf, MinBackoff: 10 * time.Millisecond, MaxBackoff: 40 * time.Millisecond}
+	go func() {
+		defer close(done)
+		deliver(cfg, "evil", stop)
+	}()
+	require.NoError(t, box.Append(Op{Kind: Ban, Addr: mustPrefix("192.0.2.1")}))
+	<-dials
+	require.Eventually(t, func() bool { return box.Backlog("evil") == 0 }, 5*time.Second, 5*time.Millisecond)
+	require.NoError(t, box.Append(Op{Kind: Ban, Addr: mustPrefix("192.0.2.2")}))
+	require.Eventually(t, func() bool { return box.Backlog("evil") == 0 }, 5*time.Second, 5*time.Millisecond)
+	time.Sleep(100 * time.Millisecond)
+	close(stop)
+	<-done
+	assert.Contains(t, l.text(), "answers no line")
+}
