@@ -444,7 +444,9 @@ func (d *deliverer) replied(reply string) error {
 }
 
 // oneLine keeps a message on one line of the protocol.
-var oneLine = strings.NewReplacer("\n", " ", "\r", " ").Replace
+func oneLine(s string) string {
+	return Printable(strings.NewReplacer("\n", " ", "\r", " ").Replace(s))
+}
 
 // errorName is the file that holds a proxy's last error while it is
 // down: "UNIXTIME MESSAGE". "f2b-shim outbox" shows it.
