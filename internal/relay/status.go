@@ -70,18 +70,23 @@ func readJail(dir string) (JailStatus, error) {
 		return st, err
 	}
 	st.Live = o.live()
-	names, err := filepath.Glob(filepath.Join(dir, "cursor.*"))
+	// Not filepath.Glob: the directory's own name may hold a pattern's
+	// characters ("[").
+	entries, err := os.ReadDir(dir)
 	if err != nil {
 		return st, err
 	}
-	for _, n := range names {
-		proxy := strings.TrimPrefix(filepath.Base(n), "cursor.")
-		if strings.HasSuffix(proxy, ".tmp") {
+	for _, e := range entries {
+		proxy, ok := strings.CutPrefix(e.Name(), "cursor.")
+		if !ok || strings.HasSuffix(proxy, ".tmp") {
 			continue
 		}
-		c, err := readNumber(n)
+		c, err := readNumber(filepath.Join(dir, e.Name()))
 		if err != nil {
-			return st, err
+			// Said, and counted as nothing taken: what is shown
+			// errs on the side of pending.
+			st.Skipped = append(st.Skipped, fmt.Sprintf("the cursor of %s cannot be read (%v); counted as nothing taken", proxy, err))
+			c = 0
 		}
 		ps := ProxyStatus{Proxy: proxy}
 		for _, op := range o.ops[o.index(c+1):] {
