@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"fmt"
 	"io"
+	"syscall"
 	"testing"
 	"time"
 
@@ -57,4 +58,31 @@ func TestAReplyNoLineAwaitsEndsTheSessionNotTheRelay(t *testing.T) {
 	close(stop)
 	<-done
 	assert.Contains(t, l.text(), "answers no line")
+}
+
+// TestAFailedSyncLeavesNoRecordBehind: when the group's fdatasync fails
+// (an I/O error, or a filesystem that finds out at sync that it is
+// full), the group is refused and cut off the file. Left there, it would
+// be replayed though it was refused, and the next group, which takes its
+// numbers again, would be skipped at the next load as out of order:
+// acknowledged operations lost.
+func TestAFailedSyncLeavesNoRecordBehind(t *testing.T) {
+	dir := t.TempDir()
+	o, err := OpenOutbox(dir, []string{"p"}, nil)
+	require.NoError(t, err)
+	require.NoError(t, o.Append(Op{Kind: Start}))
+	fdatasync = func(int) error { return syscall.EIO }
+	n, err := o.AppendBatch(ops(t, "ban 192.0.2.1", "ban 192.0.2.2"))
+	fdatasync = syscall.Fdatasync
+	require.Error(t, err)
+	require.Equal(t, 0, n)
+	require.NoError(t, o.Append(Op{Kind: Ban, Addr: mustPrefix("198.51.100.7")}))
+	require.NoError(t, o.Close())
+
+	l := &logs{}
+	o, err = OpenOutbox(dir, []string{"p"}, l.logf)
+	require.NoError(t, err)
+	defer o.Close()
+	assert.Equal(t, []string{"start", "ban 198.51.100.7/32"}, live(o), "what was acknowledged, and only that")
+	assert.Empty(t, l.text())
 }

@@ -471,6 +471,7 @@ func (o *Outbox) AppendBatch(ops []Op) (int, error) {
 		buf = append(buf, ops[i].record()...)
 	}
 	n := len(ops)
+	before := o.size
 	err := o.write(buf)
 	if err != nil {
 		n = 0
@@ -487,10 +488,12 @@ func (o *Outbox) AppendBatch(ops []Op) (int, error) {
 	if n > 0 && !o.NoSync {
 		// fdatasync: the lines' data and the file's new size, without
 		// the times, which nothing reads.
-		if serr := syscall.Fdatasync(int(o.f.Fd())); serr != nil {
+		if serr := fdatasync(int(o.f.Fd())); serr != nil {
 			// What the disk holds is unknown: refuse it all, and cut
-			// the file back so that a later load does not replay it.
-			o.cutBack(o.size)
+			// the file back to before this group, so that a later load
+			// does not replay it, nor meet its numbers twice (the next
+			// group takes them again).
+			o.cutBack(before)
 			return 0, fmt.Errorf("syncing the outbox: %w", serr)
 		}
 	}
@@ -512,6 +515,10 @@ func (o *Outbox) AppendBatch(ops []Op) (int, error) {
 	}
 	return n, nil
 }
+
+// fdatasync is syscall.Fdatasync; a test makes it fail as a failing
+// disk does.
+var fdatasync = syscall.Fdatasync
 
 // openFile opens the file for appending, and cuts off a torn end that
 // an earlier failure left.
