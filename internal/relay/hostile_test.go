@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"fmt"
 	"io"
+	"runtime"
 	"syscall"
 	"testing"
 	"time"
@@ -85,4 +86,31 @@ func TestAFailedSyncLeavesNoRecordBehind(t *testing.T) {
 	defer o.Close()
 	assert.Equal(t, []string{"start", "ban 198.51.100.7/32"}, live(o), "what was acknowledged, and only that")
 	assert.Empty(t, l.text())
+}
+
+// TestAFloodingProxyLeaksNothing: a compromised proxy that writes reply
+// after reply fills the session's reply buffer; when the relay hangs up
+// (the first wrong reply), the goroutine that read them, and the up to
+// 64 MiB of lines it holds, must go too, or every session leaks them.
+func TestAFloodingProxyLeaksNothing(t *testing.T) {
+	before := runtime.NumGoroutine()
+	const sessions = 20
+	for range sessions {
+		inR, inW := io.Pipe()
+		outR, outW := io.Pipe()
+		go func() { _, _ = io.Copy(io.Discard, inR) }()
+		go func() {
+			for {
+				if _, err := fmt.Fprintf(outW, "1 0 applied\n"); err != nil {
+					return
+				}
+			}
+		}()
+		// As exec.Cmd.Wait does once ssh has exited: both pipes close.
+		c := NewConn(inW, outR, func() error { inR.Close(); outR.Close(); return nil })
+		require.Eventually(t, func() bool { return len(c.replies) == cap(c.replies) }, 10*time.Second, time.Millisecond)
+		require.NoError(t, c.Close())
+	}
+	require.Eventually(t, func() bool { return runtime.NumGoroutine() <= before+2 }, 10*time.Second, 10*time.Millisecond,
+		"%d goroutines left behind by %d closed sessions", runtime.NumGoroutine()-before, sessions)
 }
