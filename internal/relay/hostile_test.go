@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"runtime"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -113,4 +114,35 @@ func TestAFloodingProxyLeaksNothing(t *testing.T) {
 	}
 	require.Eventually(t, func() bool { return runtime.NumGoroutine() <= before+2 }, 10*time.Second, 10*time.Millisecond,
 		"%d goroutines left behind by %d closed sessions", runtime.NumGoroutine()-before, sessions)
+}
+
+// TestSIGTERMReadsWhatIsInThePipe: when fail2ban-server is SIGKILLed,
+// systemd then sends SIGTERM to what is left in its cgroup, the relay
+// included. What ban() wrote to the pipe before the kill is the relay's
+// alone to keep (the action that would send it again is gone): the
+// relay reads it all, and makes it durable, before it stops.
+func TestSIGTERMReadsWhatIsInThePipe(t *testing.T) {
+	for round := range 5 {
+		dir := t.TempDir()
+		box, err := OpenOutbox(dir, []string{"down"}, nil)
+		require.NoError(t, err)
+		quit := make(chan struct{})
+		close(quit)
+		var in strings.Builder
+		const n = 2000
+		for i := range n {
+			fmt.Fprintf(&in, "ban 2001:db8::%x\n", i)
+		}
+		cfg := Config{Jail: DefaultJail("mail-remote-f2b-imap"), Proxies: []string{"down"}, Outbox: box, Drain: time.Millisecond,
+			Logf: func(string, string, ...any) {}, Quit: quit, GroupAcks: true,
+			Dial: func(string) (*Conn, error) { return nil, fmt.Errorf("down") }}
+		var out strings.Builder
+		require.NoError(t, Run(cfg, strings.NewReader(in.String()), &out))
+		require.NoError(t, box.Close())
+		assert.True(t, strings.HasSuffix(out.String(), fmt.Sprintf("ok %d\n", n)), "round %d: not every line read: %q", round, out.String()[max(0, out.Len()-20):])
+		box, err = OpenOutbox(dir, []string{"down"}, nil)
+		require.NoError(t, err)
+		assert.Equal(t, n, box.Backlog("down"), "round %d", round)
+		require.NoError(t, box.Close())
+	}
 }

@@ -42,6 +42,12 @@ type Config struct {
 	Restart <-chan struct{}
 }
 
+// quitGrace is how long a relay told to stop (SIGTERM) waits for its
+// input's next line before it stops reading: when the action is gone
+// the input ends at once, after what is in the pipe; when it is alive
+// and idle, this is all the stop waits for.
+const quitGrace = 500 * time.Millisecond
+
 // maxBatch bounds a group commit: the lines that came while the last
 // fdatasync ran are written and synced together, up to this many, so a
 // burst costs one sync per few hundred bans and a lone ban one sync.
@@ -90,12 +96,24 @@ func Run(cfg Config, in io.Reader, out io.Writer) error {
 	var err error
 	n := 0 // lines read
 	restart := false
+	quit, quitting := cfg.Quit, false
 	for {
 		var first string
 		var ok bool
+		var idle <-chan time.Time
+		if quitting {
+			idle = time.After(quitGrace)
+		}
 		select {
 		case first, ok = <-lines:
-		case <-cfg.Quit:
+		case <-quit:
+			// Read on until the input ends or goes quiet: after a
+			// SIGKILL of fail2ban-server, systemd sends SIGTERM to the
+			// relay, and what ban() wrote to the pipe before the kill
+			// is in no one else's hands.
+			quit, quitting = nil, true
+			continue
+		case <-idle:
 		case <-cfg.Restart:
 			restart = true
 		}
