@@ -174,6 +174,10 @@ type Outbox struct {
 	// cursorErr is set while cursor files cannot be written (full
 	// disk): said once, and the cursors stay in memory.
 	cursorErr bool
+	// retryAt is the line count below which a rewrite that failed is
+	// not tried again; compactErr is set while rewrites fail.
+	retryAt    int
+	compactErr bool
 	// hadSkipped is set when the load skipped lines: the file is
 	// rewritten without them when it can be.
 	hadSkipped bool
@@ -234,9 +238,7 @@ func OpenOutbox(dir string, proxies []string, logf func(level, format string, a 
 	if o.lines > 2*o.live()+1024 || o.hadSkipped {
 		// An optimisation, never a precondition: on a full disk the
 		// relay starts, and delivers, from the file as it is.
-		if err := o.compact(); err != nil {
-			logf("warning", "outbox %s: not rewritten (%v); it is delivered as it is", dir, err)
-		}
+		o.tryCompact("it is delivered as it is")
 	}
 	return o, nil
 }
@@ -506,9 +508,7 @@ func (o *Outbox) AppendBatch(ops []Op) (int, error) {
 		o.wake()
 	}
 	if o.lines > 2*o.live()+1024 {
-		if cerr := o.compact(); cerr != nil {
-			o.logf("warning", "outbox %s: not rewritten (%v); it goes on growing until there is room", o.dir, cerr)
-		}
+		o.tryCompact("it goes on growing until there is room")
 	}
 	if err != nil {
 		return n, fmt.Errorf("writing the outbox: %w", err)
@@ -664,9 +664,7 @@ func (o *Outbox) Taken(proxy string, seq uint64) error {
 	// from the file when it holds twice what is live.
 	o.sweep()
 	if o.lines > 2*o.live()+1024 {
-		if cerr := o.compact(); cerr != nil {
-			o.logf("warning", "outbox %s: not rewritten (%v)", o.dir, cerr)
-		}
+		o.tryCompact("it goes on growing until there is room")
 	}
 	return nil
 }
@@ -744,6 +742,26 @@ func writeAside(dir, path string, data []byte, sync bool) error {
 	return err
 }
 
+// tryCompact rewrites the file unless a rewrite failed since it last
+// grew by what is live plus 1024 lines: each attempt writes the whole
+// live outbox, so on a disk with room for appends but not for that, it
+// is not tried at every operation. A failure is said once, until a
+// rewrite succeeds.
+func (o *Outbox) tryCompact(then string) {
+	if o.lines < o.retryAt {
+		return
+	}
+	if err := o.compact(); err != nil {
+		o.retryAt = o.lines + o.live() + 1024
+		if !o.compactErr {
+			o.logf("warning", "outbox %s: not rewritten (%v); %s, and it is tried again when the file has grown", o.dir, err, then)
+		}
+		o.compactErr = true
+		return
+	}
+	o.retryAt, o.compactErr = 0, false
+}
+
 // compact rewrites the file with the live operations some proxy has not
 // taken: written aside, fsync'd, and renamed over the old one.
 func (o *Outbox) compact() error {
@@ -754,6 +772,7 @@ func (o *Outbox) compact() error {
 	fmt.Fprintf(&b, "%s%d\n", seqHeader, o.seq)
 	n := 0
 	for _, op := range o.ops {
+		o.work++
 		if op.Kind != dead {
 			b.WriteString(op.record())
 			n++
