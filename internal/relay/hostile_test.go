@@ -146,3 +146,37 @@ func TestSIGTERMReadsWhatIsInThePipe(t *testing.T) {
 		require.NoError(t, box.Close())
 	}
 }
+
+// TestSIGTERMStopsABusyRelay: reading on after SIGTERM is bounded: an
+// action that is alive and never quiet does not keep the relay from
+// stopping.
+func TestSIGTERMStopsABusyRelay(t *testing.T) {
+	if testing.Short() {
+		t.Skip("waits for quitLimit")
+	}
+	box, err := OpenOutbox(t.TempDir(), []string{"down"}, nil)
+	require.NoError(t, err)
+	defer box.Close()
+	quit := make(chan struct{})
+	close(quit)
+	inR, inW := io.Pipe()
+	const lines = 400 // one per 100 ms: far longer than quitLimit
+	wrote := make(chan int, 1)
+	go func() {
+		i := 0
+		for ; i < lines; i++ {
+			if _, err := fmt.Fprintf(inW, "ban 192.0.2.%d\n", i%250); err != nil {
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		inW.Close()
+		wrote <- i
+	}()
+	cfg := Config{Jail: DefaultJail("mail-remote-f2b-imap"), Proxies: []string{"down"}, Outbox: box, Drain: time.Millisecond,
+		Logf: func(string, string, ...any) {}, Quit: quit, GroupAcks: true,
+		Dial: func(string) (*Conn, error) { return nil, fmt.Errorf("down") }}
+	require.NoError(t, Run(cfg, inR, io.Discard))
+	inR.Close()
+	assert.Less(t, <-wrote, lines, "the relay read on until its input ended")
+}

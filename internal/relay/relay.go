@@ -48,6 +48,10 @@ type Config struct {
 // and idle, this is all the stop waits for.
 const quitGrace = 500 * time.Millisecond
 
+// quitLimit bounds that reading: an action that is alive and never
+// quiet does not keep a relay told to stop.
+const quitLimit = 10 * time.Second
+
 // maxBatch bounds a group commit: the lines that came while the last
 // fdatasync ran are written and synced together, up to this many, so a
 // burst costs one sync per few hundred bans and a lone ban one sync.
@@ -97,6 +101,7 @@ func Run(cfg Config, in io.Reader, out io.Writer) error {
 	n := 0 // lines read
 	restart := false
 	quit, quitting := cfg.Quit, false
+	var quitBy <-chan time.Time
 	for {
 		var first string
 		var ok bool
@@ -112,8 +117,10 @@ func Run(cfg Config, in io.Reader, out io.Writer) error {
 			// relay, and what ban() wrote to the pipe before the kill
 			// is in no one else's hands.
 			quit, quitting = nil, true
+			quitBy = time.After(quitLimit)
 			continue
 		case <-idle:
+		case <-quitBy:
 		case <-cfg.Restart:
 			restart = true
 		}
