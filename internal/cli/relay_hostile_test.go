@@ -11,6 +11,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/f2b-shim/f2b-shim/internal/relay"
 )
 
 // TestRelayLogLinesCannotBeForgedByAProxy: what a compromised proxy
@@ -68,4 +70,25 @@ func TestOutboxIsSafeOnAHostileDirectory(t *testing.T) {
 			assert.False(t, b < 0x20 || b == 0x7f, "a control byte %q reached the terminal:\n%q", b, out.String()+errOut.String())
 		}
 	}
+}
+
+// TestOutboxForgetsAProxyNoLongerConfigured: when the admin removes a
+// proxy from the jail's proxies, the next relay no longer delivers to
+// it; "f2b-shim outbox" must not go on listing it as pending, and exit 1,
+// for ever.
+func TestOutboxForgetsAProxyNoLongerConfigured(t *testing.T) {
+	dir := t.TempDir()
+	box, err := relay.OpenOutbox(filepath.Join(dir, "imap"), []string{"f2b-proxy", "old-proxy"}, nil)
+	require.NoError(t, err)
+	require.NoError(t, box.Append(relay.Op{Kind: relay.Start}))
+	box.SetError("old-proxy", "ssh: connect to host old-proxy port 22: No route to host")
+	require.NoError(t, box.Close())
+
+	box, err = relay.OpenOutbox(filepath.Join(dir, "imap"), []string{"f2b-proxy"}, nil)
+	require.NoError(t, err)
+	require.NoError(t, box.Taken("f2b-proxy", 1))
+	defer box.Close()
+	var out, errOut bytes.Buffer
+	assert.Equal(t, ExitOK, runOutbox([]string{"--dir", dir}, &out, &errOut, time.Now), out.String())
+	assert.NotContains(t, out.String(), "old-proxy")
 }

@@ -124,7 +124,29 @@ func readError(path string) (string, time.Time) {
 
 // initCursors writes a cursor file for each proxy that has none, so that
 // "f2b-shim outbox" lists a proxy that never took anything.
+//
+// It removes the cursor and error files of a proxy that is no longer
+// among the jail's proxies: nothing is delivered to it any more, and
+// "f2b-shim outbox" would otherwise list it as pending for ever.
 func (o *Outbox) initCursors(proxies []string) {
+	known := map[string]bool{}
+	for _, p := range proxies {
+		known[safeName(p)] = true
+	}
+	if entries, err := os.ReadDir(o.dir); err == nil {
+		for _, e := range entries {
+			name, ok := strings.CutPrefix(e.Name(), "cursor.")
+			if !ok {
+				name, ok = strings.CutPrefix(e.Name(), "error.")
+			}
+			if !ok || known[strings.TrimSuffix(name, ".tmp")] {
+				continue
+			}
+			if os.Remove(filepath.Join(o.dir, e.Name())) == nil && strings.HasPrefix(e.Name(), "cursor.") && !strings.HasSuffix(name, ".tmp") {
+				o.logf("info", "outbox %s: proxy %s is no longer among the jail's proxies: forgotten", o.dir, name)
+			}
+		}
+	}
 	for _, p := range proxies {
 		if _, err := os.Lstat(o.cursorPath(p)); errors.Is(err, os.ErrNotExist) {
 			_ = writeAside(o.dir, o.cursorPath(p), []byte(strconv.FormatUint(o.cursors[p], 10)+"\n"), false)
