@@ -180,3 +180,35 @@ func TestSIGTERMStopsABusyRelay(t *testing.T) {
 	inR.Close()
 	assert.Less(t, <-wrote, lines, "the relay read on until its input ended")
 }
+
+// TestARelayWaitsForTheOneStillDraining: after fail2ban-server is killed
+// and started again, the old relay may still hold the outbox's lock
+// while it drains. The new relay waits for it (bounded by lockWait)
+// instead of failing at once, which made the action drop, as refused,
+// every operation the new fail2ban sent it meanwhile.
+func TestARelayWaitsForTheOneStillDraining(t *testing.T) {
+	dir := t.TempDir()
+	old, err := OpenOutbox(dir, []string{"p"}, nil)
+	require.NoError(t, err)
+	go func() {
+		time.Sleep(300 * time.Millisecond)
+		old.Close()
+	}()
+	l := &logs{}
+	o, err := OpenOutbox(dir, []string{"p"}, l.logf)
+	require.NoError(t, err)
+	require.NoError(t, o.Close())
+	assert.Contains(t, l.text(), "in use by another relay")
+
+	t.Run("it gives up after lockWait", func(t *testing.T) {
+		held, err := OpenOutbox(dir, []string{"p"}, nil)
+		require.NoError(t, err)
+		defer held.Close()
+		saved := lockWait
+		lockWait = 200 * time.Millisecond
+		defer func() { lockWait = saved }()
+		_, err = OpenOutbox(dir, []string{"p"}, nil)
+		require.Error(t, err)
+		assert.Contains(t, err.Error(), "in use by another relay")
+	})
+}

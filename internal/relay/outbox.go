@@ -219,9 +219,9 @@ func OpenOutbox(dir string, proxies []string, logf func(level, format string, a 
 	if err != nil {
 		return nil, err
 	}
-	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+	if err := takeLock(lock, dir, logf); err != nil {
 		lock.Close()
-		return nil, fmt.Errorf("outbox %s is in use by another relay (is the jail started twice, or two fail2ban servers share outbox_dir?): %w", dir, err)
+		return nil, err
 	}
 	o := &Outbox{dir: dir, logf: logf, lock: lock, byAddr: map[netip.Prefix]uint64{},
 		cursors: map[string]uint64{}, backlog: map[string]int{}, changed: make(chan struct{})}
@@ -241,6 +241,32 @@ func OpenOutbox(dir string, proxies []string, logf func(level, format string, a 
 		o.tryCompact("it is delivered as it is")
 	}
 	return o, nil
+}
+
+// lockWait bounds how long a relay waits for the outbox's lock: a relay
+// that a killed fail2ban-server left behind reads what is in its pipe
+// and drains for the action's drain (10 s), then ends its sessions
+// (5 s). Failing at once made the action refuse, as if for good, every
+// operation the new fail2ban sent meanwhile.
+var lockWait = 30 * time.Second
+
+// takeLock takes the outbox's lock, waiting up to lockWait for a relay
+// that still holds it.
+func takeLock(lock *os.File, dir string, logf func(level, format string, a ...any)) error {
+	deadline := time.Now().Add(lockWait)
+	for said := false; ; said = true {
+		err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, syscall.EWOULDBLOCK) || time.Now().After(deadline) {
+			return fmt.Errorf("outbox %s is in use by another relay (is the jail started twice, or two fail2ban servers share outbox_dir?): %w", dir, err)
+		}
+		if !said {
+			logf("info", "outbox %s is in use by another relay, most likely one still draining after fail2ban restarted; waiting up to %s for it", dir, lockWait)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 // load replays the file in one pass. A last line without its newline is
