@@ -28,7 +28,7 @@ func runOutbox(args []string, stdout, stderr io.Writer, now func() time.Time) in
 		return ExitOK
 	}
 	if err != nil {
-		fmt.Fprintf(stderr, "f2b-shim: outbox: %v\nf2b-shim: hint: run it as root, with --dir set to the action's outbox_dir\n", err)
+		fmt.Fprintf(stderr, "f2b-shim: outbox: %s\nf2b-shim: hint: run it as root, with --dir set to the action's outbox_dir\n", relay.Printable(err.Error()))
 		return ExitSetup
 	}
 	if len(jails) == 0 {
@@ -37,9 +37,9 @@ func runOutbox(args []string, stdout, stderr io.Writer, now func() time.Time) in
 	}
 	code := ExitOK
 	for _, j := range jails {
-		fmt.Fprintf(stdout, "%s (%s): %d operation(s) kept\n", j.Jail, j.Dir, j.Live)
+		fmt.Fprintf(stdout, "%s (%s): %d operation(s) kept\n", relay.Printable(j.Jail), relay.Printable(j.Dir), j.Live)
 		for _, s := range j.Skipped {
-			fmt.Fprintf(stdout, "  note: %s\n", s)
+			fmt.Fprintf(stdout, "  note: %s\n", relay.Printable(s))
 		}
 		for _, p := range j.Proxies {
 			line := "everything delivered"
@@ -55,9 +55,9 @@ func runOutbox(args []string, stdout, stderr io.Writer, now func() time.Time) in
 				if !p.LastErrorAt.IsZero() {
 					line += fmt.Sprintf(" %s ago", age(now(), p.LastErrorAt))
 				}
-				line += ": " + p.LastError
+				line += ": " + relay.Printable(p.LastError)
 			}
-			fmt.Fprintf(stdout, "  %s: %s\n", p.Proxy, line)
+			fmt.Fprintf(stdout, "  %s: %s\n", relay.Printable(p.Proxy), line)
 		}
 	}
 	return code

@@ -70,7 +70,7 @@ func runRelay(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	logf := func(level, format string, a ...any) {
 		mu.Lock()
 		defer mu.Unlock()
-		fmt.Fprintf(stderr, "%s: %s\n", level, strings.ReplaceAll(fmt.Sprintf(format, a...), "\n", " "))
+		fmt.Fprintf(stderr, "%s: %s\n", level, relay.Printable(fmt.Sprintf(format, a...)))
 	}
 	// The session is kept open anyway: no ControlMaster, whose shared
 	// connection would outlive the relay and hide a session's failure.

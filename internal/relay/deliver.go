@@ -16,7 +16,12 @@ type Conn struct {
 	w       *bufio.Writer
 	stdin   io.Closer
 	replies chan string
-	end     func() error
+	// closed ends the goroutine that reads replies, even while it waits
+	// to hand one over: a proxy that floods replies must not leave it,
+	// and the lines it holds, behind each session.
+	closed    chan struct{}
+	closeOnce sync.Once
+	end       func() error
 	// sent is the session's line count: the proxy numbers replies by it.
 	sent int
 	// last is when the session last answered: a session that fails
@@ -32,13 +37,17 @@ type Conn struct {
 
 // NewConn wraps a session's stdin and stdout; close ends it.
 func NewConn(stdin io.WriteCloser, stdout io.Reader, end func() error) *Conn {
-	c := &Conn{w: bufio.NewWriterSize(stdin, 64<<10), stdin: stdin, replies: make(chan string, window+24), end: end}
+	c := &Conn{w: bufio.NewWriterSize(stdin, 64<<10), stdin: stdin, replies: make(chan string, window+24), closed: make(chan struct{}), end: end}
 	go func() {
 		defer close(c.replies)
 		sc := bufio.NewScanner(stdout)
 		sc.Buffer(make([]byte, 64<<10), 64<<10)
 		for sc.Scan() {
-			c.replies <- sc.Text()
+			select {
+			case c.replies <- sc.Text():
+			case <-c.closed:
+				return
+			}
 		}
 	}()
 	return c
@@ -47,6 +56,7 @@ func NewConn(stdin io.WriteCloser, stdout io.Reader, end func() error) *Conn {
 // Close ends the session: its stdin is closed, so the shim finishes
 // what it has and exits.
 func (c *Conn) Close() error {
+	c.closeOnce.Do(func() { close(c.closed) })
 	_ = c.stdin.Close()
 	return c.end()
 }

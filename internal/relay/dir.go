@@ -18,13 +18,17 @@ import (
 // that is world-writable with the sticky bit and belongs to root (/tmp)
 // is accepted: in it, no one can remove or rename the entries of
 // another, so a directory below it that passes these checks stays ours.
-func CheckDir(dir string) error {
+func CheckDir(dir string) error { return checkDir(dir, "") }
+
+// checkDir checks dir as the outbox directory (child empty) or as the
+// parent of child, which is about to be made in it.
+func checkDir(dir, child string) error {
 	abs, err := filepath.Abs(dir)
 	if err != nil {
 		return err
 	}
 	euid := uint32(os.Geteuid())
-	for p, child := abs, ""; ; p, child = filepath.Dir(p), p {
+	for p := abs; ; p, child = filepath.Dir(p), p {
 		st, err := os.Lstat(p)
 		if err != nil {
 			return err
@@ -66,8 +70,8 @@ func CheckDir(dir string) error {
 }
 
 // MakeDir creates the outbox directory and what is missing of its
-// parents (mode 0700), checking each that exists first, and then the
-// whole path with CheckDir.
+// parents (mode 0700), checking the first that exists as their parent,
+// and each it makes before it makes the next one in it.
 func MakeDir(dir string) error {
 	abs, err := filepath.Abs(dir)
 	if err != nil {
@@ -87,12 +91,26 @@ func MakeDir(dir string) error {
 		}
 		p = filepath.Dir(p)
 	}
-	if err := CheckDir(p); err != nil {
+	// p is checked as the parent of what is made in it: /tmp is fine
+	// there, though not as the outbox itself.
+	child := ""
+	if len(missing) > 0 {
+		child = missing[len(missing)-1]
+	}
+	if err := checkDir(p, child); err != nil {
 		return fmt.Errorf("refusing the outbox directory %s: %w", abs, err)
 	}
 	for i := len(missing) - 1; i >= 0; i-- {
+		beforeMkdir(missing[i])
 		if err := os.Mkdir(missing[i], 0o700); err != nil && !errors.Is(err, os.ErrExist) {
 			return err
+		}
+		// Checked before anything is made in it: in a sticky /tmp,
+		// another user may have made it (or a link by its name) first,
+		// and a mkdir below it would follow that link. Once it is
+		// checked, no one else can rename it.
+		if err := CheckDir(missing[i]); err != nil {
+			return fmt.Errorf("refusing the outbox directory %s: %w", abs, err)
 		}
 	}
 	if err := CheckDir(abs); err != nil {
@@ -100,3 +118,8 @@ func MakeDir(dir string) error {
 	}
 	return nil
 }
+
+// beforeMkdir is called before each directory MakeDir makes: a test
+// plays there the other user who wins the race between the look and
+// the mkdir.
+var beforeMkdir = func(string) {}

@@ -262,3 +262,50 @@ func TestUnsafeDirectoriesAreRefused(t *testing.T) {
 		assert.Contains(t, err.Error(), "is a symbolic link")
 	})
 }
+
+// TestAFailedRewriteIsNotRetriedAtEveryOperation: on a nearly full disk,
+// appends fit but a rewrite of the file does not. The rewrite is then
+// tried again only once the file has grown by as much again, not at
+// every operation and every reply (each attempt writes the whole live
+// outbox, and logged a warning to fail2ban's log), and it is said once.
+func TestAFailedRewriteIsNotRetriedAtEveryOperation(t *testing.T) {
+	dir, inside := inTmpfs(t, "1m")
+	if !inside {
+		return
+	}
+	box := filepath.Join(dir, "imap")
+	require.NoError(t, os.Mkdir(box, 0o700))
+	var b strings.Builder
+	seq := 0
+	for i := range 4000 {
+		seq++
+		fmt.Fprintf(&b, "%d ban 192.0.2.%d/32\n", seq, i%20)
+	}
+	for i := range 2000 {
+		seq++
+		fmt.Fprintf(&b, "%d ban 2001:db8::%x/128\n", seq, i)
+	}
+	require.NoError(t, os.WriteFile(filepath.Join(box, logName), []byte(b.String()), 0o600))
+	require.NoError(t, os.WriteFile(filepath.Join(box, "lock"), nil, 0o600))
+	for _, p := range []string{"p", "q"} {
+		require.NoError(t, os.WriteFile(filepath.Join(box, "cursor."+p), []byte("0\n"), 0o600))
+	}
+	filler := fill(t, dir)
+	defer filler.Close()
+	// Room for some appends (a few blocks), not for the whole file.
+	st, err := filler.Stat()
+	require.NoError(t, err)
+	require.NoError(t, filler.Truncate(st.Size()-16<<10))
+
+	l := &logs{}
+	o, err := OpenOutbox(box, []string{"p", "q"}, l.logf)
+	require.NoError(t, err)
+	defer o.Close()
+	before := o.work
+	for i := range 200 {
+		require.NoError(t, o.Append(Op{Kind: Ban, Addr: mustPrefix(fmt.Sprintf("198.51.100.%d", i))}))
+		require.NoError(t, o.Taken("p", uint64(seq+i+1)))
+	}
+	assert.Equal(t, 1, strings.Count(l.text(), "not rewritten"), "said once:\n%s", l.text())
+	assert.Less(t, o.work-before, 200*50, "a rewrite of %d live operations was tried at every step", o.live())
+}

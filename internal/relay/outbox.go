@@ -174,6 +174,10 @@ type Outbox struct {
 	// cursorErr is set while cursor files cannot be written (full
 	// disk): said once, and the cursors stay in memory.
 	cursorErr bool
+	// retryAt is the line count below which a rewrite that failed is
+	// not tried again; compactErr is set while rewrites fail.
+	retryAt    int
+	compactErr bool
 	// hadSkipped is set when the load skipped lines: the file is
 	// rewritten without them when it can be.
 	hadSkipped bool
@@ -215,9 +219,9 @@ func OpenOutbox(dir string, proxies []string, logf func(level, format string, a 
 	if err != nil {
 		return nil, err
 	}
-	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+	if err := takeLock(lock, dir, logf); err != nil {
 		lock.Close()
-		return nil, fmt.Errorf("outbox %s is in use by another relay (is the jail started twice, or two fail2ban servers share outbox_dir?): %w", dir, err)
+		return nil, err
 	}
 	o := &Outbox{dir: dir, logf: logf, lock: lock, byAddr: map[netip.Prefix]uint64{},
 		cursors: map[string]uint64{}, backlog: map[string]int{}, changed: make(chan struct{})}
@@ -234,11 +238,35 @@ func OpenOutbox(dir string, proxies []string, logf func(level, format string, a 
 	if o.lines > 2*o.live()+1024 || o.hadSkipped {
 		// An optimisation, never a precondition: on a full disk the
 		// relay starts, and delivers, from the file as it is.
-		if err := o.compact(); err != nil {
-			logf("warning", "outbox %s: not rewritten (%v); it is delivered as it is", dir, err)
-		}
+		o.tryCompact("it is delivered as it is")
 	}
 	return o, nil
+}
+
+// lockWait bounds how long a relay waits for the outbox's lock: a relay
+// that a killed fail2ban-server left behind reads what is in its pipe
+// and drains for the action's drain (10 s), then ends its sessions
+// (5 s). Failing at once made the action refuse, as if for good, every
+// operation the new fail2ban sent meanwhile.
+var lockWait = 30 * time.Second
+
+// takeLock takes the outbox's lock, waiting up to lockWait for a relay
+// that still holds it.
+func takeLock(lock *os.File, dir string, logf func(level, format string, a ...any)) error {
+	deadline := time.Now().Add(lockWait)
+	for said := false; ; said = true {
+		err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, syscall.EWOULDBLOCK) || time.Now().After(deadline) {
+			return fmt.Errorf("outbox %s is in use by another relay (is the jail started twice, or two fail2ban servers share outbox_dir?): %w", dir, err)
+		}
+		if !said {
+			logf("info", "outbox %s is in use by another relay, most likely one still draining after fail2ban restarted; waiting up to %s for it", dir, lockWait)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 // load replays the file in one pass. A last line without its newline is
@@ -471,6 +499,7 @@ func (o *Outbox) AppendBatch(ops []Op) (int, error) {
 		buf = append(buf, ops[i].record()...)
 	}
 	n := len(ops)
+	before := o.size
 	err := o.write(buf)
 	if err != nil {
 		n = 0
@@ -487,10 +516,12 @@ func (o *Outbox) AppendBatch(ops []Op) (int, error) {
 	if n > 0 && !o.NoSync {
 		// fdatasync: the lines' data and the file's new size, without
 		// the times, which nothing reads.
-		if serr := syscall.Fdatasync(int(o.f.Fd())); serr != nil {
+		if serr := fdatasync(int(o.f.Fd())); serr != nil {
 			// What the disk holds is unknown: refuse it all, and cut
-			// the file back so that a later load does not replay it.
-			o.cutBack(o.size)
+			// the file back to before this group, so that a later load
+			// does not replay it, nor meet its numbers twice (the next
+			// group takes them again).
+			o.cutBack(before)
 			return 0, fmt.Errorf("syncing the outbox: %w", serr)
 		}
 	}
@@ -503,15 +534,17 @@ func (o *Outbox) AppendBatch(ops []Op) (int, error) {
 		o.wake()
 	}
 	if o.lines > 2*o.live()+1024 {
-		if cerr := o.compact(); cerr != nil {
-			o.logf("warning", "outbox %s: not rewritten (%v); it goes on growing until there is room", o.dir, cerr)
-		}
+		o.tryCompact("it goes on growing until there is room")
 	}
 	if err != nil {
 		return n, fmt.Errorf("writing the outbox: %w", err)
 	}
 	return n, nil
 }
+
+// fdatasync is syscall.Fdatasync; a test makes it fail as a failing
+// disk does.
+var fdatasync = syscall.Fdatasync
 
 // openFile opens the file for appending, and cuts off a torn end that
 // an earlier failure left.
@@ -657,9 +690,7 @@ func (o *Outbox) Taken(proxy string, seq uint64) error {
 	// from the file when it holds twice what is live.
 	o.sweep()
 	if o.lines > 2*o.live()+1024 {
-		if cerr := o.compact(); cerr != nil {
-			o.logf("warning", "outbox %s: not rewritten (%v)", o.dir, cerr)
-		}
+		o.tryCompact("it goes on growing until there is room")
 	}
 	return nil
 }
@@ -737,6 +768,26 @@ func writeAside(dir, path string, data []byte, sync bool) error {
 	return err
 }
 
+// tryCompact rewrites the file unless a rewrite failed since it last
+// grew by what is live plus 1024 lines: each attempt writes the whole
+// live outbox, so on a disk with room for appends but not for that, it
+// is not tried at every operation. A failure is said once, until a
+// rewrite succeeds.
+func (o *Outbox) tryCompact(then string) {
+	if o.lines < o.retryAt {
+		return
+	}
+	if err := o.compact(); err != nil {
+		o.retryAt = o.lines + o.live() + 1024
+		if !o.compactErr {
+			o.logf("warning", "outbox %s: not rewritten (%v); %s, and it is tried again when the file has grown", o.dir, err, then)
+		}
+		o.compactErr = true
+		return
+	}
+	o.retryAt, o.compactErr = 0, false
+}
+
 // compact rewrites the file with the live operations some proxy has not
 // taken: written aside, fsync'd, and renamed over the old one.
 func (o *Outbox) compact() error {
@@ -747,6 +798,7 @@ func (o *Outbox) compact() error {
 	fmt.Fprintf(&b, "%s%d\n", seqHeader, o.seq)
 	n := 0
 	for _, op := range o.ops {
+		o.work++
 		if op.Kind != dead {
 			b.WriteString(op.record())
 			n++

@@ -42,6 +42,16 @@ type Config struct {
 	Restart <-chan struct{}
 }
 
+// quitGrace is how long a relay told to stop (SIGTERM) waits for its
+// input's next line before it stops reading: when the action is gone
+// the input ends at once, after what is in the pipe; when it is alive
+// and idle, this is all the stop waits for.
+const quitGrace = 500 * time.Millisecond
+
+// quitLimit bounds that reading: an action that is alive and never
+// quiet does not keep a relay told to stop.
+const quitLimit = 10 * time.Second
+
 // maxBatch bounds a group commit: the lines that came while the last
 // fdatasync ran are written and synced together, up to this many, so a
 // burst costs one sync per few hundred bans and a lone ban one sync.
@@ -90,12 +100,27 @@ func Run(cfg Config, in io.Reader, out io.Writer) error {
 	var err error
 	n := 0 // lines read
 	restart := false
+	quit, quitting := cfg.Quit, false
+	var quitBy <-chan time.Time
 	for {
 		var first string
 		var ok bool
+		var idle <-chan time.Time
+		if quitting {
+			idle = time.After(quitGrace)
+		}
 		select {
 		case first, ok = <-lines:
-		case <-cfg.Quit:
+		case <-quit:
+			// Read on until the input ends or goes quiet: after a
+			// SIGKILL of fail2ban-server, systemd sends SIGTERM to the
+			// relay, and what ban() wrote to the pipe before the kill
+			// is in no one else's hands.
+			quit, quitting = nil, true
+			quitBy = time.After(quitLimit)
+			continue
+		case <-idle:
+		case <-quitBy:
 		case <-cfg.Restart:
 			restart = true
 		}
@@ -403,6 +428,11 @@ func (d *deliverer) step(stop <-chan struct{}) error {
 // replied handles a reply, and every other reply already there, then
 // moves the proxy's cursor past the operations they complete.
 func (d *deliverer) replied(reply string) error {
+	if len(d.flying) == 0 {
+		// Unsolicited: a broken or compromised proxy. The session is
+		// dropped; the relay, and the other proxies, go on.
+		return fmt.Errorf("reply %q answers no line: none is in flight", reply)
+	}
 	var taken uint64
 	var err error
 	for {
@@ -439,7 +469,9 @@ func (d *deliverer) replied(reply string) error {
 }
 
 // oneLine keeps a message on one line of the protocol.
-var oneLine = strings.NewReplacer("\n", " ", "\r", " ").Replace
+func oneLine(s string) string {
+	return Printable(strings.NewReplacer("\n", " ", "\r", " ").Replace(s))
+}
 
 // errorName is the file that holds a proxy's last error while it is
 // down: "UNIXTIME MESSAGE". "f2b-shim outbox" shows it.

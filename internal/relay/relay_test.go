@@ -89,7 +89,10 @@ func TestOutboxSurvivesARestart(t *testing.T) {
 		require.NoError(t, o.Append(op))
 	}
 	require.NoError(t, o.Taken("a", 3))
+	saved := lockWait
+	lockWait = 100 * time.Millisecond
 	_, err = OpenOutbox(dir, []string{"a"}, nil)
+	lockWait = saved
 	require.Error(t, err, "one relay per outbox")
 	require.NoError(t, o.Close())
 

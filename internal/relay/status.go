@@ -70,18 +70,23 @@ func readJail(dir string) (JailStatus, error) {
 		return st, err
 	}
 	st.Live = o.live()
-	names, err := filepath.Glob(filepath.Join(dir, "cursor.*"))
+	// Not filepath.Glob: the directory's own name may hold a pattern's
+	// characters ("[").
+	entries, err := os.ReadDir(dir)
 	if err != nil {
 		return st, err
 	}
-	for _, n := range names {
-		proxy := strings.TrimPrefix(filepath.Base(n), "cursor.")
-		if strings.HasSuffix(proxy, ".tmp") {
+	for _, e := range entries {
+		proxy, ok := strings.CutPrefix(e.Name(), "cursor.")
+		if !ok || strings.HasSuffix(proxy, ".tmp") {
 			continue
 		}
-		c, err := readNumber(n)
+		c, err := readNumber(filepath.Join(dir, e.Name()))
 		if err != nil {
-			return st, err
+			// Said, and counted as nothing taken: what is shown
+			// errs on the side of pending.
+			st.Skipped = append(st.Skipped, fmt.Sprintf("the cursor of %s cannot be read (%v); counted as nothing taken", proxy, err))
+			c = 0
 		}
 		ps := ProxyStatus{Proxy: proxy}
 		for _, op := range o.ops[o.index(c+1):] {
@@ -119,7 +124,29 @@ func readError(path string) (string, time.Time) {
 
 // initCursors writes a cursor file for each proxy that has none, so that
 // "f2b-shim outbox" lists a proxy that never took anything.
+//
+// It removes the cursor and error files of a proxy that is no longer
+// among the jail's proxies: nothing is delivered to it any more, and
+// "f2b-shim outbox" would otherwise list it as pending for ever.
 func (o *Outbox) initCursors(proxies []string) {
+	known := map[string]bool{}
+	for _, p := range proxies {
+		known[safeName(p)] = true
+	}
+	if entries, err := os.ReadDir(o.dir); err == nil {
+		for _, e := range entries {
+			name, ok := strings.CutPrefix(e.Name(), "cursor.")
+			if !ok {
+				name, ok = strings.CutPrefix(e.Name(), "error.")
+			}
+			if !ok || known[strings.TrimSuffix(name, ".tmp")] {
+				continue
+			}
+			if os.Remove(filepath.Join(o.dir, e.Name())) == nil && strings.HasPrefix(e.Name(), "cursor.") && !strings.HasSuffix(name, ".tmp") {
+				o.logf("info", "outbox %s: proxy %s is no longer among the jail's proxies: forgotten", o.dir, name)
+			}
+		}
+	}
 	for _, p := range proxies {
 		if _, err := os.Lstat(o.cursorPath(p)); errors.Is(err, os.ErrNotExist) {
 			_ = writeAside(o.dir, o.cursorPath(p), []byte(strconv.FormatUint(o.cursors[p], 10)+"\n"), false)

@@ -31,7 +31,11 @@ func Open(path string, flag int, perm os.FileMode) (*os.File, error) {
 	if !ok {
 		return nil, fmt.Errorf("cannot read the owner of %s", filepath.Dir(path))
 	}
-	base := flag&^(os.O_CREATE|os.O_EXCL) | syscall.O_NOFOLLOW | syscall.O_CLOEXEC
+	// O_NONBLOCK: opening a FIFO would otherwise wait for its other
+	// end, so one planted in place of a file would hang root's command
+	// before check could refuse it. On a regular file it changes
+	// nothing.
+	base := flag&^(os.O_CREATE|os.O_EXCL) | syscall.O_NOFOLLOW | syscall.O_CLOEXEC | syscall.O_NONBLOCK
 	if flag&os.O_CREATE != 0 {
 		// Created here, now: no one else can have linked it anywhere.
 		f, err := os.OpenFile(path, base|os.O_CREATE|os.O_EXCL, perm)
