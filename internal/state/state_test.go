@@ -465,3 +465,21 @@ func TestARenamedPolicyKeepsItsBans(t *testing.T) {
 		assert.Contains(t, err.Error(), filepath.Join(dir, "c.db"))
 	})
 }
+
+// TestAnUnbanMakesNoChainRecord: an unban in a chain the state does not
+// hold (never made, or made by hand) leaves the state without it, applied
+// or not. A record made there would have the heal build, on the next
+// request, a chain that was never there (FuzzStream found one-shot and
+// stream mode disagreeing over it).
+func TestAnUnbanMakesNoChainRecord(t *testing.T) {
+	for _, applied := range []bool{false, true} {
+		t.Run(fmt.Sprintf("applied %v", applied), func(t *testing.T) {
+			s := open(t, testPolicy(t))
+			unban := op(t, "iptables -D "+chain+" -s 203.0.113.1 -j DROP")
+			require.NoError(t, s.Record(unban, applied, time.Now()))
+			has, err := s.HasChain(policy.IPv4, chain)
+			require.NoError(t, err)
+			assert.False(t, has)
+		})
+	}
+}

@@ -462,8 +462,11 @@ func (s *Store) record(tx *bolt.Tx, op policy.Operation, applied bool, at time.T
 		}
 		return hooks.Put([]byte(add.CommandLine()), encodeTime(at))
 	case policy.AddBan, policy.DeleteBan:
-		c, err := chainBucket(tx, fam, chain, true)
-		if err != nil {
+		// An unban never makes a chain's record: one for a chain the
+		// state does not hold (never made, or made by hand) would have
+		// the heal build a chain that was never there.
+		c, err := chainBucket(tx, fam, chain, op.Kind == policy.AddBan)
+		if err != nil || c == nil {
 			return err
 		}
 		if err := recordMember(c, op); err != nil {
