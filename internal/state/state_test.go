@@ -466,20 +466,24 @@ func TestARenamedPolicyKeepsItsBans(t *testing.T) {
 	})
 }
 
-// TestAnUnbanMakesNoChainRecord: an unban in a chain the state does not
+// TestAnUnbanMakesNoChainRecord: an unban (or an unhook) in a chain the state does not
 // hold (never made, or made by hand) leaves the state without it, applied
 // or not. A record made there would have the heal build, on the next
 // request, a chain that was never there (FuzzStream found one-shot and
 // stream mode disagreeing over it).
 func TestAnUnbanMakesNoChainRecord(t *testing.T) {
-	for _, applied := range []bool{false, true} {
-		t.Run(fmt.Sprintf("applied %v", applied), func(t *testing.T) {
-			s := open(t, testPolicy(t))
-			unban := op(t, "iptables -D "+chain+" -s 203.0.113.1 -j DROP")
-			require.NoError(t, s.Record(unban, applied, time.Now()))
-			has, err := s.HasChain(policy.IPv4, chain)
-			require.NoError(t, err)
-			assert.False(t, has)
-		})
+	for _, line := range []string{
+		"iptables -D " + chain + " -s 203.0.113.1 -j DROP",
+		"iptables -D INPUT -p tcp -m multiport --dports 143,993 -j " + chain,
+	} {
+		for _, applied := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s, applied %v", line, applied), func(t *testing.T) {
+				s := open(t, testPolicy(t))
+				require.NoError(t, s.Record(op(t, line), applied, time.Now()))
+				has, err := s.HasChain(policy.IPv4, chain)
+				require.NoError(t, err)
+				assert.False(t, has)
+			})
+		}
 	}
 }

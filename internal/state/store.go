@@ -433,8 +433,9 @@ func (s *Store) record(tx *bolt.Tx, op policy.Operation, applied bool, at time.T
 		}
 		return c.Put(returnKey, marker)
 	case policy.AddHook, policy.DeleteHook:
-		c, err := chainBucket(tx, fam, chain, true)
-		if err != nil {
+		// An unhook never makes a chain's record, as an unban does not.
+		c, err := chainBucket(tx, fam, chain, op.Kind == policy.AddHook)
+		if err != nil || c == nil {
 			return err
 		}
 		hooks := c.Bucket(hooksBucket)
