@@ -63,6 +63,29 @@ func inTmpfs(t *testing.T, size string) (dir string, inside bool) {
 	return dir, false
 }
 
+// writeBacklog leaves in dir the outbox of a jail "imap" that an earlier
+// relay wrote while its proxy was down: reBans re-bans of 20 IPv4
+// addresses and fresh IPv6 bans, so more than twice what is live and a
+// start wants to rewrite it. It returns the jail's directory and the
+// last record's number.
+func writeBacklog(t *testing.T, dir string, reBans, fresh int) (string, int) {
+	box := filepath.Join(dir, "imap")
+	require.NoError(t, os.Mkdir(box, 0o700))
+	var b strings.Builder
+	seq := 0
+	for i := range reBans {
+		seq++
+		fmt.Fprintf(&b, "%d ban 192.0.2.%d/32\n", seq, i%20)
+	}
+	for i := range fresh {
+		seq++
+		fmt.Fprintf(&b, "%d ban 2001:db8::%x/128\n", seq, i)
+	}
+	require.NoError(t, os.WriteFile(filepath.Join(box, logName), []byte(b.String()), 0o600))
+	require.NoError(t, os.WriteFile(filepath.Join(box, "lock"), nil, 0o600))
+	return box, seq
+}
+
 // fill takes every free block of dir's filesystem.
 func fill(t *testing.T, dir string) *os.File {
 	f, err := os.Create(filepath.Join(dir, "filler"))
@@ -148,20 +171,7 @@ func TestRelayStartsAndDeliversOnAFullFilesystem(t *testing.T) {
 	// The file an earlier relay left while the proxy was down: many
 	// re-bans of a few addresses, more than twice what is live, so a
 	// start wants to rewrite it.
-	box := filepath.Join(dir, "imap")
-	require.NoError(t, os.Mkdir(box, 0o700))
-	var b strings.Builder
-	seq := 0
-	for i := range 3000 {
-		seq++
-		fmt.Fprintf(&b, "%d ban 192.0.2.%d/32\n", seq, i%20)
-	}
-	for i := range 500 {
-		seq++
-		fmt.Fprintf(&b, "%d ban 2001:db8::%x/128\n", seq, i)
-	}
-	require.NoError(t, os.WriteFile(filepath.Join(box, logName), []byte(b.String()), 0o600))
-	require.NoError(t, os.WriteFile(filepath.Join(box, "lock"), nil, 0o600))
+	box, _ := writeBacklog(t, dir, 3000, 500)
 	filler := fill(t, dir)
 	defer filler.Close()
 
@@ -273,20 +283,7 @@ func TestAFailedRewriteIsNotRetriedAtEveryOperation(t *testing.T) {
 	if !inside {
 		return
 	}
-	box := filepath.Join(dir, "imap")
-	require.NoError(t, os.Mkdir(box, 0o700))
-	var b strings.Builder
-	seq := 0
-	for i := range 4000 {
-		seq++
-		fmt.Fprintf(&b, "%d ban 192.0.2.%d/32\n", seq, i%20)
-	}
-	for i := range 2000 {
-		seq++
-		fmt.Fprintf(&b, "%d ban 2001:db8::%x/128\n", seq, i)
-	}
-	require.NoError(t, os.WriteFile(filepath.Join(box, logName), []byte(b.String()), 0o600))
-	require.NoError(t, os.WriteFile(filepath.Join(box, "lock"), nil, 0o600))
+	box, seq := writeBacklog(t, dir, 4000, 2000)
 	for _, p := range []string{"p", "q"} {
 		require.NoError(t, os.WriteFile(filepath.Join(box, "cursor."+p), []byte("0\n"), 0o600))
 	}
