@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -32,9 +33,13 @@ type Policy struct {
 	IptablesBackend string         `toml:"iptables_backend"`
 	// Syslog also sends every audit record to syslog/journald.
 	Syslog bool `toml:"syslog"`
-	// Backend is "rules" (one iptables rule per ban) or "ipset" (bans in
-	// hash:net sets, one rule per target).
+	// Backend is "rules" (one iptables rule per ban), "ipset" (bans in
+	// hash:net sets, one rule per target) or "nftables" (bans in the sets
+	// of the shim's own nftables table, changed over netlink: no iptables,
+	// no ipset, no program per ban).
 	Backend string `toml:"backend"`
+	// NftablesTable is the inet table the nftables backend owns.
+	NftablesTable string `toml:"nftables_table"`
 	// MaxChains bounds the ban chains per family; MaxHooksPerChain the
 	// jumps into one ban chain from the parent chains, per family. Every
 	// packet to a hooked port walks the chain once per hook.
@@ -160,6 +165,7 @@ func Default() *Policy {
 		LockTimeout:         10 * time.Second,
 		IptablesBackend:     "auto",
 		Backend:             "rules",
+		NftablesTable:       "f2b_shim",
 		MaxChains:           defaultMaxChains,
 		MaxHooksPerChain:    defaultMaxHooks,
 		MaxBanTime:          defaultMaxBanTime,
@@ -309,8 +315,22 @@ func (p *Policy) Validate() error {
 	default:
 		return fmt.Errorf("iptables_backend %q must be \"auto\", \"nft\" or \"legacy\"", p.IptablesBackend)
 	}
-	if p.Backend != "rules" && p.Backend != "ipset" {
-		return fmt.Errorf("backend %q must be \"rules\" or \"ipset\"", p.Backend)
+	switch p.Backend {
+	case "rules", "ipset":
+	case "nftables":
+		// The table is the shim's own base chain on the input hook: the
+		// hooks of fail2ban's INPUT become its rules. Other parents
+		// (FORWARD, DOCKER-USER) have no place in it yet.
+		for _, c := range p.ParentChains {
+			if c != "INPUT" {
+				return fmt.Errorf("parent_chains %q: backend \"nftables\" hooks ban chains into its own input chain only; set parent_chains = [\"INPUT\"], or use backend \"rules\" or \"ipset\"", c)
+			}
+		}
+	default:
+		return fmt.Errorf("backend %q must be \"rules\", \"ipset\" or \"nftables\"", p.Backend)
+	}
+	if !nftIdent.MatchString(p.NftablesTable) {
+		return fmt.Errorf("nftables_table %q must be 1 to 64 letters, digits or underscores, starting with a letter", p.NftablesTable)
 	}
 	if p.MaxBanTime < 0 {
 		return fmt.Errorf("max_ban_time %s must not be negative", p.MaxBanTime)
@@ -386,3 +406,7 @@ func checkPrefix(prefix string) error {
 // Nests reports whether two chain prefixes can name the same chain: one
 // policy could then flush or unhook the other's chains.
 func Nests(a, b string) bool { return strings.HasPrefix(a, b) || strings.HasPrefix(b, a) }
+
+// nftIdent is a table name nft accepts unquoted, so that an admin can
+// type it ("nft list table inet NAME") as the docs show it.
+var nftIdent = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9_]{0,63}$`)
