@@ -130,3 +130,13 @@ func HookEffect(op Operation, lookup func(proto, name string) (uint16, bool)) (s
 	}
 	return fmt.Sprintf("%s %s %s %s", op.Chain, op.Proto, strings.Join(s, ","), op.Jump), nil
 }
+
+// PortRanges is the set of ports a hook matches, sorted and merged, with
+// service names resolved through lookup; nil when it matches every port
+// ("-p tcp -j CHAIN"). The nftables backend builds its hook rules from it.
+func (c Command) PortRanges(lookup func(proto, name string) (uint16, bool)) ([]PortRange, error) {
+	if c.Match == AllPorts {
+		return nil, nil
+	}
+	return resolve(c.Proto, c.Ports, lookup)
+}

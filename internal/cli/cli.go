@@ -71,6 +71,9 @@ type Deps struct {
 	RestoreSets func(script string) error
 	// Restore feeds an iptables-restore script to the family's iptables-restore.
 	Restore func(fam policy.Family, backend string, wait time.Duration, script string) error
+	// OpenNFT opens the nftables backend's table (policy backend =
+	// "nftables"), one per process: the library allows no more.
+	OpenNFT func(table string) (firewall.NFT, error)
 	// Syslog sends an audit record to syslog (policy key syslog).
 	Syslog func(audit.Record) error
 	// PrepareExec readies the process to run iptables: as a non-root user

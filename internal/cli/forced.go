@@ -338,10 +338,19 @@ func readBack(store *state.Store, pol *policy.Policy, ctx policy.Context, fam po
 	return ""
 }
 
-// openBackend opens the family's table, and ipset for the set backend.
+// openBackend opens the family's table, and ipset for the set backend;
+// for the nftables backend, the shim's own nftables table and nothing
+// else.
 func openBackend(pol *policy.Policy, fam policy.Family, deadline time.Time, deps Deps) (firewall.Backend, error) {
 	b := firewall.Backend{Policy: pol}
 	var err error
+	if pol.Backend == "nftables" {
+		if deps.OpenNFT == nil {
+			return b, fmt.Errorf("the nftables backend is not available here")
+		}
+		b.NFT, err = deps.OpenNFT(pol.NftablesTable)
+		return b, err
+	}
 	if b.Table, err = deps.OpenTable(fam, pol.IptablesBackend, max(time.Until(deadline), time.Second)); err != nil {
 		return b, err
 	}

@@ -10,12 +10,14 @@ import (
 	"path/filepath"
 	"runtime/debug"
 	"strconv"
+	"sync"
 	"syscall"
 	"time"
 
 	"github.com/f2b-shim/f2b-shim/internal/audit"
 	"github.com/f2b-shim/f2b-shim/internal/firewall"
 	"github.com/f2b-shim/f2b-shim/internal/hostnet"
+	"github.com/f2b-shim/f2b-shim/internal/nftables"
 	"github.com/f2b-shim/f2b-shim/internal/privilege"
 	"github.com/f2b-shim/f2b-shim/policy"
 )
@@ -51,6 +53,7 @@ func RealDeps() Deps {
 			}
 			return s.Restore(script)
 		},
+		OpenNFT:           openNFT,
 		Syslog:            func(r audit.Record) error { return audit.SendSyslog("", "", r) },
 		Context:           hostnet.Context,
 		PrepareExec:       privilege.Prepare,
@@ -58,6 +61,34 @@ func RealDeps() Deps {
 		DefaultPolicyFile: DefaultPolicyDir + "/policy.toml",
 		Stdin:             os.Stdin,
 	}
+}
+
+// nftTable is the process's one nftables connection (google/nftables
+// v0.3.0 allows one per process, see package nftables). An admin command
+// that goes through several policies opens their tables in turn.
+var nftTable struct {
+	sync.Mutex
+	t *nftables.Table
+}
+
+func openNFT(name string) (firewall.NFT, error) {
+	nftTable.Lock()
+	defer nftTable.Unlock()
+	if t := nftTable.t; t != nil {
+		if t.Name() == name {
+			return t, nil
+		}
+		_ = t.Close()
+		nftTable.t = nil
+	}
+	// Single addresses go into a hash set beside the interval set: a ban
+	// then costs the same at 50,000 bans as at none (docs/nftables.md).
+	t, err := nftables.Open(name, nftables.WithAddressSets())
+	if err != nil {
+		return nil, err
+	}
+	nftTable.t = t
+	return t, nil
 }
 
 // maxPolicySize bounds the policy file; a real one is a few hundred bytes.

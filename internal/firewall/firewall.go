@@ -73,6 +73,11 @@ type Backend struct {
 	// the reference count. The batch holds the lock, and a flush or
 	// delete of the chain in it forgets them.
 	SetsInUse map[string]bool
+	// NFT, when set, is the nftables backend (policy backend =
+	// "nftables"); Table and Sets are then nil. NFTQueue, when set,
+	// gathers a stream batch's bans into one transaction.
+	NFT      NFT
+	NFTQueue *NFTQueue
 }
 
 // Record is what Apply asks of the shim's record.
@@ -95,6 +100,9 @@ type Record interface {
 // Apply carries out op. The caller holds the policy's lock, so the check
 // and the change that follows it cannot race with another shim.
 func Apply(b Backend, op policy.Operation) (Outcome, error) {
+	if b.NFT != nil {
+		return applyNFT(b, op)
+	}
 	t := b.Table
 	chain, spec := string(op.Chain), op.RuleSpec()
 	if b.Sets != nil {

@@ -2,6 +2,7 @@ package nftables
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -301,3 +302,31 @@ func (t *Table) Check(chain policy.Chain, p netip.Prefix) (Element, bool, error)
 	}
 	return Element{}, false, nil
 }
+
+// Part reports whether the family's part of a ban chain exists: its set,
+// which the chain's bans go into. It answers fail2ban's "-C CHAIN -j
+// RETURN" (see ChainState.Returns) without reading any element, so it
+// costs the same at any number of bans.
+func (t *Table) Part(chain policy.Chain, fam policy.Family) (bool, error) {
+	if err := errors.Join(checkChain(chain), checkFamily(fam)); err != nil {
+		return false, err
+	}
+	_, sets, err := t.familyPart(chain, fam)
+	return len(sets) > 0, err
+}
+
+// Hooks reads the hooks of the base chain; rules it does not recognise
+// are left out (ReadBack lists them as foreign).
+func (t *Table) Hooks() ([]Hook, error) {
+	live, err := t.hooks()
+	var out []Hook
+	for _, h := range live {
+		if h.ok {
+			out = append(out, h.hook)
+		}
+	}
+	return out, err
+}
+
+// SameHook reports whether two hooks have the same effect.
+func SameHook(a, b Hook) bool { return sameHook(a, b) }

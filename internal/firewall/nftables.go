@@ -1,0 +1,321 @@
+package firewall
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+
+	"github.com/f2b-shim/f2b-shim/internal/nftables"
+	"github.com/f2b-shim/f2b-shim/policy"
+)
+
+// NFT is the nftables backend's table (*nftables.Table): the shim's own
+// inet table, changed over netlink. With it, a Backend's Table and Sets
+// are nil: this backend runs no program, iptables and ipset included.
+type NFT interface {
+	NewBatch() *nftables.Batch
+	// Part answers whether the family's part of a chain exists, reading
+	// no element.
+	Part(chain policy.Chain, fam policy.Family) (bool, error)
+	Hooks() ([]nftables.Hook, error)
+	Check(chain policy.Chain, p netip.Prefix) (nftables.Element, bool, error)
+	ReadBack() (*nftables.Snapshot, error)
+}
+
+// NFTQueue gathers a stream batch's bans and unbans (and expire's
+// unbans) into one nftables transaction, written at Flush, or before any
+// other change so that the table sees every change in the order asked.
+// A transaction is all or nothing: when it fails, each queued change is
+// sent in a transaction of its own, so that a ban that fails does not
+// fail its neighbours, as Batched does for iptables-restore.
+type NFTQueue struct {
+	Ticket int
+	nft    NFT
+	queue  []nftQueued
+	failed map[int]error
+}
+
+type nftQueued struct {
+	ticket int
+	op     policy.Operation
+	ban    nftables.Ban
+}
+
+func (q *NFTQueue) add(b Backend, op policy.Operation) {
+	q.nft = b.NFT
+	q.queue = append(q.queue, nftQueued{q.Ticket, op, banOf(b.Policy, op)})
+}
+
+// Flush writes the queue, and returns the queued changes that failed
+// since the last Flush, by ticket.
+func (q *NFTQueue) Flush() map[int]error {
+	q.flush()
+	failed := q.failed
+	q.failed = nil
+	return failed
+}
+
+func (q *NFTQueue) flush() {
+	queue := q.queue
+	q.queue = nil
+	if len(queue) == 0 {
+		return
+	}
+	b := q.nft.NewBatch()
+	for _, e := range queue {
+		queueBan(b, e)
+	}
+	if b.Commit() == nil {
+		return
+	}
+	for _, e := range queue {
+		b := q.nft.NewBatch()
+		queueBan(b, e)
+		if err := b.Commit(); err != nil {
+			if q.failed == nil {
+				q.failed = map[int]error{}
+			}
+			q.failed[e.ticket] = err
+		}
+	}
+}
+
+func queueBan(b *nftables.Batch, e nftQueued) {
+	if e.op.Kind == policy.DeleteBan {
+		b.RemoveBans(e.op.Chain, []netip.Prefix{e.op.Source})
+		return
+	}
+	b.SetVerdict(e.op.Chain, e.op.Family, e.op.Target)
+	b.AddBans(e.op.Chain, []nftables.Ban{e.ban})
+}
+
+// banOf is the element of a ban: its prefix, and max_ban_time as its
+// timeout, so that the kernel lifts it on time even if no f2b-shim
+// process ever runs again. A re-ban adds it again, which refreshes it.
+func banOf(pol *policy.Policy, op policy.Operation) nftables.Ban {
+	return nftables.Ban{Prefix: op.Source, Timeout: pol.MaxBanTime}
+}
+
+// nftDo commits one change, after whatever the stream's queue holds.
+func nftDo(b Backend, fill func(x *nftables.Batch)) error {
+	if b.NFTQueue != nil {
+		b.NFTQueue.flush()
+	}
+	x := b.NFT.NewBatch()
+	fill(x)
+	return x.Commit()
+}
+
+// NFTHook is a hook request as the nftables table holds it.
+func NFTHook(op policy.Operation, lookup func(proto, name string) (uint16, bool)) (nftables.Hook, error) {
+	ports, err := op.PortRanges(lookup)
+	if err != nil {
+		return nftables.Hook{}, err
+	}
+	return nftables.Hook{Family: op.Family, Chain: op.Jump, Proto: op.Proto, Ports: ports}, nil
+}
+
+// applyNFT carries out op on the nftables table, with fail2ban's iptables
+// semantics: creating what exists, deleting what is absent and banning
+// twice succeed and change nothing (a re-ban refreshes its timeout).
+func applyNFT(b Backend, op policy.Operation) (Outcome, error) {
+	chain, fam := op.BanChain(), op.Family
+	// Queued bans never make or remove a chain's part, so it is read
+	// without writing the queue first.
+	part := func() (bool, error) { return nftPart(b, chain, fam) }
+	switch op.Kind {
+	case policy.CreateChain:
+		ok, err := part()
+		if err != nil || ok {
+			return Unchanged, err
+		}
+		if err := checkChainLimit(b, op); err != nil {
+			return 0, err
+		}
+		return Applied, nftDo(b, func(x *nftables.Batch) { x.EnsureChain(chain, fam) })
+	case policy.FlushChain, policy.DeleteChain:
+		ok, err := part()
+		if err != nil || !ok {
+			return Unchanged, err
+		}
+		delete(b.SetsInUse, string(chain)+" "+fam.String())
+		return Applied, nftDo(b, func(x *nftables.Batch) {
+			if op.Kind == policy.FlushChain {
+				x.FlushChain(chain, fam)
+			} else {
+				x.DeleteChain(chain, fam)
+			}
+		})
+	case policy.AddReturn, policy.CheckReturn:
+		// The return rule is implicit: a regular chain returns at its
+		// end. It holds exactly while the family's part of the chain does.
+		ok, err := part()
+		switch {
+		case err != nil:
+			return 0, err
+		case op.Kind == policy.CheckReturn:
+			return checkOutcome(ok, nil)
+		case !ok:
+			return 0, noChain(chain, fam)
+		}
+		return Unchanged, nil
+	case policy.AddHook, policy.DeleteHook, policy.CheckHook, policy.CheckHookListed:
+		return applyNFTHook(b, op)
+	case policy.AddBan:
+		return addBanNFT(b, op)
+	case policy.DeleteBan:
+		// A removal of an element that is not there changes nothing
+		// (the package adds it first): the record says which it was.
+		if ok, err := part(); err != nil || !ok {
+			return Unchanged, err
+		}
+		was := true
+		if b.Record != nil {
+			var err error
+			if was, err = b.Record.HasBan(op); err != nil {
+				return 0, err
+			}
+		}
+		if b.NFTQueue != nil {
+			b.NFTQueue.add(b, op)
+		} else if err := nftDo(b, func(x *nftables.Batch) { x.RemoveBans(chain, []netip.Prefix{op.Source}) }); err != nil {
+			return 0, err
+		}
+		if !was {
+			return Unchanged, nil
+		}
+		return Applied, nil
+	case policy.CheckBan:
+		if b.NFTQueue != nil {
+			b.NFTQueue.flush()
+		}
+		el, ok, err := b.NFT.Check(chain, op.Source)
+		// A check asks for this ban, not for a wider one that covers it,
+		// as "iptables -C" does.
+		return checkOutcome(ok && el.Prefix == op.Source, err)
+	}
+	return 0, fmt.Errorf("operation %v is not supported by the nftables backend", op.Kind)
+}
+
+// nftPart reads whether the family's part of the chain exists, once per
+// stream batch for a part that is there (SetsInUse): the batch holds the
+// lock, and its own flush or delete of the chain forgets it.
+func nftPart(b Backend, chain policy.Chain, fam policy.Family) (bool, error) {
+	key := string(chain) + " " + fam.String()
+	if b.SetsInUse[key] {
+		return true, nil
+	}
+	ok, err := b.NFT.Part(chain, fam)
+	if ok && err == nil && b.SetsInUse != nil {
+		b.SetsInUse[key] = true
+	}
+	return ok, err
+}
+
+func noChain(chain policy.Chain, fam policy.Family) error {
+	return fmt.Errorf("chain %q does not exist in the %s part of the nftables table; fail2ban creates it (-N) when the jail starts", chain, fam)
+}
+
+// addBanNFT bans without reading the set: the record says whether the
+// ban is there and how many the chain holds. The element is added either
+// way, which refreshes its timeout on a re-ban.
+func addBanNFT(b Backend, op policy.Operation) (Outcome, error) {
+	chain, fam := op.Chain, op.Family
+	had := false
+	if b.Record != nil {
+		var err error
+		if had, err = b.Record.HasBan(op); err != nil {
+			return 0, err
+		}
+		if !had {
+			n, err := b.Record.BanCount(fam, chain)
+			if err != nil {
+				return 0, err
+			}
+			if n >= b.Policy.MaxBansPerChain {
+				return 0, banLimit(string(chain), n)
+			}
+		}
+	}
+	// The chain must be there, as "iptables -I" needs it: a set that is
+	// missing would fail the stream's whole transaction.
+	if ok, err := nftPart(b, chain, fam); err != nil || !ok {
+		if err == nil {
+			err = noChain(chain, fam)
+		}
+		return 0, err
+	}
+	if b.NFTQueue != nil {
+		b.NFTQueue.add(b, op)
+	} else {
+		ban := banOf(b.Policy, op)
+		err := nftDo(b, func(x *nftables.Batch) {
+			x.SetVerdict(chain, fam, op.Target)
+			x.AddBans(chain, []nftables.Ban{ban})
+		})
+		if err != nil {
+			return 0, err
+		}
+	}
+	if had {
+		return Unchanged, nil
+	}
+	return Applied, nil
+}
+
+// applyNFTHook adds, removes or checks a hook by what it does: a hook
+// with the same protocol and ports into the same chain is that hook.
+func applyNFTHook(b Backend, op policy.Operation) (Outcome, error) {
+	if b.NFTQueue != nil {
+		b.NFTQueue.flush()
+	}
+	chain, fam := op.Jump, op.Family
+	ok, err := b.NFT.Part(chain, fam)
+	if err != nil {
+		return 0, err
+	}
+	if !ok {
+		switch op.Kind {
+		case policy.CheckHook, policy.CheckHookListed:
+			return CheckFalse, nil
+		case policy.DeleteHook:
+			return Unchanged, nil
+		}
+		return 0, noChain(chain, fam)
+	}
+	live, err := b.NFT.Hooks()
+	if err != nil {
+		return 0, err
+	}
+	var into []nftables.Hook
+	for _, h := range live {
+		if h.Chain == chain && h.Family == fam {
+			into = append(into, h)
+		}
+	}
+	if op.Kind == policy.CheckHookListed {
+		// "iptables -n -L INPUT | grep -q 'CHAIN[ \t]'": any jump to it.
+		return checkOutcome(len(into) > 0, nil)
+	}
+	want, err := NFTHook(op, b.LookupPort)
+	if err != nil {
+		return 0, err
+	}
+	same := slices.ContainsFunc(into, func(h nftables.Hook) bool { return nftables.SameHook(h, want) })
+	switch op.Kind {
+	case policy.CheckHook:
+		return checkOutcome(same, nil)
+	case policy.DeleteHook:
+		if !same {
+			return Unchanged, nil
+		}
+		return Applied, nftDo(b, func(x *nftables.Batch) { x.DeleteHook(want) })
+	}
+	if same {
+		return Unchanged, nil
+	}
+	if len(into) >= b.Policy.MaxHooksPerChain {
+		return 0, fmt.Errorf("hook %w: %d rules already jump to %s chain %q (max_hooks_per_chain); remove one, or raise the limit in the policy", ErrLimit, len(into), fam, chain)
+	}
+	return Applied, nftDo(b, func(x *nftables.Batch) { x.EnsureHook(want) })
+}
