@@ -38,7 +38,11 @@ func lifecycle(t *testing.T, tbl *Table) {
 		func(b *Batch) { b.SetVerdict(hook.Chain, policy.IPv4, drop) },
 		func(b *Batch) { b.FlushChain(hook.Chain, policy.IPv6) },
 		func(b *Batch) { b.DeleteHook(hook6); b.DeleteChain(hook.Chain, policy.IPv6) },
-		func(b *Batch) { b.DeleteHook(hook); b.FlushChain(hook.Chain, policy.IPv4); b.DeleteChain(hook.Chain, policy.IPv4) },
+		func(b *Batch) {
+			b.DeleteHook(hook)
+			b.FlushChain(hook.Chain, policy.IPv4)
+			b.DeleteChain(hook.Chain, policy.IPv4)
+		},
 		func(b *Batch) { b.DeleteTable() },
 	}
 	for _, step := range steps {
