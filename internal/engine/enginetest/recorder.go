@@ -69,7 +69,9 @@ type queued struct {
 // ErrFailed is what the fake's injected failures return.
 var ErrFailed = errors.New("enginetest: injected failure")
 
-func (r *Recorder) log(format string, a ...any) { r.f.Calls = append(r.f.Calls, fmt.Sprintf(format, a...)) }
+func (r *Recorder) log(format string, a ...any) {
+	r.f.Calls = append(r.f.Calls, fmt.Sprintf(format, a...))
+}
 
 func (r *Recorder) table() *state.Table { return r.f.Live.Tables[r.fam] }
 
