@@ -725,7 +725,9 @@ func runAudit(args []string, stdout, stderr io.Writer, deps Deps) int {
 		for _, e := range match {
 			stdout.Write(append(e.Raw, '\n'))
 		}
-	case *summary && len(match) == 0:
+	case len(match) == 0:
+		// "audit --since 1d --denied" on a quiet day: one clear line,
+		// not a table's header alone.
 		printNoAuditRecords(stdout, pol.AuditLog, len(entries) > 0)
 	case *summary:
 		audit.WriteSummary(stdout, match)

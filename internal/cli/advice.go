@@ -98,7 +98,7 @@ func (a *admin) liveOnlyBan(op policy.Operation) bool {
 	return err == nil && out == firewall.CheckTrue
 }
 
-// printNoAuditRecords replaces an empty summary's header with one line.
+// printNoAuditRecords replaces an empty table's or summary's header with one line.
 func printNoAuditRecords(w io.Writer, path string, filtered bool) {
 	if filtered {
 		fmt.Fprintf(w, "no audit records match in %s and its rotations\n", path)
