@@ -12,12 +12,15 @@ import (
 	"github.com/f2b-shim/f2b-shim/test/nstest"
 )
 
-// TestAdminUnbanOnNftables: "f2b-shim unban CHAIN ADDR" tries every
-// target of the policy, and the nftables table holds one verdict per
-// chain and family, so a check finds the address under every target. The
-// admin saw one "note: the state did not hold the ban" per other target
-// (seven with the default targets) for a ban the state held.
-func TestAdminUnbanOnNftables(t *testing.T) {
+// TestAdminCommandsOnNftables: what the admin's commands say on the
+// nftables backend. "f2b-shim unban CHAIN ADDR" tries every target of the
+// policy, and the table holds one verdict per chain and family, so a
+// check finds the address under every target: the admin saw one "note:
+// the state did not hold the ban" per other target (seven with the
+// default targets) for a ban the state held. "reconcile --fix" said to
+// delete a hook it left with iptables, which neither sees the shim's
+// table nor, on a pure nftables proxy, is installed.
+func TestAdminCommandsOnNftables(t *testing.T) {
 	nstest.RequireRoot(t, "nft")
 	dir := t.TempDir()
 	pol := nstest.WritePolicy(t, dir, fmt.Sprintf("name = \"it-nft-admin\"\naudit_log = %q\nstate_dir = %q\nbackend = \"nftables\"\n",
@@ -38,6 +41,13 @@ func TestAdminUnbanOnNftables(t *testing.T) {
 		require.Equal(t, 0, r.Code, r.Stderr)
 		assert.Equal(t, 1, strings.Count(r.Stdout, "note: the state did not hold the ban"), r.Stdout)
 		assert.NotContains(t, ns.MustRun(t, "nft", "list", "table", "inet", "f2b_shim"), "203.0.113.99")
+	})
+	t.Run("reconcile --fix says to delete a hook it leaves with nft, not iptables", func(t *testing.T) {
+		ns.MustRun(t, "nft", "add", "rule", "inet", "f2b_shim", "input", "meta", "nfproto", "ipv4", "tcp", "dport", "25", "jump", chain)
+		r := admin(t, ns, pol, "reconcile", "--fix")
+		assert.Equal(t, 1, r.Code, r.Stdout+r.Stderr)
+		assert.Contains(t, r.Stdout, "nft delete rule inet f2b_shim input handle N")
+		assert.NotContains(t, r.Stdout, "iptables -D")
 	})
 	t.Run("an address banned nowhere is not banned", func(t *testing.T) {
 		r := admin(t, ns, pol, "unban", chain, "203.0.113.98")
