@@ -657,10 +657,21 @@ func (t *Table) hooks() ([]liveHook, error) {
 }
 
 // portSet reads an anonymous port set; the caller holds libraryMu.
+//
+// The shim writes an interval set; nft itself writes "dport { 143, 993 }"
+// as a plain set of single ports, whose elements read as interval starts
+// would each run to 65535. The set's flags say which it is.
 func (t *Table) portSet(name string) ([]policy.PortRange, error) {
-	elems, err := t.conn.GetSetElements(&nftables.Set{Table: t.table, Name: name})
+	set, err := t.conn.GetSetByName(t.table, name)
 	if err != nil {
 		return nil, t.readErr(fmt.Sprintf("port set %q", name), err)
+	}
+	elems, err := t.conn.GetSetElements(set)
+	if err != nil {
+		return nil, t.readErr(fmt.Sprintf("port set %q", name), err)
+	}
+	if !set.Interval {
+		return singlePorts(elems)
 	}
 	return portRanges(elems)
 }
