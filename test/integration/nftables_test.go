@@ -1,0 +1,423 @@
+package integration
+
+import (
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
+
+	"github.com/f2b-shim/f2b-shim/test/nstest"
+)
+
+// The tests of this file run the shim with backend = "nftables": the
+// shim's own inet table, changed over netlink, with no iptables and no
+// ipset. They read the table with nft, as an admin would.
+
+// nftTable is the table the policy's default nftables_table names.
+const nftTable = "f2b_shim"
+
+// nftJailStart is fail2ban's actionstart for both families, with one ban
+// each: a jail's bans all share its action's target (REJECT for IPv4 and
+// DROP for IPv6 here), and the nftables backend keeps one verdict per
+// chain and family.
+var nftJailStart = []string{
+	"iptables -w -N " + chain, "iptables -w -A " + chain + " -j RETURN",
+	"iptables -w -I INPUT -p tcp -m multiport --dports imap,imaps -j " + chain,
+	"iptables -w -I " + chain + " 1 -s 203.0.113.45 -j REJECT --reject-with icmp-port-unreachable",
+	"ip6tables -w -N " + chain, "ip6tables -w -A " + chain + " -j RETURN",
+	"ip6tables -w -I INPUT -p tcp -m multiport --dports imap,imaps -j " + chain,
+	"ip6tables -w -I " + chain + " 1 -s 2001:db8:45::1 -j DROP",
+}
+
+// nftSetup makes a namespace and a policy with backend = "nftables",
+// with the audit log and state in a temp dir. It needs nft only to read
+// the table back: the shim itself runs no program.
+func nftSetup(t *testing.T, extra string) (*nstest.Netns, string, string) {
+	t.Helper()
+	nstest.RequireRoot(t, "nft")
+	dir := t.TempDir()
+	audit := filepath.Join(dir, "audit.jsonl")
+	pol := nstest.WritePolicy(t, dir, fmt.Sprintf("name = \"it-nftables\"\naudit_log = %q\nstate_dir = %q\nbackend = \"nftables\"\n%s",
+		audit, filepath.Join(dir, "state"), extra))
+	return nstest.NewNetns(t), pol, audit
+}
+
+// nftElem is one element of a set as nft prints it: the timeout and
+// what is left of it, in whole seconds (nft's JSON rounds them down).
+type nftElem struct {
+	Prefix           netip.Prefix
+	Timeout, Expires time.Duration
+}
+
+// nftElems lists a set of the shim's table; ok is false when the set is
+// not there.
+func nftElems(t *testing.T, ns *nstest.Netns, set string) (elems []nftElem, ok bool) {
+	t.Helper()
+	out, err := ns.Run("nft", "-j", "list", "set", "inet", nftTable, set)
+	if err != nil {
+		require.Contains(t, err.Error(), "No such file or directory", "nft list set %s", set)
+		return nil, false
+	}
+	var doc struct {
+		Nftables []struct {
+			Set *struct {
+				Elem []json.RawMessage `json:"elem"`
+			} `json:"set"`
+		} `json:"nftables"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(out), &doc), out)
+	for _, item := range doc.Nftables {
+		if item.Set == nil {
+			continue
+		}
+		for _, raw := range item.Set.Elem {
+			elems = append(elems, parseNFTElem(t, raw))
+		}
+		return elems, true
+	}
+	t.Fatalf("nft -j list set %s: no set in %s", set, out)
+	return nil, false
+}
+
+// parseNFTElem reads one element of nft's JSON: an address, a prefix
+// object, or either wrapped in {"elem": {"val": …, "timeout": …}}.
+func parseNFTElem(t *testing.T, raw json.RawMessage) nftElem {
+	var wrapped struct {
+		Elem *struct {
+			Val     json.RawMessage `json:"val"`
+			Timeout int64           `json:"timeout"`
+			Expires int64           `json:"expires"`
+		} `json:"elem"`
+	}
+	if json.Unmarshal(raw, &wrapped) == nil && wrapped.Elem != nil {
+		e := parseNFTElem(t, wrapped.Elem.Val)
+		e.Timeout = time.Duration(wrapped.Elem.Timeout) * time.Second
+		e.Expires = time.Duration(wrapped.Elem.Expires) * time.Second
+		return e
+	}
+	var addr string
+	if json.Unmarshal(raw, &addr) == nil {
+		a, err := netip.ParseAddr(addr)
+		require.NoError(t, err, "element %s", raw)
+		return nftElem{Prefix: netip.PrefixFrom(a, a.BitLen())}
+	}
+	var p struct {
+		Prefix struct {
+			Addr string `json:"addr"`
+			Len  int    `json:"len"`
+		} `json:"prefix"`
+	}
+	require.NoError(t, json.Unmarshal(raw, &p), "element %s", raw)
+	a, err := netip.ParseAddr(p.Prefix.Addr)
+	require.NoError(t, err, "element %s", raw)
+	return nftElem{Prefix: netip.PrefixFrom(a, p.Prefix.Len)}
+}
+
+// nftSetsOf are the sets of a chain's family: the interval set, which
+// holds prefixes, and the hash set beside it, which holds single
+// addresses (docs/nftables.md).
+func nftSetsOf(fam string) []string {
+	v := map[string]string{"iptables": "v4", "ip6tables": "v6"}[fam]
+	return []string{chain + "-" + v, chain + "-" + v + "-addr"}
+}
+
+// nftBanned lists what a chain's sets of one family hold, "address/bits",
+// sorted, as banned does for the iptables backends.
+func nftBanned(t *testing.T, ns *nstest.Netns, fam string) []string {
+	t.Helper()
+	var out []string
+	for _, e := range nftBanElems(t, ns, fam) {
+		out = append(out, e.Prefix.String())
+	}
+	slices.Sort(out)
+	return out
+}
+
+// nftBanElems are the elements of a chain's sets of one family.
+func nftBanElems(t *testing.T, ns *nstest.Netns, fam string) []nftElem {
+	t.Helper()
+	var all []nftElem
+	for _, set := range nftSetsOf(fam) {
+		elems, _ := nftElems(t, ns, set)
+		all = append(all, elems...)
+	}
+	return all
+}
+
+// nftElemOf finds the element for p in a chain's sets of one family.
+func nftElemOf(t *testing.T, ns *nstest.Netns, fam, p string) (nftElem, bool) {
+	t.Helper()
+	want := netip.MustParsePrefix(p)
+	for _, e := range nftBanElems(t, ns, fam) {
+		if e.Prefix == want {
+			return e, true
+		}
+	}
+	return nftElem{}, false
+}
+
+// outsideShimTable is the whole ruleset but the shim's own table: every
+// other table, each listed on its own.
+func outsideShimTable(t *testing.T, ns *nstest.Netns) string {
+	t.Helper()
+	var b strings.Builder
+	for _, line := range strings.Split(strings.TrimSpace(ns.MustRun(t, "nft", "list", "tables")), "\n") {
+		f := strings.Fields(line)
+		if len(f) != 3 || f[0] != "table" {
+			continue
+		}
+		if f[1] == "inet" && f[2] == nftTable {
+			continue
+		}
+		b.WriteString(ns.MustRun(t, "nft", "list", "table", f[1], f[2]))
+	}
+	return b.String()
+}
+
+// nftTimes are an element's timeout and expires in nft's text.
+var nftTimes = regexp.MustCompile(` (timeout|expires) [0-9dhms]+`)
+
+// shimTable is "nft list table inet f2b_shim" without what time changes
+// (each element's timeout and expires: a restore sets what is left of
+// max_ban_time), or "" when the table is not there.
+func shimTable(t *testing.T, ns *nstest.Netns) string {
+	t.Helper()
+	out, err := ns.Run("nft", "list", "table", "inet", nftTable)
+	if err != nil {
+		return ""
+	}
+	return nftTimes.ReplaceAllString(out, "")
+}
+
+// nftNoProcess asserts that no process runs in the namespace: whatever
+// the kernel does now, it does alone.
+func nftNoProcess(t *testing.T, ns *nstest.Netns) {
+	t.Helper()
+	out, err := exec.Command("ip", "netns", "pids", ns.Name).Output()
+	require.NoError(t, err)
+	assert.Empty(t, strings.TrimSpace(string(out)), "no process runs in the namespace")
+}
+
+// nftMonitor records the table's transactions while it runs: "nft
+// monitor" prints a "# new generation N by process P (NAME)" line for
+// each commit in the namespace.
+type nftMonitor struct {
+	cmd *exec.Cmd
+	mu  sync.Mutex
+	out strings.Builder
+}
+
+func (m *nftMonitor) Write(p []byte) (int, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.out.Write(p)
+}
+
+func (m *nftMonitor) text() string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.out.String()
+}
+
+// startNFTMonitor starts "nft monitor" in the namespace and returns once
+// it sees a commit of a marker table (which is gone again by then).
+func startNFTMonitor(t *testing.T, ns *nstest.Netns) *nftMonitor {
+	t.Helper()
+	m := &nftMonitor{cmd: ns.Command("nft", "monitor")}
+	m.cmd.Stdout = m
+	require.NoError(t, m.cmd.Start())
+	t.Cleanup(func() { m.stop() })
+	require.NoError(t, nstest.WaitFor(10*time.Second, func() bool {
+		ns.MustRun(t, "nft", "add", "table", "inet", "f2bt_monitor_ready")
+		return strings.Contains(m.text(), "f2bt_monitor_ready")
+	}))
+	ns.MustRun(t, "nft", "delete", "table", "inet", "f2bt_monitor_ready")
+	require.NoError(t, nstest.WaitFor(10*time.Second, func() bool {
+		return strings.Contains(m.text(), "delete table inet f2bt_monitor_ready")
+	}))
+	m.mu.Lock()
+	m.out.Reset()
+	m.mu.Unlock()
+	return m
+}
+
+func (m *nftMonitor) stop() {
+	if m.cmd.Process != nil && m.cmd.ProcessState == nil {
+		_ = m.cmd.Process.Kill()
+		_ = m.cmd.Wait()
+	}
+}
+
+// commitsBy counts the transactions a program committed since the
+// monitor started.
+func (m *nftMonitor) commitsBy(name string) int {
+	n := 0
+	for _, line := range strings.Split(m.text(), "\n") {
+		if strings.HasPrefix(line, "# new generation ") && strings.HasSuffix(line, "("+name+")") {
+			n++
+		}
+	}
+	return n
+}
+
+// nftRun runs one-shot requests as sshd would and requires each to pass.
+func nftRun(t *testing.T, ns *nstest.Netns, pol string, lines ...string) {
+	t.Helper()
+	for _, l := range lines {
+		r := ns.Shim(t, shim, pol, l)
+		require.Equal(t, 0, r.Code, "%s: %s", l, r.Stderr)
+	}
+}
+
+// writeFile writes a test file, for the stubs that hide programs.
+func writeFile(t *testing.T, path, text string, mode os.FileMode) {
+	t.Helper()
+	require.NoError(t, os.WriteFile(path, []byte(text), mode))
+}
+
+// inNetns runs f with the calling thread in the namespace: the sockets f
+// opens belong to it.
+func inNetns(t *testing.T, ns *nstest.Netns, f func()) {
+	t.Helper()
+	runtime.LockOSThread()
+	self, err := os.Open("/proc/thread-self/ns/net")
+	require.NoError(t, err)
+	defer self.Close()
+	target, err := os.Open(filepath.Join("/var/run/netns", ns.Name))
+	require.NoError(t, err)
+	defer target.Close()
+	require.NoError(t, unix.Setns(int(target.Fd()), unix.CLONE_NEWNET))
+	defer func() {
+		// A thread that cannot go back stays locked: Go ends it with the
+		// goroutine instead of reusing it in the wrong namespace.
+		if unix.Setns(int(self.Fd()), unix.CLONE_NEWNET) == nil {
+			runtime.UnlockOSThread()
+		}
+	}()
+	f()
+}
+
+// imapLab gives the namespace the proxy's address 192.0.2.1 with a
+// listener on the imap port, and client addresses on loopback: a
+// connection between two of them passes the input hook like one from
+// outside. It returns a dial from a client address.
+func imapLab(t *testing.T, ns *nstest.Netns, clients ...string) func(from string) error {
+	t.Helper()
+	for _, a := range append([]string{"192.0.2.1"}, clients...) {
+		ns.MustRun(t, "ip", "addr", "add", a+"/32", "dev", "lo")
+	}
+	inNetns(t, ns, func() {
+		l, err := net.Listen("tcp", "192.0.2.1:143")
+		require.NoError(t, err)
+		t.Cleanup(func() { l.Close() })
+		go func() {
+			for {
+				c, err := l.Accept()
+				if err != nil {
+					return
+				}
+				c.Close()
+			}
+		}()
+	})
+	return func(from string) error {
+		var err error
+		inNetns(t, ns, func() {
+			d := net.Dialer{Timeout: 3 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}}
+			var c net.Conn
+			if c, err = d.Dial("tcp", "192.0.2.1:143"); err == nil {
+				c.Close()
+			}
+		})
+		return err
+	}
+}
+
+// TestNFTBanExpiresInTheKernel: with a short max_ban_time each ban's
+// element carries it as its timeout, and the kernel lifts the ban on
+// time with no f2b-shim process running: the set no longer holds it and
+// the client connects again. A re-ban, one-shot or streamed, refreshes
+// the timeout. Once the kernel has lifted a ban, reconcile sees no drift
+// and expire forgets it.
+func TestNFTBanExpiresInTheKernel(t *testing.T) {
+	t.Parallel() // its own namespace
+	const maxBan = 6 * time.Second
+	ns, pol, _ := nftSetup(t, "max_ban_time = \"6s\"\n")
+	// The chains and hooks, without the jail's bans: only these expire.
+	nftRun(t, ns, pol, nftJailStart[:3]...)
+	nftRun(t, ns, pol, nftJailStart[4:7]...)
+	ban4 := "iptables -w -I " + chain + " 1 -s 198.51.100.7 -j REJECT --reject-with icmp-port-unreachable"
+	ban6 := "ip6tables -w -I " + chain + " 1 -s 2001:db8:1:2::7 -j DROP"
+	nftRun(t, ns, pol, ban4, ban6)
+	bans := []struct{ fam, prefix string }{{"iptables", "198.51.100.7/32"}, {"ip6tables", "2001:db8:1:2::7/128"}}
+	for _, b := range bans {
+		e, ok := nftElemOf(t, ns, b.fam, b.prefix)
+		require.True(t, ok, "%s is in the set", b.prefix)
+		assert.Equal(t, maxBan, e.Timeout, "%s: max_ban_time is the element's timeout", b.prefix)
+		assert.Greater(t, e.Expires, time.Duration(0))
+	}
+
+	// Half the time later, a re-ban makes the element's timeout whole
+	// again (nft shows whole seconds, rounded down).
+	require.NoError(t, nstest.WaitFor(10*time.Second, func() bool {
+		e, ok := nftElemOf(t, ns, "iptables", "198.51.100.7/32")
+		return ok && e.Expires <= maxBan/2
+	}))
+	before4, _ := nftElemOf(t, ns, "iptables", "198.51.100.7/32")
+	before6, _ := nftElemOf(t, ns, "ip6tables", "2001:db8:1:2::7/128")
+	nftRun(t, ns, pol, ban4)
+	r := ns.Stream(t, shim, pol, ban6+"\n")
+	require.Equal(t, 0, r.Code, r.Stderr)
+	assert.Equal(t, "1 0 unchanged\n", r.Stdout)
+	for _, c := range []struct {
+		how, fam, prefix string
+		before           nftElem
+	}{{"one-shot", "iptables", "198.51.100.7/32", before4}, {"stream", "ip6tables", "2001:db8:1:2::7/128", before6}} {
+		e, ok := nftElemOf(t, ns, c.fam, c.prefix)
+		require.True(t, ok, "%s: re-banned", c.how)
+		assert.Greater(t, e.Expires, c.before.Expires, "%s: the re-ban refreshed the timeout", c.how)
+		assert.GreaterOrEqual(t, e.Expires, maxBan-2*time.Second, "%s: close to whole again", c.how)
+	}
+
+	// The client is refused while the ban lasts, with no shim running.
+	dial := imapLab(t, ns, "198.51.100.7", "198.51.100.8")
+	nftNoProcess(t, ns)
+	assert.Error(t, dial("198.51.100.7"), "banned")
+	assert.NoError(t, dial("198.51.100.8"), "not banned")
+
+	// And the kernel lifts the ban on its own.
+	require.NoError(t, nstest.WaitFor(3*maxBan, func() bool {
+		return len(nftBanElems(t, ns, "iptables")) == 0 && len(nftBanElems(t, ns, "ip6tables")) == 0
+	}), "the kernel lifts every ban within max_ban_time: %v %v", nftBanned(t, ns, "iptables"), nftBanned(t, ns, "ip6tables"))
+	nftNoProcess(t, ns)
+	assert.NoError(t, dial("198.51.100.7"), "the ban is lifted")
+	assert.Contains(t, shimTable(t, ns), "jump "+chain, "the hooks stay")
+	// The admin commands judge recorded bans again: the client addresses
+	// on loopback would be the proxy's own.
+	for _, a := range []string{"198.51.100.7", "198.51.100.8"} {
+		ns.MustRun(t, "ip", "addr", "del", a+"/32", "dev", "lo")
+	}
+
+	r = admin(t, ns, pol, "reconcile")
+	assert.Equal(t, 0, r.Code, "a ban the kernel lifted on time is not drift:\n%s%s", r.Stdout, r.Stderr)
+	r = admin(t, ns, pol, "expire")
+	assert.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
+	r = admin(t, ns, pol, "list")
+	assert.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
+	assert.NotContains(t, r.Stdout, "198.51.100.7", "expire forgets what the kernel lifted")
+	assert.NotContains(t, r.Stdout, "2001:db8:1:2::7")
+}
