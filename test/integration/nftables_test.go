@@ -421,3 +421,212 @@ func TestNFTBanExpiresInTheKernel(t *testing.T) {
 	assert.NotContains(t, r.Stdout, "198.51.100.7", "expire forgets what the kernel lifted")
 	assert.NotContains(t, r.Stdout, "2001:db8:1:2::7")
 }
+
+// TestNFTWidenedBanIsOneIntervalElement: with ban_prefix_v6 = 64 a ban of
+// one IPv6 address is one interval element for its /64 in the chain's
+// interval set (none in the set of single addresses), and a second
+// member adds nothing; the /64 stays while another member is banned and
+// goes with the last, as with the other backends (TestBanPrefixV6).
+func TestNFTWidenedBanIsOneIntervalElement(t *testing.T) {
+	t.Parallel() // its own namespace
+	ns, pol, audit := nftSetup(t, "ban_prefix_v6 = 64\n")
+	nftRun(t, ns, pol, "ip6tables -w -N "+chain, "ip6tables -w -A "+chain+" -j RETURN")
+	ban := func(a string) string { return "ip6tables -w -I " + chain + " 1 -s " + a + " -j DROP" }
+	unban := func(a string) string { return "ip6tables -w -D " + chain + " -s " + a + " -j DROP" }
+	check := func(a string) int {
+		return ns.Shim(t, shim, pol, "ip6tables -w -C "+chain+" -s "+a+" -j DROP").Code
+	}
+	interval := func() []string {
+		elems, ok := nftElems(t, ns, chain+"-v6")
+		require.True(t, ok, "the interval set is there")
+		var out []string
+		for _, e := range elems {
+			out = append(out, e.Prefix.String())
+		}
+		slices.Sort(out)
+		return out
+	}
+	addrs := func() []nftElem { e, _ := nftElems(t, ns, chain+"-v6-addr"); return e }
+
+	nftRun(t, ns, pol, ban("2001:db8:1:2::10"), ban("2001:db8:1:2::20"), ban("2001:db8:1:3::10"))
+	assert.Equal(t, []string{"2001:db8:1:2::/64", "2001:db8:1:3::/64"}, interval(), "one element per /64")
+	assert.Empty(t, addrs(), "no single address")
+	assert.Equal(t, "2001:db8:1:2::20/128", lastAuditOp(t, audit, 2)["member"])
+	assert.Equal(t, 0, check("2001:db8:1:2::10"))
+	assert.Equal(t, 1, check("2001:db8:1:2::30"), "an address in the /64 that was not banned checks false")
+
+	nftRun(t, ns, pol, unban("2001:db8:1:2::10"))
+	assert.Equal(t, []string{"2001:db8:1:2::/64", "2001:db8:1:3::/64"}, interval(), "still banned for ::20")
+	assert.Equal(t, 1, check("2001:db8:1:2::10"))
+	assert.Equal(t, 0, check("2001:db8:1:2::20"))
+	nftRun(t, ns, pol, unban("2001:db8:1:2::20"))
+	assert.Equal(t, []string{"2001:db8:1:3::/64"}, interval(), "the last member's unban lifts the /64")
+	r := admin(t, ns, pol, "reconcile")
+	assert.Equal(t, 0, r.Code, "state and table agree:\n%s%s", r.Stdout, r.Stderr)
+
+	// The same through a stream: members of one /64 in one batch are one
+	// element, and unbans of all but one leave it.
+	var in strings.Builder
+	for i := range 5 {
+		fmt.Fprintln(&in, ban(fmt.Sprintf("2001:db8:1:4::%x", i+1)))
+	}
+	for i := range 4 {
+		fmt.Fprintln(&in, unban(fmt.Sprintf("2001:db8:1:4::%x", i+1)))
+	}
+	r = ns.Stream(t, shim, pol, in.String())
+	require.Equal(t, 0, r.Code, r.Stderr)
+	assert.NotContains(t, r.Stdout, " 4 ", "no line failed")
+	assert.Equal(t, []string{"2001:db8:1:3::/64", "2001:db8:1:4::/64"}, interval())
+	nftRun(t, ns, pol, unban("2001:db8:1:4::5"))
+	assert.Equal(t, []string{"2001:db8:1:3::/64"}, interval())
+	r = admin(t, ns, pol, "reconcile")
+	assert.Equal(t, 0, r.Code, "state and table agree:\n%s%s", r.Stdout, r.Stderr)
+}
+
+// nftParts are the parts of the shim's table a restore must rebuild, as
+// nft prints them without the times: the base chain with its hooks, the
+// ban chain with its verdicts, and each set's elements.
+// The base chain's rules are sorted: its hooks only ever jump to ban
+// chains, so their order does not change what a packet meets (restore
+// makes them in the record's order, not in the -I order of their
+// requests).
+func nftParts(t *testing.T, ns *nstest.Netns) (table string, bans4, bans6 []string) {
+	return sortedHooks(shimTable(t, ns)), nftBanned(t, ns, "iptables"), nftBanned(t, ns, "ip6tables")
+}
+
+// sortedHooks sorts the hook lines of a listing of the shim's table.
+func sortedHooks(table string) string {
+	lines := strings.Split(table, "\n")
+	var hooks []int
+	for i, l := range lines {
+		if strings.HasPrefix(strings.TrimSpace(l), "meta nfproto ") {
+			hooks = append(hooks, i)
+		}
+	}
+	var sorted []string
+	for _, i := range hooks {
+		sorted = append(sorted, lines[i])
+	}
+	slices.Sort(sorted)
+	for k, i := range hooks {
+		lines[i] = sorted[k]
+	}
+	return strings.Join(lines, "\n")
+}
+
+// TestNFTRestoreIntoAFreshNamespace makes bans (single addresses and a
+// widened /64) in one namespace, then "reboots" the proxy (a new
+// namespace, no table, the same state_dir): restore rebuilds the table,
+// its hooks and every ban, each with what is left of max_ban_time as its
+// timeout; a second restore changes nothing.
+func TestNFTRestoreIntoAFreshNamespace(t *testing.T) {
+	t.Parallel() // its own namespaces
+	ns, pol, _ := nftSetup(t, "ban_prefix_v6 = 64\n")
+	nftRun(t, ns, pol, nftJailStart...)
+	nftRun(t, ns, pol,
+		"iptables -w -I "+chain+" 1 -s 203.0.113.46 -j REJECT --reject-with icmp-port-unreachable",
+		"iptables -w -I "+chain+" 1 -s 203.0.113.47 -j REJECT --reject-with icmp-port-unreachable",
+		"iptables -w -D "+chain+" -s 203.0.113.47 -j REJECT --reject-with icmp-port-unreachable",
+		"ip6tables -w -I "+chain+" 1 -s 2001:db8:1:2::7 -j DROP",
+		"ip6tables -w -I INPUT -p tcp --dport 4190 -j "+chain)
+	table, bans4, bans6 := nftParts(t, ns)
+	require.Contains(t, table, "jump "+chain)
+	assert.Equal(t, []string{"203.0.113.45/32", "203.0.113.46/32"}, bans4)
+	assert.Equal(t, []string{"2001:db8:1:2::/64", "2001:db8:45::/64"}, bans6)
+
+	rebooted := nstest.NewNetns(t)
+	assert.Empty(t, shimTable(t, rebooted), "a fresh boot has no table")
+	r := admin(t, rebooted, pol, "restore")
+	require.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
+	t.Logf("restore: %s", strings.TrimSpace(r.Stdout))
+	got, got4, got6 := nftParts(t, rebooted)
+	assert.Equal(t, table, got, "the same table, hooks and verdicts")
+	assert.Equal(t, bans4, got4)
+	assert.Equal(t, bans6, got6)
+	for _, fam := range []string{"iptables", "ip6tables"} {
+		for _, e := range nftBanElems(t, rebooted, fam) {
+			assert.Greater(t, e.Timeout, 29*24*time.Hour, "%s: what is left of max_ban_time (30d)", e.Prefix)
+			assert.LessOrEqual(t, e.Timeout, 30*24*time.Hour, "%s", e.Prefix)
+		}
+	}
+	r = admin(t, rebooted, pol, "status")
+	assert.Equal(t, 0, r.Code, "restored, no drift:\n%s", r.Stdout)
+
+	r = admin(t, rebooted, pol, "restore")
+	require.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
+	got, got4, got6 = nftParts(t, rebooted)
+	assert.Equal(t, table, got, "a second restore changes nothing")
+	assert.Equal(t, bans4, got4)
+	assert.Equal(t, bans6, got6)
+}
+
+// TestNFTFlushRulesetIsDriftAndHeals: "nft flush ruleset" takes the
+// shim's whole table away. Each time: status exits 1 and reconcile
+// reports the missing parts; then one contact puts back every ban, both
+// families' hooks and verdicts: a new one-shot ban, a streamed ban,
+// "reconcile --fix", or restore.
+func TestNFTFlushRulesetIsDriftAndHeals(t *testing.T) {
+	for _, contact := range []string{"one-shot", "stream", "reconcile --fix", "restore"} {
+		t.Run(contact, func(t *testing.T) {
+			t.Parallel() // each in its own namespace
+			ns, pol, _ := nftSetup(t, "max_new_bans_per_minute = 1000\n")
+			nftRun(t, ns, pol, nftJailStart...)
+			want4, want6 := []string{"203.0.113.45/32"}, []string{"2001:db8:45::1/128"}
+			for i := 1; i <= 50; i++ {
+				nftRun(t, ns, pol, fmt.Sprintf("iptables -w -I %s 1 -s 198.51.100.%d -j REJECT --reject-with icmp-port-unreachable", chain, i))
+				want4 = append(want4, fmt.Sprintf("198.51.100.%d/32", i))
+			}
+			slices.Sort(want4)
+			table := shimTable(t, ns)
+			require.Equal(t, 0, admin(t, ns, pol, "status").Code)
+
+			for round := range 2 {
+				ns.MustRun(t, "nft", "flush", "ruleset")
+				require.Empty(t, shimTable(t, ns))
+				r := admin(t, ns, pol, "status")
+				assert.Equal(t, 1, r.Code, "status sees the wipe:\n%s", r.Stdout)
+				r = admin(t, ns, pol, "reconcile")
+				assert.Equal(t, 1, r.Code, "drift:\n%s%s", r.Stdout, r.Stderr)
+				assert.Contains(t, r.Stdout, "missing")
+
+				ban := fmt.Sprintf("iptables -w -I %s 1 -s 203.0.113.%d -j REJECT --reject-with icmp-port-unreachable", chain, 100+round)
+				switch contact {
+				case "one-shot":
+					nftRun(t, ns, pol, ban)
+				case "stream":
+					r := ns.Stream(t, shim, pol, ban+"\n")
+					require.Equal(t, 0, r.Code, r.Stderr)
+					assert.Equal(t, "1 0 applied\n", r.Stdout)
+				case "reconcile --fix":
+					r := admin(t, ns, pol, "reconcile", "--fix")
+					assert.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
+					assert.Equal(t, sortedHooks(table), sortedHooks(shimTable(t, ns)), "reconcile --fix puts the whole table back")
+					nftRun(t, ns, pol, ban)
+				default:
+					r := admin(t, ns, pol, "restore")
+					assert.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
+					assert.Equal(t, sortedHooks(table), sortedHooks(shimTable(t, ns)), "restore puts the whole table back")
+					nftRun(t, ns, pol, ban)
+				}
+				want4 = append(want4, fmt.Sprintf("203.0.113.%d/32", 100+round))
+				slices.Sort(want4)
+				assert.Equal(t, want4, nftBanned(t, ns, "iptables"), "round %d: every IPv4 ban", round)
+				assert.Equal(t, want6, nftBanned(t, ns, "ip6tables"), "round %d: the IPv6 ban too", round)
+				got := shimTable(t, ns)
+				for _, part := range []string{
+					"meta nfproto ipv4 tcp dport { 143, 993 } jump " + chain,
+					"meta nfproto ipv6 tcp dport { 143, 993 } jump " + chain,
+					"ip saddr @" + chain + "-v4-addr reject",
+					"ip6 saddr @" + chain + "-v6-addr drop",
+				} {
+					assert.Contains(t, got, part, "round %d", round)
+				}
+				r = admin(t, ns, pol, "status")
+				assert.Equal(t, 0, r.Code, "round %d: healed:\n%s", round, r.Stdout)
+				r = admin(t, ns, pol, "reconcile")
+				assert.Equal(t, 0, r.Code, "round %d: no drift:\n%s", round, r.Stdout)
+				table = got
+			}
+		})
+	}
+}
