@@ -20,6 +20,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
 
+	"github.com/f2b-shim/f2b-shim/test/hostile"
 	"github.com/f2b-shim/f2b-shim/test/nstest"
 )
 
@@ -629,4 +630,150 @@ func TestNFTFlushRulesetIsDriftAndHeals(t *testing.T) {
 			}
 		})
 	}
+}
+
+// foreignRuleset puts the rules of others into the namespace's ruleset:
+// an admin's own nftables table, and rules iptables-nft keeps in nftables
+// too when it is installed. The shim must leave all of it as it is.
+func foreignRuleset(t *testing.T, ns *nstest.Netns) {
+	t.Helper()
+	for _, args := range [][]string{
+		{"add", "table", "inet", "admin"},
+		{"add", "chain", "inet", "admin", "input", "{ type filter hook input priority 0; policy accept; }"},
+		{"add", "set", "inet", "admin", "trusted", "{ type ipv4_addr; flags interval; }"},
+		{"add", "element", "inet", "admin", "trusted", "{ 192.0.2.0/24 }"},
+		{"add", "rule", "inet", "admin", "input", "ip saddr @trusted tcp dport 22 accept"},
+		{"add", "rule", "inet", "admin", "input", "tcp dport 25 counter"},
+	} {
+		ns.MustRun(t, "nft", args...)
+	}
+	if _, err := exec.LookPath("iptables-nft"); err == nil {
+		ns.MustRun(t, "iptables-nft", "-A", "INPUT", "-s", "192.0.2.99", "-j", "DROP")
+		ns.MustRun(t, "ip6tables-nft", "-A", "INPUT", "-s", "2001:db8:99::99", "-j", "DROP")
+	}
+}
+
+// nftShimHoldsOnlyWhatThePolicyAllows checks the shim's table after an
+// attack: its chains are the base chain and the jail's, its sets the
+// jail's, it holds the jail's bans and nothing else, and reconcile finds
+// nothing in it that the policy refuses.
+func nftShimHoldsOnlyWhatThePolicyAllows(t *testing.T, ns *nstest.Netns, pol string, want4, want6 []string) {
+	t.Helper()
+	table := shimTable(t, ns)
+	for _, line := range strings.Split(table, "\n") {
+		f := strings.Fields(line)
+		if len(f) < 2 {
+			continue
+		}
+		switch f[0] {
+		case "chain":
+			assert.Contains(t, []string{"input", chain}, f[1], "a chain of the shim's table")
+		case "set":
+			assert.Contains(t, append(nftSetsOf("iptables"), nftSetsOf("ip6tables")...), f[1], "a set of the jail's")
+		}
+	}
+	assert.Equal(t, want4, nftBanned(t, ns, "iptables"))
+	assert.Equal(t, want6, nftBanned(t, ns, "ip6tables"))
+	r := admin(t, ns, pol, "reconcile")
+	assert.Equal(t, 0, r.Code, "nothing the policy refuses, nothing missing:\n%s%s", r.Stdout, r.Stderr)
+}
+
+// TestNFTHostileCorpus sends every line of test/hostile/corpus.txt, plus
+// oversize ones, through the binary with backend = "nftables", one-shot
+// and as one stream session: each is denied, and after each nothing
+// outside the shim's table changes (an admin's nftables table, iptables-nft's
+// rules) and the shim's table neither; in the end the table holds only
+// what the policy allows.
+func TestNFTHostileCorpus(t *testing.T) {
+	entries, err := hostile.Load()
+	require.NoError(t, err)
+	entries = append(entries,
+		hostile.Entry{Category: "oversize", Line: "iptables -N " + chain + " " + strings.Repeat("A", 4097)},
+		hostile.Entry{Category: "oversize", Line: strings.Repeat("iptables -F INPUT; ", 100<<10/19)},
+	)
+	// The jail of startJail: one REJECT ban for IPv4, one DROP for IPv6.
+	want4, want6 := []string{"203.0.113.99/32"}, []string{"2001:db8:99::1/128"}
+	prepare := func(t *testing.T) (*nstest.Netns, string, string) {
+		ns, pol, audit := nftSetup(t, "")
+		proxyAddrs(t, ns)
+		foreignRuleset(t, ns)
+		startJail(t, ns, pol)
+		require.Equal(t, want4, nftBanned(t, ns, "iptables"))
+		return ns, pol, audit
+	}
+
+	t.Run("one-shot", func(t *testing.T) {
+		t.Parallel() // its own namespace
+		ns, pol, audit := prepare(t)
+		outside, table := outsideShimTable(t, ns), shimTable(t, ns)
+		logged := len(auditLines(t, audit))
+		sent := 0
+		for i, e := range entries {
+			if strings.ContainsRune(e.Line, 0) {
+				continue // execve cannot carry NUL; the stream below sends these
+			}
+			sent++
+			// Each line from its own client, as in TestHostileCorpus: the
+			// shim coalesces one client's denials within a second.
+			client := fmt.Sprintf("2001:db8:c11e::%x", i+1)
+			if strings.Contains(e.Line, "192.0.2.10") {
+				client = "192.0.2.10"
+				time.Sleep(time.Until(time.Now().Truncate(time.Second).Add(time.Second)))
+			}
+			where := e.Category
+			if e.Lineno > 0 {
+				where = "corpus.txt:" + itoa(e.Lineno)
+			}
+			r := ns.ShimFrom(t, shim, pol, e.Line, client)
+			assert.Equal(t, 3, r.Code, "%s %q: %s", where, e.Line, r.Stderr)
+			assert.True(t, strings.HasPrefix(r.Stderr, "f2b-shim: denied: ") && strings.Count(r.Stderr, "\n") == 1,
+				"%s: stderr must be one denial line, got %q", where, r.Stderr)
+			lines := auditLines(t, audit)
+			assert.Len(t, lines, logged+1, "%s: one audit line", where)
+			logged = len(lines)
+			if got := outsideShimTable(t, ns); got != outside {
+				assert.Equal(t, outside, got, "%s %q changed the ruleset outside the shim's table", where, e.Line)
+				outside = got
+			}
+			if got := shimTable(t, ns); got != table {
+				assert.Equal(t, table, got, "%s %q changed the shim's table", where, e.Line)
+				table = got
+			}
+		}
+		nftShimHoldsOnlyWhatThePolicyAllows(t, ns, pol, want4, want6)
+		t.Logf("%d hostile lines denied one-shot, none changed the ruleset", sent)
+	})
+
+	t.Run("stream", func(t *testing.T) {
+		t.Parallel() // its own namespace
+		ns, pol, _ := prepare(t)
+		outside, table := outsideShimTable(t, ns), shimTable(t, ns)
+		// A line break inside an entry ends a request in a stream, as in
+		// TestHostileLinesInAStream.
+		var lines []string
+		for _, e := range entries {
+			lines = append(lines, strings.Split(e.Line, "\n")...)
+		}
+		lines = append(lines, "f2b-shim stream", "iptables -w -I "+chain+" 1 -s 203.0.113.98 -j DROP\r")
+		benign := "iptables -N " + chain // what "iptables -N CHAIN\nid" starts with
+		good := "iptables -w -I " + chain + " 1 -s 203.0.113.98 -j REJECT --reject-with icmp-port-unreachable"
+		r := ns.Stream(t, shim, pol, strings.Join(lines, "\n")+"\n"+good+"\n")
+		require.Equal(t, 0, r.Code, r.Stderr)
+		replies := strings.Split(strings.TrimSuffix(r.Stdout, "\n"), "\n")
+		require.Len(t, replies, len(lines)+1, "one reply per line")
+		for i, rep := range replies[:len(lines)] {
+			if lines[i] == benign {
+				assert.Equal(t, fmt.Sprintf("%d 0 unchanged", i+1), rep)
+				continue
+			}
+			assert.True(t, strings.HasPrefix(rep, fmt.Sprintf("%d 3 denied denied: ", i+1)), "line %d %q: %q", i+1, lines[i], rep)
+		}
+		assert.Equal(t, fmt.Sprintf("%d 0 applied", len(lines)+1), replies[len(lines)], "the session still serves a good line")
+		assert.Equal(t, outside, outsideShimTable(t, ns), "no line changed the ruleset outside the shim's table")
+		assert.Equal(t, []string{"203.0.113.98/32", "203.0.113.99/32"}, nftBanned(t, ns, "iptables"))
+		ns.MustRun(t, shim, "unban", "--policy", pol, chain, "203.0.113.98")
+		assert.Equal(t, table, shimTable(t, ns), "no hostile line changed the shim's table")
+		nftShimHoldsOnlyWhatThePolicyAllows(t, ns, pol, want4, want6)
+		t.Logf("%d hostile lines in one session, each denied", len(lines))
+	})
 }
