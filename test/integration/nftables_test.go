@@ -49,7 +49,7 @@ var nftJailStart = []string{
 // the table back: the shim itself runs no program.
 func nftSetup(t *testing.T, extra string) (*nstest.Netns, string, string) {
 	t.Helper()
-	nstest.RequireRoot(t, "nft")
+	nstest.RequireRoot(t, "nft", "stdbuf")
 	dir := t.TempDir()
 	audit := filepath.Join(dir, "audit.jsonl")
 	pol := nstest.WritePolicy(t, dir, fmt.Sprintf("name = \"it-nftables\"\naudit_log = %q\nstate_dir = %q\nbackend = \"nftables\"\n%s",
@@ -235,21 +235,22 @@ func (m *nftMonitor) text() string {
 }
 
 // startNFTMonitor starts "nft monitor" in the namespace and returns once
-// it sees a commit of a marker table (which is gone again by then).
+// it sees the commits of a marker table made and deleted: the monitor
+// is listening by then. The markers' events are not the shim's, and
+// commitsBy counts the shim's alone.
 func startNFTMonitor(t *testing.T, ns *nstest.Netns) *nftMonitor {
 	t.Helper()
-	m := &nftMonitor{cmd: ns.Command("nft", "monitor")}
+	// nft writes through stdio: line-buffered, each event is there to
+	// read as soon as it is printed.
+	m := &nftMonitor{cmd: ns.Command("stdbuf", "-oL", "nft", "monitor")}
 	m.cmd.Stdout = m
 	require.NoError(t, m.cmd.Start())
 	t.Cleanup(func() { m.stop() })
 	require.NoError(t, nstest.WaitFor(10*time.Second, func() bool {
 		ns.MustRun(t, "nft", "add", "table", "inet", "f2bt_monitor_ready")
-		return strings.Contains(m.text(), "f2bt_monitor_ready")
-	}))
-	ns.MustRun(t, "nft", "delete", "table", "inet", "f2bt_monitor_ready")
-	require.NoError(t, nstest.WaitFor(10*time.Second, func() bool {
+		ns.MustRun(t, "nft", "delete", "table", "inet", "f2bt_monitor_ready")
 		return strings.Contains(m.text(), "delete table inet f2bt_monitor_ready")
-	}))
+	}), "nft monitor is listening")
 	m.mu.Lock()
 	m.out.Reset()
 	m.mu.Unlock()
@@ -776,4 +777,109 @@ func TestNFTHostileCorpus(t *testing.T) {
 		nftShimHoldsOnlyWhatThePolicyAllows(t, ns, pol, want4, want6)
 		t.Logf("%d hostile lines in one session, each denied", len(lines))
 	})
+}
+
+// nftBanLines are n IPv4 ban requests for distinct addresses with the
+// jail's REJECT target (firewall elements only: no packet is ever sent
+// to them).
+func nftBanLines(n, from int) []string {
+	lines := make([]string, n)
+	for k := range n {
+		i := from + k
+		lines[k] = fmt.Sprintf("iptables -w -I %s 1 -s 10.%d.%d.%d -j REJECT --reject-with icmp-port-unreachable", chain, i>>16&255, i>>8&255, i&255)
+	}
+	return lines
+}
+
+// requireApplied requires a stream's replies to say "applied" for each line.
+func requireApplied(t *testing.T, r nstest.Result, n int) {
+	t.Helper()
+	require.Equal(t, 0, r.Code, r.Stderr)
+	replies := strings.Split(strings.TrimSuffix(r.Stdout, "\n"), "\n")
+	require.Len(t, replies, n)
+	for i, rep := range replies {
+		require.Equal(t, fmt.Sprintf("%d 0 applied", i+1), rep)
+	}
+}
+
+// TestNFTStreamBatchIsOneTransaction: a stream batch of 512 bans is one
+// kernel transaction (nft monitor sees one commit by the shim for it),
+// and the set holds them all. In a batch with lines that cannot be
+// carried out (one the policy denies, one into a chain that is not
+// there), every other ban still lands.
+func TestNFTStreamBatchIsOneTransaction(t *testing.T) {
+	t.Parallel() // its own namespace
+	ns, pol, _ := nftSetup(t, "max_new_bans_per_minute = 5000\n")
+	nftRun(t, ns, pol, nftJailStart...)
+	mon := startNFTMonitor(t, ns)
+	lines := nftBanLines(512, 0)
+	r := ns.Stream(t, shim, pol, strings.Join(lines, "\n")+"\n")
+	requireApplied(t, r, 512)
+	assert.Len(t, nftBanned(t, ns, "iptables"), 512+1, "the set holds every ban, and the jail's")
+	// The monitor prints a commit after the session's end; wait for it.
+	require.NoError(t, nstest.WaitFor(5*time.Second, func() bool { return mon.commitsBy("f2b-shim") > 0 }))
+	time.Sleep(200 * time.Millisecond)
+	commits := mon.commitsBy("f2b-shim")
+	t.Logf("512 bans in one batch: %d transactions by the shim", commits)
+	assert.Equal(t, 1, commits, "one transaction for the batch:\n%s", mon.text())
+
+	lines = nftBanLines(510, 512)
+	bad := slices.Clone(lines[:200])
+	bad = append(bad,
+		"iptables -w -I "+chain+" 1 -s 0.0.0.0/0 -j REJECT --reject-with icmp-port-unreachable",
+		"iptables -w -I mail-remote-f2b-none 1 -s 198.51.100.9 -j REJECT --reject-with icmp-port-unreachable")
+	bad = append(bad, lines[200:]...)
+	r = ns.Stream(t, shim, pol, strings.Join(bad, "\n")+"\n")
+	require.Equal(t, 0, r.Code, r.Stderr)
+	replies := strings.Split(strings.TrimSuffix(r.Stdout, "\n"), "\n")
+	require.Len(t, replies, 512)
+	for i, rep := range replies {
+		switch i {
+		case 200:
+			assert.True(t, strings.HasPrefix(rep, "201 3 denied "), "the policy denies a ban of everything: %q", rep)
+		case 201:
+			assert.True(t, strings.HasPrefix(rep, "202 4 "), "a ban into a chain that is not there fails: %q", rep)
+		default:
+			assert.Equal(t, fmt.Sprintf("%d 0 applied", i+1), rep)
+		}
+	}
+	assert.Len(t, nftBanned(t, ns, "iptables"), 512+510+1, "the other bans of the batch landed")
+	r = admin(t, ns, pol, "reconcile")
+	assert.Equal(t, 0, r.Code, "state and table agree:\n%s%s", r.Stdout, r.Stderr)
+}
+
+// TestNFTStreamHundredThousandBans sends 100,000 bans in one stream
+// session, in batches of stream_max_batch (10,000, its highest): every
+// one lands, each batch's elements go to the kernel in chunks (the
+// library's 16-bit attribute length), and the time is logged. Then
+// restore puts all 100,000 into a fresh namespace, one batch.
+func TestNFTStreamHundredThousandBans(t *testing.T) {
+	t.Parallel() // its own namespaces
+	const n = 100_000
+	ns, pol, _ := nftSetup(t, "max_new_bans_per_minute = 200000\nmax_bans_per_chain = 200000\nstream_max_batch = 10000\n")
+	nftRun(t, ns, pol, nftJailStart...)
+	mon := startNFTMonitor(t, ns)
+	lines := nftBanLines(n, 0)
+	start := time.Now()
+	r := ns.Stream(t, shim, pol, strings.Join(lines, "\n")+"\n")
+	took := time.Since(start)
+	requireApplied(t, r, n)
+	t.Logf("100,000 bans through one stream in %s (%.0f bans/s)", took.Round(time.Millisecond), n/took.Seconds())
+	elems, _ := nftElems(t, ns, chain+"-v4-addr")
+	assert.Len(t, elems, n+1, "the set holds every ban, and the jail's")
+	time.Sleep(200 * time.Millisecond)
+	commits := mon.commitsBy("f2b-shim")
+	t.Logf("%d transactions by the shim for %d bans", commits, n)
+	assert.GreaterOrEqual(t, commits, n/10000, "a batch is at most stream_max_batch")
+	assert.Less(t, commits, 100, "bans go in batches, not one transaction each")
+
+	rebooted := nstest.NewNetns(t)
+	start = time.Now()
+	r = admin(t, rebooted, pol, "restore")
+	require.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
+	t.Logf("restore of %d bans in %s: %s", n+2, time.Since(start).Round(time.Millisecond), strings.TrimSpace(r.Stdout))
+	elems, _ = nftElems(t, rebooted, chain+"-v4-addr")
+	assert.Len(t, elems, n+1, "restore puts every ban back")
+	r = admin(t, rebooted, pol, "reconcile")
+	assert.Equal(t, 0, r.Code, "no drift after the restore:\n%.2000s%s", r.Stdout, r.Stderr)
 }
