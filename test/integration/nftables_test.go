@@ -883,3 +883,150 @@ func TestNFTStreamHundredThousandBans(t *testing.T) {
 	r = admin(t, rebooted, pol, "reconcile")
 	assert.Equal(t, 0, r.Code, "no drift after the restore:\n%.2000s%s", r.Stdout, r.Stderr)
 }
+
+// hiddenPrograms are the files the iptables, ip6tables, ipset, nft,
+// ebtables and arptables commands run (the symbolic links resolved,
+// each once), wherever PATH might find them.
+func hiddenPrograms(t *testing.T) []string {
+	t.Helper()
+	var out []string
+	for _, dir := range []string{"/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"} {
+		for _, pat := range []string{"iptables*", "ip6tables*", "ipset*", "xtables-*", "nft", "ebtables*", "arptables*"} {
+			matches, err := filepath.Glob(filepath.Join(dir, pat))
+			require.NoError(t, err)
+			for _, m := range matches {
+				real, err := filepath.EvalSymlinks(m)
+				if err != nil {
+					continue // a dangling link runs nothing
+				}
+				if fi, err := os.Stat(real); err == nil && fi.Mode().IsRegular() && !slices.Contains(out, real) {
+					out = append(out, real)
+				}
+			}
+		}
+	}
+	require.NotEmpty(t, out)
+	return out
+}
+
+// withoutFirewallPrograms returns a command runner for the namespace in
+// which every program of hiddenPrograms is a stub that writes its name
+// and arguments to ran and fails: each command runs in a private mount
+// namespace ("unshare -m") with the stub bind-mounted over them, so the
+// host's files stay as they are.
+func withoutFirewallPrograms(t *testing.T, ns *nstest.Netns) (run func(env []string, stdin string, args ...string) nstest.Result, ran string) {
+	t.Helper()
+	nstest.RequireRoot(t, "unshare", "mount")
+	dir := t.TempDir()
+	ran = filepath.Join(dir, "ran")
+	stub := filepath.Join(dir, "stub")
+	writeFile(t, stub, fmt.Sprintf("#!/bin/sh\necho \"$0 $*\" >> %q\nexit 1\n", ran), 0o755)
+	var hide strings.Builder
+	hide.WriteString("#!/bin/sh\nset -e\n")
+	for _, p := range hiddenPrograms(t) {
+		fmt.Fprintf(&hide, "mount --bind %q %q\n", stub, p)
+	}
+	fmt.Fprintf(&hide, "exec ip netns exec %q \"$@\"\n", ns.Name)
+	wrapper := filepath.Join(dir, "hide")
+	writeFile(t, wrapper, hide.String(), 0o755)
+	run = func(env []string, stdin string, args ...string) nstest.Result {
+		t.Helper()
+		cmd := exec.Command("unshare", append([]string{"-m", "--propagation", "private", wrapper}, args...)...)
+		cmd.Env = append([]string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}, env...)
+		cmd.Stdin = strings.NewReader(stdin)
+		return nstest.RunCmd(t, cmd)
+	}
+	return run, ran
+}
+
+// TestNFTRunsNoFirewallProgram runs the shim with backend = "nftables"
+// where iptables, ip6tables, ipset and nft are hidden (each a stub that
+// records its call): fail2ban's one-shot requests over a jail's life,
+// a stream session, a heal after "nft flush ruleset", and the admin
+// commands all work, and none runs any of them.
+func TestNFTRunsNoFirewallProgram(t *testing.T) {
+	t.Parallel() // its own namespace
+	ns, pol, _ := nftSetup(t, "")
+	run, ran := withoutFirewallPrograms(t, ns)
+	// The stubs are in place: a hidden iptables runs the stub.
+	r := run(nil, "", "iptables", "-S")
+	require.Equal(t, 1, r.Code)
+	log, err := os.ReadFile(ran)
+	require.NoError(t, err, "the stub ran")
+	require.Contains(t, string(log), " -S\n")
+	require.NoError(t, os.Remove(ran))
+
+	sshd := func(line string) []string {
+		return []string{"SSH_ORIGINAL_COMMAND=" + line, "SSH_CONNECTION=192.0.2.10 50022 192.0.2.7 22"}
+	}
+	oneShot := func(line string, want int) {
+		t.Helper()
+		r := run(sshd(line), "", shim, "--policy", pol)
+		assert.Equal(t, want, r.Code, "%s: %s", line, r.Stderr)
+	}
+	hook := "-p tcp -m multiport --dports imap,imaps -j " + chain
+	for _, bin := range []string{"iptables", "ip6tables"} {
+		// fail2ban's actionstart, actioncheck, ban, check, unban.
+		oneShot(bin+" -w -C "+chain+" -j RETURN", 1)
+		oneShot(bin+" -w -N "+chain, 0)
+		oneShot(bin+" -w -A "+chain+" -j RETURN", 0)
+		oneShot(bin+" -w -C INPUT "+hook, 1)
+		oneShot(bin+" -w -I INPUT "+hook, 0)
+		oneShot(bin+" -w -n -L INPUT | grep -q '"+chain+`[ \t]'`, 0)
+	}
+	oneShot("iptables -w -I "+chain+" 1 -s 203.0.113.45 -j REJECT --reject-with icmp-port-unreachable", 0)
+	oneShot("iptables -w -C "+chain+" -s 203.0.113.45 -j REJECT --reject-with icmp-port-unreachable", 0)
+	oneShot("ip6tables -w -I "+chain+" 1 -s 2001:db8:45::1 -j DROP", 0)
+	oneShot("iptables -w -I "+chain+" 1 -s 203.0.113.46 -j REJECT --reject-with icmp-port-unreachable", 0)
+	oneShot("iptables -w -D "+chain+" -s 203.0.113.46 -j REJECT --reject-with icmp-port-unreachable", 0)
+	oneShot("iptables -w -C "+chain+" -s 203.0.113.46 -j REJECT --reject-with icmp-port-unreachable", 1)
+	oneShot("iptables -w -F INPUT", 3)
+
+	r = run(sshd("f2b-shim stream"), strings.Join(append(nftBanLines(100, 0),
+		"iptables -w -D "+chain+" -s 10.0.0.1 -j REJECT --reject-with icmp-port-unreachable",
+		"iptables -w -C "+chain+" -s 10.0.0.2 -j REJECT --reject-with icmp-port-unreachable"), "\n")+"\n", shim, "--policy", pol)
+	assert.Equal(t, 0, r.Code, r.Stderr)
+	assert.Contains(t, r.Stdout, "100 0 applied\n101 0 applied\n102 0 ", r.Stdout[max(0, len(r.Stdout)-80):])
+	assert.Len(t, nftBanned(t, ns, "iptables"), 100, "the jail's ban and 99 of the stream's")
+
+	// A wipe, healed by the next ban, one-shot and streamed.
+	ns.MustRun(t, "nft", "flush", "ruleset")
+	oneShot("iptables -w -I "+chain+" 1 -s 203.0.113.47 -j REJECT --reject-with icmp-port-unreachable", 0)
+	assert.Len(t, nftBanned(t, ns, "iptables"), 101, "healed")
+	ns.MustRun(t, "nft", "flush", "ruleset")
+	r = run(sshd("f2b-shim stream"), "iptables -w -I "+chain+" 1 -s 203.0.113.48 -j REJECT --reject-with icmp-port-unreachable\n", shim, "--policy", pol)
+	assert.Equal(t, "1 0 applied\n", r.Stdout, r.Stderr)
+	assert.Len(t, nftBanned(t, ns, "iptables"), 102, "healed")
+	assert.Equal(t, []string{"2001:db8:45::1/128"}, nftBanned(t, ns, "ip6tables"))
+
+	// The admin commands (status checks the install only for policies
+	// in /etc/f2b-shim, which this one is not).
+	ns.MustRun(t, "nft", "flush", "ruleset")
+	for _, c := range []struct {
+		args []string
+		want int
+	}{
+		{[]string{"status"}, 1},
+		{[]string{"reconcile"}, 1},
+		{[]string{"reconcile", "--fix"}, 0},
+		{[]string{"status"}, 0},
+		{[]string{"list"}, 0},
+		{[]string{"restore"}, 0},
+		{[]string{"ban", chain, "203.0.113.49"}, 0},
+		{[]string{"unban", chain, "203.0.113.49"}, 0},
+		{[]string{"expire"}, 0},
+		{[]string{"metrics"}, 0},
+		{[]string{"prune", chain}, 0},
+	} {
+		args := append([]string{shim, c.args[0], "--policy", pol}, c.args[1:]...)
+		r := run(nil, "", args...)
+		assert.Equal(t, c.want, r.Code, "f2b-shim %s:\n%s%s", strings.Join(c.args, " "), r.Stdout, r.Stderr)
+	}
+	assert.Empty(t, shimTable(t, ns), "prune took the chain, and with it the table")
+
+	if log, err := os.ReadFile(ran); err == nil {
+		t.Errorf("the shim ran a firewall program:\n%s", log)
+	} else {
+		assert.ErrorIs(t, err, os.ErrNotExist)
+	}
+}
