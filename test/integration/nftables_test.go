@@ -1035,3 +1035,70 @@ func TestNFTRunsNoFirewallProgram(t *testing.T) {
 		assert.ErrorIs(t, err, os.ErrNotExist)
 	}
 }
+
+// streamWithin runs a stream session and kills it if it has not ended
+// after limit: a guard against a hung session, not a time the test
+// measures.
+func streamWithin(t *testing.T, ns *nstest.Netns, pol, input string, limit time.Duration) nstest.Result {
+	t.Helper()
+	cmd := ns.Command(shim, "--policy", pol)
+	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "SSH_ORIGINAL_COMMAND=f2b-shim stream", "SSH_CONNECTION=192.0.2.10 50022 192.0.2.7 22"}
+	cmd.Stdin = strings.NewReader(input)
+	var hung bool
+	var mu sync.Mutex
+	timer := time.AfterFunc(limit, func() {
+		mu.Lock()
+		defer mu.Unlock()
+		if cmd.Process != nil {
+			hung = true
+			_ = cmd.Process.Kill() // "ip netns exec" runs the shim in its own process
+		}
+	})
+	r := nstest.RunCmd(t, cmd)
+	timer.Stop()
+	mu.Lock()
+	defer mu.Unlock()
+	require.False(t, hung, "the session hung and was killed after %s; %d replies", limit, strings.Count(r.Stdout, "\n"))
+	return r
+}
+
+// TestNFTStreamBatchOfManyMessagesEnds: a stream batch whose lines
+// alternate unbans and bans of one chain is one call per line, so its
+// transaction holds some 30,000 messages, whose acknowledgements overflow
+// the socket's receive buffer (ENOBUFS). The batch must still end, every
+// line applied, and the table must hold what the lines ask. The session
+// hung (google/nftables stops reading at ENOBUFS, and the next Flush on
+// that socket waited for acknowledgements that never came), holding the
+// policy's lock.
+func TestNFTStreamBatchOfManyMessagesEnds(t *testing.T) {
+	t.Parallel() // its own namespace
+	const n = 5000
+	ns, pol, _ := nftSetup(t, "max_new_bans_per_minute = 100000\nmax_bans_per_chain = 100000\nstream_max_batch = 10000\n")
+	nftRun(t, ns, pol, "iptables -w -N "+chain)
+	in := func(f string, n, net int) string {
+		var b strings.Builder
+		for i := range n {
+			fmt.Fprintf(&b, f, net, i>>8&255, i&255)
+		}
+		return b.String()
+	}
+	const ban = "iptables -w -I " + chain + " 1 -s 10.%d.%d.%d -j REJECT --reject-with icmp-port-unreachable\n"
+	const unban = "iptables -w -D " + chain + " -s 10.%d.%d.%d -j REJECT --reject-with icmp-port-unreachable\n"
+	r := streamWithin(t, ns, pol, in(ban, n, 0), 2*time.Minute)
+	requireApplied(t, r, n)
+	for round := 1; round <= 2; round++ {
+		unbans, bans := strings.SplitAfter(in(unban, n, round-1), "\n"), strings.SplitAfter(in(ban, n, round), "\n")
+		var mixed strings.Builder
+		for i := range n {
+			mixed.WriteString(unbans[i] + bans[i])
+		}
+		r := streamWithin(t, ns, pol, mixed.String(), 2*time.Minute)
+		requireApplied(t, r, 2*n)
+		got := nftBanned(t, ns, "iptables")
+		require.Len(t, got, n, "round %d", round)
+		assert.Equal(t, fmt.Sprintf("10.%d.0.0/32", round), got[0], "round %d: the new bans, and none of the old", round)
+		assert.Equal(t, fmt.Sprintf("10.%d.9.99/32", round), got[n-1], "round %d", round)
+	}
+	r = admin(t, ns, pol, "reconcile")
+	assert.Equal(t, 0, r.Code, "state and table agree:\n%.2000s%s", r.Stdout, r.Stderr)
+}
