@@ -365,6 +365,7 @@ func TestNFTBanExpiresInTheKernel(t *testing.T) {
 	ban4 := "iptables -w -I " + chain + " 1 -s 198.51.100.7 -j REJECT --reject-with icmp-port-unreachable"
 	ban6 := "ip6tables -w -I " + chain + " 1 -s 2001:db8:1:2::7 -j DROP"
 	nftRun(t, ns, pol, ban4, ban6)
+	banned := time.Now() // the first bans' records are no later
 	bans := []struct{ fam, prefix string }{{"iptables", "198.51.100.7/32"}, {"ip6tables", "2001:db8:1:2::7/128"}}
 	for _, b := range bans {
 		e, ok := nftElemOf(t, ns, b.fam, b.prefix)
@@ -400,19 +401,38 @@ func TestNFTBanExpiresInTheKernel(t *testing.T) {
 	nftNoProcess(t, ns)
 	assert.Error(t, dial("198.51.100.7"), "banned")
 	assert.NoError(t, dial("198.51.100.8"), "not banned")
+	// The admin commands judge recorded bans again: the client addresses
+	// on loopback would be the proxy's own.
+	clients := func(op string) {
+		for _, a := range []string{"198.51.100.7", "198.51.100.8"} {
+			ns.MustRun(t, "ip", "addr", op, a+"/32", "dev", "lo")
+		}
+	}
+	clients("del")
 
-	// And the kernel lifts the ban on its own.
+	// Past the first bans' max_ban_time, the re-bans hold: expire (the
+	// timer) counts from the re-ban too, as the kernel does.
+	time.Sleep(time.Until(banned.Add(maxBan + 200*time.Millisecond)))
+	_, ok4 := nftElemOf(t, ns, "iptables", "198.51.100.7/32")
+	_, ok6 := nftElemOf(t, ns, "ip6tables", "2001:db8:1:2::7/128")
+	require.True(t, ok4 && ok6, "the re-bans are still in the kernel")
+	r = admin(t, ns, pol, "expire")
+	assert.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
+	_, ok4 = nftElemOf(t, ns, "iptables", "198.51.100.7/32")
+	_, ok6 = nftElemOf(t, ns, "ip6tables", "2001:db8:1:2::7/128")
+	assert.True(t, ok4 && ok6, "expire lifts no ban made again since: %s", r.Stdout)
+	r = admin(t, ns, pol, "list")
+	assert.Contains(t, r.Stdout, "198.51.100.7/32", "nor forgets it")
+
+	// And the kernel lifts the bans on its own.
 	require.NoError(t, nstest.WaitFor(3*maxBan, func() bool {
 		return len(nftBanElems(t, ns, "iptables")) == 0 && len(nftBanElems(t, ns, "ip6tables")) == 0
 	}), "the kernel lifts every ban within max_ban_time: %v %v", nftBanned(t, ns, "iptables"), nftBanned(t, ns, "ip6tables"))
 	nftNoProcess(t, ns)
+	clients("add")
 	assert.NoError(t, dial("198.51.100.7"), "the ban is lifted")
 	assert.Contains(t, shimTable(t, ns), "jump "+chain, "the hooks stay")
-	// The admin commands judge recorded bans again: the client addresses
-	// on loopback would be the proxy's own.
-	for _, a := range []string{"198.51.100.7", "198.51.100.8"} {
-		ns.MustRun(t, "ip", "addr", "del", a+"/32", "dev", "lo")
-	}
+	clients("del")
 
 	r = admin(t, ns, pol, "reconcile")
 	assert.Equal(t, 0, r.Code, "a ban the kernel lifted on time is not drift:\n%s%s", r.Stdout, r.Stderr)
