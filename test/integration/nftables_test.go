@@ -1,8 +1,10 @@
 package integration
 
 import (
+	"bufio"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -1121,4 +1123,54 @@ func TestNFTStreamBatchOfManyMessagesEnds(t *testing.T) {
 	}
 	r = admin(t, ns, pol, "reconcile")
 	assert.Equal(t, 0, r.Code, "state and table agree:\n%.2000s%s", r.Stdout, r.Stderr)
+}
+
+// TestNFTFlushDuringAStreamSessionHeals: the relay keeps one stream
+// session open for as long as it has bans to send. "nft flush ruleset"
+// between two of its batches takes the table away; the next batch puts
+// it back with every recorded ban, both families' hooks and verdicts,
+// and its own ban.
+func TestNFTFlushDuringAStreamSessionHeals(t *testing.T) {
+	t.Parallel() // its own namespace
+	ns, pol, _ := nftSetup(t, "")
+	nftRun(t, ns, pol, nftJailStart...)
+	cmd := ns.Command(shim, "--policy", pol)
+	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "SSH_ORIGINAL_COMMAND=f2b-shim stream", "SSH_CONNECTION=192.0.2.10 50022 192.0.2.7 22"}
+	stdin, err := cmd.StdinPipe()
+	require.NoError(t, err)
+	stdout, err := cmd.StdoutPipe()
+	require.NoError(t, err)
+	require.NoError(t, cmd.Start())
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	replies := bufio.NewScanner(stdout)
+	send := func(line string) string {
+		t.Helper()
+		_, err := io.WriteString(stdin, line+"\n")
+		require.NoError(t, err)
+		require.True(t, replies.Scan(), "a reply")
+		return replies.Text()
+	}
+	table := shimTable(t, ns)
+	assert.Equal(t, "1 0 applied", send("iptables -w -I "+chain+" 1 -s 203.0.113.50 -j REJECT --reject-with icmp-port-unreachable"))
+	for round := range 2 {
+		ns.MustRun(t, "nft", "flush", "ruleset")
+		rep := send(fmt.Sprintf("iptables -w -I %s 1 -s 203.0.113.%d -j REJECT --reject-with icmp-port-unreachable", chain, 51+round))
+		assert.Equal(t, fmt.Sprintf("%d 0 applied", 2+round), rep, "round %d", round)
+		want := []string{"203.0.113.45/32", "203.0.113.50/32", "203.0.113.51/32"}
+		if round == 1 {
+			want = append(want, "203.0.113.52/32")
+		}
+		assert.Equal(t, want, nftBanned(t, ns, "iptables"), "round %d: every recorded ban is back", round)
+		assert.Equal(t, []string{"2001:db8:45::1/128"}, nftBanned(t, ns, "ip6tables"), "round %d: the other family's too", round)
+		got := shimTable(t, ns)
+		for _, line := range strings.Split(table, "\n") {
+			if strings.Contains(line, "jump ") || strings.Contains(line, " saddr @") {
+				assert.Contains(t, got, line, "round %d: the hooks and verdicts are back", round)
+			}
+		}
+	}
+	require.NoError(t, stdin.Close())
+	require.NoError(t, cmd.Wait())
+	r := admin(t, ns, pol, "status")
+	assert.Equal(t, 0, r.Code, r.Stdout)
 }
