@@ -1174,3 +1174,47 @@ func TestNFTFlushDuringAStreamSessionHeals(t *testing.T) {
 	r := admin(t, ns, pol, "status")
 	assert.Equal(t, 0, r.Code, r.Stdout)
 }
+
+// TestNFTPartialWipesHeal: an admin's nft command takes part of the
+// shim's table away. status sees it at once; a new ban heals what heal
+// on contact checks (the table, the chains, the verdict rules, the
+// hooks); a set's elements are not read on the hot path (docs/nftables.md),
+// so a flushed set is the timer's: "reconcile --fix" puts them back.
+func TestNFTPartialWipesHeal(t *testing.T) {
+	for _, c := range []struct {
+		name, wipe   string
+		healedByABan bool
+	}{
+		{"the ban chain flushed", "flush chain inet f2b_shim " + chain, true},
+		{"the base chain flushed", "flush chain inet f2b_shim input", true},
+		{"the table deleted", "delete table inet f2b_shim", true},
+		{"the addresses' set flushed", "flush set inet f2b_shim " + chain + "-v4-addr", false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel() // each in its own namespace
+			ns, pol, _ := nftSetup(t, "")
+			nftRun(t, ns, pol, nftJailStart...)
+			table := shimTable(t, ns)
+			ns.MustRun(t, "nft", strings.Fields(c.wipe)...)
+			r := admin(t, ns, pol, "status")
+			assert.Equal(t, 1, r.Code, "status sees the wipe:\n%s", r.Stdout)
+
+			nftRun(t, ns, pol, "iptables -w -I "+chain+" 1 -s 203.0.113.60 -j REJECT --reject-with icmp-port-unreachable")
+			if !c.healedByABan {
+				assert.Equal(t, []string{"203.0.113.60/32"}, nftBanned(t, ns, "iptables"), "the set's elements are not read on contact")
+				r = admin(t, ns, pol, "reconcile", "--fix")
+				assert.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
+			}
+			assert.Equal(t, []string{"203.0.113.45/32", "203.0.113.60/32"}, nftBanned(t, ns, "iptables"))
+			assert.Equal(t, []string{"2001:db8:45::1/128"}, nftBanned(t, ns, "ip6tables"))
+			got := shimTable(t, ns)
+			for _, line := range strings.Split(table, "\n") {
+				if strings.Contains(line, "jump ") || strings.Contains(line, " saddr @") {
+					assert.Contains(t, got, line, "the hooks and verdicts are back")
+				}
+			}
+			r = admin(t, ns, pol, "status")
+			assert.Equal(t, 0, r.Code, "healed:\n%s", r.Stdout)
+		})
+	}
+}
