@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"os"
@@ -507,35 +508,39 @@ func TestNFTWidenedBanIsOneIntervalElement(t *testing.T) {
 	assert.Equal(t, 0, r.Code, "state and table agree:\n%s%s", r.Stdout, r.Stderr)
 }
 
-// nftParts are the parts of the shim's table a restore must rebuild, as
-// nft prints them without the times: the base chain with its hooks, the
-// ban chain with its verdicts, and each set's elements.
-// The base chain's rules are sorted: its hooks only ever jump to ban
-// chains, so their order does not change what a packet meets (restore
-// makes them in the record's order, not in the -I order of their
-// requests).
+// nftParts are the parts of the shim's table a restore must rebuild: the
+// table's shape in canonicalTable's form, and each family's bans.
 func nftParts(t *testing.T, ns *nstest.Netns) (table string, bans4, bans6 []string) {
-	return sortedHooks(shimTable(t, ns)), nftBanned(t, ns, "iptables"), nftBanned(t, ns, "ip6tables")
+	return canonicalTable(shimTable(t, ns)), nftBanned(t, ns, "iptables"), nftBanned(t, ns, "ip6tables")
 }
 
-// sortedHooks sorts the hook lines of a listing of the shim's table.
-func sortedHooks(table string) string {
-	lines := strings.Split(table, "\n")
-	var hooks []int
-	for i, l := range lines {
-		if strings.HasPrefix(strings.TrimSpace(l), "meta nfproto ") {
-			hooks = append(hooks, i)
+// nftElements is the element list of a set in nft's listing.
+var nftElements = regexp.MustCompile(`(?s)\s*elements = \{[^}]*\}`)
+
+// canonicalTable is a listing of the shim's table without the sets'
+// elements (nftBanned compares those), with its sets and chains, and the
+// rules in each chain, sorted: the order in which restore makes them is
+// the record's, not that of the requests, and it changes nothing a
+// packet meets (hooks only jump to ban chains, and a ban chain holds one
+// verdict per set).
+func canonicalTable(table string) string {
+	var blocks []string
+	var block []string
+	for _, line := range strings.Split(nftElements.ReplaceAllString(table, ""), "\n") {
+		switch {
+		case strings.HasPrefix(line, "\tset ") || strings.HasPrefix(line, "\tchain "):
+			block = []string{line}
+		case line == "\t}" && block != nil:
+			body := block[1:]
+			slices.Sort(body)
+			blocks = append(blocks, block[0]+"\n"+strings.Join(body, "\n"))
+			block = nil
+		case block != nil && strings.TrimSpace(line) != "":
+			block = append(block, line)
 		}
 	}
-	var sorted []string
-	for _, i := range hooks {
-		sorted = append(sorted, lines[i])
-	}
-	slices.Sort(sorted)
-	for k, i := range hooks {
-		lines[i] = sorted[k]
-	}
-	return strings.Join(lines, "\n")
+	slices.Sort(blocks)
+	return strings.Join(blocks, "\n")
 }
 
 // TestNFTRestoreIntoAFreshNamespace makes bans (single addresses and a
@@ -624,12 +629,12 @@ func TestNFTFlushRulesetIsDriftAndHeals(t *testing.T) {
 				case "reconcile --fix":
 					r := admin(t, ns, pol, "reconcile", "--fix")
 					assert.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
-					assert.Equal(t, sortedHooks(table), sortedHooks(shimTable(t, ns)), "reconcile --fix puts the whole table back")
+					assert.Equal(t, canonicalTable(table), canonicalTable(shimTable(t, ns)), "reconcile --fix puts the whole table back")
 					nftRun(t, ns, pol, ban)
 				default:
 					r := admin(t, ns, pol, "restore")
 					assert.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
-					assert.Equal(t, sortedHooks(table), sortedHooks(shimTable(t, ns)), "restore puts the whole table back")
+					assert.Equal(t, canonicalTable(table), canonicalTable(shimTable(t, ns)), "restore puts the whole table back")
 					nftRun(t, ns, pol, ban)
 				}
 				want4 = append(want4, fmt.Sprintf("203.0.113.%d/32", 100+round))
@@ -1215,6 +1220,90 @@ func TestNFTPartialWipesHeal(t *testing.T) {
 			}
 			r = admin(t, ns, pol, "status")
 			assert.Equal(t, 0, r.Code, "healed:\n%s", r.Stdout)
+		})
+	}
+}
+
+// randomFail2banLine is one request fail2ban's actions might send for
+// one of two chains: a jail's start and stop, hooks, bans, unbans and
+// checks of a few addresses (so that repeats happen), IPv6 ones widened
+// to /64 by the policy. Each chain and family keeps one target, as a
+// jail's action does.
+func randomFail2banLine(rng *rand.Rand) string {
+	chains := []string{chain, "mail-remote-f2b-smtp"}
+	c := chains[rng.IntN(len(chains))]
+	bin, addr, target := "iptables", fmt.Sprintf("198.51.100.%d", 1+rng.IntN(6)), "REJECT --reject-with icmp-port-unreachable"
+	if rng.IntN(2) == 0 {
+		bin, addr, target = "ip6tables", fmt.Sprintf("2001:db8:1:%d::%d", 1+rng.IntN(2), 1+rng.IntN(3)), "DROP"
+	}
+	hook := "-p tcp -m multiport --dports imap,imaps -j " + c
+	switch n := rng.IntN(100); {
+	case n < 35:
+		return fmt.Sprintf("%s -w -I %s 1 -s %s -j %s", bin, c, addr, target)
+	case n < 55:
+		return fmt.Sprintf("%s -w -D %s -s %s -j %s", bin, c, addr, target)
+	case n < 62:
+		return fmt.Sprintf("%s -w -C %s -s %s -j %s", bin, c, addr, target)
+	case n < 70:
+		return fmt.Sprintf("%s -w -N %s", bin, c)
+	case n < 74:
+		return fmt.Sprintf("%s -w -A %s -j RETURN", bin, c)
+	case n < 80:
+		return fmt.Sprintf("%s -w -I INPUT %s", bin, hook)
+	case n < 85:
+		return fmt.Sprintf("%s -w -D INPUT %s", bin, hook)
+	case n < 88:
+		return fmt.Sprintf("%s -w -C INPUT %s", bin, hook)
+	case n < 93:
+		return fmt.Sprintf("%s -w -F %s", bin, c)
+	default:
+		return fmt.Sprintf("%s -w -X %s", bin, c)
+	}
+}
+
+// TestNFTRandomSequencesKeepStateAndTable plays random sequences of
+// fail2ban's requests, one-shot and in stream batches, with
+// ban_prefix_v6 = 64: whatever each answers, the state and the table
+// agree after each step (reconcile exits 0), and a restore into a fresh
+// namespace makes the same table.
+func TestNFTRandomSequencesKeepStateAndTable(t *testing.T) {
+	for seed := range uint64(4) {
+		t.Run(fmt.Sprintf("seed %d", seed), func(t *testing.T) {
+			t.Parallel() // each in its own namespace
+			ns, pol, _ := nftSetup(t, "ban_prefix_v6 = 64\n")
+			rng := rand.New(rand.NewPCG(seed, 23))
+			var played []string
+			for step := range 40 {
+				if rng.IntN(3) == 0 {
+					var batch []string
+					for range 1 + rng.IntN(12) {
+						batch = append(batch, randomFail2banLine(rng))
+					}
+					r := ns.Stream(t, shim, pol, strings.Join(batch, "\n")+"\n")
+					require.Equal(t, 0, r.Code, r.Stderr)
+					for i, rep := range strings.Split(strings.TrimSuffix(r.Stdout, "\n"), "\n") {
+						played = append(played, fmt.Sprintf("stream %s -> %s", batch[i], rep))
+					}
+				} else {
+					line := randomFail2banLine(rng)
+					r := ns.Shim(t, shim, pol, line)
+					played = append(played, fmt.Sprintf("one-shot %s -> %d %s", line, r.Code, strings.TrimSpace(r.Stderr)))
+					require.Contains(t, []int{0, 1, 4}, r.Code, "step %d: %s\n%s", step, line, strings.Join(played, "\n"))
+				}
+				r := admin(t, ns, pol, "reconcile")
+				require.Equal(t, 0, r.Code, "step %d: state and table disagree:\n%s%s\nplayed:\n%s\ntable:\n%s", step, r.Stdout, r.Stderr, strings.Join(played, "\n"), shimTable(t, ns))
+			}
+			table, bans4, bans6 := nftParts(t, ns)
+			rebooted := nstest.NewNetns(t)
+			r := admin(t, rebooted, pol, "restore")
+			require.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
+			got, got4, got6 := nftParts(t, rebooted)
+			if table == "" {
+				return // everything was taken down: nothing to restore
+			}
+			assert.Equal(t, table, got, "restore makes the same table\nplayed:\n%s", strings.Join(played, "\n"))
+			assert.Equal(t, bans4, got4)
+			assert.Equal(t, bans6, got6)
 		})
 	}
 }
