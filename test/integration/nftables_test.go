@@ -1319,3 +1319,40 @@ func TestNFTRandomSequencesKeepStateAndTable(t *testing.T) {
 		})
 	}
 }
+
+// TestNFTBansWithAnotherTargetInOneChain: an admin changes the jail's
+// blocktype (REJECT to DROP), or bans with "f2b-shim ban --target": one
+// chain and family then gets bans with two targets. The nftables backend
+// keeps one verdict per chain and family; whatever it makes of a second
+// target (refuse it, or keep each ban's own), the table must do what the
+// state says: every ban it accepted answers its own check, no other
+// target's, and reconcile finds no drift, before and after --fix.
+func TestNFTBansWithAnotherTargetInOneChain(t *testing.T) {
+	t.Parallel() // its own namespace
+	ns, pol, _ := nftSetup(t, "")
+	nftRun(t, ns, pol, nftJailStart[:3]...)
+	reject, drop := "-j REJECT --reject-with icmp-port-unreachable", "-j DROP"
+	accepted := map[string]string{}
+	for _, b := range []struct{ addr, target string }{{"203.0.113.1", reject}, {"203.0.113.2", drop}, {"203.0.113.3", reject}} {
+		r := ns.Shim(t, shim, pol, "iptables -w -I "+chain+" 1 -s "+b.addr+" "+b.target)
+		if r.Code == 0 {
+			accepted[b.addr] = b.target
+		}
+		t.Logf("ban %s %s: exit %d %s", b.addr, b.target, r.Code, strings.TrimSpace(r.Stderr))
+	}
+	require.Contains(t, accepted, "203.0.113.1", "the first ban is the chain's own")
+	check := func() {
+		t.Helper()
+		for addr, target := range accepted {
+			other := map[string]string{reject: drop, drop: reject}[target]
+			assert.Equal(t, 0, ns.Shim(t, shim, pol, "iptables -w -C "+chain+" -s "+addr+" "+target).Code, "%s %s", addr, target)
+			assert.Equal(t, 1, ns.Shim(t, shim, pol, "iptables -w -C "+chain+" -s "+addr+" "+other).Code, "%s is not banned with %s", addr, other)
+		}
+		r := admin(t, ns, pol, "reconcile")
+		assert.Equal(t, 0, r.Code, "the table does what the state says:\n%s%s\n%s", r.Stdout, r.Stderr, shimTable(t, ns))
+	}
+	check()
+	r := admin(t, ns, pol, "reconcile", "--fix")
+	assert.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
+	check()
+}
