@@ -482,6 +482,9 @@ func TestNFTWidenedBanIsOneIntervalElement(t *testing.T) {
 
 	nftRun(t, ns, pol, unban("2001:db8:1:2::10"))
 	assert.Equal(t, []string{"2001:db8:1:2::/64", "2001:db8:1:3::/64"}, interval(), "still banned for ::20")
+	if e, ok := nftElemOf(t, ns, "ip6tables", "2001:db8:1:2::/64"); assert.True(t, ok) {
+		assert.Equal(t, 30*24*time.Hour, e.Timeout, "the /64 keeps its timeout (max_ban_time)")
+	}
 	assert.Equal(t, 1, check("2001:db8:1:2::10"))
 	assert.Equal(t, 0, check("2001:db8:1:2::20"))
 	nftRun(t, ns, pol, unban("2001:db8:1:2::20"))
@@ -1355,4 +1358,38 @@ func TestNFTBansWithAnotherTargetInOneChain(t *testing.T) {
 	r := admin(t, ns, pol, "reconcile", "--fix")
 	assert.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
 	check()
+}
+
+// TestNFTRestoreGivesEachBanTheTimeItHasLeft: a proxy down for a while
+// comes back with restore. A ban whose max_ban_time ran out meanwhile
+// stays out of the table, and one that has time left gets only that
+// left as its element's timeout; state and table agree after.
+func TestNFTRestoreGivesEachBanTheTimeItHasLeft(t *testing.T) {
+	t.Parallel() // its own namespaces
+	// nft shows timeouts in whole seconds: the second ban keeps some
+	// four seconds, far from zero.
+	const maxBan = 8 * time.Second
+	ns, pol, _ := nftSetup(t, "max_ban_time = \"8s\"\n")
+	nftRun(t, ns, pol, nftJailStart[:3]...)
+	ban := func(a string) string {
+		return "iptables -w -I " + chain + " 1 -s " + a + " -j REJECT --reject-with icmp-port-unreachable"
+	}
+	nftRun(t, ns, pol, ban("198.51.100.1"))
+	first := time.Now()
+	time.Sleep(maxBan / 2)
+	second := time.Now()
+	nftRun(t, ns, pol, ban("198.51.100.2"))
+	time.Sleep(time.Until(first.Add(maxBan + 300*time.Millisecond)))
+
+	rebooted := nstest.NewNetns(t)
+	r := admin(t, rebooted, pol, "restore")
+	require.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
+	require.Less(t, time.Since(second), maxBan, "the second ban has time left (the machine was not too slow for this test)")
+	assert.Equal(t, []string{"198.51.100.2/32"}, nftBanned(t, rebooted, "iptables"), "the first ban's time ran out while the proxy was down")
+	if e, ok := nftElemOf(t, rebooted, "iptables", "198.51.100.2/32"); assert.True(t, ok) {
+		assert.Greater(t, e.Timeout, time.Duration(0))
+		assert.Less(t, e.Timeout, maxBan, "what is left of max_ban_time, not all of it")
+	}
+	r = admin(t, rebooted, pol, "reconcile")
+	assert.Equal(t, 0, r.Code, "no drift:\n%s%s", r.Stdout, r.Stderr)
 }
