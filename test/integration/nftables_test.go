@@ -1393,3 +1393,45 @@ func TestNFTRestoreGivesEachBanTheTimeItHasLeft(t *testing.T) {
 	r = admin(t, rebooted, pol, "reconcile")
 	assert.Equal(t, 0, r.Code, "no drift:\n%s%s", r.Stdout, r.Stderr)
 }
+
+// TestNFTOneExecvePerRequest counts, with strace, the programs a one-shot
+// ban, re-ban, check, unban and hook check execute with backend =
+// "nftables", and those of a stream session: the shim's own execve and
+// nothing else (TestProgramsPerBan counts the other backends').
+func TestNFTOneExecvePerRequest(t *testing.T) {
+	t.Parallel() // its own namespace
+	nstest.RequireRoot(t, "strace")
+	ns, pol, _ := nftSetup(t, "")
+	nftRun(t, ns, pol, nftJailStart...)
+	traced := func(line, stdin string) []string {
+		t.Helper()
+		trace := filepath.Join(t.TempDir(), "trace")
+		cmd := ns.Command("strace", "-f", "-qq", "-e", "trace=execve", "-e", "signal=none", "-o", trace, shim, "--policy", pol)
+		cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "SSH_ORIGINAL_COMMAND=" + line, "SSH_CONNECTION=192.0.2.10 50022 192.0.2.7 22"}
+		cmd.Stdin = strings.NewReader(stdin)
+		r := nstest.RunCmd(t, cmd)
+		require.Contains(t, []int{0, 1}, r.Code, "%s: %s", line, r.Stderr)
+		data, err := os.ReadFile(trace)
+		require.NoError(t, err)
+		var execs []string
+		for _, l := range strings.Split(string(data), "\n") {
+			if strings.Contains(l, "execve(") && !strings.Contains(l, "= -1 ") {
+				execs = append(execs, l)
+			}
+		}
+		return execs
+	}
+	for _, line := range []string{
+		"iptables -w -I " + chain + " 1 -s 203.0.113.80 -j REJECT --reject-with icmp-port-unreachable",
+		"iptables -w -I " + chain + " 1 -s 203.0.113.80 -j REJECT --reject-with icmp-port-unreachable",
+		"iptables -w -C " + chain + " -s 203.0.113.80 -j REJECT --reject-with icmp-port-unreachable",
+		"iptables -w -D " + chain + " -s 203.0.113.80 -j REJECT --reject-with icmp-port-unreachable",
+		"ip6tables -w -I " + chain + " 1 -s 2001:db8:80::1 -j DROP",
+		"iptables -w -C INPUT -p tcp -m multiport --dports imap,imaps -j " + chain,
+	} {
+		execs := traced(line, "")
+		assert.Len(t, execs, 1, "%s: only the shim's own execve:\n%s", line, strings.Join(execs, "\n"))
+	}
+	execs := traced("f2b-shim stream", strings.Join(nftBanLines(50, 0), "\n")+"\n")
+	assert.Len(t, execs, 1, "a stream session of 50 bans: only the shim's own execve:\n%s", strings.Join(execs, "\n"))
+}
