@@ -1435,3 +1435,58 @@ func TestNFTOneExecvePerRequest(t *testing.T) {
 	execs := traced("f2b-shim stream", strings.Join(nftBanLines(50, 0), "\n")+"\n")
 	assert.Len(t, execs, 1, "a stream session of 50 bans: only the shim's own execve:\n%s", strings.Join(execs, "\n"))
 }
+
+// TestNFTConcurrentOneShotsAndStreams runs 100 one-shot shims at once
+// (bans and unbans of a few addresses in two chains and both families)
+// beside three stream sessions of 300 bans each: every request is
+// served, each stream's bans all land, and state and table agree at the
+// end. The policy's lock orders them; each process has its own netlink
+// socket.
+func TestNFTConcurrentOneShotsAndStreams(t *testing.T) {
+	t.Parallel() // its own namespace
+	ns, pol, _ := nftSetup(t, "lock_timeout = \"50s\"\nmax_new_bans_per_minute = 5000\n")
+	chains := []string{chain, "mail-remote-f2b-smtp"}
+	for _, bin := range []string{"iptables", "ip6tables"} {
+		for _, c := range chains {
+			nftRun(t, ns, pol, bin+" -w -N "+c, bin+" -w -I INPUT -p tcp --dport 25 -j "+c)
+		}
+	}
+	rng := rand.New(rand.NewPCG(7, 23)) // fixed: the same mix every run
+	var oneShots []string
+	for range 100 {
+		c := chains[rng.IntN(2)]
+		bin, addr, target := "iptables", fmt.Sprintf("198.51.100.%d", 1+rng.IntN(6)), "REJECT --reject-with icmp-port-unreachable"
+		if rng.IntN(2) == 0 {
+			bin, addr, target = "ip6tables", fmt.Sprintf("2001:db8:100::%d", 1+rng.IntN(6)), "DROP"
+		}
+		if rng.IntN(10) < 6 {
+			oneShots = append(oneShots, fmt.Sprintf("%s -w -I %s 1 -s %s -j %s", bin, c, addr, target))
+		} else {
+			oneShots = append(oneShots, fmt.Sprintf("%s -w -D %s -s %s -j %s", bin, c, addr, target))
+		}
+	}
+	var wg sync.WaitGroup
+	for i, line := range oneShots {
+		wg.Go(func() {
+			r := ns.ShimFrom(t, shim, pol, line, fmt.Sprintf("2001:db8:ffff::%x", i+1))
+			assert.Equal(t, 0, r.Code, "%s: %s", line, r.Stderr)
+		})
+	}
+	for s := range 3 {
+		wg.Go(func() {
+			r := ns.Stream(t, shim, pol, strings.Join(nftBanLines(300, 1000*s), "\n")+"\n")
+			assert.Equal(t, 0, r.Code, r.Stderr)
+			assert.Equal(t, 300, strings.Count(r.Stdout, " 0 applied\n"), "stream %d: every ban applied", s)
+		})
+	}
+	wg.Wait()
+	got := strings.Join(nftBanned(t, ns, "iptables"), " ")
+	for s := range 3 {
+		for _, line := range nftBanLines(300, 1000*s) {
+			addr := strings.Fields(line)[6]
+			assert.Contains(t, got, addr+"/32")
+		}
+	}
+	r := admin(t, ns, pol, "reconcile")
+	assert.Equal(t, 0, r.Code, "state and table agree:\n%.3000s%s", r.Stdout, r.Stderr)
+}
