@@ -3,6 +3,7 @@ package integration
 import (
 	"bufio"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -16,6 +17,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -1489,4 +1491,126 @@ func TestNFTConcurrentOneShotsAndStreams(t *testing.T) {
 	}
 	r := admin(t, ns, pol, "reconcile")
 	assert.Equal(t, 0, r.Code, "state and table agree:\n%.3000s%s", r.Stdout, r.Stderr)
+}
+
+// portLab puts addresses on the namespace's loopback and a listener on
+// each port of each proxy address; it returns a dial from a client
+// address. DROP shows as a timeout, REJECT as a refusal. The dial waits
+// past TCP's first SYN retransmission (1 s): the kernel reports an ICMP
+// error to a connecting socket only when no system call holds the
+// socket at that moment, which on loopback, where the error comes back
+// at once, is often not the case for the first SYN's.
+func portLab(t *testing.T, ns *nstest.Netns, proxies []string, ports []int) func(from, to string, port int) error {
+	t.Helper()
+	for _, a := range proxies {
+		ns.MustRun(t, "ip", "addr", "add", a, "dev", "lo", "nodad")
+	}
+	inNetns(t, ns, func() {
+		for _, a := range proxies {
+			for _, p := range ports {
+				ip, _, _ := strings.Cut(a, "/")
+				l, err := net.Listen("tcp", net.JoinHostPort(ip, fmt.Sprint(p)))
+				require.NoError(t, err)
+				t.Cleanup(func() { l.Close() })
+				go func() {
+					for {
+						c, err := l.Accept()
+						if err != nil {
+							return
+						}
+						c.Close()
+					}
+				}()
+			}
+		}
+	})
+	return func(from, to string, port int) error {
+		var err error
+		inNetns(t, ns, func() {
+			d := net.Dialer{Timeout: 2500 * time.Millisecond, LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}}
+			var c net.Conn
+			if c, err = d.Dial("tcp", net.JoinHostPort(to, fmt.Sprint(port))); err == nil {
+				c.Close()
+			}
+		})
+		return err
+	}
+}
+
+// TestNFTEnforcesWhatItWasAsked: through the shim, IPv4 and IPv6 bans in
+// a chain hooked on two ports (multiport) and in one hooked on one port,
+// with REJECT and DROP: a banned client is refused (REJECT) or gets no
+// answer (DROP) on the hooked ports only, other clients connect, and an
+// unban lets the client in again.
+func TestNFTEnforcesWhatItWasAsked(t *testing.T) {
+	t.Parallel() // its own namespace
+	ns, pol, _ := nftSetup(t, "")
+	const smtp = "mail-remote-f2b-smtp"
+	nftRun(t, ns, pol, nftJailStart[:3]...)
+	nftRun(t, ns, pol, nftJailStart[4:7]...)
+	for _, bin := range []string{"iptables", "ip6tables"} {
+		nftRun(t, ns, pol, bin+" -w -N "+smtp, bin+" -w -I INPUT -p tcp --dport 25 -j "+smtp)
+	}
+	bans := []string{
+		"iptables -w -I " + chain + " 1 -s 198.51.100.7 -j REJECT --reject-with icmp-port-unreachable",
+		"ip6tables -w -I " + chain + " 1 -s 2001:db8:1:2::7 -j DROP",
+		"iptables -w -I " + smtp + " 1 -s 198.51.100.17 -j DROP",
+		"ip6tables -w -I " + smtp + " 1 -s 2001:db8:1:2::17 -j REJECT --reject-with icmp6-port-unreachable",
+	}
+	nftRun(t, ns, pol, bans...)
+
+	clients := []string{"198.51.100.7/32", "198.51.100.17/32", "198.51.100.8/32", "2001:db8:1:2::7/128", "2001:db8:1:2::17/128", "2001:db8:9::8/128"}
+	dial := portLab(t, ns, []string{"192.0.2.1/32", "2001:db8::1/128"}, []int{25, 143, 587, 993})
+	for _, a := range clients {
+		ns.MustRun(t, "ip", "addr", "add", a, "dev", "lo", "nodad")
+	}
+	refused := func(err error) bool { return errors.Is(err, syscall.ECONNREFUSED) }
+	unanswered := func(err error) bool { var ne net.Error; return errors.As(err, &ne) && ne.Timeout() }
+	for _, c := range []struct {
+		from, to string
+		port     int
+		want     string // "ok", "refused" or "unanswered"
+	}{
+		{"198.51.100.7", "192.0.2.1", 143, "refused"},
+		{"198.51.100.7", "192.0.2.1", 993, "refused"},
+		{"198.51.100.7", "192.0.2.1", 587, "ok"},
+		{"198.51.100.7", "192.0.2.1", 25, "ok"},
+		{"198.51.100.17", "192.0.2.1", 25, "unanswered"},
+		{"198.51.100.17", "192.0.2.1", 143, "ok"},
+		{"198.51.100.8", "192.0.2.1", 143, "ok"},
+		{"198.51.100.8", "192.0.2.1", 25, "ok"},
+		{"2001:db8:1:2::7", "2001:db8::1", 993, "unanswered"},
+		{"2001:db8:1:2::7", "2001:db8::1", 25, "ok"},
+		{"2001:db8:1:2::17", "2001:db8::1", 25, "refused"},
+		{"2001:db8:1:2::17", "2001:db8::1", 143, "ok"},
+		{"2001:db8:9::8", "2001:db8::1", 143, "ok"},
+	} {
+		err := dial(c.from, c.to, c.port)
+		switch c.want {
+		case "ok":
+			assert.NoError(t, err, "%s to port %d", c.from, c.port)
+		case "refused":
+			assert.True(t, refused(err), "%s to port %d is refused (REJECT): %v", c.from, c.port, err)
+		default:
+			assert.True(t, unanswered(err), "%s to port %d gets no answer (DROP): %v", c.from, c.port, err)
+		}
+	}
+
+	// The unbans, with the client addresses off the proxy while the shim
+	// judges them (they would be its own).
+	for _, a := range clients {
+		ns.MustRun(t, "ip", "addr", "del", a, "dev", "lo")
+	}
+	for _, b := range bans {
+		nftRun(t, ns, pol, strings.Replace(strings.Replace(b, " -I ", " -D ", 1), " 1 -s ", " -s ", 1))
+	}
+	for _, a := range clients {
+		ns.MustRun(t, "ip", "addr", "add", a, "dev", "lo", "nodad")
+	}
+	for _, c := range []struct {
+		from, to string
+		port     int
+	}{{"198.51.100.7", "192.0.2.1", 143}, {"198.51.100.17", "192.0.2.1", 25}, {"2001:db8:1:2::7", "2001:db8::1", 993}, {"2001:db8:1:2::17", "2001:db8::1", 25}} {
+		assert.NoError(t, dial(c.from, c.to, c.port), "%s to port %d after the unban", c.from, c.port)
+	}
 }
