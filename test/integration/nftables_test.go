@@ -1330,8 +1330,9 @@ func TestNFTRandomSequencesKeepStateAndTable(t *testing.T) {
 // chain and family then gets bans with two targets. The nftables backend
 // keeps one verdict per chain and family; whatever it makes of a second
 // target (refuse it, or keep each ban's own), the table must do what the
-// state says: every ban it accepted answers its own check, no other
-// target's, and reconcile finds no drift, before and after --fix.
+// state says: every ban it accepted answers its own check (a check with
+// another target may answer too: TestAdminCommandsOnNftables), and
+// reconcile finds no drift, before and after --fix (the timer's).
 func TestNFTBansWithAnotherTargetInOneChain(t *testing.T) {
 	t.Parallel() // its own namespace
 	ns, pol, _ := nftSetup(t, "")
@@ -1349,9 +1350,7 @@ func TestNFTBansWithAnotherTargetInOneChain(t *testing.T) {
 	check := func() {
 		t.Helper()
 		for addr, target := range accepted {
-			other := map[string]string{reject: drop, drop: reject}[target]
 			assert.Equal(t, 0, ns.Shim(t, shim, pol, "iptables -w -C "+chain+" -s "+addr+" "+target).Code, "%s %s", addr, target)
-			assert.Equal(t, 1, ns.Shim(t, shim, pol, "iptables -w -C "+chain+" -s "+addr+" "+other).Code, "%s is not banned with %s", addr, other)
 		}
 		r := admin(t, ns, pol, "reconcile")
 		assert.Equal(t, 0, r.Code, "the table does what the state says:\n%s%s\n%s", r.Stdout, r.Stderr, shimTable(t, ns))
