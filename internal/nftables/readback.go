@@ -315,6 +315,31 @@ func (t *Table) Part(chain policy.Chain, fam policy.Family) (bool, error) {
 	return len(sets) > 0, err
 }
 
+// Matched reports whether each set of the family's part of a ban chain
+// has its verdict rule: a set without one holds bans that stop nothing
+// ("nft flush chain inet f2b_shim CHAIN" takes both families' rules and
+// leaves the sets). A part that never held a ban has no verdict rule
+// either: ask for a part the record says holds bans. It reads the
+// chain's rules and the table's sets, no element.
+func (t *Table) Matched(chain policy.Chain, fam policy.Family) (bool, error) {
+	if err := errors.Join(checkChain(chain), checkFamily(fam)); err != nil {
+		return false, err
+	}
+	verdicts, sets, err := t.familyPart(chain, fam)
+	if err != nil {
+		return false, err
+	}
+	for _, name := range sets {
+		if !slices.ContainsFunc(verdicts, func(r *nftables.Rule) bool {
+			_, set, _, ok := decodeVerdict(chain, r.Exprs)
+			return ok && set == name
+		}) {
+			return false, nil
+		}
+	}
+	return true, nil
+}
+
 // Hooks reads the hooks of the base chain; rules it does not recognise
 // are left out (ReadBack lists them as foreign).
 func (t *Table) Hooks() ([]Hook, error) {
