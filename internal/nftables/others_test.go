@@ -2,9 +2,12 @@ package nftables
 
 import (
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/f2b-shim/f2b-shim/policy"
 )
 
 // A named object or flowtable in the table is not the shim's: read back
@@ -20,4 +23,26 @@ func TestSystemObjectsAndFlowtablesAreForeign(t *testing.T) {
 	assert.Contains(t, snap.Foreign, `object "seen"`)
 	assert.Contains(t, snap.Foreign, `object "q"`)
 	assert.Len(t, snap.Foreign, 2, "nothing else: %q", snap.Foreign)
+}
+
+// When an interval ban's timeout is up the kernel stops listing its start
+// element, but its end element, which carries no timeout, stays until the
+// set's next garbage collection (a later commit to it). That is the
+// kernel lifting a ban as asked, not something foreign in the table: read
+// back must not report it, or every expired prefix ban made reconcile and
+// status fail until the next ban into the chain.
+func TestSystemAnExpiredIntervalLeavesNothingForeign(t *testing.T) {
+	tbl, _ := nsTable(t)
+	require.NoError(t, tbl.Do(func(b *Batch) {
+		ensureBoth(b, "mail-remote-f2b-imap")
+		b.SetVerdict("mail-remote-f2b-imap", policy.IPv4, drop)
+		b.AddBans("mail-remote-f2b-imap", bans(time.Second, "198.51.100.0/28", "203.0.113.16/28"))
+	}))
+	// Long past the timeout, with no commit since: no wall-clock bound
+	// is asserted, the kernel only has to have lifted the bans.
+	time.Sleep(2500 * time.Millisecond)
+	snap, err := tbl.ReadBack()
+	require.NoError(t, err)
+	assert.Empty(t, snap.Chains["mail-remote-f2b-imap"].Bans[policy.IPv4], "the kernel lifted both bans")
+	assert.Empty(t, snap.Foreign)
 }

@@ -247,10 +247,14 @@ func intervals(elems []nftables.SetElement) (bans []Element, foreign []string) {
 	for i := 0; i < len(elems); i++ {
 		e := elems[i]
 		if e.IntervalEnd {
-			// nft writes an end element at the family's zero address
-			// before a set's first interval; it closes nothing.
-			if a, err := addrOf(e.Key); err != nil || !a.IsUnspecified() {
-				foreign = append(foreign, fmt.Sprintf("interval end %x without a start", e.Key))
+			// An end without its start closes nothing and matches no
+			// packet. nft writes one at the family's zero address before
+			// a set's first interval, and the kernel leaves one behind
+			// when an interval's timeout is up (the start element holds
+			// the timeout, the end none) until the set's next garbage
+			// collection: that is a ban lifted as asked, not drift.
+			if _, err := addrOf(e.Key); err != nil {
+				foreign = append(foreign, err.Error())
 			}
 			continue
 		}
