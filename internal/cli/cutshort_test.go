@@ -78,3 +78,34 @@ func btoi(b bool) int {
 	}
 	return 0
 }
+
+// A ban that the firewall took and the record did not (its shim was
+// killed) is read back by the next request; it must still be due for
+// expire once max_ban_time has passed since it was found. Read back with
+// no time, it was never due, and stayed in the rule backend's chain for
+// good.
+func TestABanReadBackAfterACrashExpires(t *testing.T) {
+	h := newHarness(t)
+	h.pol.MaxBanTime = time.Hour
+	h.startWithBans(1)
+	v4 := h.tables[policy.IPv4]
+	require.NoError(t, v4.Insert(chain, 1, "-s", "203.0.113.9/32", "-j", "DROP"))
+	ctx := policy.Context{LocalAddrs: []netip.Addr{netip.MustParseAddr("192.0.2.7")}, LookupPort: hostnet.LookupPort}
+	op, err := policy.Decide(h.pol, healBan(9), ctx)
+	require.NoError(t, err)
+	store, err := state.Open(h.pol, hostnet.LookupPort, time.Second)
+	require.NoError(t, err)
+	require.NoError(t, store.SetIntent(op))
+	require.NoError(t, store.Close())
+	code, stderr := h.forced(healBan(2))
+	require.Equal(t, ExitOK, code, stderr)
+	require.Equal(t, 3, h.recordedBans(), "the cut-short ban was read back")
+
+	h.calls += 3 * 3600 // three hours on (the harness's clock)
+	code, stdout, stderr := h.admin("expire")
+	require.Equal(t, ExitOK, code, stdout+stderr)
+	there, err := v4.Exists(chain, "-s", "203.0.113.9/32", "-j", "DROP")
+	require.NoError(t, err)
+	assert.False(t, there, "the read-back ban is lifted with the others")
+	assert.Equal(t, 0, h.recordedBans())
+}
