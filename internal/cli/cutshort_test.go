@@ -2,6 +2,7 @@ package cli
 
 import (
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
@@ -64,6 +65,12 @@ func TestAdminCommandsFinishCutShortChangesFirst(t *testing.T) {
 			if !tt.boot {
 				assert.Contains(t, stdout, "no drift", "the record now holds what the firewall does")
 			}
+			assert.Contains(t, stdout, "were cut short", "it says what it read back")
+			var noted bool
+			for _, r := range h.records() {
+				noted = noted || strings.Contains(string(r.State), "were cut short")
+			}
+			assert.True(t, noted, "and the audit log says it, as the next request's line would have")
 			gone, err := v4.Exists(chain, "-s", "203.0.113.2/32", "-j", "DROP")
 			require.NoError(t, err)
 			assert.False(t, gone, "the unban the audit log says was applied stays done")
