@@ -46,3 +46,28 @@ func TestSystemAnExpiredIntervalLeavesNothingForeign(t *testing.T) {
 	assert.Empty(t, snap.Chains["mail-remote-f2b-imap"].Bans[policy.IPv4], "the kernel lifted both bans")
 	assert.Empty(t, snap.Foreign)
 }
+
+// A table the policy names that is someone else's, with a base chain
+// "input" on the shim's hook and priority but policy drop: ensuring the
+// shim's base chain sent it again with policy accept, and the kernel
+// changed the other's chain to accept every packet its rules do not
+// drop. A table made dormant was woken the same way (the table is sent
+// again with no flags). The shim must leave both as they are.
+func TestSystemEnsuringTheTableChangesNoOneElsesChainOrFlags(t *testing.T) {
+	t.Run("a base chain input with policy drop is refused, not turned to accept", func(t *testing.T) {
+		tbl, ns := nsTable(t)
+		ns.MustRun(t, "nft", "add", "table", "inet", DefaultTable)
+		ns.MustRun(t, "nft", "add", "chain", "inet", DefaultTable, "input", "{ type filter hook input priority -1 ; policy drop ; }")
+		err := tbl.Do(func(b *Batch) { ensureBoth(b, "mail-remote-f2b-imap") })
+		require.Error(t, err)
+		assert.Contains(t, err.Error(), "not the shim's")
+		assert.Contains(t, ns.MustRun(t, "nft", "list", "chain", "inet", DefaultTable, "input"), "policy drop")
+	})
+	t.Run("a dormant table stays dormant", func(t *testing.T) {
+		tbl, ns := nsTable(t)
+		require.NoError(t, tbl.Do(func(b *Batch) { ensureBoth(b, "mail-remote-f2b-imap") }))
+		ns.MustRun(t, "nft", "add", "table", "inet", DefaultTable, "{ flags dormant ; }")
+		require.NoError(t, tbl.Do(func(b *Batch) { ensureBoth(b, "mail-remote-f2b-ssh") }))
+		assert.Contains(t, ns.MustRun(t, "nft", "list", "table", "inet", DefaultTable), "flags dormant")
+	})
+}
