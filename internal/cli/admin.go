@@ -255,6 +255,17 @@ func restoreOne(pol *policy.Policy, stdout, stderr io.Writer, deps Deps) int {
 // restoreFamily feeds one family's scripts, and marks the record in sync
 // with the firewall it has just rebuilt.
 func restoreFamily(a *admin, s *state.State, fam policy.Family, b firewall.Backend) error {
+	if b.NFT != nil {
+		// The whole family, one transaction; what is there stays.
+		x := b.NFT.NewBatch()
+		for _, chain := range s.Tables[fam].ChainNames() {
+			putBackNFT(x, s, a.pol, a.ctx, fam, chain, a.deps.Now())
+		}
+		if err := x.Commit(); err != nil {
+			return err
+		}
+		return a.store.MarkSynced(fam)
+	}
 	// Hooks are compared by effect with what the parents hold, so a
 	// restore adds only the missing ones and never doubles one.
 	live := state.New(a.ctx.LookupPort)
@@ -412,7 +423,7 @@ func liveNote(a *admin, s *state.State) string {
 		b, err := a.backend(fam)
 		var ds []drift
 		if err == nil {
-			ds, err = compare(s, fam, b, a.ctx)
+			ds, err = compare(s, fam, b, a.ctx, a.deps.Now())
 		}
 		if err != nil {
 			return "live firewall: not read (" + oneLine.Replace(err.Error()) + ")"
@@ -513,7 +524,7 @@ func reconcileOne(a *admin, fix, quiet bool, stdout, stderr io.Writer) int {
 			return ExitFirewall
 		}
 		backends[fam] = b
-		d, err := compare(want, fam, b, a.ctx)
+		d, err := compare(want, fam, b, a.ctx, a.deps.Now())
 		if err != nil {
 			fmt.Fprintf(stderr, "f2b-shim: reconcile %s: %s\n", fam, oneLine.Replace(err.Error()))
 			return ExitFirewall
@@ -586,11 +597,26 @@ func reconcileOne(a *admin, fix, quiet bool, stdout, stderr io.Writer) int {
 
 // compare lists the drift of one family, missing things first in the
 // order that fixes them (chains, bans, return rules, hooks).
-func compare(want *state.State, fam policy.Family, b firewall.Backend, ctx policy.Context) ([]drift, error) {
+func compare(want *state.State, fam policy.Family, b firewall.Backend, ctx policy.Context, now time.Time) ([]drift, error) {
 	t, pol := b.Table, b.Policy
 	live := state.New(ctx.LookupPort)
-	foreign, err := state.FromLive(live, fam, b, ctx)
-	if err != nil {
+	var foreign []string
+	var err error
+	due := func(state.Ban) bool { return false }
+	if b.NFT != nil {
+		snap, err := b.NFT.ReadBack()
+		if err != nil {
+			return nil, err
+		}
+		foreign = state.FromNFT(live, fam, snap, pol, ctx, "")
+		if pol.MaxBanTime > 0 {
+			// The kernel lifts a ban when its timeout is up; the record
+			// keeps it until "f2b-shim expire" runs. Such a ban is not
+			// missing.
+			cutoff := now.Add(-pol.MaxBanTime)
+			due = func(b state.Ban) bool { return !b.Last.IsZero() && !b.Last.After(cutoff) }
+		}
+	} else if foreign, err = state.FromLive(live, fam, b, ctx); err != nil {
 		return nil, err
 	}
 	var out []drift
@@ -620,7 +646,7 @@ func compare(want *state.State, fam policy.Family, b firewall.Backend, ctx polic
 			liveBans[strings.Join(b.Op.RuleSpec(), " ")] = true
 		}
 		for _, b := range wc.Bans() {
-			if !liveBans[strings.Join(b.Op.RuleSpec(), " ")] {
+			if !liveBans[strings.Join(b.Op.RuleSpec(), " ")] && !due(b) {
 				op := b.Op
 				add("missing", fmt.Sprintf("ban %s in %s (%s)", op.Source, name, op.Target), &op)
 			}
@@ -664,6 +690,9 @@ func compare(want *state.State, fam policy.Family, b firewall.Backend, ctx polic
 	}
 	for _, f := range foreign {
 		add("unexpected", "rule "+f+" (not one the policy allows)", nil)
+	}
+	if t == nil {
+		return out, nil // nftables: a set holds an element once, and hooks are ensured by effect
 	}
 	dups, err := duplicates(t, pol, lt)
 	for _, d := range dups {

@@ -75,7 +75,12 @@ func (a *admin) noChainForBan(op policy.Operation) error {
 	if err != nil {
 		return nil // the ban itself reports it
 	}
-	ok, err := b.Table.ChainExists(string(op.Chain))
+	var ok bool
+	if b.NFT != nil {
+		ok, err = b.NFT.Part(op.Chain, op.Family)
+	} else {
+		ok, err = b.Table.ChainExists(string(op.Chain))
+	}
 	if err != nil || ok {
 		return nil
 	}
@@ -88,6 +93,10 @@ func (a *admin) liveOnlyBan(op policy.Operation) bool {
 	b, err := a.backend(op.Family)
 	if err != nil || b.Sets != nil {
 		return false
+	}
+	if b.NFT != nil {
+		el, found, err := b.NFT.Check(op.Chain, op.Source)
+		return err == nil && found && el.Prefix == op.Source
 	}
 	found, err := b.Table.Exists(string(op.Chain), op.RuleSpec()...)
 	return err == nil && found

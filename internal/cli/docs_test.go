@@ -29,7 +29,7 @@ func TestDocsNameEveryPolicyKeyAndExitCode(t *testing.T) {
 			keys = append(keys, k)
 		}
 	}
-	require.Len(t, keys, 28)
+	require.Len(t, keys, 29)
 	codes := []int{ExitOK, ExitCheckFalse, ExitUsage, ExitDenied, ExitFirewall, ExitSetup}
 	for _, doc := range []string{referencePage, "../../docs/f2b-shim.8", "../../examples/policy.toml"} {
 		data, err := os.ReadFile(doc)

@@ -168,7 +168,10 @@ func (a *admin) liftChunk(ops []policy.Operation, errs []error) {
 		if ob == nil {
 			ob = &opened{}
 			ob.b, ob.err = a.backend(op.Family)
-			if ob.err == nil && ob.b.Sets == nil && a.deps.Restore != nil {
+			if ob.err == nil && ob.b.NFT != nil {
+				// The chunk's unbans: one nftables transaction.
+				ob.b.NFTQueue = &firewall.NFTQueue{Queue: true}
+			} else if ob.err == nil && ob.b.Sets == nil && a.deps.Restore != nil {
 				fam := op.Family
 				ob.batched = &firewall.Batched{Table: ob.b.Table, QueueDeletes: true, Restore: func(script string) error {
 					return a.deps.Restore(fam, a.pol.IptablesBackend, max(time.Until(a.deadline), time.Second), script)
@@ -184,13 +187,21 @@ func (a *admin) liftChunk(ops []policy.Operation, errs []error) {
 		if ob.batched != nil {
 			ob.batched.Ticket = i
 		}
+		if ob.b.NFTQueue != nil {
+			ob.b.NFTQueue.Ticket = i
+		}
 		_, errs[i] = firewall.Apply(ob.b, op)
 	}
 	for _, ob := range backends {
-		if ob.batched != nil {
-			for i, err := range ob.batched.Flush() {
-				errs[i] = err
-			}
+		var failed map[int]error
+		switch {
+		case ob.batched != nil:
+			failed = ob.batched.Flush()
+		case ob.b.NFTQueue != nil:
+			failed = ob.b.NFTQueue.Flush()
+		}
+		for i, err := range failed {
+			errs[i] = err
 		}
 	}
 }

@@ -317,13 +317,7 @@ func readBack(store *state.Store, pol *policy.Policy, ctx policy.Context, fam po
 	}
 	b.LookupPort = ctx.LookupPort
 	live := state.New(ctx.LookupPort)
-	exists, err := b.Table.ChainExists(string(chain))
-	if err == nil && exists {
-		_, err = state.ChainFromLive(live, fam, chain, b, ctx)
-		if err == nil {
-			_, err = state.HooksFromLive(live, fam, b, ctx, chain)
-		}
-	}
+	exists, err := readLiveChain(live, b, pol, ctx, fam, chain)
 	if err != nil {
 		return "an earlier change was cut short, and the firewall is unreadable: " + err.Error()
 	}
@@ -336,6 +330,28 @@ func readBack(store *state.Store, pol *policy.Policy, ctx policy.Context, fam po
 		return "an earlier change was cut short, and the state could not be repaired: " + err.Error()
 	}
 	return ""
+}
+
+// readLiveChain reads one chain of the live firewall, and the hooks into
+// it, into live; exists says whether the chain is there.
+func readLiveChain(live *state.State, b firewall.Backend, pol *policy.Policy, ctx policy.Context, fam policy.Family, chain policy.Chain) (exists bool, err error) {
+	if b.NFT != nil {
+		snap, err := b.NFT.ReadBack()
+		if err != nil {
+			return false, err
+		}
+		state.FromNFT(live, fam, snap, pol, ctx, chain)
+		cs := snap.Chains[chain]
+		return cs != nil && cs.Returns(fam), nil
+	}
+	exists, err = b.Table.ChainExists(string(chain))
+	if err == nil && exists {
+		_, err = state.ChainFromLive(live, fam, chain, b, ctx)
+		if err == nil {
+			_, err = state.HooksFromLive(live, fam, b, ctx, chain)
+		}
+	}
+	return exists, err
 }
 
 // openBackend opens the family's table, and ipset for the set backend;

@@ -166,6 +166,9 @@ func missingParts(b firewall.Backend, pol *policy.Policy, ctx policy.Context, fa
 			hooks = append(hooks, h) // a record the policy refuses is never put back
 		}
 	}
+	if b.NFT != nil {
+		return missingNFT(b, ctx, fam, chain, hooks)
+	}
 	if b.Sets == nil && shape.Bans > fullCheckMaxBans && len(hooks) > 0 {
 		return missingHooks(b, pol, ctx, fam, chain, hooks)
 	}
@@ -227,7 +230,7 @@ func missingParts(b firewall.Backend, pol *policy.Policy, ctx policy.Context, fa
 // recordedBan is the probe for missingParts: op when it is a ban the
 // record holds, with the rule backend; nil otherwise.
 func recordedBan(store *state.Store, pol *policy.Policy, op policy.Operation) (*policy.Operation, error) {
-	if op.Kind != policy.AddBan || pol.Backend == "ipset" {
+	if op.Kind != policy.AddBan || pol.Backend != "rules" {
 		return nil, nil
 	}
 	has, err := store.HasBan(op)
@@ -255,6 +258,9 @@ func parentGone(b firewall.Backend, h policy.Operation) (bool, error) {
 // live chain holds besides is left alone (reconcile reports it). It says
 // what it put back.
 func repairChain(store *state.Store, b firewall.Backend, pol *policy.Policy, ctx policy.Context, fam policy.Family, chain policy.Chain, deadline time.Time, deps Deps) (string, error) {
+	if b.NFT != nil {
+		return repairNFT(store, b, pol, ctx, fam, chain, deps.Now())
+	}
 	all, _, err := store.Load(ctx)
 	if err != nil {
 		return "", err

@@ -36,7 +36,11 @@ func statusOf(pol *policy.Policy, stdout, stderr io.Writer, deps Deps) int {
 		}
 		fmt.Fprintf(stdout, "  %-13s ok    %s\n", what+":", ok)
 	}
-	fmt.Fprintf(stdout, "policy %q: backend %s, iptables %s, prefix %s\n", pol.Name, pol.Backend, pol.IptablesBackend, pol.ChainPrefix)
+	if pol.Backend == "nftables" {
+		fmt.Fprintf(stdout, "policy %q: backend nftables, table inet %s, prefix %s\n", pol.Name, pol.NftablesTable, pol.ChainPrefix)
+	} else {
+		fmt.Fprintf(stdout, "policy %q: backend %s, iptables %s, prefix %s\n", pol.Name, pol.Backend, pol.IptablesBackend, pol.ChainPrefix)
+	}
 	// As root this line speaks only of this run; what the key's account
 	// gets from the binary is the "binary" check below.
 	caps := "this status runs as root (the key's account: see binary)"
@@ -81,8 +85,14 @@ func statusOf(pol *policy.Policy, stdout, stderr io.Writer, deps Deps) int {
 			line(fam.String(), err, "")
 			continue
 		}
-		_, err = b.Table.ListChains()
-		what := "iptables answers"
+		var what string
+		if b.NFT != nil {
+			_, err = b.NFT.Hooks()
+			what = fmt.Sprintf("nftables answers over netlink (table inet %s)", pol.NftablesTable)
+		} else {
+			_, err = b.Table.ListChains()
+			what = "iptables answers"
+		}
 		if err == nil && b.Sets != nil {
 			// A set that does not exist is a fine answer: netlink works.
 			if _, err = b.Sets.References("f2b-status-probe"); errors.Is(err, firewall.ErrNoSet) {
@@ -94,7 +104,7 @@ func statusOf(pol *policy.Policy, stdout, stderr io.Writer, deps Deps) int {
 		if err != nil || s == nil {
 			continue
 		}
-		ds, err := compare(s, fam, b, a.ctx)
+		ds, err := compare(s, fam, b, a.ctx, a.deps.Now())
 		kinds := map[string]int{}
 		for _, d := range ds {
 			kinds[d.kind]++

@@ -363,16 +363,25 @@ func (s *session) act(lines []line, start time.Time) int {
 		if ob.batched != nil {
 			ob.batched.Queue, ob.batched.Ticket = l.op.Kind == policy.AddBan, i
 		}
+		if q := ob.b.NFTQueue; q != nil {
+			// A widened unban goes on its own: whether its prefix goes
+			// depends on the record of its members.
+			q.Queue, q.Ticket = l.op.Kind == policy.AddBan || l.op.Kind == policy.DeleteBan && !l.op.Member.IsValid(), i
+		}
 		l.done(serve(store, ob.b, s.pol, l.op, &l.rec, s.deps.Now().UTC(), s.deps))
 	}
 	for _, ob := range backends {
-		if ob.batched == nil {
-			continue
+		var failed map[int]error
+		switch {
+		case ob.batched != nil:
+			failed = ob.batched.Flush()
+		case ob.b.NFTQueue != nil:
+			failed = ob.b.NFTQueue.Flush()
 		}
-		for i, err := range ob.batched.Flush() {
-			// Recorded as applied, and not in the firewall after all.
+		for i, err := range failed {
+			// Recorded as made, and not in the firewall after all.
 			l := &lines[i]
-			if ferr := store.Forget(l.op); ferr != nil {
+			if ferr := takeBack(store, l.op, s.deps.Now()); ferr != nil {
 				err = errors.Join(err, ferr)
 			}
 			l.done(failure(&l.rec, err))
@@ -388,6 +397,17 @@ func (s *session) act(lines []line, start time.Time) int {
 		}
 	}
 	return served
+}
+
+// takeBack undoes the record of a queued change that did not reach the
+// firewall: a ban is forgotten, an unban's ban recorded again.
+func takeBack(store *state.Store, op policy.Operation, now time.Time) error {
+	if op.Kind == policy.DeleteBan {
+		undo := op
+		undo.Kind = policy.AddBan
+		return store.Record(undo, true, now)
+	}
+	return store.Forget(op)
 }
 
 // probe is the first ban of the chain in the rest of the batch that the
@@ -419,6 +439,11 @@ func (s *session) openBatched(fam policy.Family, deadline time.Time) *openedBack
 	ob := &openedBackend{}
 	ob.b, ob.err = openBackend(s.pol, fam, deadline, s.deps)
 	ob.b.LookupPort, ob.b.SetsInUse = s.ctx.LookupPort, map[string]bool{}
+	if ob.err == nil && ob.b.NFT != nil {
+		// The batch's bans and unbans: one nftables transaction.
+		ob.b.NFTQueue = &firewall.NFTQueue{}
+		return ob
+	}
 	if ob.err == nil && ob.b.Sets == nil && s.deps.Restore != nil {
 		ob.batched = &firewall.Batched{Table: ob.b.Table, Restore: func(script string) error {
 			return s.deps.Restore(fam, s.pol.IptablesBackend, max(time.Until(deadline), time.Second), script)

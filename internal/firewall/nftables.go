@@ -29,6 +29,9 @@ type NFT interface {
 // sent in a transaction of its own, so that a ban that fails does not
 // fail its neighbours, as Batched does for iptables-restore.
 type NFTQueue struct {
+	// Queue, when set, queues the next ban or unban under Ticket; any
+	// other change is made at once, after the queue.
+	Queue  bool
 	Ticket int
 	nft    NFT
 	queue  []nftQueued
@@ -176,7 +179,7 @@ func applyNFT(b Backend, op policy.Operation) (Outcome, error) {
 				return 0, err
 			}
 		}
-		if b.NFTQueue != nil {
+		if b.NFTQueue != nil && b.NFTQueue.Queue {
 			b.NFTQueue.add(b, op)
 		} else if err := nftDo(b, func(x *nftables.Batch) { x.RemoveBans(chain, []netip.Prefix{op.Source}) }); err != nil {
 			return 0, err
@@ -245,7 +248,7 @@ func addBanNFT(b Backend, op policy.Operation) (Outcome, error) {
 		}
 		return 0, err
 	}
-	if b.NFTQueue != nil {
+	if b.NFTQueue != nil && b.NFTQueue.Queue {
 		b.NFTQueue.add(b, op)
 	} else {
 		ban := banOf(b.Policy, op)
