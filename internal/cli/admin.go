@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/f2b-shim/f2b-shim/internal/audit"
+	"github.com/f2b-shim/f2b-shim/internal/engine"
 	"github.com/f2b-shim/f2b-shim/internal/firewall"
 	"github.com/f2b-shim/f2b-shim/internal/lock"
 	"github.com/f2b-shim/f2b-shim/internal/privilege"
@@ -101,13 +102,22 @@ func (a *admin) journal() (*state.State, error) {
 	return s, err
 }
 
-func (a *admin) backend(fam policy.Family) (firewall.Backend, error) {
+// engine is the admin command's engine: its policy, context, deadline
+// and side effects.
+func (a *admin) engine() *engine.Engine {
+	return &engine.Engine{Pol: a.pol, Ctx: a.ctx, Deadline: a.deadline, Ports: a.deps.Ports}
+}
+
+// backend opens a family's backend, with the record.
+func (a *admin) backend(fam policy.Family) (engine.Backend, error) {
+	return a.backendFor(fam, engine.NoBatch)
+}
+
+func (a *admin) backendFor(fam policy.Family, batch engine.BatchKind) (engine.Backend, error) {
 	if err := a.deps.PrepareExec(); err != nil {
-		return firewall.Backend{}, err
+		return nil, err
 	}
-	b, err := openBackend(a.pol, fam, a.deadline, a.deps)
-	b.Record, b.LookupPort = a.store, a.ctx.LookupPort
-	return b, err
+	return a.engine().Open(fam, a.store, batch)
 }
 
 // runRestore puts the state's chains, bans and hooks back, one
@@ -170,7 +180,7 @@ func restoreSets(pol *policy.Policy, stdout, stderr io.Writer, deps Deps) int {
 	if sets, err := a.deps.OpenSets(); err == nil {
 		// A set that 10-ipset already made from a save, with another
 		// maxelem, would fail the whole script.
-		text = withoutExistingSets(text, sets)
+		text = engine.WithoutExistingSets(text, sets)
 	}
 	if err := a.deps.RestoreSets(text); err != nil {
 		fmt.Fprintf(stderr, "f2b-shim: restore --sets-only (policy %q): %s\n", pol.Name, oneLine.Replace(strings.TrimSpace(err.Error())))
@@ -252,53 +262,11 @@ func restoreOne(pol *policy.Policy, stdout, stderr io.Writer, deps Deps) int {
 	return code
 }
 
-// restoreFamily feeds one family's scripts, and marks the record in sync
-// with the firewall it has just rebuilt.
-func restoreFamily(a *admin, s *state.State, fam policy.Family, b firewall.Backend) error {
-	if b.NFT != nil {
-		// The whole family, one transaction; what is there stays.
-		x := b.NFT.NewBatch()
-		for _, chain := range s.Tables[fam].ChainNames() {
-			putBackNFT(x, s, a.pol, a.ctx, fam, chain, a.deps.Now())
-		}
-		if err := x.Commit(); err != nil {
-			return err
-		}
-		return a.store.MarkSynced(fam)
-	}
-	// Hooks are compared by effect with what the parents hold, so a
-	// restore adds only the missing ones and never doubles one.
-	live := state.New(a.ctx.LookupPort)
-	if _, err := state.HooksFromLive(live, fam, b, a.ctx, ""); err != nil {
+// restoreFamily puts back one family's record, and marks the record in
+// sync with the firewall it has just rebuilt.
+func restoreFamily(a *admin, s *state.State, fam policy.Family, b engine.Backend) error {
+	if _, err := b.PutBack(s, nil); err != nil {
 		return err
-	}
-	have := map[string]bool{}
-	for _, h := range live.Tables[fam].Hooks {
-		have[live.HookKey(h.Op)] = true
-	}
-	missing := func(h state.Hook) bool {
-		if have[s.HookKey(h.Op)] {
-			return false
-		}
-		// A hook from a parent chain that is gone would fail the whole
-		// family's restore: every chain's bans, for one hook.
-		gone, err := parentGone(b, h.Op)
-		return err != nil || !gone
-	}
-	wait := max(time.Until(a.deadline), time.Second)
-	if b.Sets == nil {
-		if err := a.deps.Restore(fam, a.pol.IptablesBackend, wait, s.RestoreScript(fam, missing)); err != nil {
-			return err
-		}
-	} else {
-		// The sets first: the chains' rules refer to them.
-		sets, rules := s.SetScripts(fam, a.pol, missing)
-		if err := a.deps.RestoreSets(withoutExistingSets(sets, b.Sets)); err != nil {
-			return err
-		}
-		if err := a.deps.Restore(fam, a.pol.IptablesBackend, wait, rules); err != nil {
-			return err
-		}
 	}
 	return a.store.MarkSynced(fam)
 }
@@ -423,7 +391,7 @@ func liveNote(a *admin, s *state.State) string {
 		b, err := a.backend(fam)
 		var ds []drift
 		if err == nil {
-			ds, err = compare(s, fam, b, a.ctx, a.deps.Now())
+			ds, err = compare(s, fam, b, a.pol, a.ctx, a.deps.Now())
 		}
 		if err != nil {
 			return "live firewall: not read (" + oneLine.Replace(err.Error()) + ")"
@@ -516,7 +484,7 @@ func reconcileOne(a *admin, fix, quiet bool, stdout, stderr io.Writer) int {
 		return ExitSetup
 	}
 	var drifts []drift
-	backends := map[policy.Family]firewall.Backend{}
+	backends := map[policy.Family]engine.Backend{}
 	for _, fam := range families {
 		b, err := a.backend(fam)
 		if err != nil {
@@ -524,7 +492,7 @@ func reconcileOne(a *admin, fix, quiet bool, stdout, stderr io.Writer) int {
 			return ExitFirewall
 		}
 		backends[fam] = b
-		d, err := compare(want, fam, b, a.ctx, a.deps.Now())
+		d, err := compare(want, fam, b, a.pol, a.ctx, a.deps.Now())
 		if err != nil {
 			fmt.Fprintf(stderr, "f2b-shim: reconcile %s: %s\n", fam, oneLine.Replace(err.Error()))
 			return ExitFirewall
@@ -550,13 +518,13 @@ func reconcileOne(a *admin, fix, quiet bool, stdout, stderr io.Writer) int {
 	// state with one iptables-restore, never half built (one ban at a
 	// time would cost a process per ban); what it holds besides stays.
 	fixed, left := 0, 0
-	var rebuilt []famChain
+	var rebuilt []engine.FamChain
 	for _, d := range drifts {
 		switch {
 		case d.fix == nil:
 			left++
-		case !slices.Contains(rebuilt, famChain{d.fam, d.fix.BanChain()}):
-			rebuilt = append(rebuilt, famChain{d.fam, d.fix.BanChain()})
+		case !slices.Contains(rebuilt, engine.FamChain{Fam: d.fam, Chain: d.fix.BanChain()}):
+			rebuilt = append(rebuilt, engine.FamChain{Fam: d.fam, Chain: d.fix.BanChain()})
 			fallthrough
 		default:
 			fixed++
@@ -565,16 +533,16 @@ func reconcileOne(a *admin, fix, quiet bool, stdout, stderr io.Writer) int {
 	var recs []audit.Record
 	var notes []string
 	for _, fc := range rebuilt {
-		b := backends[fc.fam]
-		put, err := repairChain(a.store, b, a.pol, a.ctx, fc.fam, fc.chain, a.deadline, a.deps)
-		create, _ := policy.Decide(a.pol, fc.fam.Binary()+" -N "+string(fc.chain), a.ctx)
+		b := backends[fc.Fam]
+		put, err := a.engine().Repair(a.store, b, fc.Fam, fc.Chain)
+		create, _ := policy.Decide(a.pol, fc.Fam.Binary()+" -N "+string(fc.Chain), a.ctx)
 		if err != nil {
-			fmt.Fprintf(stderr, "f2b-shim: reconcile --fix: %s %s: %s\n", fc.fam, fc.chain, oneLine.Replace(err.Error()))
+			fmt.Fprintf(stderr, "f2b-shim: reconcile --fix: %s %s: %s\n", fc.Fam, fc.Chain, oneLine.Replace(err.Error()))
 			recs = append(recs, a.record("f2b-shim reconcile --fix", &create, "failed", ExitFirewall, err))
 			a.audit(recs...)
 			return ExitFirewall
 		}
-		note := fmt.Sprintf("repaired: %s %s; put back %s", fc.fam, fc.chain, put)
+		note := fmt.Sprintf("repaired: %s %s; put back %s", fc.Fam, fc.Chain, put)
 		rec := a.record("f2b-shim reconcile --fix", &create, "applied", ExitOK, nil)
 		rec.State = audit.Text(note)
 		recs = append(recs, rec)
@@ -597,27 +565,18 @@ func reconcileOne(a *admin, fix, quiet bool, stdout, stderr io.Writer) int {
 
 // compare lists the drift of one family, missing things first in the
 // order that fixes them (chains, bans, return rules, hooks).
-func compare(want *state.State, fam policy.Family, b firewall.Backend, ctx policy.Context, now time.Time) ([]drift, error) {
-	t, pol := b.Table, b.Policy
+func compare(want *state.State, fam policy.Family, b engine.Backend, pol *policy.Policy, ctx policy.Context, now time.Time) ([]drift, error) {
 	live := state.New(ctx.LookupPort)
-	var foreign []string
-	var err error
-	due := func(state.Ban) bool { return false }
-	if b.NFT != nil {
-		snap, err := b.NFT.ReadBack()
-		if err != nil {
-			return nil, err
-		}
-		foreign = state.FromNFT(live, fam, snap, pol, ctx, "")
-		if pol.MaxBanTime > 0 {
-			// The kernel lifts a ban when its timeout is up; the record
-			// keeps it until "f2b-shim expire" runs. Such a ban is not
-			// missing.
-			cutoff := now.Add(-pol.MaxBanTime)
-			due = func(b state.Ban) bool { return !b.Last.IsZero() && !b.Last.After(cutoff) }
-		}
-	} else if foreign, err = state.FromLive(live, fam, b, ctx); err != nil {
+	got, err := b.Read(live, "")
+	if err != nil {
 		return nil, err
+	}
+	due := func(state.Ban) bool { return false }
+	if pol.Backend == "nftables" && pol.MaxBanTime > 0 {
+		// The kernel lifts a ban when its timeout is up; the record keeps
+		// it until "f2b-shim expire" runs. Such a ban is not missing.
+		cutoff := now.Add(-pol.MaxBanTime)
+		due = func(b state.Ban) bool { return !b.Last.IsZero() && !b.Last.After(cutoff) }
 	}
 	var out []drift
 	add := func(kind, what string, fix *policy.Operation) {
@@ -688,44 +647,11 @@ func compare(want *state.State, fam policy.Family, b firewall.Backend, ctx polic
 			add("unexpected", "hook "+string(h.Op.Chain)+" "+strings.Join(h.Op.RuleSpec(), " "), nil)
 		}
 	}
-	for _, f := range foreign {
+	for _, f := range got.Foreign {
 		add("unexpected", "rule "+f+" (not one the policy allows)", nil)
 	}
-	if t == nil {
-		return out, nil // nftables: a set holds an element once, and hooks are ensured by effect
-	}
-	dups, err := duplicates(t, pol, lt)
-	for _, d := range dups {
+	for _, d := range got.Duplicates {
 		add("duplicate", d, nil)
-	}
-	return out, err
-}
-
-// duplicates finds rules that stand more than once in the shim's chains
-// and in the parent chains' jumps to them.
-func duplicates(t firewall.Table, pol *policy.Policy, live *state.Table) ([]string, error) {
-	chains := append([]string{}, pol.ParentChains...)
-	for _, n := range live.ChainNames() {
-		chains = append(chains, string(n))
-	}
-	var out []string
-	for _, c := range chains {
-		rules, err := t.List(c)
-		if err != nil {
-			continue
-		}
-		seen := map[string]int{}
-		for _, r := range rules {
-			if strings.HasPrefix(r, "-A ") && (strings.HasPrefix(c, pol.ChainPrefix) || strings.Contains(r, "-j "+pol.ChainPrefix)) {
-				seen[r]++
-			}
-		}
-		for _, r := range rules {
-			if seen[r] > 1 {
-				out = append(out, fmt.Sprintf("%s (%d times)", r, seen[r]))
-				seen[r] = 0
-			}
-		}
 	}
 	return out, nil
 }

@@ -6,6 +6,9 @@ import (
 	"net/netip"
 	"strings"
 
+	"github.com/f2b-shim/f2b-shim/internal/firewall"
+	"github.com/f2b-shim/f2b-shim/internal/state"
+
 	"github.com/f2b-shim/f2b-shim/policy"
 )
 
@@ -75,13 +78,8 @@ func (a *admin) noChainForBan(op policy.Operation) error {
 	if err != nil {
 		return nil // the ban itself reports it
 	}
-	var ok bool
-	if b.NFT != nil {
-		ok, err = b.NFT.Part(op.Chain, op.Family)
-	} else {
-		ok, err = b.Table.ChainExists(string(op.Chain))
-	}
-	if err != nil || ok {
+	got, err := b.Read(state.New(a.ctx.LookupPort), op.Chain)
+	if err != nil || got.Exists {
 		return nil
 	}
 	return fmt.Errorf("chain %q does not exist in the %s firewall: fail2ban creates it when the jail starts; ban into a chain that \"f2b-shim list\" shows, or start the jail first", op.Chain, op.Family)
@@ -91,15 +89,13 @@ func (a *admin) noChainForBan(op policy.Operation) error {
 // does not ("reconcile" lists it as unexpected): unban lifts it too.
 func (a *admin) liveOnlyBan(op policy.Operation) bool {
 	b, err := a.backend(op.Family)
-	if err != nil || b.Sets != nil {
+	if err != nil || a.pol.Backend == "ipset" {
 		return false
 	}
-	if b.NFT != nil {
-		el, found, err := b.NFT.Check(op.Chain, op.Source)
-		return err == nil && found && el.Prefix == op.Source
-	}
-	found, err := b.Table.Exists(string(op.Chain), op.RuleSpec()...)
-	return err == nil && found
+	check := op
+	check.Kind = policy.CheckBan
+	out, err := b.Apply(check)
+	return err == nil && out == firewall.CheckTrue
 }
 
 // printNoAuditRecords replaces an empty summary's header with one line.

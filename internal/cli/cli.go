@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/f2b-shim/f2b-shim/internal/audit"
+	"github.com/f2b-shim/f2b-shim/internal/engine"
 	"github.com/f2b-shim/f2b-shim/internal/firewall"
 	"github.com/f2b-shim/f2b-shim/policy"
 )
@@ -57,29 +58,20 @@ func EnvFrom(environ []string) Env {
 
 // Deps are the side effects, injected so that tests can replace them.
 type Deps struct {
+	// Ports are the firewall's side effects and the clock, which the
+	// engine uses.
+	engine.Ports
 	// LoadPolicy reads and checks a policy file.
 	LoadPolicy func(path string) (*policy.Policy, error)
-	// OpenTable opens the filter table of a family.
-	OpenTable func(fam policy.Family, backend string, wait time.Duration) (firewall.Table, error)
 	// Context gathers what the policy needs to know about the proxy (its
 	// addresses, nameservers, gateways, local port range, service names)
 	// for a request from client.
 	Context func(client netip.Addr) (policy.Context, error)
-	// OpenSets opens ipset, for the set backend.
-	OpenSets func() (firewall.Sets, error)
-	// RestoreSets feeds an "ipset restore" script.
-	RestoreSets func(script string) error
-	// Restore feeds an iptables-restore script to the family's iptables-restore.
-	Restore func(fam policy.Family, backend string, wait time.Duration, script string) error
-	// OpenNFT opens the nftables backend's table (policy backend =
-	// "nftables"), one per process: the library allows no more.
-	OpenNFT func(table string) (firewall.NFT, error)
 	// Syslog sends an audit record to syslog (policy key syslog).
 	Syslog func(audit.Record) error
 	// PrepareExec readies the process to run iptables: as a non-root user
 	// it raises the ambient capabilities (see package privilege).
 	PrepareExec func() error
-	Now         func() time.Time
 	// DefaultPolicyFile is read when no --policy is given and it exists.
 	DefaultPolicyFile string
 	// Stdin carries a stream session's requests; one-shot mode never

@@ -15,6 +15,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/f2b-shim/f2b-shim/internal/audit"
+	"github.com/f2b-shim/f2b-shim/internal/engine"
 	"github.com/f2b-shim/f2b-shim/internal/firewall"
 	"github.com/f2b-shim/f2b-shim/internal/firewall/fwtest"
 	"github.com/f2b-shim/f2b-shim/internal/hostnet"
@@ -44,23 +45,25 @@ func newHarness(t *testing.T) *harness {
 	h.pol.AuditLog = filepath.Join(dir, "log", "audit.jsonl")
 	h.pol.StateDir = filepath.Join(dir, "state")
 	h.deps = Deps{
-		LoadPolicy: func(string) (*policy.Policy, error) { return h.pol, nil },
-		OpenTable: func(fam policy.Family, _ string, _ time.Duration) (firewall.Table, error) {
-			return h.tables[fam], nil
+		Ports: engine.Ports{
+			OpenTable: func(fam policy.Family, _ string, _ time.Duration) (firewall.Table, error) {
+				return h.tables[fam], nil
+			},
+			Restore: func(fam policy.Family, _ string, _ time.Duration, script string) error {
+				return h.tables[fam].Restore(script)
+			},
+			OpenSets: func() (firewall.Sets, error) { return h.sets, nil },
+			Now:      func() time.Time { return time.Now().Add(time.Duration(h.calls) * time.Second) },
 		},
+		LoadPolicy: func(string) (*policy.Policy, error) { return h.pol, nil },
 		Context: func(client netip.Addr) (policy.Context, error) {
 			return policy.Context{Client: client, LocalAddrs: []netip.Addr{netip.MustParseAddr("192.0.2.7")}, LookupPort: hostnet.LookupPort}, nil
 		},
 		PrepareExec: func() error { return nil },
-		Restore: func(fam policy.Family, _ string, _ time.Duration, script string) error {
-			return h.tables[fam].Restore(script)
-		},
-		OpenSets: func() (firewall.Sets, error) { return h.sets, nil },
 		Syslog: func(r audit.Record) error {
 			h.syslogged = append(h.syslogged, r)
 			return nil
 		},
-		Now: func() time.Time { return time.Now().Add(time.Duration(h.calls) * time.Second) },
 	}
 	return h
 }

@@ -5,8 +5,9 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/f2b-shim/f2b-shim/internal/engine"
+
 	"github.com/f2b-shim/f2b-shim/internal/audit"
-	"github.com/f2b-shim/f2b-shim/internal/firewall"
 	"github.com/f2b-shim/f2b-shim/internal/lock"
 	"github.com/f2b-shim/f2b-shim/internal/state"
 	"github.com/f2b-shim/f2b-shim/policy"
@@ -158,49 +159,31 @@ func (a *admin) liftChunk(ops []policy.Operation, errs []error) {
 		return
 	}
 	type opened struct {
-		b       firewall.Backend
-		err     error
-		batched *firewall.Batched
+		b   engine.Backend
+		err error
 	}
 	backends := map[policy.Family]*opened{}
 	for i, op := range ops {
 		ob := backends[op.Family]
 		if ob == nil {
+			// The chunk's unbans: one iptables-restore, or one nftables
+			// transaction (engine.LiftBatch).
 			ob = &opened{}
-			ob.b, ob.err = a.backend(op.Family)
-			if ob.err == nil && ob.b.NFT != nil {
-				// The chunk's unbans: one nftables transaction.
-				ob.b.NFTQueue = &firewall.NFTQueue{Queue: true}
-			} else if ob.err == nil && ob.b.Sets == nil && a.deps.Restore != nil {
-				fam := op.Family
-				ob.batched = &firewall.Batched{Table: ob.b.Table, QueueDeletes: true, Restore: func(script string) error {
-					return a.deps.Restore(fam, a.pol.IptablesBackend, max(time.Until(a.deadline), time.Second), script)
-				}}
-				ob.b.Table = ob.batched
-			}
+			ob.b, ob.err = a.backendFor(op.Family, engine.LiftBatch)
 			backends[op.Family] = ob
 		}
 		if ob.err != nil {
 			errs[i] = ob.err
 			continue
 		}
-		if ob.batched != nil {
-			ob.batched.Ticket = i
-		}
-		if ob.b.NFTQueue != nil {
-			ob.b.NFTQueue.Ticket = i
-		}
-		_, errs[i] = firewall.Apply(ob.b, op)
+		ob.b.Queue(op, i)
+		_, errs[i] = ob.b.Apply(op)
 	}
 	for _, ob := range backends {
-		var failed map[int]error
-		switch {
-		case ob.batched != nil:
-			failed = ob.batched.Flush()
-		case ob.b.NFTQueue != nil:
-			failed = ob.b.NFTQueue.Flush()
+		if ob.err != nil {
+			continue
 		}
-		for i, err := range failed {
+		for i, err := range ob.b.Flush() {
 			errs[i] = err
 		}
 	}

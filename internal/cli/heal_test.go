@@ -11,6 +11,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/f2b-shim/f2b-shim/internal/engine"
 	"github.com/f2b-shim/f2b-shim/internal/firewall"
 	"github.com/f2b-shim/f2b-shim/policy"
 )
@@ -243,16 +244,16 @@ func TestOneContactHealsEveryChain(t *testing.T) {
 	}
 }
 
-// TestABigRuleChainChecksOnlyItsHooks: past fullCheckMaxBans, the rule
+// TestABigRuleChainChecksOnlyItsHooks: past engine.FullCheckMaxBans, the rule
 // backend's check lists the parent chain (small) instead of reading the
 // ban chain (iptables-nft reads the whole chain for any "-C" in it): a
 // lost hook or chain still heals on contact.
 func TestABigRuleChainChecksOnlyItsHooks(t *testing.T) {
 	h := newHarness(t)
-	h.pol.MaxNewBansPerMinute = 10 * fullCheckMaxBans
+	h.pol.MaxNewBansPerMinute = 10 * engine.FullCheckMaxBans
 	h.startWithBans(0)
 	var lines []string
-	for i := range fullCheckMaxBans + 1 {
+	for i := range engine.FullCheckMaxBans + 1 {
 		lines = append(lines, fmt.Sprintf("iptables -w -I %s 1 -s 10.0.%d.%d -j DROP", chain, i>>8, i&255))
 	}
 	code, _, stderr := h.stream(strings.Join(lines, "\n") + "\n")
@@ -267,14 +268,14 @@ func TestABigRuleChainChecksOnlyItsHooks(t *testing.T) {
 	code, stderr = h.forced(healBan(98))
 	require.Equal(t, ExitOK, code, stderr)
 	bans, hooked, ret := h.liveBans()
-	assert.Equal(t, fullCheckMaxBans+3, bans)
+	assert.Equal(t, engine.FullCheckMaxBans+3, bans)
 	assert.True(t, hooked && ret)
 
 	v4.Wipe("")
 	code, stderr = h.forced(healBan(97))
 	require.Equal(t, ExitOK, code, stderr)
 	bans, hooked, ret = h.liveBans()
-	assert.Equal(t, fullCheckMaxBans+4, bans, "a chain gone is a hook gone: all put back")
+	assert.Equal(t, engine.FullCheckMaxBans+4, bans, "a chain gone is a hook gone: all put back")
 	assert.True(t, hooked && ret)
 }
 

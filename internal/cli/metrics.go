@@ -91,7 +91,7 @@ func collect(pol *policy.Policy, stderr io.Writer, deps Deps) (Snapshot, int) {
 		b, err := a.backend(fam)
 		if err == nil {
 			var ds []drift
-			if ds, err = compare(s, fam, b, a.ctx, a.deps.Now()); err == nil {
+			if ds, err = compare(s, fam, b, a.pol, a.ctx, a.deps.Now()); err == nil {
 				// Only a drift that was measured is reported: a gauge of 0
 				// for a firewall that could not be read would say "no
 				// drift" when nothing is known (f2b_shim_up says why).

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/f2b-shim/f2b-shim/internal/audit"
+	"github.com/f2b-shim/f2b-shim/internal/engine"
 	"github.com/f2b-shim/f2b-shim/internal/firewall"
 	"github.com/f2b-shim/f2b-shim/internal/hostnet"
 	"github.com/f2b-shim/f2b-shim/internal/nftables"
@@ -40,24 +41,26 @@ func Version() string {
 // RealDeps are the side effects of a real run.
 func RealDeps() Deps {
 	return Deps{
-		LoadPolicy: LoadPolicyFile,
-		OpenTable: func(fam policy.Family, backend string, wait time.Duration) (firewall.Table, error) {
-			return firewall.Open(fam, backend, wait)
+		Ports: engine.Ports{
+			OpenTable: func(fam policy.Family, backend string, wait time.Duration) (firewall.Table, error) {
+				return firewall.Open(fam, backend, wait)
+			},
+			Restore:  firewall.Restore,
+			OpenSets: func() (firewall.Sets, error) { return &firewall.NetlinkSets{}, nil },
+			RestoreSets: func(script string) error {
+				s, err := firewall.OpenIPSet()
+				if err != nil {
+					return err
+				}
+				return s.Restore(script)
+			},
+			OpenNFT: openNFT,
+			Now:     time.Now,
 		},
-		Restore:  firewall.Restore,
-		OpenSets: func() (firewall.Sets, error) { return &firewall.NetlinkSets{}, nil },
-		RestoreSets: func(script string) error {
-			s, err := firewall.OpenIPSet()
-			if err != nil {
-				return err
-			}
-			return s.Restore(script)
-		},
-		OpenNFT:           openNFT,
+		LoadPolicy:        LoadPolicyFile,
 		Syslog:            func(r audit.Record) error { return audit.SendSyslog("", "", r) },
 		Context:           hostnet.Context,
 		PrepareExec:       privilege.Prepare,
-		Now:               time.Now,
 		DefaultPolicyFile: DefaultPolicyDir + "/policy.toml",
 		Stdin:             os.Stdin,
 	}

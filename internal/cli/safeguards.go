@@ -113,7 +113,7 @@ func (a *admin) change(op policy.Operation, applyFirewall bool) (firewall.Outcom
 	if err := a.store.SetIntent(op); err != nil {
 		return 0, err
 	}
-	out, err := firewall.Apply(b, op)
+	out, err := b.Apply(op)
 	if err != nil {
 		return 0, err
 	}
@@ -255,7 +255,7 @@ func runPrune(args []string, stdout, stderr io.Writer, deps Deps) int {
 			return ExitFirewall
 		}
 		live := state.New(a.ctx.LookupPort)
-		if err := liveHooks(live, b, a.pol, a.ctx, fam, policy.Chain(chain)); err != nil {
+		if _, err := b.Read(live, policy.Chain(chain)); err != nil {
 			fmt.Fprintf(stderr, "f2b-shim: prune %s: %v\n", fam, err)
 			return ExitFirewall
 		}
@@ -295,35 +295,14 @@ func runPrune(args []string, stdout, stderr io.Writer, deps Deps) int {
 	return code
 }
 
-// liveHooks reads the live hooks into chain (every chain when "") into
-// live.
-func liveHooks(live *state.State, b firewall.Backend, pol *policy.Policy, ctx policy.Context, fam policy.Family, chain policy.Chain) error {
-	if b.NFT != nil {
-		snap, err := b.NFT.ReadBack()
-		if err == nil {
-			state.FromNFT(live, fam, snap, pol, ctx, chain)
-		}
-		return err
-	}
-	_, err := state.HooksFromLive(live, fam, b, ctx, chain)
-	return err
-}
-
 // dropEmptyTable deletes the nftables backend's table once its last ban
 // chain is pruned: the table is the shim's own, and an empty one would
 // stay on the proxy after the mail host is gone (uninstall prunes every
 // chain). A table that holds anything else, such as a rule an admin
 // added, stays.
 func dropEmptyTable(a *admin) error {
-	b, err := a.backend(policy.IPv4)
-	if err != nil {
+	if err := a.deps.PrepareExec(); err != nil {
 		return err
 	}
-	snap, err := b.NFT.ReadBack()
-	if err != nil || !snap.Exists || len(snap.Chains) > 0 || len(snap.Hooks) > 0 || len(snap.Foreign) > 0 {
-		return err
-	}
-	x := b.NFT.NewBatch()
-	x.DeleteTable()
-	return x.Commit()
+	return a.engine().DropEmptyTable()
 }

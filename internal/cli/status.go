@@ -1,13 +1,13 @@
 package cli
 
 import (
-	"errors"
 	"fmt"
 	"io"
 	"os"
 
+	"github.com/f2b-shim/f2b-shim/internal/engine"
+
 	"github.com/f2b-shim/f2b-shim/internal/audit"
-	"github.com/f2b-shim/f2b-shim/internal/firewall"
 	"github.com/f2b-shim/f2b-shim/internal/state"
 	"github.com/f2b-shim/f2b-shim/policy"
 )
@@ -78,33 +78,19 @@ func statusOf(pol *policy.Policy, stdout, stderr io.Writer, deps Deps) int {
 		}
 	}
 	line("state", err, fmt.Sprintf("%s: %s, %s", state.Path(pol), plural(chains, "chain"), plural(bans, "ban")))
-	line("repairs", nil, lastRepair(a.store, deps.Now()))
+	line("repairs", nil, engine.LastRepair(a.store, deps.Now()))
 	for _, fam := range families {
 		b, err := a.backend(fam)
 		if err != nil {
 			line(fam.String(), err, "")
 			continue
 		}
-		var what string
-		if b.NFT != nil {
-			_, err = b.NFT.Hooks()
-			what = fmt.Sprintf("nftables answers over netlink (table inet %s)", pol.NftablesTable)
-		} else {
-			_, err = b.Table.ListChains()
-			what = "iptables answers"
-		}
-		if err == nil && b.Sets != nil {
-			// A set that does not exist is a fine answer: netlink works.
-			if _, err = b.Sets.References("f2b-status-probe"); errors.Is(err, firewall.ErrNoSet) {
-				err = nil
-			}
-			what += "; ipset answers over netlink"
-		}
+		what, err := engine.Probe(b)
 		line(fam.String(), err, what)
 		if err != nil || s == nil {
 			continue
 		}
-		ds, err := compare(s, fam, b, a.ctx, a.deps.Now())
+		ds, err := compare(s, fam, b, a.pol, a.ctx, a.deps.Now())
 		kinds := map[string]int{}
 		for _, d := range ds {
 			kinds[d.kind]++

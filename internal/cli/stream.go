@@ -11,7 +11,7 @@ import (
 	"time"
 
 	"github.com/f2b-shim/f2b-shim/internal/audit"
-	"github.com/f2b-shim/f2b-shim/internal/firewall"
+	"github.com/f2b-shim/f2b-shim/internal/engine"
 	"github.com/f2b-shim/f2b-shim/internal/lock"
 	"github.com/f2b-shim/f2b-shim/internal/state"
 	"github.com/f2b-shim/f2b-shim/internal/stream"
@@ -301,7 +301,8 @@ func (s *session) act(lines []line, start time.Time) int {
 		return failAll(ExitSetup, "failed", "state: "+err.Error()+"; hint: nothing was changed; fix or move the file named, then run \"f2b-shim reconcile --fix\" on the proxy", err)
 	}
 	defer store.Close()
-	note := finishCutShort(store, s.pol, s.ctx, deadline, s.deps)
+	e := &engine.Engine{Pol: s.pol, Ctx: s.ctx, Deadline: deadline, Ports: s.deps.Ports}
+	note := e.FinishCutShort(store)
 	var intents []policy.Operation
 	for _, l := range lines {
 		if l.act && state.Changes(l.op.Kind) {
@@ -316,8 +317,14 @@ func (s *session) act(lines []line, start time.Time) int {
 	if err := store.Begin(); err != nil {
 		return failAll(ExitFirewall, "failed", "firewall: "+err.Error(), err)
 	}
-	backends := map[policy.Family]*openedBackend{}
-	checked := map[famChain]bool{}
+	// Each family's backend is opened once per batch, and gathers the
+	// batch's bans into one change (engine.StreamBatch).
+	type opened struct {
+		b   engine.Backend
+		err error
+	}
+	backends := map[policy.Family]*opened{}
+	checked := map[engine.FamChain]bool{}
 	served := len(lines)
 	first := true
 	for i := range lines {
@@ -335,53 +342,42 @@ func (s *session) act(lines []line, start time.Time) int {
 		first = false
 		ob := backends[l.op.Family]
 		if ob == nil {
-			ob = s.openBatched(l.op.Family, deadline)
-			ob.b.Record = store
+			ob = &opened{}
+			ob.b, ob.err = e.Open(l.op.Family, store, engine.StreamBatch)
 			backends[l.op.Family] = ob
 		}
 		if ob.err != nil {
 			l.done(failure(&l.rec, ob.err))
 			continue
 		}
-		if fc := (famChain{l.op.Family, l.op.BanChain()}); !checked[fc] {
+		if fc := (engine.FamChain{Fam: l.op.Family, Chain: l.op.BanChain()}); !checked[fc] {
 			// Once per chain and batch: the batch holds the lock, so
 			// nothing but its own lines changes the chain meanwhile.
 			checked[fc] = true
-			if healsFirst(l.op.Kind) {
-				probe, err := s.probe(store, lines[i:], fc)
+			if engine.HealsFirst(l.op.Kind) {
+				probe, err := s.probe(e, store, lines[i:], fc)
 				var note string
 				if err == nil {
-					note, err = healOnContact(store, ob.b, s.pol, s.ctx, fc.fam, fc.chain, deadline, s.deps, checked, probe)
+					note, err = e.HealOnContact(store, ob.b, fc.Fam, fc.Chain, checked, probe)
 				}
 				if err != nil {
 					l.done(failure(&l.rec, err))
 					continue
 				}
-				l.rec.State = audit.Text(joinNotes(string(l.rec.State), note))
+				l.rec.State = audit.Text(engine.JoinNotes(string(l.rec.State), note))
 			}
 		}
-		if ob.batched != nil {
-			ob.batched.Queue, ob.batched.Ticket = l.op.Kind == policy.AddBan, i
-		}
-		if q := ob.b.NFTQueue; q != nil {
-			// A widened unban goes on its own: whether its prefix goes
-			// depends on the record of its members.
-			q.Queue, q.Ticket = l.op.Kind == policy.AddBan || l.op.Kind == policy.DeleteBan && !l.op.Member.IsValid(), i
-		}
-		l.done(serve(store, ob.b, s.pol, l.op, &l.rec, s.deps.Now().UTC(), s.deps))
+		ob.b.Queue(l.op, i)
+		l.done(serve(e, store, ob.b, l.op, &l.rec, s.deps.Now().UTC()))
 	}
 	for _, ob := range backends {
-		var failed map[int]error
-		switch {
-		case ob.batched != nil:
-			failed = ob.batched.Flush()
-		case ob.b.NFTQueue != nil:
-			failed = ob.b.NFTQueue.Flush()
+		if ob.err != nil {
+			continue
 		}
-		for i, err := range failed {
+		for i, err := range ob.b.Flush() {
 			// Recorded as made, and not in the firewall after all.
 			l := &lines[i]
-			if ferr := takeBack(store, l.op, s.deps.Now()); ferr != nil {
+			if ferr := engine.TakeBack(store, l.op, s.deps.Now()); ferr != nil {
 				err = errors.Join(err, ferr)
 			}
 			l.done(failure(&l.rec, err))
@@ -399,56 +395,17 @@ func (s *session) act(lines []line, start time.Time) int {
 	return served
 }
 
-// takeBack undoes the record of a queued change that did not reach the
-// firewall: a ban is forgotten, an unban's ban recorded again.
-func takeBack(store *state.Store, op policy.Operation, now time.Time) error {
-	if op.Kind == policy.DeleteBan {
-		undo := op
-		undo.Kind = policy.AddBan
-		return store.Record(undo, true, now)
-	}
-	return store.Forget(op)
-}
-
 // probe is the first ban of the chain in the rest of the batch that the
 // record holds: the heal checks it in the firewall, so that the batch's
 // re-bans answer "unchanged" only when it is true of the firewall.
-func (s *session) probe(store *state.Store, rest []line, fc famChain) (*policy.Operation, error) {
+func (s *session) probe(e *engine.Engine, store *state.Store, rest []line, fc engine.FamChain) (*policy.Operation, error) {
 	for _, l := range rest {
-		if !l.act || l.op.Family != fc.fam || l.op.BanChain() != fc.chain {
+		if !l.act || l.op.Family != fc.Fam || l.op.BanChain() != fc.Chain {
 			continue
 		}
-		if p, err := recordedBan(store, s.pol, l.op); err != nil || p != nil {
+		if p, err := e.RecordedBan(store, l.op); err != nil || p != nil {
 			return p, err
 		}
 	}
 	return nil, nil
-}
-
-// openedBackend is a family's backend, opened once per batch.
-type openedBackend struct {
-	b   firewall.Backend
-	err error
-	// batched queues the rule backend's new bans for one
-	// iptables-restore.
-	batched *firewall.Batched
-}
-
-// openBatched opens a family's backend for a batch.
-func (s *session) openBatched(fam policy.Family, deadline time.Time) *openedBackend {
-	ob := &openedBackend{}
-	ob.b, ob.err = openBackend(s.pol, fam, deadline, s.deps)
-	ob.b.LookupPort, ob.b.SetsInUse = s.ctx.LookupPort, map[string]bool{}
-	if ob.err == nil && ob.b.NFT != nil {
-		// The batch's bans and unbans: one nftables transaction.
-		ob.b.NFTQueue = &firewall.NFTQueue{}
-		return ob
-	}
-	if ob.err == nil && ob.b.Sets == nil && s.deps.Restore != nil {
-		ob.batched = &firewall.Batched{Table: ob.b.Table, Restore: func(script string) error {
-			return s.deps.Restore(fam, s.pol.IptablesBackend, max(time.Until(deadline), time.Second), script)
-		}}
-		ob.b.Table = ob.batched
-	}
-	return ob
 }
