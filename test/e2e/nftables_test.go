@@ -340,3 +340,22 @@ func TestNftablesOneExecvePerBan(t *testing.T) {
 		assert.Empty(t, l.HiddenCalls())
 	})
 }
+
+// TestNftablesBansStayEnforcedAfterAWipe is TestBansStayEnforcedAfterAWipe
+// on backend nftables, with lab.NFTWipes, on a proxy whose sshd cannot
+// run iptables or ipset (status and the timer's reconcile run there too),
+// for both actions.
+func TestNftablesBansStayEnforcedAfterAWipe(t *testing.T) {
+	nstest.RequireRoot(t, nftTools...)
+	bin, err := nstest.BuildShim(t.TempDir())
+	require.NoError(t, err)
+	for _, stream := range []bool{false, true} {
+		t.Run(map[bool]string{false: "plain action", true: "stream action"}[stream], func(t *testing.T) {
+			t.Parallel() // each in its own namespaces and directory
+			// wipeAndHeal takes the lab down and logs what it needs.
+			wipeAndHeal(t, func() (*lab.Lab, error) {
+				return lab.UpLab(bin, &lab.Lab{Mode: lab.UserMode, Stream: stream, Backend: "nftables", HideFirewallPrograms: true})
+			})
+		})
+	}
+}

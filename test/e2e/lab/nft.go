@@ -336,16 +336,18 @@ func covers(elem string, a netip.Addr) bool {
 	return err == nil && e == a
 }
 
-// nftBans lists the elements of the jail's ban sets, both families, as
-// bansIn does for the other backends.
+// nftBans lists the elements of the jail's ban sets, both families,
+// that a rule of the jail's chain matches on (an element of a set no
+// rule uses bans nothing), as bansIn does for the other backends.
 func (l *Lab) nftBans(ns *netns.NS) []string {
 	sets, err := NFTSets(ns)
 	if err != nil {
 		return nil
 	}
+	rules := NFTChain(ns, Chain)
 	var out []string
 	for name, elems := range sets {
-		if strings.HasPrefix(name, Chain+"-v") {
+		if strings.HasPrefix(name, Chain+"-v") && strings.Contains(rules, " saddr @"+name+" ") {
 			out = append(out, elems...)
 		}
 	}
@@ -416,4 +418,43 @@ func (l *Lab) ClearStrace() error {
 		}
 	}
 	return nil
+}
+
+// NFTWipes take the shim's nftables rules away behind its back, as
+// Wipes do for iptables: the jail's chain flushed; the hooks' base chain
+// flushed; the shim's table deleted; "nft flush ruleset" (systemctl
+// reload nftables); the ban sets emptied (a reload of an older ruleset
+// that holds the sets but not the bans).
+var NFTWipes = []Wipe{
+	{"the jail's chain flushed", func(l *Lab) error { return l.nft("flush", "chain", "inet", NFTTable, Chain) }},
+	{"the hooks flushed", func(l *Lab) error { return l.nft("flush", "chain", "inet", NFTTable, "input") }},
+	{"the shim's table deleted", func(l *Lab) error { return l.nft("delete", "table", "inet", NFTTable) }},
+	{"nft flush ruleset", func(l *Lab) error { return l.nft("flush", "ruleset") }},
+	{"the ban sets emptied", func(l *Lab) error {
+		sets, err := NFTSets(l.Proxy)
+		if err != nil {
+			return err
+		}
+		var errs []error
+		for name := range sets {
+			if strings.HasPrefix(name, Chain+"-v") {
+				errs = append(errs, l.nft("flush", "set", "inet", NFTTable, name))
+			}
+		}
+		return errors.Join(errs...)
+	}},
+}
+
+// WipesFor are the wipes of a backend: NFTWipes for nftables, Wipes
+// for the others. Index 2 takes everything of the shim's away.
+func WipesFor(backend string) []Wipe {
+	if backend == "nftables" {
+		return NFTWipes
+	}
+	return Wipes
+}
+
+func (l *Lab) nft(args ...string) error {
+	_, err := l.Proxy.Run("nft", args...)
+	return err
 }
