@@ -32,8 +32,8 @@ type admin struct {
 	deadline time.Time
 	deps     Deps
 	stderr   io.Writer
-	held     *lock.Lock
-	store    *state.Store
+	held     *engine.Held
+	store    *state.Store // held.Store
 }
 
 // openAdmin loads the policy and takes the host-wide lock, so that no
@@ -64,19 +64,19 @@ func newAdmin(pol *policy.Policy, stderr io.Writer, deps Deps) (*admin, int) {
 		fmt.Fprintf(stderr, "f2b-shim: %v\n", err)
 		return nil, ExitSetup
 	}
-	if a.held, err = lock.Acquire(pol.StateDir, lockName(pol), a.deadline); err != nil {
+	if a.held, err = a.engine().Take(nil); err != nil {
 		fmt.Fprintf(stderr, "f2b-shim: %v\n", err)
-		if !errors.Is(err, lock.ErrTimeout) {
+		var te *engine.TakeError
+		switch {
+		case errors.As(err, &te) && te.Step == engine.StepState:
+			return nil, ExitSetup
+		case !errors.Is(err, lock.ErrTimeout):
 			fmt.Fprintf(stderr, "f2b-shim: hint: state_dir %s must be a directory this user can write\n", pol.StateDir)
 			return nil, ExitSetup
 		}
 		return nil, ExitFirewall
 	}
-	if a.store, err = state.Open(pol, a.ctx.LookupPort, max(time.Until(a.deadline), 100*time.Millisecond)); err != nil {
-		a.held.Release()
-		fmt.Fprintf(stderr, "f2b-shim: %v\n", err)
-		return nil, ExitSetup
-	}
+	a.store = a.held.Store
 	if a.store.RenamedFrom != "" {
 		fmt.Fprintf(stderr, "f2b-shim: policy %q was named %q before: its state moved to %s\n", pol.Name, a.store.RenamedFrom, state.Path(pol))
 	}
@@ -84,9 +84,6 @@ func newAdmin(pol *policy.Policy, stderr io.Writer, deps Deps) (*admin, int) {
 }
 
 func (a *admin) close() {
-	if a.store != nil {
-		a.store.Close()
-	}
 	if a.held != nil {
 		a.held.Release()
 	}

@@ -8,7 +8,6 @@ import (
 	"github.com/f2b-shim/f2b-shim/internal/engine"
 
 	"github.com/f2b-shim/f2b-shim/internal/audit"
-	"github.com/f2b-shim/f2b-shim/internal/lock"
 	"github.com/f2b-shim/f2b-shim/internal/state"
 	"github.com/f2b-shim/f2b-shim/policy"
 )
@@ -78,21 +77,15 @@ func (a *admin) expireIn(s *state.State, applyFirewall bool) (int, int) {
 
 // retake lets the lock go and takes it again, with the state reopened.
 func (a *admin) retake() error {
-	a.store.Close()
 	a.held.Release()
 	a.store, a.held = nil, nil
 	time.Sleep(expirePause)
 	a.deadline = a.deps.Now().Add(a.pol.LockTimeout)
-	held, err := lock.Acquire(a.pol.StateDir, lockName(a.pol), a.deadline)
+	held, err := a.engine().Take(nil)
 	if err != nil {
 		return err
 	}
-	store, err := state.Open(a.pol, a.ctx.LookupPort, max(time.Until(a.deadline), 100*time.Millisecond))
-	if err != nil {
-		held.Release()
-		return err
-	}
-	a.held, a.store = held, store
+	a.held, a.store = held, held.Store
 	return nil
 }
 

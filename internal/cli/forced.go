@@ -95,38 +95,20 @@ func runForced(policyPath string, env Env, stderr io.Writer, deps Deps) int {
 		return finish(ExitSetup, "failed", "setup: "+err.Error())
 	}
 
-	// The lock is held until the audit line is written, so that the audit
-	// log records changes in the order they were made. Each policy has
-	// its own lock and state: policies that share a state_dir do not wait
-	// for each other.
+	// The lock is held until the audit line is written (engine.Take).
 	deadline := start.Add(pol.LockTimeout)
-	held, err := lock.Acquire(pol.StateDir, lockName(pol), deadline)
+	e := &engine.Engine{Pol: pol, Ctx: ctx, Deadline: deadline, Ports: deps.Ports}
+	held, err := e.Take(func() error {
+		// 300 concurrent bans with 80 KiB free put 16 bans in the
+		// firewall without their lines, before this was reserved again
+		// under the lock.
+		return log.Reserve(1)
+	})
 	if err != nil {
-		rec.Reason = audit.Text(err.Error())
-		if !errors.Is(err, lock.ErrTimeout) {
-			// Not another shim: state_dir itself is unusable.
-			return finish(ExitSetup, "failed", "state: "+err.Error()+"; hint: nothing was changed; state_dir must be a directory the shim's user can write (scripts/install makes it)")
-		}
-		return finish(ExitFirewall, "failed", "firewall: "+err.Error())
+		return finish(takeFailure(&rec, pol, err))
 	}
 	defer held.Release()
-	// Room for the line, reserved again now that the lock is held: the
-	// reservation at Open shares its blocks with every request that
-	// opened the log at the same end and then waited for the lock, and
-	// their lines have used them since (300 concurrent bans with 80 KiB
-	// free put 16 bans in the firewall without their lines).
-	if err := log.Reserve(1); err != nil {
-		rec.Decision, rec.Reason = audit.Deny, audit.Text(err.Error())
-		return finish(ExitSetup, "denied", fmt.Sprintf("denied: cannot write the audit log %q: %v; nothing was changed", pol.AuditLog, err))
-	}
-	store, err := state.Open(pol, ctx.LookupPort, max(time.Until(deadline), 100*time.Millisecond))
-	if err != nil {
-		rec.Reason = audit.Text(err.Error())
-		return finish(ExitSetup, "failed", "state: "+err.Error()+"; hint: nothing was changed; fix or move the file named, then run \"f2b-shim reconcile --fix\" on the proxy")
-	}
-	defer store.Close()
-
-	e := &engine.Engine{Pol: pol, Ctx: ctx, Deadline: deadline, Ports: deps.Ports}
+	store := held.Store
 	b, err := e.Open(op.Family, store, engine.NoBatch)
 	if err == nil {
 		rec.State = audit.Text(e.FinishCutShort(store))
@@ -178,8 +160,24 @@ func failure(rec *audit.Record, err error) (int, string, string) {
 	return ExitFirewall, "failed", "firewall: " + err.Error()
 }
 
-// lockName is the policy's lock file in state_dir.
-func lockName(pol *policy.Policy) string { return pol.Name + ".lock" }
+// takeFailure fills in rec for a request that engine.Take refused, and
+// returns its exit code, result and message. Nothing was changed.
+func takeFailure(rec *audit.Record, pol *policy.Policy, err error) (int, string, string) {
+	rec.Reason = audit.Text(err.Error())
+	var te *engine.TakeError
+	errors.As(err, &te)
+	switch {
+	case te != nil && te.Step == engine.StepUnderLock:
+		rec.Decision = audit.Deny
+		return ExitSetup, "denied", fmt.Sprintf("denied: cannot write the audit log %q: %v; nothing was changed", pol.AuditLog, err)
+	case te != nil && te.Step == engine.StepState:
+		return ExitSetup, "failed", "state: " + err.Error() + "; hint: nothing was changed; fix or move the file named, then run \"f2b-shim reconcile --fix\" on the proxy"
+	case errors.Is(err, lock.ErrTimeout):
+		return ExitFirewall, "failed", "firewall: " + err.Error()
+	}
+	// Not another shim: state_dir itself is unusable.
+	return ExitSetup, "failed", "state: " + err.Error() + "; hint: nothing was changed; state_dir must be a directory the shim's user can write (scripts/install makes it)"
+}
 
 func opRecord(op policy.Operation) *audit.Op {
 	r := &audit.Op{

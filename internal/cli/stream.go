@@ -53,7 +53,7 @@ type session struct {
 	// holds it until its line is written: the log records changes in
 	// the order they were made, and the room reserved under the lock is
 	// not shared with the next holder.
-	held *lock.Lock
+	held *engine.Held
 	// slot is the session's max_stream_sessions slot; stopNow ends the
 	// session after the batch being served.
 	slot    *lock.Lock
@@ -272,19 +272,11 @@ func (s *session) act(lines []line, start time.Time) int {
 	if err := s.deps.PrepareExec(); err != nil {
 		return failAll(ExitSetup, "failed", "setup: "+err.Error(), err)
 	}
-	held, err := lock.Acquire(s.pol.StateDir, lockName(s.pol), deadline)
-	if err != nil {
-		if !errors.Is(err, lock.ErrTimeout) {
-			return failAll(ExitSetup, "failed", "state: "+err.Error()+"; hint: nothing was changed; state_dir must be a directory the shim's user can write (scripts/install makes it)", err)
-		}
-		return failAll(ExitFirewall, "failed", "firewall: "+err.Error(), err)
-	}
-	s.held = held // let go by serveBatch, after the audit lines
-	// Room for the batch's lines, reserved again now that the lock is
-	// held: the reservation before the batch shares its blocks with
-	// every request that reserved from the same end of the log and then
-	// waited for the lock, and their lines have used them since.
-	if err := s.log.Reserve(len(lines)); err != nil {
+	e := &engine.Engine{Pol: s.pol, Ctx: s.ctx, Deadline: deadline, Ports: s.deps.Ports}
+	held, err := e.Take(func() error { return s.log.Reserve(len(lines)) })
+	var te *engine.TakeError
+	if errors.As(err, &te) && te.Step == engine.StepUnderLock {
+		// No room for the batch's lines: none of it is carried out.
 		msg := fmt.Sprintf("denied: cannot write the audit log %q: %v; nothing was changed", s.pol.AuditLog, err)
 		for i := range lines {
 			if lines[i].act {
@@ -295,13 +287,15 @@ func (s *session) act(lines []line, start time.Time) int {
 		}
 		return len(lines)
 	}
-	taken := s.deps.Now()
-	store, err := state.Open(s.pol, s.ctx.LookupPort, max(time.Until(deadline), 100*time.Millisecond))
 	if err != nil {
-		return failAll(ExitSetup, "failed", "state: "+err.Error()+"; hint: nothing was changed; fix or move the file named, then run \"f2b-shim reconcile --fix\" on the proxy", err)
+		var r audit.Record
+		code, result, msg := takeFailure(&r, s.pol, err)
+		return failAll(code, result, msg, err)
 	}
-	defer store.Close()
-	e := &engine.Engine{Pol: s.pol, Ctx: s.ctx, Deadline: deadline, Ports: s.deps.Ports}
+	s.held = held // let go by serveBatch, after the audit lines
+	defer held.CloseState()
+	store := held.Store
+	taken := s.deps.Now()
 	note := e.FinishCutShort(store)
 	var intents []policy.Operation
 	for _, l := range lines {

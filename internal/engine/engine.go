@@ -5,9 +5,12 @@
 //
 // # The safety argument
 //
-// A request is judged whole (policy.Decide) before anything happens. Then,
-// under the policy's lock (package lock), in this order:
+// A request is judged whole (policy.Decide) before anything happens, and
+// the audit log is opened with room for its line. Then, in this order:
 //
+//  0. Take: the policy's lock, waiting at most lock_timeout; the room for
+//     the audit lines reserved again under it; the state opened. The lock
+//     is held until the audit lines are written.
 //  1. FinishCutShort: a change that an earlier shim started and never
 //     recorded (killed, or its batch cut short) is read back from the
 //     firewall into the record (state.ReadBack). Nothing is forgotten on

@@ -65,15 +65,26 @@ func (q *NFTQueue) flush() {
 		return
 	}
 	b := q.nft.NewBatch()
-	for _, e := range queue {
-		queueBan(b, e)
+	verdicts := map[verdictKey]bool{}
+	// A run of bans (or unbans) into one chain is one call: the package
+	// sends each call's elements in messages of up to a thousand, where a
+	// call per ban would cost three messages and their acknowledgements
+	// each (a ban is added, deleted and added again, which refreshes its
+	// timeout).
+	for start := 0; start < len(queue); {
+		end := start + 1
+		for end < len(queue) && queue[end].op.Kind == queue[start].op.Kind && queue[end].op.Chain == queue[start].op.Chain {
+			end++
+		}
+		queueBans(b, queue[start:end], verdicts)
+		start = end
 	}
 	if b.Commit() == nil {
 		return
 	}
 	for _, e := range queue {
 		b := q.nft.NewBatch()
-		queueBan(b, e)
+		queueBans(b, []nftQueued{e}, map[verdictKey]bool{})
 		if err := b.Commit(); err != nil {
 			if q.failed == nil {
 				q.failed = map[int]error{}
@@ -83,13 +94,35 @@ func (q *NFTQueue) flush() {
 	}
 }
 
-func queueBan(b *nftables.Batch, e nftQueued) {
-	if e.op.Kind == policy.DeleteBan {
-		b.RemoveBans(e.op.Chain, []netip.Prefix{e.op.Source})
+// verdictKey is a chain's family part and the target its bans get.
+type verdictKey struct {
+	chain  policy.Chain
+	fam    policy.Family
+	target policy.Target
+}
+
+// queueBans queues a run of bans, or of unbans, into one chain; verdicts
+// holds the verdicts the batch has set already: setting one reads the
+// chain's rules, which would cost a netlink dump per ban.
+func queueBans(b *nftables.Batch, run []nftQueued, verdicts map[verdictKey]bool) {
+	chain := run[0].op.Chain
+	if run[0].op.Kind == policy.DeleteBan {
+		prefixes := make([]netip.Prefix, len(run))
+		for i, e := range run {
+			prefixes[i] = e.op.Source
+		}
+		b.RemoveBans(chain, prefixes)
 		return
 	}
-	b.SetVerdict(e.op.Chain, e.op.Family, e.op.Target)
-	b.AddBans(e.op.Chain, []nftables.Ban{e.ban})
+	bans := make([]nftables.Ban, len(run))
+	for i, e := range run {
+		if k := (verdictKey{chain, e.op.Family, e.op.Target}); !verdicts[k] {
+			verdicts[k] = true
+			b.SetVerdict(chain, e.op.Family, e.op.Target)
+		}
+		bans[i] = e.ban
+	}
+	b.AddBans(chain, bans)
 }
 
 // banOf is the element of a ban: its prefix, and max_ban_time as its
