@@ -421,27 +421,28 @@ func (l *Lab) ClearStrace() error {
 }
 
 // NFTWipes take the shim's nftables rules away behind its back, as
-// Wipes do for iptables: the jail's chain flushed; the hooks' base chain
-// flushed; the shim's table deleted; "nft flush ruleset" (systemctl
-// reload nftables); the ban sets emptied (a reload of an older ruleset
-// that holds the sets but not the bans).
+// Wipes do for iptables: the shim's table deleted; the hooks' base chain
+// flushed; "nft flush ruleset" (systemctl reload nftables with a ruleset
+// that does not name the shim's table); the jail's chain flushed (its
+// verdict rules gone, the sets and their elements kept); a ruleset saved
+// before the bans loaded again ("nft list ruleset" saved, as an admin
+// keeps /etc/nftables.conf, then "nft flush ruleset; nft -f"): the table,
+// its sets, chains and hooks come back, the bans do not.
 var NFTWipes = []Wipe{
-	{"the jail's chain flushed", func(l *Lab) error { return l.nft("flush", "chain", "inet", NFTTable, Chain) }},
-	{"the hooks flushed", func(l *Lab) error { return l.nft("flush", "chain", "inet", NFTTable, "input") }},
 	{"the shim's table deleted", func(l *Lab) error { return l.nft("delete", "table", "inet", NFTTable) }},
+	{"the hooks flushed", func(l *Lab) error { return l.nft("flush", "chain", "inet", NFTTable, "input") }},
 	{"nft flush ruleset", func(l *Lab) error { return l.nft("flush", "ruleset") }},
-	{"the ban sets emptied", func(l *Lab) error {
-		sets, err := NFTSets(l.Proxy)
+	{"the jail's chain flushed", func(l *Lab) error { return l.nft("flush", "chain", "inet", NFTTable, Chain) }},
+	{"a ruleset saved before the bans loaded again", func(l *Lab) error {
+		saved, err := l.Proxy.Run("nft", "-s", "list", "ruleset")
 		if err != nil {
 			return err
 		}
-		var errs []error
-		for name := range sets {
-			if strings.HasPrefix(name, Chain+"-v") {
-				errs = append(errs, l.nft("flush", "set", "inet", NFTTable, name))
-			}
+		saved = regexp.MustCompile(`(?s)\s*elements = \{.*?\}`).ReplaceAllString(saved, "")
+		if err := os.WriteFile(l.path("saved.nft"), []byte("flush ruleset\n"+saved), 0o600); err != nil {
+			return err
 		}
-		return errors.Join(errs...)
+		return l.nft("-f", l.path("saved.nft"))
 	}},
 }
 
