@@ -166,7 +166,18 @@ func nftActionSequence(t *testing.T, l *lab.Lab) {
 		assert.Equal(t, lab.Refused, l.Reach(lab.AttackerV4, lab.IMAPPort))
 		noDrift(t, l, "after a reload --restart")
 	})
-	t.Run("7 nothing tried to run a hidden program, and fail2ban logged no error", func(t *testing.T) {
+	t.Run("7 after a reboot, restore brings every ban back", func(t *testing.T) {
+		require.NoError(t, l.FlushProxy()) // a fresh boot's ruleset holds nothing of the shim's
+		require.Equal(t, lab.Open, l.Reach(lab.AttackerV4, lab.IMAPPort))
+		code, out := l.Admin("restore")
+		require.Equal(t, 0, code, out)
+		assert.Equal(t, []string{lab.AttackerV6, lab.AttackerV4}, l.ProxyBans())
+		assert.True(t, l.Hooked(), "both families hooked:\n%s", lab.NFTChain(l.Proxy, "input"))
+		assert.Equal(t, lab.Refused, l.Reach(lab.AttackerV4, lab.IMAPPort))
+		assert.Equal(t, lab.Refused, l.Reach(lab.AttackerV6, lab.IMAPPort))
+		noDrift(t, l, "after restore")
+	})
+	t.Run("8 nothing tried to run a hidden program, and fail2ban logged no error", func(t *testing.T) {
 		assert.Empty(t, l.HiddenCalls())
 		log := l.Log("fail2ban.log")
 		require.Contains(t, log, "Ban "+lab.AttackerV4, "the log is fail2ban's")
@@ -358,4 +369,58 @@ func TestNftablesBansStayEnforcedAfterAWipe(t *testing.T) {
 			})
 		})
 	}
+}
+
+// TestNftablesKernelExpiry: with backend nftables, max_ban_time is the
+// ban element's timeout in the kernel. A ban that fail2ban holds for an
+// hour is lifted by the kernel after max_ban_time with no f2b-shim
+// process running in between (the audit log gains no line), and the
+// attacker gets through; a re-ban before then refreshes the timeout.
+func TestNftablesKernelExpiry(t *testing.T) {
+	nstest.RequireRoot(t, nftTools...)
+	bin, err := nstest.BuildShim(t.TempDir())
+	require.NoError(t, err)
+	l := upNFT(t, bin, &lab.Lab{Mode: lab.UserMode})
+	// Long enough for the steps below, short enough to wait for.
+	require.NoError(t, l.SetPolicy("max_ban_time", `"12s"`))
+	require.NoError(t, l.StartFail2ban())
+	set := lab.Chain + "-v4-addr"
+	_, err = l.Fail2ban("set", lab.Jail, "banip", lab.AttackerV4)
+	require.NoError(t, err)
+	_, err = l.WaitBan(lab.AttackerV4, true, banWait)
+	require.NoError(t, err)
+	require.Equal(t, lab.Refused, l.Reach(lab.AttackerV4, lab.IMAPPort))
+
+	t.Run("a re-ban refreshes the element's timeout", func(t *testing.T) {
+		first, ok := lab.NFTExpires(l.Proxy, set, lab.AttackerV4)
+		require.True(t, ok)
+		require.NoError(t, lab.WaitFor(banWait, func() bool {
+			left, ok := lab.NFTExpires(l.Proxy, set, lab.AttackerV4)
+			return ok && left <= first-2*time.Second
+		}), "the timeout runs down")
+		before, _ := lab.NFTExpires(l.Proxy, set, lab.AttackerV4)
+		// What fail2ban sends again after a restart or with
+		// bantime.increment: the same ban line.
+		code, out := l.SSH("f2b-proxy", "iptables -w -I "+lab.Chain+" 1 -s "+lab.AttackerV4+" -j REJECT --reject-with icmp-port-unreachable")
+		require.Equal(t, 0, code, out)
+		after, ok := lab.NFTExpires(l.Proxy, set, lab.AttackerV4)
+		require.True(t, ok)
+		assert.Greater(t, after, before, "the re-ban set the timeout back to max_ban_time")
+	})
+	t.Run("the kernel lifts the ban with no f2b-shim running", func(t *testing.T) {
+		recs, err := l.Audit()
+		require.NoError(t, err)
+		require.NoError(t, lab.WaitFor(time.Minute, func() bool {
+			_, ok := lab.NFTExpires(l.Proxy, set, lab.AttackerV4)
+			return !ok
+		}), "the element expires")
+		assert.Equal(t, lab.Open, l.Reach(lab.AttackerV4, lab.IMAPPort))
+		bans, err := l.Fail2banBans()
+		require.NoError(t, err)
+		assert.Equal(t, []string{lab.AttackerV4}, bans, "fail2ban still holds the ban: only the kernel lifted it")
+		after, err := l.Audit()
+		require.NoError(t, err)
+		assert.Len(t, after, len(recs), "no f2b-shim request ran meanwhile")
+		assert.Empty(t, l.PidsIn(l.Proxy, l.Shim), "no f2b-shim process is running")
+	})
 }

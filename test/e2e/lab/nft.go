@@ -11,6 +11,7 @@ import (
 	"regexp"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/f2b-shim/f2b-shim/test/netns"
 )
@@ -280,6 +281,45 @@ func nftElem(raw json.RawMessage) (string, error) {
 		return o.Range[0] + "-" + o.Range[1], nil
 	}
 	return "", fmt.Errorf("unknown element %s", raw)
+}
+
+// NFTExpires is how long the kernel keeps the element addr of a set of
+// the shim's table (nft's "expires", in whole seconds), and whether the
+// element is there.
+func NFTExpires(ns *netns.NS, set, addr string) (time.Duration, bool) {
+	out, err := ns.Run("nft", "-j", "list", "set", "inet", NFTTable, set)
+	if err != nil {
+		return 0, false
+	}
+	var doc struct {
+		Nftables []struct {
+			Set *struct {
+				Elem []struct {
+					Elem *struct {
+						Val     json.RawMessage `json:"val"`
+						Expires int64           `json:"expires"`
+					} `json:"elem"`
+				} `json:"elem"`
+			} `json:"set"`
+		} `json:"nftables"`
+	}
+	if json.Unmarshal([]byte(out), &doc) != nil {
+		return 0, false
+	}
+	for _, o := range doc.Nftables {
+		if o.Set == nil {
+			continue
+		}
+		for _, e := range o.Set.Elem {
+			if e.Elem == nil {
+				continue
+			}
+			if v, err := nftElem(e.Elem.Val); err == nil && v == addr {
+				return time.Duration(e.Elem.Expires) * time.Second, true
+			}
+		}
+	}
+	return 0, false
 }
 
 // NFTChain is "nft list chain" of a chain of the shim's table (input is
