@@ -107,7 +107,8 @@ Usage:
   f2b-shim prune [--policy FILE] CHAIN       retire a chain: unhook, flush, delete, forget
   f2b-shim status [--policy FILE | --all [--dir DIR]]
                                              self-test: policy, capabilities, audit log, lock, state,
-                                             iptables and ipset, drift, and the install as the mail
+                                             the firewall (iptables and ipset, or the nftables table),
+                                             drift, and the install as the mail
                                              host's account sees it (binary, key line, sshd -T), each
                                              failure with its fix; exit 0 when all is well
   f2b-shim expire [--policy FILE | --all [--dir DIR]]
@@ -130,7 +131,7 @@ Examples:
 
 Exit status:
   0 done, a check is true, or no drift   3 denied by the policy
-  1 a check is false, or drift           4 the firewall (iptables or the lock) failed
+  1 a check is false, or drift           4 the firewall (iptables, ipset, nftables or the lock) failed
   2 usage error                          5 the policy file, the audit log or the capabilities are unusable
 `
 
