@@ -48,6 +48,8 @@ func upNFT(t *testing.T, bin string, l *lab.Lab) *lab.Lab {
 // no drift at every step, and no hidden program was ever tried.
 func TestNftablesActionSequence(t *testing.T) {
 	nstest.RequireRoot(t, append(nftTools, "tar")...)
+	// Its own labs: it runs beside the other nftables tests.
+	t.Parallel()
 	bin, err := nstest.BuildShim(t.TempDir())
 	require.NoError(t, err)
 	trees := extractReleases(t)
@@ -204,6 +206,8 @@ func nftActionSequence(t *testing.T, l *lab.Lab) {
 // own iptables.conf).
 func TestNftablesEnforcement(t *testing.T) {
 	nstest.RequireRoot(t, nftTools...)
+	// Its own labs: it runs beside the other nftables tests.
+	t.Parallel()
 	bin, err := nstest.BuildShim(t.TempDir())
 	require.NoError(t, err)
 	hooks := []struct {
@@ -279,6 +283,8 @@ func TestNftablesEnforcement(t *testing.T) {
 // an unprivileged tracer would strip the binary's file capabilities.)
 func TestNftablesOneExecvePerBan(t *testing.T) {
 	nstest.RequireRoot(t, append(nftTools, "strace")...)
+	// Its own labs: it runs beside the other nftables tests.
+	t.Parallel()
 	bin, err := nstest.BuildShim(t.TempDir())
 	require.NoError(t, err)
 	shimExec := func(t *testing.T, l *lab.Lab, execs []string) {
@@ -358,6 +364,8 @@ func TestNftablesOneExecvePerBan(t *testing.T) {
 // for both actions.
 func TestNftablesBansStayEnforcedAfterAWipe(t *testing.T) {
 	nstest.RequireRoot(t, nftTools...)
+	// Its own labs: it runs beside the other nftables tests.
+	t.Parallel()
 	bin, err := nstest.BuildShim(t.TempDir())
 	require.NoError(t, err)
 	for _, stream := range []bool{false, true} {
@@ -378,6 +386,8 @@ func TestNftablesBansStayEnforcedAfterAWipe(t *testing.T) {
 // attacker gets through; a re-ban before then refreshes the timeout.
 func TestNftablesKernelExpiry(t *testing.T) {
 	nstest.RequireRoot(t, nftTools...)
+	// Its own labs: it runs beside the other nftables tests.
+	t.Parallel()
 	bin, err := nstest.BuildShim(t.TempDir())
 	require.NoError(t, err)
 	l := upNFT(t, bin, &lab.Lab{Mode: lab.UserMode})
