@@ -486,6 +486,19 @@ var NFTWipes = []Wipe{
 	}},
 }
 
+// bansWaitForTheTimer are the wipes after which, by design, a new ban
+// puts back the chains and hooks but not the bans the sets lost, and
+// why: the check on contact reads metadata, never elements, so that it
+// costs the same at any number of bans (internal/engine nft.Missing).
+var bansWaitForTheTimer = map[string]string{
+	"a ruleset saved before the bans loaded again": "the sets came back empty; the check on contact reads no elements, reconcile (the timer) does",
+}
+
+// BansWaitForTheTimer says why, after this wipe, the bans come back with
+// the timer's reconcile and not with the next ban; "" when the next ban
+// brings them back.
+func (w Wipe) BansWaitForTheTimer() string { return bansWaitForTheTimer[w.Name] }
+
 // WipesFor are the wipes of a backend: NFTWipes for nftables, Wipes
 // for the others. Index 2 takes everything of the shim's away.
 func WipesFor(backend string) []Wipe {
