@@ -225,7 +225,10 @@ func (l *Lab) network() error {
 		{l.Attacker.Name, "ip", "addr", "add", AttackerV4 + "/24", "dev", "att0"},
 		{l.Attacker.Name, "ip", "addr", "add", AttackerV6 + "/64", "dev", "att0", "nodad"},
 		{l.Attacker.Name, "ip", "addr", "add", BystanderV4 + "/24", "dev", "att0"},
-		{l.Attacker.Name, "ip", "addr", "add", BystanderV6 + "/64", "dev", "att0", "nodad"},
+		// Deprecated at once (preferred_lft 0): never the source the
+		// kernel picks, so Connect still comes from AttackerV6; Reach binds
+		// it explicitly. (BystanderV4 is a secondary address: never picked.)
+		{l.Attacker.Name, "ip", "addr", "add", BystanderV6 + "/64", "dev", "att0", "nodad", "preferred_lft", "0"},
 		{l.Proxy.Name, "ip", "addr", "add", ProxyOutV4 + "/24", "dev", "pxa0"},
 		{l.Proxy.Name, "ip", "addr", "add", ProxyOutV6 + "/64", "dev", "pxa0", "nodad"},
 		{l.Proxy.Name, "ip", "addr", "add", ProxyInV4 + "/24", "dev", "pxm0"},
