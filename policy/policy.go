@@ -332,6 +332,9 @@ func (p *Policy) Validate() error {
 	if !nftIdent.MatchString(p.NftablesTable) {
 		return fmt.Errorf("nftables_table %q must be 1 to 64 letters, digits or underscores, starting with a letter", p.NftablesTable)
 	}
+	if slices.Contains(otherTables, strings.ToLower(p.NftablesTable)) {
+		return fmt.Errorf("nftables_table %q is the name of a table that the system's own firewall or another tool keeps (nftables.conf's \"inet filter\", firewalld, docker, …); the shim owns its table and may delete it: keep the default \"f2b_shim\" or choose a name of its own", p.NftablesTable)
+	}
 	if p.MaxBanTime < 0 {
 		return fmt.Errorf("max_ban_time %s must not be negative", p.MaxBanTime)
 	}
@@ -406,6 +409,13 @@ func checkPrefix(prefix string) error {
 // Nests reports whether two chain prefixes can name the same chain: one
 // policy could then flush or unhook the other's chains.
 func Nests(a, b string) bool { return strings.HasPrefix(a, b) || strings.HasPrefix(b, a) }
+
+// otherTables are table names that a distribution's nftables.conf, or a
+// firewall manager, uses for a table of its own. The shim owns its table:
+// it recreates its base chain, and prune and purge delete the table when
+// it is empty of the shim's chains; sharing one with the host's own rules
+// would make every change fail, or a repair take the host's table.
+var otherTables = []string{"filter", "nat", "mangle", "raw", "security", "route", "firewalld", "docker", "libvirt", "incus", "lxd", "crowdsec", "crowdsec6", "sshguard", "fail2ban", "nixos_fw", "ufw", "tailscale", "kube_proxy", "cilium"}
 
 // nftIdent is a table name nft accepts unquoted, so that an admin can
 // type it ("nft list table inet NAME") as the docs show it.

@@ -78,6 +78,12 @@ iptables_backend = "legacy"
 		{"an unknown backend is an error", `iptables_backend = "nftables"`, "iptables_backend"},
 		{"a prefix as long as a chain is an error", `chain_prefix = "mail-remote-f2b-abcdefghijkl"`, "chain_prefix"},
 		{"a name with spaces is an error", `name = "a b"`, "name"},
+		{"an unknown firewall backend is an error", `backend = "pf"`, "backend"},
+		{"the nftables backend hooks into INPUT only", "backend = \"nftables\"\nparent_chains = [\"INPUT\", \"FORWARD\"]", "parent_chains"},
+		{"a table name nft would need quoted is an error", `nftables_table = "f2b-shim"`, "nftables_table"},
+		{"a table name longer than 64 is an error", `nftables_table = "` + strings.Repeat("t", 65) + `"`, "nftables_table"},
+		{"Debian's own table is not the shim's", `nftables_table = "filter"`, "nftables_table"},
+		{"firewalld's table is not the shim's, in any case", `nftables_table = "FirewallD"`, "nftables_table"},
 	}
 	for _, tt := range bad {
 		t.Run(tt.name, func(t *testing.T) {

@@ -333,3 +333,37 @@ func TestUnusableStateDirIsASetupError(t *testing.T) {
 	assert.Contains(t, stderr, "state_dir must be a directory")
 	assert.Empty(t, h.tables[policy.IPv4].Calls, "nothing was changed")
 }
+
+// TestTwoNftablesPoliciesNeedTablesOfTheirOwn: each would see the other's
+// chains as drift, and a prune of one's last chain would delete the table
+// under the other.
+func TestTwoNftablesPoliciesNeedTablesOfTheirOwn(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, text string) string {
+		path := filepath.Join(dir, name+".toml")
+		require.NoError(t, os.WriteFile(path, []byte(text), 0o644))
+		return path
+	}
+	write("mx1", "name = \"mx1\"\nchain_prefix = \"mail-remote-mx1-\"\nbackend = \"nftables\"\n")
+	tests := []struct {
+		name, text, want string
+	}{
+		{"the same table is refused", "name = \"mx2\"\nchain_prefix = \"mail-remote-mx2-\"\nbackend = \"nftables\"\n", "same nftables_table"},
+		{"a table of its own is fine", "name = \"mx2\"\nchain_prefix = \"mail-remote-mx2-\"\nbackend = \"nftables\"\nnftables_table = \"f2b_mx2\"\n", ""},
+		{"another backend does not use the table", "name = \"mx2\"\nchain_prefix = \"mail-remote-mx2-\"\nbackend = \"ipset\"\n", ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			path := write("mx2", tt.text)
+			pol, err := policy.Parse([]byte(tt.text))
+			require.NoError(t, err)
+			err = checkSiblings(path, pol)
+			if tt.want == "" {
+				assert.NoError(t, err)
+				return
+			}
+			require.Error(t, err)
+			assert.Contains(t, err.Error(), tt.want)
+		})
+	}
+}

@@ -173,6 +173,9 @@ func checkSiblings(path string, pol *policy.Policy) error {
 		if policy.Nests(pol.ChainPrefix, o.ChainPrefix) {
 			return fmt.Errorf("%s: chain_prefix %q and %q of %s nest, so one mail host could change the other's chains; give each policy a prefix that does not start with the other's", path, pol.ChainPrefix, o.ChainPrefix, other)
 		}
+		if pol.Backend == "nftables" && o.Backend == "nftables" && pol.NftablesTable == o.NftablesTable {
+			return fmt.Errorf("%s: %s uses the same nftables_table %q, so each would see the other's chains as drift, and a prune of the last chain of one would take the table from the other; give each policy a table of its own", path, other, pol.NftablesTable)
+		}
 		if pol.Name == o.Name && pol.StateDir == o.StateDir {
 			return fmt.Errorf("%s: %s has the same name %q and state_dir, so both would share one state file; give each policy its own name", path, other, pol.Name)
 		}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/f2b-shim/f2b-shim/internal/audit"
@@ -81,10 +82,22 @@ func (e *Engine) Serve(store *state.Store, b Backend, op policy.Operation, rec *
 // iptables changes nothing when it exits with an error. (A stream's
 // queued bans fail later, at the batch's flush, and are taken back
 // there.)
+//
+// With nftables a ban or unban is one transaction, which the kernel
+// applies whole or not at all; only a lost acknowledgement (ENOBUFS)
+// leaves its outcome unknown.
 func nothingChanged(b Backend, op policy.Operation, err error) bool {
-	r, ok := b.(*rules)
-	var ce *firewall.CommandError
-	return ok && r.b.Sets == nil && (op.Kind == policy.AddBan || op.Kind == policy.DeleteBan) && errors.As(err, &ce)
+	if op.Kind != policy.AddBan && op.Kind != policy.DeleteBan {
+		return false
+	}
+	switch b := b.(type) {
+	case *rules:
+		var ce *firewall.CommandError
+		return b.b.Sets == nil && errors.As(err, &ce)
+	case *nft:
+		return !errors.Is(err, syscall.ENOBUFS)
+	}
+	return false
 }
 
 // TakeBack undoes the record of a gathered change that did not reach the

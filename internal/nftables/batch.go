@@ -605,7 +605,7 @@ func explain(err error) error {
 	case syscall.ENOBUFS:
 		return fmt.Errorf("f2b-shim: nftables did not acknowledge the transaction (ENOBUFS), and it may or may not have been applied: %w\nf2b-shim: hint: read the table back (reconcile) before retrying", err)
 	case syscall.EOPNOTSUPP, syscall.EAFNOSUPPORT:
-		hint = "the table's base chain was changed (another hook, type or priority), which the kernel cannot change back: delete the table and let reconcile remake it; or the kernel lacks an nf_tables feature the shim needs (inet tables, interval sets with timeouts, reject): use backend = \"ipset\" or \"rules\""
+		hint = "the table's base chain was changed (another hook, type or priority), which the kernel cannot change back, or the table is not the shim's own: if \"nft list table inet NAME\" shows nothing but the shim's chains (input and the ban chains), delete it and let reconcile remake it; if it holds chains of yours, set nftables_table to a name of the shim's own; or the kernel lacks an nf_tables feature the shim needs (inet tables, interval sets with timeouts, reject): use backend = \"ipset\" or \"rules\""
 	default:
 		hint = "see the kernel's answer above; nothing of the batch was applied"
 	}

@@ -370,7 +370,7 @@ func TestExplain(t *testing.T) {
 		{"an overlap", syscall.EEXIST, "overlaps"},
 		{"a batch too large", syscall.EMSGSIZE, "split the batch"},
 		{"a lost acknowledgement", syscall.ENOBUFS, "may or may not have been applied"},
-		{"a moved base chain", syscall.EOPNOTSUPP, "delete the table"},
+		{"a moved base chain", syscall.EOPNOTSUPP, "shows nothing but the shim's chains"},
 		// The message that failed comes first; ENOENT for what it would
 		// have made follows, and must not hide it.
 		{"the telling errno among its consequences", errors.Join(syscall.ENOENT, syscall.EEXIST, syscall.ENOENT), "overlaps"},
