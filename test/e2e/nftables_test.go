@@ -179,7 +179,37 @@ func nftActionSequence(t *testing.T, l *lab.Lab) {
 		assert.Equal(t, lab.Refused, l.Reach(lab.AttackerV6, lab.IMAPPort))
 		noDrift(t, l, "after restore")
 	})
-	t.Run("8 nothing tried to run a hidden program, and fail2ban logged no error", func(t *testing.T) {
+	t.Run("8 the admin commands work without iptables", func(t *testing.T) {
+		code, out := l.Admin("list")
+		assert.Equal(t, 0, code, out)
+		assert.Contains(t, out, lab.AttackerV4)
+		assert.Contains(t, out, lab.AttackerV6)
+		for _, ip := range []string{lab.BystanderV4, lab.BystanderV6} {
+			code, out = l.Admin("ban", lab.Chain, ip)
+			require.Equal(t, 0, code, "the admin's own ban: %s", out)
+			assert.Equal(t, lab.Refused, l.Reach(ip, lab.IMAPPort), ip)
+			code, out = l.Admin("unban", lab.Chain, ip)
+			require.Equal(t, 0, code, out)
+			assert.Equal(t, lab.Open, l.Reach(ip, lab.IMAPPort), ip)
+		}
+		code, out = l.Admin("metrics")
+		assert.Equal(t, 0, code, out)
+		code, out = l.Admin("expire")
+		assert.Equal(t, 0, code, out)
+		assert.Equal(t, []string{lab.AttackerV6, lab.AttackerV4}, l.ProxyBans(), "nothing is past max_ban_time")
+		noDrift(t, l, "after the admin commands")
+	})
+	t.Run("9 prune retires the chain after fail2ban stops", func(t *testing.T) {
+		require.NoError(t, l.StopFail2ban())
+		code, out := l.Admin("prune", lab.Chain)
+		require.Equal(t, 0, code, out)
+		assert.NotContains(t, l.Rules(""), lab.Chain)
+		code, out = l.Admin("list")
+		assert.Equal(t, 0, code, out)
+		assert.NotContains(t, out, lab.AttackerV4, "prune forgets the chain's bans")
+		noDrift(t, l, "after prune")
+	})
+	t.Run("10 nothing tried to run a hidden program, and fail2ban logged no error", func(t *testing.T) {
 		assert.Empty(t, l.HiddenCalls())
 		log := l.Log("fail2ban.log")
 		require.Contains(t, log, "Ban "+lab.AttackerV4, "the log is fail2ban's")

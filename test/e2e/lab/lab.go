@@ -199,6 +199,13 @@ func (l *Lab) installShim(src string) (string, error) {
 	if err := os.WriteFile(bin, data, 0o755); err != nil {
 		return "", err
 	}
+	// "f2b-shim metrics" runs its helper from beside the binary, as
+	// scripts/install puts it.
+	if helper, err := os.ReadFile(filepath.Join(filepath.Dir(src), "f2b-shim-metrics")); err == nil {
+		if err := os.WriteFile(l.path("f2b-shim-metrics"), helper, 0o755); err != nil {
+			return "", err
+		}
+	}
 	if l.Mode == UserMode {
 		if out, err := exec.Command("setcap", "cap_net_admin,cap_net_raw+ep", bin).CombinedOutput(); err != nil {
 			return "", fmt.Errorf("setcap: %v: %s", err, out)
