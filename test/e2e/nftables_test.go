@@ -464,3 +464,80 @@ func TestNftablesKernelExpiry(t *testing.T) {
 		assert.Empty(t, l.PidsIn(l.Proxy, l.Shim), "no f2b-shim process is running")
 	})
 }
+
+// TestNftablesWidenedBan: with ban_prefix_v6 = 64 a ban of one IPv6
+// address is one interval element for its /64 in the kernel, which
+// refuses every address of the /64 and no other; a second ban in it adds
+// nothing; the /64 is lifted only when the last of its banned members is
+// unbanned. (The attacker's side gets a /64 of its own, routed through
+// it: the link's /64 holds the proxy's own address, which is never
+// banned.)
+func TestNftablesWidenedBan(t *testing.T) {
+	nstest.RequireRoot(t, nftTools...)
+	t.Parallel()
+	bin, err := nstest.BuildShim(t.TempDir())
+	require.NoError(t, err)
+	l := upNFT(t, bin, &lab.Lab{Mode: lab.UserMode})
+	const (
+		prefix  = "2001:db8:204::/64"
+		member  = "2001:db8:204::45" // banned, connects
+		sibling = "2001:db8:204::46" // never banned itself, connects
+		member2 = "2001:db8:204::99" // banned, sends nothing
+	)
+	for _, a := range []string{member, sibling} {
+		_, err := l.Attacker.Run("ip", "addr", "add", a+"/64", "dev", "att0", "nodad")
+		require.NoError(t, err)
+	}
+	_, err = l.Proxy.Run("ip", "-6", "route", "add", prefix, "via", lab.AttackerV6)
+	require.NoError(t, err)
+	require.NoError(t, l.SetPolicy("ban_prefix_v6", "64"))
+	require.NoError(t, l.StartFail2ban())
+	require.Equal(t, lab.Open, l.Reach(member, lab.IMAPPort))
+
+	elements := func() []string {
+		sets, err := lab.NFTSets(l.Proxy)
+		require.NoError(t, err)
+		return append(sets[lab.Chain+"-v6"], sets[lab.Chain+"-v6-addr"]...)
+	}
+	step := func(cmd, ip string) {
+		t.Helper()
+		_, err := l.Fail2ban("set", lab.Jail, cmd, ip)
+		require.NoError(t, err)
+		kind := map[string]string{"banip": "ban", "unbanip": "unban"}[cmd]
+		require.NoError(t, lab.WaitFor(banWait, func() bool {
+			recs, err := l.Audit()
+			return err == nil && slices.ContainsFunc(recs, func(r map[string]any) bool {
+				op, _ := r["op"].(map[string]any)
+				return op != nil && op["kind"] == kind && op["member"] == ip+"/128" && r["result"] != nil
+			})
+		}), "the shim carried out the %s of %s as a member of its /64", kind, ip)
+	}
+	t.Run("a ban of one address is one element for its /64", func(t *testing.T) {
+		step("banip", member)
+		require.NoError(t, lab.WaitFor(banWait, func() bool { return len(elements()) > 0 }))
+		assert.Equal(t, []string{prefix}, elements())
+		assert.Equal(t, lab.Refused, l.Reach(member, lab.IMAPPort))
+		assert.Equal(t, lab.Refused, l.Reach(sibling, lab.IMAPPort), "the whole /64 is refused")
+		assert.Equal(t, lab.Open, l.Reach(lab.AttackerV6, lab.IMAPPort), "another /64 is not")
+		noDrift(t, l, "after the widened ban")
+	})
+	t.Run("a second ban in the /64 adds no element", func(t *testing.T) {
+		step("banip", member2)
+		assert.Equal(t, []string{prefix}, elements())
+		noDrift(t, l, "after a second member")
+	})
+	t.Run("the /64 stays while a member is banned", func(t *testing.T) {
+		step("unbanip", member)
+		assert.Equal(t, []string{prefix}, elements())
+		assert.Equal(t, lab.Refused, l.Reach(member, lab.IMAPPort))
+		noDrift(t, l, "after one member's unban")
+	})
+	t.Run("the last member's unban lifts the /64", func(t *testing.T) {
+		step("unbanip", member2)
+		require.NoError(t, lab.WaitFor(banWait, func() bool { return len(elements()) == 0 }), "%v", elements())
+		assert.Equal(t, lab.Open, l.Reach(member, lab.IMAPPort))
+		assert.Equal(t, lab.Open, l.Reach(sibling, lab.IMAPPort))
+		noDrift(t, l, "after the last member's unban")
+	})
+	assert.Empty(t, l.HiddenCalls())
+}
