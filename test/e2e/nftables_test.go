@@ -541,3 +541,47 @@ func TestNftablesWidenedBan(t *testing.T) {
 	})
 	assert.Empty(t, l.HiddenCalls())
 }
+
+// TestNftablesFail2banRepairKeepsTheBans is TestFail2banRepairKeepsTheBans
+// on backend nftables: fail2ban's actioncheck ("iptables -C INPUT …")
+// finds the IPv4 hook gone from the shim's table, its actionrepair puts
+// it back without a flush, and every ban stays enforced, on every
+// release.
+func TestNftablesFail2banRepairKeepsTheBans(t *testing.T) {
+	nstest.RequireRoot(t, append(nftTools, "tar")...)
+	t.Parallel()
+	bin, err := nstest.BuildShim(t.TempDir())
+	require.NoError(t, err)
+	trees := extractReleases(t)
+	if len(trees) == 0 {
+		t.Logf("%s is not set: only Debian's fail2ban is tested here", Fail2banSrcEnv)
+	}
+	trees["1.0.2"] = ""
+	v4Hook := "meta nfproto ipv4 tcp dport { 143, 993 } jump " + lab.Chain + "\n"
+	for version, tree := range trees {
+		t.Run("fail2ban "+version, func(t *testing.T) {
+			t.Parallel()
+			l := upNFT(t, bin, &lab.Lab{Mode: lab.UserMode, Fail2banTree: tree})
+			require.NoError(t, l.StartFail2ban())
+			var old []string
+			for i := range healBans {
+				old = append(old, fmt.Sprintf("198.51.100.%d", i+1))
+			}
+			slices.Sort(old)
+			_, err := l.Fail2ban(append([]string{"set", lab.Jail, "banip"}, old...)...)
+			require.NoError(t, err)
+			require.NoError(t, lab.WaitFor(healWait, func() bool { return slices.Equal(l.ProxyBans(), old) }))
+
+			require.NoError(t, l.NFTDeleteHooks("ipv4"))
+			require.NoError(t, l.ForgetHooks())
+			_, _ = l.Fail2ban("set", lab.Jail, "banip", lab.ProxyInV4) // refused by the proxy: the ban fails
+			err = lab.WaitFor(healWait, func() bool { return strings.Contains(lab.NFTChain(l.Proxy, "input"), v4Hook) })
+			require.NoError(t, err, "fail2ban's repair put the hook back:\n%s", lab.NFTChain(l.Proxy, "input"))
+			assert.Equal(t, old, l.ProxyBans(), "every ban is still enforced")
+			log := l.Log("fail2ban.log")
+			assert.Contains(t, log, "Invariant check failed. Trying to restore a sane environment", "fail2ban ran its repair")
+			assert.NotContains(t, log, "Unable to restore environment")
+			assert.Empty(t, l.HiddenCalls())
+		})
+	}
+}

@@ -512,3 +512,24 @@ func (l *Lab) nft(args ...string) error {
 	_, err := l.Proxy.Run("nft", args...)
 	return err
 }
+
+// NFTDeleteHooks deletes the proxy's hooks of one family ("ipv4" or
+// "ipv6") into the jail's chain by handle, behind the shim's back, as an
+// "iptables -F INPUT" does to one family's.
+func (l *Lab) NFTDeleteHooks(fam string) error {
+	out, err := l.Proxy.Run("nft", "-a", "list", "chain", "inet", NFTTable, "input")
+	if err != nil {
+		return err
+	}
+	re := regexp.MustCompile(`meta nfproto ` + fam + ` .* jump ` + regexp.QuoteMeta(Chain) + ` # handle (\d+)`)
+	found := re.FindAllStringSubmatch(out, -1)
+	if len(found) == 0 {
+		return fmt.Errorf("no %s hook into %s:\n%s", fam, Chain, out)
+	}
+	for _, m := range found {
+		if err := l.nft("delete", "rule", "inet", NFTTable, "input", "handle", m[1]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
