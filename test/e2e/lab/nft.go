@@ -463,16 +463,15 @@ func (l *Lab) ClearStrace() error {
 // NFTWipes take the shim's nftables rules away behind its back, as
 // Wipes do for iptables: the shim's table deleted; the hooks' base chain
 // flushed; "nft flush ruleset" (systemctl reload nftables with a ruleset
-// that does not name the shim's table); the jail's chain flushed (its
-// verdict rules gone, the sets and their elements kept); a ruleset saved
-// before the bans loaded again ("nft list ruleset" saved, as an admin
-// keeps /etc/nftables.conf, then "nft flush ruleset; nft -f"): the table,
-// its sets, chains and hooks come back, the bans do not.
+// that does not name the shim's table); a ruleset saved before the bans
+// loaded again ("nft list ruleset" saved, as an admin keeps
+// /etc/nftables.conf, then "nft flush ruleset; nft -f"): the table, its
+// sets, chains and hooks come back, the bans do not; the jail's chain
+// flushed (its verdict rules gone, the sets and their elements kept).
 var NFTWipes = []Wipe{
 	{"the shim's table deleted", func(l *Lab) error { return l.nft("delete", "table", "inet", NFTTable) }},
 	{"the hooks flushed", func(l *Lab) error { return l.nft("flush", "chain", "inet", NFTTable, "input") }},
 	{"nft flush ruleset", func(l *Lab) error { return l.nft("flush", "ruleset") }},
-	{"the jail's chain flushed", func(l *Lab) error { return l.nft("flush", "chain", "inet", NFTTable, Chain) }},
 	{"a ruleset saved before the bans loaded again", func(l *Lab) error {
 		saved, err := l.Proxy.Run("nft", "-s", "list", "ruleset")
 		if err != nil {
@@ -484,6 +483,7 @@ var NFTWipes = []Wipe{
 		}
 		return l.nft("-f", l.path("saved.nft"))
 	}},
+	{"the jail's chain flushed", func(l *Lab) error { return l.nft("flush", "chain", "inet", NFTTable, Chain) }},
 }
 
 // bansWaitForTheTimer are the wipes after which, by design, a new ban
