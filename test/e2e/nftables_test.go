@@ -585,3 +585,43 @@ func TestNftablesFail2banRepairKeepsTheBans(t *testing.T) {
 		})
 	}
 }
+
+// TestNftablesStreamBatchIsATransaction: the stream action's bans reach
+// the kernel in transactions of many bans ("nft monitor" shows each
+// committed transaction), all the shim's, and none is lost: a batch is
+// one transaction, not one per line.
+func TestNftablesStreamBatchIsATransaction(t *testing.T) {
+	nstest.RequireRoot(t, nftTools...)
+	t.Parallel()
+	bin, err := nstest.BuildShim(t.TempDir())
+	require.NoError(t, err)
+	l := upNFT(t, bin, &lab.Lab{Mode: lab.UserMode, Stream: true})
+	require.NoError(t, l.StartFail2ban())
+	// The first ban starts the action (chain, hooks): not counted.
+	banip(t, l, []string{lab.AttackerV4})
+	_, err = l.WaitBan(lab.AttackerV4, true, banWait)
+	require.NoError(t, err)
+
+	stop, err := l.NFTMonitor()
+	require.NoError(t, err)
+	const n = 2000
+	ips := burst(0, n)
+	banip(t, l, ips)
+	want := slices.Sorted(slices.Values(append(slices.Clone(ips), lab.AttackerV4)))
+	require.NoError(t, lab.WaitFor(2*time.Minute, func() bool { return slices.Equal(l.ProxyBans(), want) }), "%d bans", len(l.ProxyBans()))
+	txs, err := stop()
+	require.NoError(t, err)
+	var added []string
+	most := 0
+	for _, tx := range txs {
+		assert.Equal(t, "f2b-shim", tx.Program, "only the shim changes the table")
+		added = append(added, tx.Added...)
+		most = max(most, len(tx.Added))
+	}
+	t.Logf("%d bans in %d transactions, the largest of %d", n, len(txs), most)
+	slices.Sort(added)
+	assert.Equal(t, slices.Sorted(slices.Values(ips)), added, "every ban added, in one transaction each")
+	assert.Less(t, len(txs), n, "fewer transactions than bans")
+	assert.Greater(t, most, 1, "a transaction carried a batch of bans")
+	assert.Empty(t, l.HiddenCalls())
+}

@@ -533,3 +533,66 @@ func (l *Lab) NFTDeleteHooks(fam string) error {
 	}
 	return nil
 }
+
+// NFTTransaction is one committed nftables transaction as "nft monitor"
+// shows it: the program that committed it and the ban elements it added,
+// each once (the shim adds, deletes and adds an element again to refresh
+// its timeout).
+type NFTTransaction struct {
+	Program string
+	Added   []string
+}
+
+// nftGeneration is nft monitor's line after each committed transaction.
+var nftGeneration = regexp.MustCompile(`^# new generation \d+ by process \d+ \((.*)\)$`)
+
+// NFTMonitor runs "nft monitor" on the proxy until the returned function
+// is called, which returns the transactions seen meanwhile, in order.
+func (l *Lab) NFTMonitor() (stop func() ([]NFTTransaction, error), err error) {
+	f, err := os.Create(l.path("nft-monitor.log"))
+	if err != nil {
+		return nil, err
+	}
+	cmd := l.Proxy.Command("nft", "monitor")
+	cmd.Stdout, cmd.Stderr = f, f
+	if err := cmd.Start(); err != nil {
+		f.Close()
+		return nil, err
+	}
+	l.procs = append(l.procs, cmd) // Down stops it if the test does not
+	// nft monitor subscribes before it prints anything: wait for a
+	// transaction of our own to show.
+	probe := func() bool { return strings.Contains(l.Log("nft-monitor.log"), "f2b_lab_probe") }
+	for i := 0; i < 50 && !probe(); i++ {
+		_ = l.nft("add", "table", "inet", "f2b_lab_probe")
+		_ = l.nft("delete", "table", "inet", "f2b_lab_probe")
+		time.Sleep(100 * time.Millisecond)
+	}
+	if !probe() {
+		_ = cmd.Process.Kill()
+		return nil, errors.New("nft monitor shows nothing")
+	}
+	skip := len(l.Log("nft-monitor.log"))
+	return func() ([]NFTTransaction, error) {
+		time.Sleep(500 * time.Millisecond) // the last events' lines
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+		f.Close()
+		var out []NFTTransaction
+		var added []string
+		for _, line := range strings.Split(l.Log("nft-monitor.log")[skip:], "\n") {
+			switch m := nftGeneration.FindStringSubmatch(line); {
+			case m != nil:
+				slices.Sort(added)
+				out = append(out, NFTTransaction{Program: m[1], Added: slices.Compact(added)})
+				added = nil
+			case strings.HasPrefix(line, "add element inet "+NFTTable+" "+Chain+"-v"):
+				// One element a line: "add element … SET { ADDR timeout … }".
+				if _, e, ok := strings.Cut(line, "{ "); ok {
+					added = append(added, strings.Fields(e)[0])
+				}
+			}
+		}
+		return out, nil
+	}, nil
+}
