@@ -89,7 +89,7 @@ func main() {
 	quick := flag.Bool("quick", false, "a short run, as a smoke test: N = 0 and 100, few repetitions")
 	out := flag.String("out", "bench-out", "directory for results.md and latency.png")
 	only := flag.String("only", "", "run one part: latency, sshd, packets, hooks, stream, streambounds, heal or nftables (rules, ipset and nftables side by side: sshd, stream, N bans in place)")
-	baseline := flag.String("baseline", "", "streambounds and heal: an f2b-shim binary to measure side by side with this build")
+	baseline := flag.String("baseline", "", "streambounds, heal and the sshd part's nftables rows: an f2b-shim binary to measure side by side with this build")
 	healN := flag.Int("heal-bans", 1000, "heal: bans in place")
 	flag.Parse()
 	c := config{ns: []int{0, 1000, 10000, 50000}, reps: 15, e2eBans: 50, connTime: 2 * time.Second, connRuns: 3, out: *out,

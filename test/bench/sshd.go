@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"os"
@@ -18,6 +19,9 @@ type sshRow struct {
 	name, account string
 	// key is lab.SSHArgs's: "" is the shim's.
 	key, backend, template string
+	// bin is the shim's binary for the row: "" is this build's; with
+	// --baseline, the baseline's rows install it for their blocks.
+	bin string
 	// inPlace is how many bans the chain or set held before.
 	inPlace int
 	// raw is the row whose bans/s this row's are compared with (a raw
@@ -54,7 +58,9 @@ const (
 // no "ip netns exec" is timed. The rows run in blocks that alternate
 // (c.sshBlocks rounds of every row), so that a busy spell of the shared
 // machine falls on all of them alike; the policy's backend is switched
-// between blocks (the shim reads it on every request).
+// between blocks (the shim reads it on every request). With --baseline,
+// the nftables rows run with that binary too, installed in place of this
+// build's for their blocks.
 func throughput(c config, shim, self string) ([]*sshRow, error) {
 	l, err := lab.UpBench(shim, "rules")
 	if err != nil {
@@ -123,10 +129,26 @@ func throughput(c config, shim, self string) ([]*sshRow, error) {
 		{name: "f2b-shim, set backend", account: "f2b-shim", backend: "ipset", template: ban(setChain50k), inPlace: sshPreload, raw: raw50},
 		{name: "f2b-shim, nftables backend", account: "f2b-shim", backend: "nftables", template: ban(nftChain50k), inPlace: sshPreload, raw: raw50},
 	}
+	if c.baseline != "" {
+		name := "f2b-shim, nftables backend, baseline (" + c.baseline + ")"
+		rows = append(rows,
+			&sshRow{name: name, account: "f2b-shim", backend: "nftables", template: ban(nftChain), raw: raw0, bin: c.baseline},
+			&sshRow{name: name, account: "f2b-shim", backend: "nftables", template: ban(nftChain50k), inPlace: sshPreload, raw: raw50, bin: c.baseline})
+		// Their addresses differ from this build's rows' in the same chain.
+		for _, r := range rows[len(rows)-2:] {
+			r.offset = 15000
+		}
+	}
 	per := max(1, c.e2eBans/c.sshBlocks)
-	current := "nftables"
+	current, installed := "nftables", shim
 	for range c.sshBlocks {
 		for _, r := range rows {
+			if bin := cmp.Or(r.bin, shim); r.backend != "" && bin != installed {
+				if err := l.InstallShim(bin); err != nil {
+					return nil, err
+				}
+				installed = bin
+			}
 			if r.backend != "" && r.backend != current {
 				if err := l.SetPolicy("backend", strconv.Quote(r.backend)); err != nil {
 					return nil, err

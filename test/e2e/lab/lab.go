@@ -174,6 +174,13 @@ func up(l *Lab, shim string) (_ *Lab, err error) {
 
 func (l *Lab) path(name string) string { return filepath.Join(l.Dir, name) }
 
+// InstallShim puts another f2b-shim binary where sshd runs the shim's
+// (the benchmark measures two builds through the same sshd, in turn).
+func (l *Lab) InstallShim(src string) error {
+	_, err := l.installShim(src)
+	return err
+}
+
 // installShim puts the binary where sshd will run it, as scripts/install
 // does: in user mode with cap_net_admin,cap_net_raw+ep.
 func (l *Lab) installShim(src string) (string, error) {
