@@ -197,7 +197,7 @@ func writeThroughput(md *strings.Builder, c config, rows []*sshRow) {
 	}
 	for _, r := range rows {
 		if r.backend == "nftables" {
-			fmt.Fprintf(md, "\nnftables one-shot through sshd, %d bans in place: %.2f× raw `nft add element`'s bans/s (goal ≥ 0.9).", r.inPlace, median(r.raw.ms)/median(r.ms))
+			fmt.Fprintf(md, "\n%s, %d bans in place: %.2f× raw `nft add element`'s bans/s (goal ≥ 0.9).", r.name, r.inPlace, median(r.raw.ms)/median(r.ms))
 		}
 	}
 	fmt.Fprintln(md)
