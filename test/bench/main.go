@@ -99,7 +99,7 @@ func main() {
 			streamBans: 1000, streamRuns: 1, plainBurst: 20, streamBurst: 200, singleBans: 3, burstRuns: 1, floodRebans: 1000, floodRetries: 2}
 	}
 	c.only, c.baseline = *only, *baseline
-	c.sshBlocks, c.nftVariants, c.nftNs, c.nftRounds, c.nftStreamBans = 5, nftVariants, []int{0, 10000, 50000}, 5, 10000
+	c.sshBlocks, c.nftVariants, c.nftNs, c.nftRounds, c.nftStreamBans = 25, nftVariants, []int{0, 10000, 50000}, 5, 10000
 	if *quick {
 		// The smoke run: the nftables backend alone (rules and ipset
 		// have their smoke runs in the other parts), small.
@@ -509,20 +509,21 @@ func plot(c config, rs []result) error {
 	return nil
 }
 
-// sshloop runs "ssh ARGS... TARGET" n times, after one that opens the
-// shared connection, with %d in the template standing for "x.y" of a
-// fresh address (the offset-th on: a block of sessions that alternates
-// with others' gives its first), and prints each session's time in
-// milliseconds. It runs inside the mail host's namespace.
+// sshloop runs "ssh ARGS... TARGET" n times, with %d in the template
+// standing for "x.y" of a fresh address (the offset-th on: a block of
+// sessions that alternates with others' gives its first), and prints each
+// session's time in milliseconds. With "warm", an untimed session first
+// opens the shared connection (the address offset+n). It runs inside the
+// mail host's namespace.
 //
-//	sshloop N OFFSET TEMPLATE SSH-ARGS...
+//	sshloop N OFFSET warm|- TEMPLATE SSH-ARGS...
 func sshloop(args []string) int {
-	if len(args) < 3 {
+	if len(args) < 4 {
 		return 2
 	}
 	n, _ := strconv.Atoi(args[0])
 	offset, _ := strconv.Atoi(args[1])
-	template, sshArgs := args[2], args[3:]
+	warm, template, sshArgs := args[2] == "warm", args[3], args[4:]
 	run := func(i int) (time.Duration, error) {
 		words := strings.Fields(strings.ReplaceAll(template, "%d", fmt.Sprintf("%d.%d", 100+i/250, i%250+1)))
 		start := time.Now()
@@ -532,9 +533,11 @@ func sshloop(args []string) int {
 		}
 		return time.Since(start), nil
 	}
-	if _, err := run(offset + n); err != nil { // opens the shared connection, if closed
-		fmt.Fprintln(os.Stderr, err)
-		return 1
+	if warm {
+		if _, err := run(offset + n); err != nil { // opens the shared connection
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
 	}
 	for i := range min(n, 30000) { // 198.51.(100+i/250) stays an address
 		d, err := run(offset + i)

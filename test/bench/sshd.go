@@ -29,6 +29,7 @@ type sshRow struct {
 	raw    *sshRow
 	ms     []float64
 	offset int
+	warm   bool // its shared connection is open
 }
 
 // The sshd part's chains: the shim's, one per backend and size, and the
@@ -55,9 +56,10 @@ const (
 // is /bin/sh (the lab gives root /bin/sh in the proxy's own copy of
 // /etc/passwd): a shell that reads rc files would cost more than the shim
 // and hide its cost. The loop runs inside the mail host's namespace, so
-// no "ip netns exec" is timed. The rows run in blocks that alternate
-// (c.sshBlocks rounds of every row), so that a busy spell of the shared
-// machine falls on all of them alike; the policy's backend is switched
+// no "ip netns exec" is timed. The rows run in short blocks that
+// alternate (c.sshBlocks rounds of every row, of 2 sessions each in the
+// full run), so that a busy spell of the shared machine falls on all of
+// them alike; the policy's backend is switched
 // between blocks (the shim reads it on every request). With --baseline,
 // the nftables rows run with that binary too, installed in place of this
 // build's for their blocks.
@@ -155,7 +157,11 @@ func throughput(c config, shim, self string) ([]*sshRow, error) {
 				}
 				current = r.backend
 			}
-			args := append([]string{"sshloop", strconv.Itoa(per), strconv.Itoa(r.offset), r.template}, l.SSHArgs(r.key)...)
+			warm := "warm" // the first block of a key opens its shared connection
+			if r.warm {
+				warm = "-"
+			}
+			args := append([]string{"sshloop", strconv.Itoa(per), strconv.Itoa(r.offset), warm, r.template}, l.SSHArgs(r.key)...)
 			out, err := l.Mail.Command(self, args...).Output()
 			if err != nil {
 				return nil, fmt.Errorf("sshloop %s (%s): %v", r.name, r.account, err)
@@ -164,7 +170,8 @@ func throughput(c config, shim, self string) ([]*sshRow, error) {
 				v, _ := strconv.ParseFloat(f, 64)
 				r.ms = append(r.ms, v)
 			}
-			r.offset += per + 1 // and the block's first session, untimed
+			r.offset += per + 1 // and the untimed session of a first block
+			r.warm = true
 		}
 	}
 	return rows, nil
