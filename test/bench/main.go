@@ -61,6 +61,10 @@ type config struct {
 	nftVariants              []variant
 	nftNs                    []int
 	nftRounds, nftStreamBans int
+	// Per round: one-shot bans, and checks and unbans of some of them,
+	// per namespace; and one run of the connection loop this long.
+	nftBans, nftChecks int
+	nftConnTime        time.Duration
 }
 
 // runs reports whether the part is to run. "--only nftables" runs the
@@ -99,11 +103,13 @@ func main() {
 			streamBans: 1000, streamRuns: 1, plainBurst: 20, streamBurst: 200, singleBans: 3, burstRuns: 1, floodRebans: 1000, floodRetries: 2}
 	}
 	c.only, c.baseline = *only, *baseline
-	c.sshBlocks, c.nftVariants, c.nftNs, c.nftRounds, c.nftStreamBans = 25, nftVariants, []int{0, 10000, 50000}, 5, 10000
+	c.sshBlocks, c.nftVariants, c.nftNs, c.nftRounds, c.nftStreamBans = 25, nftVariants, []int{0, 10000, 50000}, 10, 10000
+	c.nftBans, c.nftChecks, c.nftConnTime = 4, 1, time.Second
 	if *quick {
 		// The smoke run: the nftables backend alone (rules and ipset
 		// have their smoke runs in the other parts), small.
 		c.sshBlocks, c.nftVariants, c.nftNs, c.nftRounds, c.nftStreamBans = 1, []variant{{"", "nftables"}}, []int{0, 100}, 1, 1000
+		c.nftBans, c.nftChecks, c.nftConnTime = 3, 1, 300*time.Millisecond
 	}
 	c.healBans, c.healRuns, c.healStream = *healN, 5, 1000
 	if *quick {
@@ -362,8 +368,9 @@ func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 // kind, each on another address, and prints their medians as JSON.
 // args: who (shim, raw or rawnft), shim, policy, iptables backend, reps,
 // and optionally the first address's index (rounds that alternate with
-// other namespaces use fresh addresses) and "samples" to print every
-// sample rather than the medians.
+// other namespaces use fresh addresses), "samples" to print every sample
+// rather than the medians, and how many of the reps to check and unban
+// (all by default: where those cost a second each, fewer).
 func measure(args []string) int {
 	who, shim, pol, ipt := args[0], args[1], args[2], args[3]
 	var reps, offset int
@@ -371,7 +378,11 @@ func measure(args []string) int {
 	if len(args) > 5 {
 		fmt.Sscan(args[5], &offset)
 	}
-	s := measureSamples(who, shim, pol, ipt, reps, offset)
+	checks := reps
+	if len(args) > 7 {
+		fmt.Sscan(args[7], &checks)
+	}
+	s := measureSamples(who, shim, pol, ipt, reps, min(reps, checks), offset)
 	if len(args) > 6 && args[6] == "samples" {
 		json.NewEncoder(os.Stdout).Encode(s)
 		return 0
@@ -389,14 +400,15 @@ func measure(args []string) int {
 // samples are the times of single calls, in milliseconds.
 type samples struct{ Ban, Check, Unban []float64 }
 
-// measureSamples times reps bans, then reps checks, then reps unbans of
-// the addresses 203.0.(offset+i).1: through the shim ("shim"), raw
-// iptables on rawChain ("raw"), or raw nft on the address set of
-// rawChain's nftables twin ("rawnft", see rawNFTArgs).
-func measureSamples(who, shim, pol, ipt string, reps, offset int) samples {
+// measureSamples times reps bans, then checks and unbans of the first
+// checks of them, of the addresses 203.0.(offset+i).1: through the shim
+// ("shim"), raw iptables on rawChain ("raw"), or raw nft on the address
+// set of chain ("rawnft", see rawNFTArgs).
+func measureSamples(who, shim, pol, ipt string, reps, checks, offset int) samples {
+	n := reps
 	times := func(call func(i int) *exec.Cmd) []float64 {
 		var out []float64
-		for i := range reps {
+		for i := range n {
 			cmd := call(offset + i)
 			start := time.Now()
 			_ = cmd.Run() // a check's "false" is an exit status of 1, not a failure
@@ -421,21 +433,21 @@ func measureSamples(who, shim, pol, ipt string, reps, offset int) samples {
 			return exec.Command("/usr/sbin/nft", rawNFTArgs(verb, chain, fmt.Sprintf("203.0.%d.1", i), timeout)...)
 		})
 	}
+	var s samples
 	switch who {
 	case "shim":
-		return samples{
-			shimOp("iptables -w -I " + chain + " 1 -s 203.0.%d.1 -j DROP"),
-			shimOp("iptables -w -C " + chain + " -s 203.0.%d.1 -j DROP"),
-			shimOp("iptables -w -D " + chain + " -s 203.0.%d.1 -j DROP"),
-		}
+		s.Ban, n = shimOp("iptables -w -I "+chain+" 1 -s 203.0.%d.1 -j DROP"), checks
+		s.Check = shimOp("iptables -w -C " + chain + " -s 203.0.%d.1 -j DROP")
+		s.Unban = shimOp("iptables -w -D " + chain + " -s 203.0.%d.1 -j DROP")
 	case "rawnft":
-		return samples{nftOp("add", true), nftOp("get", false), nftOp("delete", false)}
+		s.Ban, n = nftOp("add", true), checks
+		s.Check, s.Unban = nftOp("get", false), nftOp("delete", false)
+	default:
+		s.Ban, n = rawOp("-w -I "+rawChain+" 1 -s 203.0.%d.1 -j DROP"), checks
+		s.Check = rawOp("-w -C " + rawChain + " -s 203.0.%d.1 -j DROP")
+		s.Unban = rawOp("-w -D " + rawChain + " -s 203.0.%d.1 -j DROP")
 	}
-	return samples{
-		rawOp("-w -I " + rawChain + " 1 -s 203.0.%d.1 -j DROP"),
-		rawOp("-w -C " + rawChain + " -s 203.0.%d.1 -j DROP"),
-		rawOp("-w -D " + rawChain + " -s 203.0.%d.1 -j DROP"),
-	}
+	return s
 }
 
 func writeLatency(md *strings.Builder, c config, rs []result) {

@@ -130,9 +130,9 @@ func nftInPlace(c config, md *strings.Builder, tmp, shim, self string) error {
 			raw[n] = &nftSetup{v: variant{bans: "raw nft"}, n: n, proxy: ns}
 		}
 	}
-	per := max(1, c.reps/c.nftRounds)
+	per := c.nftBans
 	one := c
-	one.connRuns = 1
+	one.connRuns, one.connTime = 1, c.nftConnTime
 	for round := range c.nftRounds {
 		for _, n := range c.nftNs {
 			for _, st := range append(setupsAt(setups, n), raw[n]) {
@@ -143,7 +143,7 @@ func nftInPlace(c config, md *strings.Builder, tmp, shim, self string) error {
 				if st.v.bans == "raw nft" {
 					who = "rawnft"
 				}
-				data, err := st.proxy.Command(self, "measure", who, shim, st.pol, st.v.ipt, strconv.Itoa(per), strconv.Itoa(round*per), "samples").Output()
+				data, err := st.proxy.Command(self, "measure", who, shim, st.pol, st.v.ipt, strconv.Itoa(per), strconv.Itoa(round*per), "samples", strconv.Itoa(c.nftChecks)).Output()
 				if err != nil {
 					return fmt.Errorf("%s N=%d: measure: %v", st.v, n, err)
 				}
@@ -242,7 +242,7 @@ func inPlace(ns *netns.NS, shim, pol string, v variant, addr string) error {
 }
 
 func writeInPlace(c config, md *strings.Builder, setups []*nftSetup, raw map[int]*nftSetup, per int) {
-	fmt.Fprintf(md, "\n### With N bans in place, per backend: one-shot latency and connections per second (ms: medians of %d rounds × %d calls, the shim run directly in the proxy's namespace; connections/s: medians of %d runs of %s from a second namespace through the hook, client not banned; the rounds alternate backends and N)\n\n", c.nftRounds, per, c.nftRounds, c.connTime)
+	fmt.Fprintf(md, "\n### With N bans in place, per backend: one-shot latency and connections per second (ms: medians of %d rounds × %d bans, × %d checks and unbans, the shim run directly in the proxy's namespace; connections/s: medians of %d runs of %s from a second namespace through the hook, client not banned; the rounds alternate backends and N)\n\n", c.nftRounds, per, c.nftChecks, c.nftRounds, c.nftConnTime)
 	fmt.Fprintf(md, "| backend | N | shim ban | raw `nft add element` | ratio | shim unban | raw `nft delete element` | shim check | raw `nft get element` | ban × N = %d | connections/s | × N = %d | restore N bans, ms |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n", c.nftNs[0], c.nftNs[0])
 	base := map[variant]*nftSetup{}
 	for _, st := range setups {

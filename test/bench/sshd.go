@@ -140,13 +140,16 @@ func throughput(c config, shim, self string) ([]*sshRow, error) {
 		for _, r := range rows[len(rows)-2:] {
 			r.offset = 15000
 		}
+		if err := errors.Join(l.UseShim(c.baseline), l.UseShim(shim)); err != nil {
+			return nil, err
+		}
 	}
 	per := max(1, c.e2eBans/c.sshBlocks)
 	current, installed := "nftables", shim
 	for range c.sshBlocks {
 		for _, r := range rows {
 			if bin := cmp.Or(r.bin, shim); r.backend != "" && bin != installed {
-				if err := l.InstallShim(bin); err != nil {
+				if err := l.UseShim(bin); err != nil {
 					return nil, err
 				}
 				installed = bin

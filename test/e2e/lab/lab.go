@@ -107,6 +107,8 @@ type Lab struct {
 	// LocalJail adds a jail "local" that bans on the mail host itself
 	// with fail2ban's own iptables action (see UpStream).
 	LocalJail bool
+	// builds are UseShim's copies of the binaries it switches between.
+	builds map[string]string
 }
 
 // RepoRoot is the f2b-shim checkout this package lives in.
@@ -174,11 +176,35 @@ func up(l *Lab, shim string) (_ *Lab, err error) {
 
 func (l *Lab) path(name string) string { return filepath.Join(l.Dir, name) }
 
-// InstallShim puts another f2b-shim binary where sshd runs the shim's
-// (the benchmark measures two builds through the same sshd, in turn).
-func (l *Lab) InstallShim(src string) error {
-	_, err := l.installShim(src)
-	return err
+// UseShim makes the shim's path run the binary src, for the benchmark,
+// which measures two builds through the same sshd in turn: each is copied
+// once beside it (with the capabilities), and the path becomes a symbolic
+// link to it, renamed into place, so that no binary is written (and no
+// page cache flushed) between the sessions it times.
+func (l *Lab) UseShim(src string) error {
+	if l.builds == nil {
+		l.builds = map[string]string{}
+	}
+	bin, ok := l.builds[src]
+	if !ok {
+		data, err := os.ReadFile(src)
+		if err != nil {
+			return err
+		}
+		bin = fmt.Sprintf("%s.%d", l.Shim, len(l.builds))
+		if err := os.WriteFile(bin, data, 0o755); err != nil {
+			return err
+		}
+		if l.Mode == UserMode {
+			if out, err := exec.Command("setcap", "cap_net_admin,cap_net_raw+ep", bin).CombinedOutput(); err != nil {
+				return fmt.Errorf("setcap: %v: %s", err, out)
+			}
+		}
+		l.builds[src] = bin
+	}
+	link := l.Shim + ".link"
+	_ = os.Remove(link)
+	return errors.Join(os.Symlink(bin, link), os.Rename(link, l.Shim))
 }
 
 // installShim puts the binary where sshd will run it, as scripts/install
