@@ -554,7 +554,11 @@ func reconcileOne(a *admin, fix, quiet bool, stdout, stderr io.Writer) int {
 	fmt.Fprintf(stdout, "fixed: re-applied %d missing rules or chains (%d chain(s) rebuilt from the state)\n", fixed, len(rebuilt))
 	if left > 0 {
 		fmt.Fprintf(stdout, "left: %d unexpected or duplicate rules, for you to check; what clears each:\n", left)
-		printLeftAdvice(stdout, drifts)
+		nftTable := ""
+		if a.pol.Backend == "nftables" {
+			nftTable = a.pol.NftablesTable
+		}
+		printLeftAdvice(stdout, drifts, nftTable)
 		return ExitCheckFalse
 	}
 	return ExitOK
@@ -725,7 +729,9 @@ func runAudit(args []string, stdout, stderr io.Writer, deps Deps) int {
 		for _, e := range match {
 			stdout.Write(append(e.Raw, '\n'))
 		}
-	case *summary && len(match) == 0:
+	case len(match) == 0:
+		// "audit --since 1d --denied" on a quiet day: one clear line,
+		// not a table's header alone.
 		printNoAuditRecords(stdout, pol.AuditLog, len(entries) > 0)
 	case *summary:
 		audit.WriteSummary(stdout, match)

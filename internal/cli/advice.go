@@ -26,9 +26,20 @@ func plural(n int, one string) string {
 // leftAdvice is the command that clears a drift "reconcile --fix" leaves
 // for the admin: something in the firewall the state does not hold, which
 // the shim does not remove on its own (an admin, or another tool, may have
-// put it there on purpose).
-func leftAdvice(d drift) string {
+// put it there on purpose). nftTable is the nftables backend's table, ""
+// for the backends that run iptables.
+func leftAdvice(d drift, nftTable string) string {
 	bin := d.fam.Binary()
+	if nftTable != "" && !strings.HasPrefix(d.what, "chain ") && !strings.HasPrefix(d.what, "ban ") {
+		// The hooks and any other rule are in the shim's own table, which
+		// iptables does not see (and a pure nftables proxy lacks it):
+		// nft deletes a rule by its handle.
+		chain := "input"
+		if !strings.HasPrefix(d.what, "hook ") {
+			chain = "CHAIN"
+		}
+		return fmt.Sprintf("find its handle with \"nft -a list table inet %s\", then: nft delete rule inet %s %s handle N", nftTable, nftTable, chain)
+	}
 	switch {
 	case d.kind == "duplicate":
 		rule, _, _ := strings.Cut(d.what, " (")
@@ -62,10 +73,10 @@ func bare(s string) string {
 
 // printLeftAdvice prints, under "reconcile --fix"'s last line, how to
 // clear each drift it left.
-func printLeftAdvice(w io.Writer, drifts []drift) {
+func printLeftAdvice(w io.Writer, drifts []drift, nftTable string) {
 	for _, d := range drifts {
 		if d.fix == nil {
-			fmt.Fprintf(w, "  %s %s %s\n    to clear: %s\n", d.kind, d.fam, d.what, leftAdvice(d))
+			fmt.Fprintf(w, "  %s %s %s\n    to clear: %s\n", d.kind, d.fam, d.what, leftAdvice(d, nftTable))
 		}
 	}
 }
@@ -98,7 +109,7 @@ func (a *admin) liveOnlyBan(op policy.Operation) bool {
 	return err == nil && out == firewall.CheckTrue
 }
 
-// printNoAuditRecords replaces an empty summary's header with one line.
+// printNoAuditRecords replaces an empty table's or summary's header with one line.
 func printNoAuditRecords(w io.Writer, path string, filtered bool) {
 	if filtered {
 		fmt.Fprintf(w, "no audit records match in %s and its rotations\n", path)

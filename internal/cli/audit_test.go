@@ -83,6 +83,10 @@ func TestAuditReview(t *testing.T) {
 	assert.Contains(t, out, "TIME")
 	assert.Contains(t, out, "mx1@192.0.2.11")
 
+	code, out, _ = run("--denied", "--since", "1m")
+	assert.Equal(t, 0, code)
+	assert.Equal(t, "no audit records match in "+h.pol.AuditLog+" and its rotations\n", out, "a table of nothing is one clear line, as a summary of nothing is")
+
 	_, out, _ = run("--summary")
 	assert.Regexp(t, `mx1@192\.0\.2\.10\s+allow\s+3`, out)
 	assert.Regexp(t, `program "…" is not allowed\s+2`, out, "denials grouped by kind, the client's words left out")

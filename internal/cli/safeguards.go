@@ -194,6 +194,7 @@ func runBanUnban(verb string, args []string, stdout, stderr io.Writer, deps Deps
 	} else {
 		// Every ban of that address in the chain, whatever its target.
 		fam := map[string]policy.Family{"iptables": policy.IPv4, "ip6tables": policy.IPv6}[bin]
+		var liveOnly []policy.Operation
 		for _, t := range firewall.PolicyTargets(fam, a.pol) {
 			op, err := policy.Decide(a.pol, fmt.Sprintf("%s -w -D %s -s %s %s", bin, chain, addr, strings.Join(t.Args(), " ")), a.ctx)
 			if err != nil {
@@ -203,9 +204,21 @@ func runBanUnban(verb string, args []string, stdout, stderr io.Writer, deps Deps
 			if has, _ := a.store.HasBan(op); has || op.Member.IsValid() {
 				ops = append(ops, op)
 			} else if a.liveOnlyBan(op) {
-				fmt.Fprintf(stdout, "note: the state did not hold the ban %s (\"f2b-shim reconcile\" lists it as unexpected); it is lifted from the firewall all the same\n", op.CommandLine())
-				ops = append(ops, op)
+				liveOnly = append(liveOnly, op)
 			}
+		}
+		if a.pol.Backend == "nftables" && len(liveOnly) > 0 {
+			// The table holds one verdict per chain and family: a check
+			// finds the address under every target, and one removal lifts
+			// it whatever the target. Only a ban the state lacks is news.
+			liveOnly = liveOnly[:1]
+			if len(ops) > 0 {
+				liveOnly = nil
+			}
+		}
+		for _, op := range liveOnly {
+			fmt.Fprintf(stdout, "note: the state did not hold the ban %s (\"f2b-shim reconcile\" lists it as unexpected); it is lifted from the firewall all the same\n", op.CommandLine())
+			ops = append(ops, op)
 		}
 		if len(ops) == 0 {
 			fmt.Fprintf(stdout, "%s is not banned in %s: neither the state nor the firewall holds a ban of it there\n", addr, chain)

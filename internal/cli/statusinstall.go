@@ -214,6 +214,11 @@ func sshdView(p installProbe, name, addr string) (map[string][]string, error) {
 	out, err := p.sshdConfig(fmt.Sprintf("user=%s,host=mail-host,addr=%s", name, addr))
 	if err != nil {
 		hint := "run status as root, which may read sshd's configuration and host keys"
+		if os.Geteuid() == 0 {
+			// Root reads them already: what sshd said is the thing to fix
+			// (a missing /run/sshd while ssh.service is stopped, a typo).
+			hint = "fix what sshd says (\"sshd -t\" says it too), then run status again"
+		}
 		if _, lerr := exec.LookPath("sshd"); lerr != nil {
 			hint = "install it: apt install openssh-server"
 		}

@@ -2,6 +2,7 @@ package cli
 
 import (
 	"encoding/binary"
+	"errors"
 	"io"
 	"os"
 	"os/user"
@@ -125,6 +126,18 @@ func TestCheckInstall(t *testing.T) {
 			assert.Contains(t, fails[0], "reload ssh", "the failure says how to fix it")
 		})
 	}
+	t.Run("sshd -T failing for root says to fix what sshd says, not to run as root", func(t *testing.T) {
+		good := probe.sshdConfig
+		probe.sshdConfig = func(string) (string, error) {
+			return "", errors.New("sshd -T -C user=root: exit status 255: Missing privilege separation directory: /run/sshd")
+		}
+		defer func() { probe.sshdConfig = good }()
+		fails, _ := run()
+		require.Len(t, fails, 1)
+		assert.Contains(t, fails[0], "Missing privilege separation directory")
+		assert.Contains(t, fails[0], "fix what sshd says")
+		assert.NotContains(t, fails[0], "run status as root")
+	})
 	t.Run("a binary others may change fails", func(t *testing.T) {
 		require.NoError(t, os.Chmod(self, 0o757))
 		defer os.Chmod(self, 0o755)
