@@ -199,6 +199,21 @@ func TestMessages(t *testing.T) {
 		}
 	})
 
+	t.Run("whether a chain's part exists is read from the sets alone, without its chains or rules", func(t *testing.T) {
+		// Part runs twice in every one-shot request (the heal's check,
+		// the ban's): each dump is a round trip to the kernel.
+		tbl, rec := recordedTable(t)
+		_, err := tbl.Part("c", policy.IPv4)
+		require.NoError(t, err)
+		require.NotEmpty(t, rec.sends)
+		for _, send := range rec.sends {
+			for _, m := range send {
+				typ := uint16(m.Header.Type) & 0xff
+				assert.NotContains(t, []uint16{unix.NFT_MSG_GETCHAIN, unix.NFT_MSG_GETRULE}, typ, "Part read the chains or rules")
+			}
+		}
+	})
+
 	t.Run("100,000 bans are one transaction of messages under the 16-bit attribute limit", func(t *testing.T) {
 		tbl, rec := recordedTable(t)
 		many := make([]Ban, 100_000)
