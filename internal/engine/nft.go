@@ -123,7 +123,7 @@ func (n *nft) PutBack(s *state.State, chains []policy.Chain) (string, error) {
 				hooks++
 			}
 		}
-		said = append(said, fmt.Sprintf("the chain (%d bans in the record, with its return rule) and %d hook(s)", len(list), hooks))
+		said = append(said, fmt.Sprintf("the chain (%s in the record, with its return rule) and %d hook(s)", bans(len(list)), hooks))
 	}
 	if err := x.Commit(); err != nil {
 		return "", err

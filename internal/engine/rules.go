@@ -302,7 +302,7 @@ func (r *rules) putBackChain(all *state.State, chain policy.Chain) (string, erro
 	if exists {
 		what = "the missing rules of the chain"
 	}
-	what += fmt.Sprintf(" (%d bans in the record", c.Len())
+	what += fmt.Sprintf(" (%s in the record", bans(c.Len()))
 	if c.Return {
 		what += ", with its return rule"
 	}
@@ -363,4 +363,12 @@ func duplicates(t firewall.Table, pol *policy.Policy, live *state.Table) ([]stri
 		}
 	}
 	return out, nil
+}
+
+// bans says how many bans, for the notes of a repair.
+func bans(n int) string {
+	if n == 1 {
+		return "1 ban"
+	}
+	return fmt.Sprintf("%d bans", n)
 }
