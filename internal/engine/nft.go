@@ -62,7 +62,7 @@ func (n *nft) Read(live *state.State, chain policy.Chain) (Read, error) {
 // is probed: a re-ban adds its element whatever the record says, which
 // puts back a ban the firewall lost. A set emptied by hand is found by
 // reconcile (the timer), as with the set backend.
-func (n *nft) Missing(chain policy.Chain, _ state.Shape, hooks []policy.Operation, _ *policy.Operation) ([]string, error) {
+func (n *nft) Missing(chain policy.Chain, shape state.Shape, hooks []policy.Operation, _ *policy.Operation) ([]string, error) {
 	ok, err := n.b.NFT.Part(chain, n.fam)
 	if err != nil {
 		return nil, err
@@ -70,14 +70,25 @@ func (n *nft) Missing(chain policy.Chain, _ state.Shape, hooks []policy.Operatio
 	if !ok {
 		return []string{"chain or return rule"}, nil
 	}
+	var missing []string
+	if shape.Bans > 0 {
+		// A flushed ban chain keeps its sets: the bans are there, and
+		// without their verdict rules they stop nothing.
+		matched, err := n.b.NFT.Matched(chain, n.fam)
+		if err != nil {
+			return nil, err
+		}
+		if !matched {
+			missing = append(missing, "verdict rule")
+		}
+	}
 	if len(hooks) == 0 {
-		return nil, nil
+		return missing, nil
 	}
 	live, err := n.b.NFT.Hooks()
 	if err != nil {
 		return nil, err
 	}
-	var missing []string
 	for _, h := range hooks {
 		want, err := firewall.NFTHook(h, n.e.Ctx.LookupPort)
 		if err != nil {

@@ -17,6 +17,9 @@ type NFT interface {
 	// Part answers whether the family's part of a chain exists, reading
 	// no element.
 	Part(chain policy.Chain, fam policy.Family) (bool, error)
+	// Matched answers whether each set of the part has its verdict
+	// rule, reading no element.
+	Matched(chain policy.Chain, fam policy.Family) (bool, error)
 	Hooks() ([]nftables.Hook, error)
 	Check(chain policy.Chain, p netip.Prefix) (nftables.Element, bool, error)
 	ReadBack() (*nftables.Snapshot, error)

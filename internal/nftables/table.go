@@ -221,10 +221,21 @@ func (t *Table) flush(queue func(c *nftables.Conn) error, idempotent bool) error
 	err := t.conn.Flush()
 	if errors.Is(err, syscall.ENOBUFS) && idempotent {
 		t.retried++
-		if err := queue(t.conn); err != nil {
+		if err := t.reconnect(); err != nil {
 			return err
 		}
+		if err := queue(t.conn); err != nil {
+			return errors.Join(err, t.reconnect())
+		}
 		err = t.conn.Flush()
+	}
+	if errors.Is(err, syscall.ENOBUFS) {
+		// The library stops reading at ENOBUFS: the acknowledgements the
+		// kernel did not drop are still in the socket. A Flush on it reads
+		// them as its own, or waits for ones that never come (a stream
+		// session hung in receiveAckAware, holding the policy's lock), so
+		// the next call starts on a new socket.
+		return errors.Join(err, t.reconnect())
 	}
 	return err
 }
