@@ -136,9 +136,10 @@ func runForced(policyPath string, env Env, stderr io.Writer, deps Deps) int {
 	code := finish(serve(e, store, b, op, &rec, start.UTC()))
 	if logged && state.Changes(op.Kind) {
 		// Written: the change has its line, and nothing is left to read
-		// back. A kill before this leaves the intent, and the next
-		// request notes the change as cut short.
-		_ = store.ClearIntent()
+		// back, unless it failed halfway (held). A kill before this
+		// leaves the intent, and the next request notes the change as
+		// cut short.
+		_ = store.SettleIntent()
 	}
 	return code
 }

@@ -241,7 +241,7 @@ func (s *session) serveBatch(batch []stream.Request) []stream.Reply {
 			// Every change of the batch has its line: nothing is left to
 			// read back. A kill before this leaves the intents, and the
 			// next request notes the changes as cut short.
-			_ = s.held.Store.ClearIntent()
+			_ = s.held.Store.SettleIntent()
 		}
 		s.held.Release()
 		s.held = nil
@@ -388,6 +388,7 @@ func (s *session) act(lines []line, start time.Time) int {
 	if err := store.Commit(); err != nil {
 		// The changes are in the firewall; the intents are still set, so
 		// the next request reads their chains back.
+		store.HoldIntent()
 		for i := range lines[:served] {
 			if lines[i].act {
 				lines[i].rec.State = audit.Text("state not written: " + err.Error() + "; the next request reads the chain back")

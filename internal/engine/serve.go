@@ -60,6 +60,10 @@ func (e *Engine) Serve(store *state.Store, b Backend, op policy.Operation, rec *
 		if errors.Is(err, firewall.ErrLimit) || nothingChanged(b, op, err) {
 			// Nothing was changed: there is nothing to look at again.
 			_ = store.ClearIntent()
+		} else {
+			// It may have changed halfway: the next request reads the
+			// chain back.
+			store.HoldIntent()
 		}
 		return 0, err
 	}
@@ -69,6 +73,7 @@ func (e *Engine) Serve(store *state.Store, b Backend, op policy.Operation, rec *
 			applied = lifted
 		}
 		if err := store.RecordRequest(op, applied, at); err != nil {
+			store.HoldIntent()
 			// The change is in the firewall; the next request finds the
 			// intent and reads the chain back from it.
 			rec.State = audit.Text(strings.TrimPrefix(string(rec.State)+"; state not written: "+err.Error()+"; run \"f2b-shim reconcile --fix\" on the proxy", "; "))
@@ -104,12 +109,18 @@ func nothingChanged(b Backend, op policy.Operation, err error) bool {
 // firewall at the batch's Flush: a ban is forgotten, an unban's ban
 // recorded again.
 func TakeBack(store *state.Store, op policy.Operation, now time.Time) error {
+	var err error
 	if op.Kind == policy.DeleteBan {
 		undo := op
 		undo.Kind = policy.AddBan
-		return store.Record(undo, true, now)
+		err = store.Record(undo, true, now)
+	} else {
+		err = store.Forget(op)
 	}
-	return store.Forget(op)
+	if err != nil {
+		store.HoldIntent()
+	}
+	return err
 }
 
 // checkQuota refuses a ban that would change the firewall once

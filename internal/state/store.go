@@ -50,6 +50,9 @@ type Store struct {
 	// that a shim killed between the record and its line leaves a trace,
 	// which the next request reads back and notes in its own line.
 	KeepIntent bool
+	// held is set by HoldIntent: a change whose outcome the record may
+	// not hold, so its intent must stay for the next request to read back.
+	held bool
 }
 
 // view and update run fn in a transaction of their own, or in the batch.
@@ -277,6 +280,20 @@ func (s *Store) ClearIntent() error {
 		}
 		return nil
 	})
+}
+
+// HoldIntent keeps the intent past SettleIntent: a change failed halfway,
+// or its record was not written, and the next request reads its chain
+// back.
+func (s *Store) HoldIntent() { s.held = true }
+
+// SettleIntent clears the intent once the audit lines of the changes are
+// written (KeepIntent), unless one of them was held (HoldIntent).
+func (s *Store) SettleIntent() error {
+	if s.held {
+		return nil
+	}
+	return s.ClearIntent()
 }
 
 // Intent is the changes a shim started and never recorded, each judged
