@@ -214,6 +214,20 @@ func TestMessages(t *testing.T) {
 		}
 	})
 
+	t.Run("a chain part's verdict is read from the chain's rules alone, without the table's sets", func(t *testing.T) {
+		// Verdict runs for every new ban: each dump is a round trip.
+		tbl, rec := recordedTable(t)
+		_, _, err := tbl.Verdict("c", policy.IPv4)
+		require.NoError(t, err)
+		require.NotEmpty(t, rec.sends)
+		for _, send := range rec.sends {
+			for _, m := range send {
+				typ := uint16(m.Header.Type) & 0xff
+				assert.NotContains(t, []uint16{unix.NFT_MSG_GETTABLE, unix.NFT_MSG_GETSET}, typ, "Verdict read the tables or sets")
+			}
+		}
+	})
+
 	t.Run("100,000 bans are one transaction of messages under the 16-bit attribute limit", func(t *testing.T) {
 		tbl, rec := recordedTable(t)
 		many := make([]Ban, 100_000)

@@ -382,12 +382,14 @@ func (t *Table) Verdict(chain policy.Chain, fam policy.Family) (target policy.Ta
 	if err := errors.Join(checkChain(chain), checkFamily(fam)); err != nil {
 		return policy.Target{}, false, err
 	}
-	verdicts, _, err := t.familyPart(chain, fam)
+	// The rules alone: the sets familyPart also reads would cost two
+	// more dumps (the tables, the sets) on every new ban.
+	rules, err := t.rules(chain)
 	if err != nil {
 		return policy.Target{}, false, err
 	}
-	for _, r := range verdicts {
-		if _, _, tg, ok := decodeVerdict(chain, r.Exprs); ok {
+	for _, r := range rules {
+		if f, _, tg, ok := decodeVerdict(chain, r.Exprs); ok && f == fam {
 			return tg, true, nil
 		}
 	}

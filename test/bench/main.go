@@ -54,8 +54,9 @@ type config struct {
 	// and the sizes of its floods.
 	baseline                  string
 	floodRebans, floodRetries int
-	// The sshd part's blocks: its rows alternate in this many rounds.
-	sshBlocks int
+	// The sshd part's blocks: its rows alternate in this many rounds;
+	// and the bans in place of its rows "with 50,000 bans".
+	sshBlocks, sshPreload int
 	// The nftables part (nftables.go): the backends, the bans in place,
 	// its rounds, and the stream's bans.
 	nftVariants              []variant
@@ -104,12 +105,12 @@ func main() {
 	}
 	c.only, c.baseline = *only, *baseline
 	c.sshBlocks, c.nftVariants, c.nftNs, c.nftRounds, c.nftStreamBans = 25, nftVariants, []int{0, 10000, 50000}, 10, 10000
-	c.nftBans, c.nftChecks, c.nftConnTime = 4, 1, time.Second
+	c.nftBans, c.nftChecks, c.nftConnTime, c.sshPreload = 4, 1, time.Second, 50000
 	if *quick {
 		// The smoke run: the nftables backend alone (rules and ipset
 		// have their smoke runs in the other parts), small.
 		c.sshBlocks, c.nftVariants, c.nftNs, c.nftRounds, c.nftStreamBans = 1, []variant{{"", "nftables"}}, []int{0, 100}, 1, 1000
-		c.nftBans, c.nftChecks, c.nftConnTime = 3, 1, 300*time.Millisecond
+		c.nftBans, c.nftChecks, c.nftConnTime, c.sshPreload = 3, 1, 300*time.Millisecond, 1000
 	}
 	c.healBans, c.healRuns, c.healStream = *healN, 5, 1000
 	if *quick {

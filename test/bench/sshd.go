@@ -41,8 +41,6 @@ const (
 	nftChain50k   = "mail-remote-f2b-nft50k"
 	rawNFTChain   = "mail-remote-f2b-raw"
 	rawNFTChain50 = "mail-remote-f2b-raw50k"
-	// sshPreload is the bans in place of the rows "with 50,000 bans".
-	sshPreload = 50000
 )
 
 // throughput measures one ssh session per ban, as fail2ban sends them,
@@ -52,7 +50,8 @@ const (
 // shim's, whose forced command runs a copy of nft with cap_net_admin, see
 // lab.AddRawNFTKey), and the shim's key, which logs into the f2b-shim
 // user as the shipped install does, with each backend, and with 50,000
-// bans in place for ipset and nftables (and raw nft). Every login's shell
+// bans in place (1,000 with --quick) for ipset and nftables (and raw
+// nft). Every login's shell
 // is /bin/sh (the lab gives root /bin/sh in the proxy's own copy of
 // /etc/passwd): a shell that reads rc files would cost more than the shim
 // and hide its cost. The loop runs inside the mail host's namespace, so
@@ -95,7 +94,7 @@ func throughput(c config, shim, self string) ([]*sshRow, error) {
 	if err := shimLines("ipset", setChain, setChain50k); err != nil {
 		return nil, err
 	}
-	if err := l.Preload(setChain50k, sshPreload); err != nil {
+	if err := l.Preload(setChain50k, c.sshPreload); err != nil {
 		return nil, err
 	}
 	// The nftables chains last: restore (above) restores every chain the
@@ -103,13 +102,13 @@ func throughput(c config, shim, self string) ([]*sshRow, error) {
 	if err := shimLines("nftables", nftChain, nftChain50k); err != nil {
 		return nil, err
 	}
-	if err := l.Record(nftChain50k, sshPreload); err != nil {
+	if err := l.Record(nftChain50k, c.sshPreload); err != nil {
 		return nil, err
 	}
 	for _, load := range []struct {
 		chain string
 		n     int
-	}{{nftChain50k, sshPreload}, {rawNFTChain, 0}, {rawNFTChain50, sshPreload}} {
+	}{{nftChain50k, c.sshPreload}, {rawNFTChain, 0}, {rawNFTChain50, c.sshPreload}} {
 		if out, err := l.Proxy.Command(self, "nftload", policy.Default().NftablesTable, load.chain, strconv.Itoa(load.n)).CombinedOutput(); err != nil {
 			return nil, fmt.Errorf("nftload %s: %v: %s", load.chain, err, out)
 		}
@@ -119,7 +118,7 @@ func throughput(c config, shim, self string) ([]*sshRow, error) {
 		return "f2b-proxy " + strings.Join(rawNFTArgs("add", policy.Chain(ch), "198.51.%d", true), " ")
 	}
 	raw0 := &sshRow{name: "raw `nft add element`", account: lab.RawNFTUser + " (nft with cap_net_admin)", key: lab.RawNFTUser, template: rawNFT(rawNFTChain)}
-	raw50 := &sshRow{name: "raw `nft add element`", account: lab.RawNFTUser + " (nft with cap_net_admin)", key: lab.RawNFTUser, template: rawNFT(rawNFTChain50), inPlace: sshPreload}
+	raw50 := &sshRow{name: "raw `nft add element`", account: lab.RawNFTUser + " (nft with cap_net_admin)", key: lab.RawNFTUser, template: rawNFT(rawNFTChain50), inPlace: c.sshPreload}
 	rows := []*sshRow{
 		{name: "floor: `command=\"/bin/true\"`", account: "root", key: "floor", template: "f2b-proxy true %d"},
 		{name: "raw `iptables -I`", account: "root", key: "raw", template: "f2b-proxy iptables -w -I " + rawChain + " 1 -s 198.51.%d -j DROP"},
@@ -128,14 +127,14 @@ func throughput(c config, shim, self string) ([]*sshRow, error) {
 		{name: "f2b-shim, set backend", account: "f2b-shim", backend: "ipset", template: ban(setChain), raw: raw0},
 		{name: "f2b-shim, nftables backend", account: "f2b-shim", backend: "nftables", template: ban(nftChain), raw: raw0},
 		raw50,
-		{name: "f2b-shim, set backend", account: "f2b-shim", backend: "ipset", template: ban(setChain50k), inPlace: sshPreload, raw: raw50},
-		{name: "f2b-shim, nftables backend", account: "f2b-shim", backend: "nftables", template: ban(nftChain50k), inPlace: sshPreload, raw: raw50},
+		{name: "f2b-shim, set backend", account: "f2b-shim", backend: "ipset", template: ban(setChain50k), inPlace: c.sshPreload, raw: raw50},
+		{name: "f2b-shim, nftables backend", account: "f2b-shim", backend: "nftables", template: ban(nftChain50k), inPlace: c.sshPreload, raw: raw50},
 	}
 	if c.baseline != "" {
 		name := "f2b-shim, nftables backend, baseline (" + c.baseline + ")"
 		rows = append(rows,
 			&sshRow{name: name, account: "f2b-shim", backend: "nftables", template: ban(nftChain), raw: raw0, bin: c.baseline},
-			&sshRow{name: name, account: "f2b-shim", backend: "nftables", template: ban(nftChain50k), inPlace: sshPreload, raw: raw50, bin: c.baseline})
+			&sshRow{name: name, account: "f2b-shim", backend: "nftables", template: ban(nftChain50k), inPlace: c.sshPreload, raw: raw50, bin: c.baseline})
 		// Their addresses differ from this build's rows' in the same chain.
 		for _, r := range rows[len(rows)-2:] {
 			r.offset = 15000
