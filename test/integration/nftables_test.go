@@ -574,7 +574,8 @@ func TestNFTRestoreIntoAFreshNamespace(t *testing.T) {
 		"iptables -w -I "+chain+" 1 -s 203.0.113.47 -j REJECT --reject-with icmp-port-unreachable",
 		"iptables -w -D "+chain+" -s 203.0.113.47 -j REJECT --reject-with icmp-port-unreachable",
 		"ip6tables -w -I "+chain+" 1 -s 2001:db8:1:2::7 -j DROP",
-		"ip6tables -w -I INPUT -p tcp --dport 4190 -j "+chain)
+		"ip6tables -w -I INPUT -p tcp --dport 4190 -j "+chain,
+		"iptables -w -I INPUT -p udp -m multiport --dports 1000:1010,53 -j "+chain)
 	table, bans4, bans6 := nftParts(t, ns)
 	require.Contains(t, table, "jump "+chain)
 	assert.Equal(t, []string{"203.0.113.45/32", "203.0.113.46/32"}, bans4)
@@ -1663,4 +1664,32 @@ func TestNFTStreamKilledMidBatchIsReadBack(t *testing.T) {
 			assert.Equal(t, 0, r.Code, "no drift:\n%.3000s%s", r.Stdout, r.Stderr)
 		})
 	}
+}
+
+// TestNFTChangeCutShortIsReadBack: a shim killed between the table and
+// its record leaves its intent in the state, and the element in the
+// table; the next request reads the chain back from the table, so the
+// ban is neither lost from the state nor doubled, as
+// TestChangeCutShortIsReadBack shows for the other backends.
+func TestNFTChangeCutShortIsReadBack(t *testing.T) {
+	t.Parallel() // its own namespace
+	ns, pol, audit := nftSetup(t, "")
+	nftRun(t, ns, pol, nftJailStart...)
+	cut := decideOp(t, "iptables -w -I "+chain+" 1 -s 203.0.113.60 -j REJECT --reject-with icmp-port-unreachable")
+	ns.MustRun(t, "nft", "add", "element", "inet", nftTable, chain+"-v4-addr", "{ 203.0.113.60 timeout 30d }")
+	setIntent(t, pol, cut)
+	r := admin(t, ns, pol, "list")
+	require.Equal(t, 0, r.Code, r.Stderr)
+	assert.NotContains(t, r.Stdout, "203.0.113.60", "not recorded yet")
+
+	nftRun(t, ns, pol, cut.CommandLine())
+	// Its line is written in full though the same client had an
+	// unchanged line in the same second: the read-back changed the record.
+	assert.Contains(t, lastAudit(t, audit)["state"], "was cut short")
+	assert.Equal(t, "unchanged", lastAudit(t, audit)["result"], "the ban is not doubled")
+	assert.Equal(t, []string{"203.0.113.45/32", "203.0.113.60/32"}, nftBanned(t, ns, "iptables"))
+	r = admin(t, ns, pol, "list")
+	assert.Contains(t, r.Stdout, "203.0.113.60/32", "and it is in the state now")
+	r = admin(t, ns, pol, "reconcile")
+	assert.Equal(t, 0, r.Code, r.Stdout)
 }
