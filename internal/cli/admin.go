@@ -92,6 +92,27 @@ func (a *admin) close() {
 // journal reads the state (the name is older than the store, which
 // replaced a journal file), reporting what it had to skip.
 func (a *admin) journal() (*state.State, error) {
+	return a.load()
+}
+
+// journalTo is journal for a command that compares the record with the
+// firewall, or puts it back (reconcile, restore): first it finishes the
+// record of changes that a shim started and never recorded (killed, or
+// its state write failed), as the next request would, and says so on
+// out and in the audit log, where the next request would have said it.
+// From the bare record, an unban the firewall carried out looks missing,
+// and would be put back, and a ban it made looks unexpected.
+func (a *admin) journalTo(out io.Writer, command string) (*state.State, error) {
+	if note := a.engine().FinishCutShort(a.store); note != "" {
+		fmt.Fprintf(out, "policy %q: %s\n", a.pol.Name, note)
+		rec := a.record(command, nil, "unchanged", ExitOK, nil)
+		rec.State = audit.Text(note)
+		a.audit(rec)
+	}
+	return a.load()
+}
+
+func (a *admin) load() (*state.State, error) {
 	s, problems, err := a.store.Load(a.ctx)
 	for _, p := range problems {
 		fmt.Fprintf(a.stderr, "f2b-shim: warning: %s %s: skipped\n", state.Path(a.pol), p)
@@ -195,7 +216,7 @@ func restoreOne(pol *policy.Policy, stdout, stderr io.Writer, deps Deps) int {
 	}
 	defer a.close()
 	start := deps.Now()
-	s, err := a.journal()
+	s, err := a.journalTo(stdout, "f2b-shim restore")
 	if err != nil {
 		fmt.Fprintf(stderr, "f2b-shim: restore: %v\n", err)
 		return ExitSetup
@@ -475,7 +496,7 @@ func runReconcile(args []string, stdout, stderr io.Writer, deps Deps) int {
 }
 
 func reconcileOne(a *admin, fix, quiet bool, stdout, stderr io.Writer) int {
-	want, err := a.journal()
+	want, err := a.journalTo(stdout, "f2b-shim reconcile")
 	if err != nil {
 		fmt.Fprintf(stderr, "f2b-shim: reconcile: %v\n", err)
 		return ExitSetup

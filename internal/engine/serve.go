@@ -228,6 +228,7 @@ func (e *Engine) readBack(store *state.Store, fam policy.Family, chain policy.Ch
 	if err != nil {
 		return "an earlier change was cut short, and the state is unreadable: " + err.Error()
 	}
+	live.Stamp(e.Ports.Now())
 	merged := state.ReadBack(recorded, live, fam, chain, got.Exists, cut)
 	if err := store.ReplaceChainKeeping(merged, recorded, fam, chain); err != nil {
 		return "an earlier change was cut short, and the state could not be repaired: " + err.Error()

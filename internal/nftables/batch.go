@@ -49,6 +49,8 @@ type Batch struct {
 	bans   int
 	setIDs uint32
 	err    error
+	// tableEnsured is set once the table and its base chain are ensured.
+	tableEnsured bool
 	// Reads see the kernel, not the batch: what the batch itself queued
 	// is remembered, so that ensuring a hook twice adds it once, and the
 	// last verdict set for a chain's family is the one it gets.
@@ -146,12 +148,44 @@ func (b *Batch) fail(err error) {
 // Err is the first error a queued change met; Commit returns it too.
 func (b *Batch) Err() error { return b.err }
 
-// ensureTable queues the table and its base chain. An add without
-// NLM_F_EXCL of what exists changes nothing, so ensuring needs no read.
+// ensureTable queues the table and its base chain, where they are
+// missing. What exists is not sent again: an add of an existing table
+// sets its flags (the library sends none, so a dormant table wakes up),
+// and an add of an existing base chain sets its policy, so that a chain
+// "input" on the same hook and priority with policy drop, in a table
+// that is someone else's, would accept every packet its rules do not
+// drop. Such a chain is refused: the table is not the shim's.
 func (b *Batch) ensureTable() {
+	if b.tableEnsured {
+		return
+	}
+	b.tableEnsured = true
 	t := b.t
+	chains, err := t.chains()
+	if err != nil {
+		b.fail(err)
+		return
+	}
+	for _, c := range chains {
+		if c.Name != BaseChain {
+			continue
+		}
+		if !isBaseChain(c) || c.Policy == nil || *c.Policy != nftables.ChainPolicyAccept {
+			b.fail(fmt.Errorf("f2b-shim: chain %q of the nftables table inet %q is not the shim's (a filter chain on the input hook at priority filter - 1, policy accept), so the table is not the shim's own\nf2b-shim: hint: set nftables_table to a name of the shim's own; the shim does not change another's chain", BaseChain, t.table.Name))
+		}
+		return
+	}
+	exists := len(chains) > 0
+	if !exists {
+		if exists, err = t.tableExists(); err != nil {
+			b.fail(err)
+			return
+		}
+	}
 	b.queue(func(c *nftables.Conn) error {
-		c.AddTable(t.table)
+		if !exists {
+			c.AddTable(t.table)
+		}
 		c.AddChain(t.base)
 		return nil
 	})
@@ -657,10 +691,21 @@ func (t *Table) hooks() ([]liveHook, error) {
 }
 
 // portSet reads an anonymous port set; the caller holds libraryMu.
+//
+// The shim writes an interval set; nft itself writes "dport { 143, 993 }"
+// as a plain set of single ports, whose elements read as interval starts
+// would each run to 65535. The set's flags say which it is.
 func (t *Table) portSet(name string) ([]policy.PortRange, error) {
-	elems, err := t.conn.GetSetElements(&nftables.Set{Table: t.table, Name: name})
+	set, err := t.conn.GetSetByName(t.table, name)
 	if err != nil {
 		return nil, t.readErr(fmt.Sprintf("port set %q", name), err)
+	}
+	elems, err := t.conn.GetSetElements(set)
+	if err != nil {
+		return nil, t.readErr(fmt.Sprintf("port set %q", name), err)
+	}
+	if !set.Interval {
+		return singlePorts(elems)
 	}
 	return portRanges(elems)
 }

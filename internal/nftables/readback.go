@@ -77,6 +77,7 @@ func (t *Table) ReadBack() (*Snapshot, error) {
 	if err := t.readSets(snap); err != nil {
 		return nil, err
 	}
+	t.readOthers(snap)
 	if slices.ContainsFunc(chains, func(c *nftables.Chain) bool { return c.Name == BaseChain }) {
 		hooks, err := t.hooks()
 		if err != nil {
@@ -111,6 +112,34 @@ func (t *Table) ReadBack() (*Snapshot, error) {
 	}
 	slices.Sort(snap.Foreign)
 	return snap, nil
+}
+
+// readOthers lists the table's named objects (counters, quotas, limits,
+// ct helpers, …) and flowtables as foreign: the shim makes none, and a
+// table that holds one is not only the shim's, so DropEmptyTable keeps
+// it. One that cannot be listed is said so, and counts as foreign too:
+// reading must not fail the heal, and must not let the table go.
+func (t *Table) readOthers(snap *Snapshot) {
+	libraryMu.Lock()
+	defer libraryMu.Unlock()
+	objs, err := t.conn.GetNamedObjects(t.table)
+	if err != nil {
+		snap.Foreign = append(snap.Foreign, fmt.Sprintf("named objects that could not be listed (%v)", err))
+	}
+	for _, o := range objs {
+		if n, ok := o.(*nftables.NamedObj); ok {
+			snap.Foreign = append(snap.Foreign, fmt.Sprintf("object %q", n.Name))
+		} else {
+			snap.Foreign = append(snap.Foreign, "a named object")
+		}
+	}
+	fts, err := t.conn.ListFlowtables(t.table)
+	if err != nil {
+		snap.Foreign = append(snap.Foreign, fmt.Sprintf("flowtables that could not be listed (%v)", err))
+	}
+	for _, f := range fts {
+		snap.Foreign = append(snap.Foreign, fmt.Sprintf("flowtable %q", f.Name))
+	}
 }
 
 // isBaseChain says whether the chain is the base chain Open describes:
@@ -218,10 +247,14 @@ func intervals(elems []nftables.SetElement) (bans []Element, foreign []string) {
 	for i := 0; i < len(elems); i++ {
 		e := elems[i]
 		if e.IntervalEnd {
-			// nft writes an end element at the family's zero address
-			// before a set's first interval; it closes nothing.
-			if a, err := addrOf(e.Key); err != nil || !a.IsUnspecified() {
-				foreign = append(foreign, fmt.Sprintf("interval end %x without a start", e.Key))
+			// An end without its start closes nothing and matches no
+			// packet. nft writes one at the family's zero address before
+			// a set's first interval, and the kernel leaves one behind
+			// when an interval's timeout is up (the start element holds
+			// the timeout, the end none) until the set's next garbage
+			// collection: that is a ban lifted as asked, not drift.
+			if _, err := addrOf(e.Key); err != nil {
+				foreign = append(foreign, err.Error())
 			}
 			continue
 		}

@@ -192,6 +192,29 @@ func decodeHook(exprs []expr.Any, ports func(set string) ([]policy.PortRange, er
 	return h, true, nil
 }
 
+// singlePorts turns a plain set's elements, one port each, into sorted
+// and merged ranges, as the policy resolves a hook's ports.
+func singlePorts(elems []nftables.SetElement) ([]policy.PortRange, error) {
+	var out []policy.PortRange
+	for _, e := range elems {
+		if len(e.Key) != 2 {
+			return nil, fmt.Errorf("port set element of %d bytes", len(e.Key))
+		}
+		p := binary.BigEndian.Uint16(e.Key)
+		out = append(out, policy.PortRange{Lo: p, Hi: p})
+	}
+	slices.SortFunc(out, func(a, b policy.PortRange) int { return int(a.Lo) - int(b.Lo) })
+	var merged []policy.PortRange
+	for _, r := range out {
+		if n := len(merged); n > 0 && int(r.Lo) <= int(merged[n-1].Hi)+1 {
+			merged[n-1].Hi = max(merged[n-1].Hi, r.Hi)
+			continue
+		}
+		merged = append(merged, r)
+	}
+	return merged, nil
+}
+
 // portRanges turns an anonymous interval set's elements back into ranges.
 func portRanges(elems []nftables.SetElement) ([]policy.PortRange, error) {
 	slices.SortFunc(elems, compareElements)

@@ -119,3 +119,20 @@ func prefixes(ps ...string) []netip.Prefix {
 	}
 	return out
 }
+
+// TestSystemHooksNftWroteReadBack: nft writes "tcp dport { 143, 993 }" as
+// a plain set of single ports, not the interval set the package writes;
+// read as interval starts, each port would run to 65535.
+func TestSystemHooksNftWroteReadBack(t *testing.T) {
+	tbl, ns := nsTable(t)
+	const chain = "mail-remote-f2b-imap"
+	require.NoError(t, tbl.Do(func(b *Batch) { b.EnsureChain(chain, policy.IPv4) }))
+	ns.MustRun(t, "nft", "add", "rule", "inet", DefaultTable, BaseChain, "meta", "nfproto", "ipv4", "tcp", "dport", "{ 993, 143, 144 }", "jump", chain)
+	ns.MustRun(t, "nft", "add", "rule", "inet", DefaultTable, BaseChain, "meta", "nfproto", "ipv4", "udp", "dport", "{ 1000-2000, 53 }", "jump", chain)
+	hooks, err := tbl.Hooks()
+	require.NoError(t, err)
+	assert.ElementsMatch(t, []Hook{
+		{Family: policy.IPv4, Chain: chain, Proto: "tcp", Ports: []policy.PortRange{{Lo: 143, Hi: 144}, {Lo: 993, Hi: 993}}},
+		{Family: policy.IPv4, Chain: chain, Proto: "udp", Ports: []policy.PortRange{{Lo: 53, Hi: 53}, {Lo: 1000, Hi: 2000}}},
+	}, hooks)
+}

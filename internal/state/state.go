@@ -223,6 +223,24 @@ func (s *State) Expired(cutoff time.Time) []Ban {
 	return out
 }
 
+// Stamp gives every ban that has no time the time at. A firewall does not
+// say when a ban was made, so a ban read from it has none; max_ban_time
+// counts from the time a ban was last made, and a ban without one would
+// never be due for expire, and would be put back with a whole
+// max_ban_time by every heal. Read back, it counts from when it was found.
+func (s *State) Stamp(at time.Time) {
+	for _, t := range s.Tables {
+		for _, c := range t.Chains {
+			for key, b := range c.bans {
+				if b.Since.IsZero() && b.Last.IsZero() {
+					b.Since, b.Last = at, at
+					c.bans[key] = b
+				}
+			}
+		}
+	}
+}
+
 // ChainNames lists a family's chains in name order.
 func (t *Table) ChainNames() []policy.Chain { return sortedChains(t) }
 
