@@ -1199,12 +1199,13 @@ func TestNFTFlushDuringAStreamSessionHeals(t *testing.T) {
 }
 
 // TestNFTPartialWipesHeal: an admin's nft command takes part of the
-// shim's table away. status sees it at once; a new ban heals what heal
+// shim's table away. status sees it at once. A new ban heals what heal
 // on contact checks (the table, the chains, the verdict rules, the
 // hooks); a set's elements are not read on the hot path (docs/nftables.md),
-// so a flushed set is the timer's: "reconcile --fix" puts them back.
+// so a flushed set is the timer's. "reconcile --fix" (the timer) heals
+// every one of them, and says nothing is left.
 func TestNFTPartialWipesHeal(t *testing.T) {
-	for _, c := range []struct {
+	wipes := []struct {
 		name, wipe   string
 		healedByABan bool
 	}{
@@ -1212,33 +1213,38 @@ func TestNFTPartialWipesHeal(t *testing.T) {
 		{"the base chain flushed", "flush chain inet f2b_shim input", true},
 		{"the table deleted", "delete table inet f2b_shim", true},
 		{"the addresses' set flushed", "flush set inet f2b_shim " + chain + "-v4-addr", false},
-	} {
-		t.Run(c.name, func(t *testing.T) {
-			t.Parallel() // each in its own namespace
-			ns, pol, _ := nftSetup(t, "")
-			nftRun(t, ns, pol, nftJailStart...)
-			table := shimTable(t, ns)
-			ns.MustRun(t, "nft", strings.Fields(c.wipe)...)
-			r := admin(t, ns, pol, "status")
-			assert.Equal(t, 1, r.Code, "status sees the wipe:\n%s", r.Stdout)
+	}
+	for _, c := range wipes {
+		for _, by := range []string{"a ban", "the timer"} {
+			if by == "a ban" && !c.healedByABan {
+				continue
+			}
+			t.Run(c.name+", healed by "+by, func(t *testing.T) {
+				t.Parallel() // each in its own namespace
+				ns, pol, _ := nftSetup(t, "")
+				nftRun(t, ns, pol, nftJailStart...)
+				table := shimTable(t, ns)
+				ns.MustRun(t, "nft", strings.Fields(c.wipe)...)
+				r := admin(t, ns, pol, "status")
+				assert.Equal(t, 1, r.Code, "status sees the wipe:\n%s", r.Stdout)
 
-			nftRun(t, ns, pol, "iptables -w -I "+chain+" 1 -s 203.0.113.60 -j REJECT --reject-with icmp-port-unreachable")
-			if !c.healedByABan {
-				assert.Equal(t, []string{"203.0.113.60/32"}, nftBanned(t, ns, "iptables"), "the set's elements are not read on contact")
-				r = admin(t, ns, pol, "reconcile", "--fix")
-				assert.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
-			}
-			assert.Equal(t, []string{"203.0.113.45/32", "203.0.113.60/32"}, nftBanned(t, ns, "iptables"))
-			assert.Equal(t, []string{"2001:db8:45::1/128"}, nftBanned(t, ns, "ip6tables"))
-			got := shimTable(t, ns)
-			for _, line := range strings.Split(table, "\n") {
-				if strings.Contains(line, "jump ") || strings.Contains(line, " saddr @") {
-					assert.Contains(t, got, line, "the hooks and verdicts are back")
+				if by == "the timer" {
+					r = admin(t, ns, pol, "reconcile", "--fix")
+					assert.Equal(t, 0, r.Code, "nothing is left after the fix:\n%s%s", r.Stdout, r.Stderr)
 				}
-			}
-			r = admin(t, ns, pol, "status")
-			assert.Equal(t, 0, r.Code, "healed:\n%s", r.Stdout)
-		})
+				nftRun(t, ns, pol, "iptables -w -I "+chain+" 1 -s 203.0.113.60 -j REJECT --reject-with icmp-port-unreachable")
+				assert.Equal(t, []string{"203.0.113.45/32", "203.0.113.60/32"}, nftBanned(t, ns, "iptables"))
+				assert.Equal(t, []string{"2001:db8:45::1/128"}, nftBanned(t, ns, "ip6tables"))
+				got := shimTable(t, ns)
+				for _, line := range strings.Split(table, "\n") {
+					if strings.Contains(line, "jump ") || strings.Contains(line, " saddr @") {
+						assert.Contains(t, got, line, "the hooks and verdicts are back")
+					}
+				}
+				r = admin(t, ns, pol, "status")
+				assert.Equal(t, 0, r.Code, "healed:\n%s", r.Stdout)
+			})
+		}
 	}
 }
 
@@ -1692,4 +1698,79 @@ func TestNFTChangeCutShortIsReadBack(t *testing.T) {
 	assert.Contains(t, r.Stdout, "203.0.113.60/32", "and it is in the state now")
 	r = admin(t, ns, pol, "reconcile")
 	assert.Equal(t, 0, r.Code, r.Stdout)
+}
+
+// nftWipes are what an admin or a reload might do to the shim's table
+// behind its back.
+var nftWipes = [][]string{
+	{"flush", "ruleset"},
+	{"delete", "table", "inet", nftTable},
+	{"flush", "chain", "inet", nftTable, "input"},
+	{"flush", "chain", "inet", nftTable, chain},
+}
+
+// TestNFTRandomSequencesWithWipes plays random sequences of fail2ban's
+// requests, with bans widened in both families (ban_prefix_v4 = 24,
+// ban_prefix_v6 = 64), and now and then a wipe of part of the table.
+// After each wipe a request that changes the firewall (a ban, the heal
+// on contact) or "reconcile --fix" (the timer) brings state and table
+// back into agreement, and the requests go on from there.
+func TestNFTRandomSequencesWithWipes(t *testing.T) {
+	for seed := range uint64(3) {
+		t.Run(fmt.Sprintf("seed %d", seed), func(t *testing.T) {
+			t.Parallel() // each in its own namespace
+			ns, pol, _ := nftSetup(t, "ban_prefix_v6 = 64\nban_prefix_v4 = 24\nmin_prefix_v4 = 16\n")
+			rng := rand.New(rand.NewPCG(seed, 2323))
+			var played []string
+			for step := range 40 {
+				switch n := rng.IntN(10); {
+				case n == 0:
+					w := nftWipes[rng.IntN(len(nftWipes))]
+					if _, err := ns.Run("nft", w...); err == nil {
+						played = append(played, "nft "+strings.Join(w, " "))
+					}
+					if rng.IntN(2) == 0 {
+						// --fix's own exit is TestNFTPartialWipesHeal's:
+						// here, the agreement it leaves.
+						r := admin(t, ns, pol, "reconcile", "--fix")
+						played = append(played, fmt.Sprintf("reconcile --fix -> %d", r.Code))
+						r = admin(t, ns, pol, "reconcile")
+						require.Equal(t, 0, r.Code, "step %d: no drift after reconcile --fix:\n%s%s\nplayed:\n%s", step, r.Stdout, r.Stderr, strings.Join(played, "\n"))
+					}
+				case n < 4:
+					var batch []string
+					for range 1 + rng.IntN(12) {
+						batch = append(batch, randomFail2banLine(rng))
+					}
+					r := ns.Stream(t, shim, pol, strings.Join(batch, "\n")+"\n")
+					require.Equal(t, 0, r.Code, r.Stderr)
+					for i, rep := range strings.Split(strings.TrimSuffix(r.Stdout, "\n"), "\n") {
+						played = append(played, fmt.Sprintf("stream %s -> %s", batch[i], rep))
+					}
+				default:
+					line := randomFail2banLine(rng)
+					r := ns.Shim(t, shim, pol, line)
+					played = append(played, fmt.Sprintf("one-shot %s -> %d %s", line, r.Code, strings.TrimSpace(r.Stderr)))
+					require.Contains(t, []int{0, 1, 4}, r.Code, "step %d: %s\n%s", step, line, strings.Join(played, "\n"))
+				}
+			}
+			// Whatever the last wipe left, the timer puts it back.
+			admin(t, ns, pol, "reconcile", "--fix")
+			r := admin(t, ns, pol, "reconcile")
+			require.Equal(t, 0, r.Code, "no drift after --fix:\n%s%s\nplayed:\n%s\ntable:\n%s", r.Stdout, r.Stderr, strings.Join(played, "\n"), shimTable(t, ns))
+			r = admin(t, ns, pol, "status")
+			assert.Equal(t, 0, r.Code, "status:\n%s", r.Stdout)
+			table, bans4, bans6 := nftParts(t, ns)
+			rebooted := nstest.NewNetns(t)
+			r = admin(t, rebooted, pol, "restore")
+			require.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
+			got, got4, got6 := nftParts(t, rebooted)
+			if table == "" {
+				return
+			}
+			assert.Equal(t, table, got, "restore makes the same table\nplayed:\n%s", strings.Join(played, "\n"))
+			assert.Equal(t, bans4, got4)
+			assert.Equal(t, bans6, got6)
+		})
+	}
 }
