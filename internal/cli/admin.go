@@ -574,24 +574,23 @@ func reconcileOne(a *admin, fix, quiet bool, stdout, stderr io.Writer) int {
 	}
 	fmt.Fprintf(stdout, "fixed: re-applied %d missing rules or chains (%d chain(s) rebuilt from the state)\n", fixed, len(rebuilt))
 	if left > 0 && len(rebuilt) > 0 {
-		// A rebuilt chain can take away what looked unexpected before:
-		// the bans of an nftables set whose verdict rule was lost read as
-		// rules no verdict matches until the rule is back. What is left
-		// is what the firewall holds now.
-		drifts, left = nil, 0
+		// A chain put back can clear drift that was not named as
+		// missing: bans in an nftables set whose verdict rule had gone
+		// read as foreign until the rule is back. What is left is what
+		// the firewall holds now.
+		var again []drift
 		for _, fam := range families {
 			d, err := compare(want, fam, backends[fam], a.pol, a.ctx, a.deps.Now())
 			if err != nil {
 				fmt.Fprintf(stderr, "f2b-shim: reconcile %s: %s\n", fam, oneLine.Replace(err.Error()))
 				return ExitFirewall
 			}
-			drifts = append(drifts, d...)
+			again = append(again, d...)
 		}
+		drifts, left = again, 0
 		for _, d := range drifts {
 			if d.fix != nil {
-				// Rebuilt and still missing: say so, and let the timer
-				// try again.
-				fmt.Fprintf(stdout, "still %s %s %s\n", d.kind, d.fam, d.what)
+				fmt.Fprintf(stdout, "still missing: %s %s\n", d.fam, d.what)
 			}
 			left++
 		}

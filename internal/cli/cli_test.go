@@ -367,3 +367,21 @@ func TestTwoNftablesPoliciesNeedTablesOfTheirOwn(t *testing.T) {
 		})
 	}
 }
+
+// TestAnAuditedChangeLeavesNoIntent: the intent stays until the change's
+// audit line is written (state.Store.KeepIntent), and then goes: the next
+// request has nothing to read back, in one-shot and in stream mode.
+func TestAnAuditedChangeLeavesNoIntent(t *testing.T) {
+	h := newHarness(t)
+	for _, line := range []string{"iptables -w -N " + chain, "iptables -w -I " + chain + " 1 -s 203.0.113.9 -j DROP"} {
+		code, stderr := h.forced(line)
+		require.Equal(t, ExitOK, code, stderr)
+	}
+	code, _, stderr := h.stream("iptables -w -I " + chain + " 1 -s 203.0.113.10 -j DROP\niptables -w -I " + chain + " 1 -s 203.0.113.11 -j DROP\n")
+	require.Equal(t, ExitOK, code, stderr)
+	code, stderr = h.forced("iptables -w -I " + chain + " 1 -s 203.0.113.12 -j DROP")
+	require.Equal(t, ExitOK, code, stderr)
+	for _, r := range h.records() {
+		assert.NotContains(t, string(r.State), "cut short", r.Command)
+	}
+}

@@ -45,6 +45,7 @@ func runForced(policyPath string, env Env, stderr io.Writer, deps Deps) int {
 	}
 	defer log.Close()
 
+	logged := false // the request's audit line is written
 	finish := func(code int, result string, msg string) int {
 		rec.Exit, rec.Result = code, result
 		rec.DurationMS = float64(deps.Now().Sub(start).Microseconds()) / 1000
@@ -57,6 +58,7 @@ func runForced(policyPath string, env Env, stderr io.Writer, deps Deps) int {
 			fmt.Fprintf(stderr, "f2b-shim: cannot write the audit log %q: %v\n", pol.AuditLog, err)
 			return ExitSetup
 		}
+		logged = true
 		if pol.Syslog {
 			// The file is the record of truth; syslog is a copy for log
 			// pipelines, so its failure changes nothing. The copy carries
@@ -109,6 +111,8 @@ func runForced(policyPath string, env Env, stderr io.Writer, deps Deps) int {
 	}
 	defer held.Release()
 	store := held.Store
+	// The intent stays until the audit line is written (below).
+	store.KeepIntent = true
 	b, err := e.Open(op.Family, store, engine.NoBatch)
 	if err == nil {
 		rec.State = audit.Text(e.FinishCutShort(store))
@@ -129,7 +133,14 @@ func runForced(policyPath string, env Env, stderr io.Writer, deps Deps) int {
 	if err != nil {
 		return finish(failure(&rec, err))
 	}
-	return finish(serve(e, store, b, op, &rec, start.UTC()))
+	code := finish(serve(e, store, b, op, &rec, start.UTC()))
+	if logged && state.Changes(op.Kind) {
+		// Written: the change has its line, and nothing is left to read
+		// back. A kill before this leaves the intent, and the next
+		// request notes the change as cut short.
+		_ = store.ClearIntent()
+	}
+	return code
 }
 
 // serve carries out one judged operation (engine.Serve) and turns what

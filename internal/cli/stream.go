@@ -237,6 +237,12 @@ func (s *session) serveBatch(batch []stream.Request) []stream.Reply {
 		}
 	}
 	if s.held != nil {
+		if s.broken == nil && s.held.Store != nil {
+			// Every change of the batch has its line: nothing is left to
+			// read back. A kill before this leaves the intents, and the
+			// next request notes the changes as cut short.
+			_ = s.held.Store.ClearIntent()
+		}
 		s.held.Release()
 		s.held = nil
 	}
@@ -293,8 +299,10 @@ func (s *session) act(lines []line, start time.Time) int {
 		return failAll(code, result, msg, err)
 	}
 	s.held = held // let go by serveBatch, after the audit lines
-	defer held.CloseState()
 	store := held.Store
+	// The intents stay until the batch's audit lines are written
+	// (serveBatch clears them).
+	store.KeepIntent = true
 	taken := s.deps.Now()
 	note := e.FinishCutShort(store)
 	var intents []policy.Operation

@@ -161,6 +161,31 @@ func TestIntentSurvivesUntilRecorded(t *testing.T) {
 	assert.Empty(t, got, "recording the change clears it")
 }
 
+// TestKeptIntentOutlivesTheRecord: with KeepIntent (one-shot and stream
+// mode), recording a change keeps its intent until the caller has written
+// its audit line and clears it; a shim killed in between leaves the
+// intent, so the next request notes the change as cut short.
+func TestKeptIntentOutlivesTheRecord(t *testing.T) {
+	pol := testPolicy(t)
+	s := open(t, pol)
+	s.KeepIntent = true
+	ban := op(t, "iptables -I "+chain+" 1 -s 203.0.113.1 -j DROP")
+	require.NoError(t, s.SetIntent(ban))
+	require.NoError(t, s.RecordRequest(ban, true, time.Now()))
+	require.NoError(t, s.Close()) // killed before the audit line
+	s = open(t, pol)
+	got, err := s.Intent(ctx)
+	require.NoError(t, err)
+	assert.Equal(t, []policy.Operation{ban}, got, "the intent outlives the record")
+	has, err := s.HasBan(ban)
+	require.NoError(t, err)
+	assert.True(t, has, "and the record holds the ban")
+	require.NoError(t, s.ClearIntent())
+	got, err = s.Intent(ctx)
+	require.NoError(t, err)
+	assert.Empty(t, got)
+}
+
 // TestBatchIsOneTransaction: a batch's reads see its own changes, nothing
 // of it is on disk before Commit, and a batch that is never committed (a
 // killed stream) leaves the store as it was, with its intents.

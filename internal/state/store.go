@@ -45,6 +45,11 @@ type Store struct {
 	// RenamedFrom is the policy's old name when this Open took over the
 	// state it kept under it (see adoptRenamed).
 	RenamedFrom string
+	// KeepIntent keeps the intent when a change is recorded: the caller
+	// clears it (ClearIntent) once the change's audit line is written, so
+	// that a shim killed between the record and its line leaves a trace,
+	// which the next request reads back and notes in its own line.
+	KeepIntent bool
 }
 
 // view and update run fn in a transaction of their own, or in the batch.
@@ -261,7 +266,8 @@ func (s *Store) SetIntent(ops ...policy.Operation) error {
 	})
 }
 
-// ClearIntent forgets the change in flight, when it changed nothing.
+// ClearIntent forgets the change in flight: when it changed nothing, or
+// (KeepIntent) once its audit line is written.
 func (s *Store) ClearIntent() error {
 	s.db.NoSync = true
 	defer func() { s.db.NoSync = false }()
@@ -316,7 +322,7 @@ func (s *Store) recordTx(op policy.Operation, applied bool, at time.Time, quota 
 				return err
 			}
 		}
-		if m := tx.Bucket(metaBucket); m != nil {
+		if m := tx.Bucket(metaBucket); m != nil && !s.KeepIntent {
 			if err := m.Delete(intentKey); err != nil {
 				return err
 			}

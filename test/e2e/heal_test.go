@@ -64,7 +64,10 @@ func wipeAndHeal(t *testing.T, up func() (*lab.Lab, error)) {
 	})
 	// What netfilter-persistent would have saved: the firewall before
 	// fail2ban ran.
-	require.NoError(t, l.SaveFirewall())
+	wipes := lab.WipesFor(l.Backend)
+	if l.Backend != "nftables" {
+		require.NoError(t, l.SaveFirewall())
+	}
 	require.NoError(t, l.StartFail2ban())
 	var old []string
 	for i := range healBans {
@@ -85,7 +88,7 @@ func wipeAndHeal(t *testing.T, up func() (*lab.Lab, error)) {
 		want := slices.Sorted(slices.Values(append(slices.Clone(old), also...)))
 		return slices.Equal(l.ProxyBans(), want) && l.Hooked()
 	}
-	for round, w := range lab.Wipes {
+	for round, w := range wipes {
 		t.Run(w.Name, func(t *testing.T) {
 			require.NoError(t, w.Run(l))
 			require.False(t, enforced(), "the wipe took something away")
@@ -106,6 +109,15 @@ func wipeAndHeal(t *testing.T, up func() (*lab.Lab, error)) {
 			attacker := fmt.Sprintf("203.0.113.%d", 100+round)
 			start = time.Now()
 			require.NoError(t, l.FailLogins(attacker, 3))
+			if why := w.BansWaitForTheTimer(); why != "" {
+				// By design the contact puts back the chains and hooks, not
+				// bans the sets lost (why): the new ban lands, the timer's
+				// command brings the old ones back.
+				_, err := l.WaitBan(attacker, true, healWait)
+				require.NoError(t, err, why)
+				code, out := l.AdminAll("reconcile", "--fix", "--quiet")
+				assert.Equal(t, 0, code, out)
+			}
 			err := lab.WaitFor(healWait, func() bool { return enforced(attacker) })
 			took = time.Since(start)
 			require.NoError(t, err, "one new ban brought every old ban and the hooks back: %v\n%s", l.ProxyBans(), l.Rules("iptables"))
@@ -134,7 +146,7 @@ func wipeAndHeal(t *testing.T, up func() (*lab.Lab, error)) {
 		})
 	}
 	t.Run("the attacker is refused after the last wipe and its heal", func(t *testing.T) {
-		require.NoError(t, lab.Wipes[2].Run(l))
+		require.NoError(t, wipes[2].Run(l))
 		require.NoError(t, l.FailLogins(lab.AttackerV4, 3))
 		_, err := l.WaitBan(lab.AttackerV4, true, healWait)
 		require.NoError(t, err)

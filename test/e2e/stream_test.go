@@ -81,7 +81,7 @@ func TestStreamedBans(t *testing.T) {
 	nstest.RequireRoot(t, streamTools...)
 	bin, err := nstest.BuildShim(t.TempDir())
 	require.NoError(t, err)
-	for _, backend := range []string{"rules", "ipset"} {
+	for _, backend := range []string{"rules", "ipset", "nftables"} {
 		t.Run(backend+" backend", func(t *testing.T) {
 			t.Parallel()
 			l := upStream(t, bin, backend, "", true, false)
@@ -256,7 +256,7 @@ func TestStreamKilledMidBatch(t *testing.T) {
 	nstest.RequireRoot(t, streamTools...)
 	bin, err := nstest.BuildShim(t.TempDir())
 	require.NoError(t, err)
-	for _, backend := range []string{"rules", "ipset"} {
+	for _, backend := range []string{"rules", "ipset", "nftables"} {
 		t.Run(backend+" backend", func(t *testing.T) {
 			t.Parallel()
 			l := upStream(t, bin, backend, "", false, false)

@@ -67,7 +67,7 @@ type Lab struct {
 	// binary, its policy and its directories.
 	Dir  string
 	Mode Mode
-	// Backend is the policy's backend: "rules" or "ipset".
+	// Backend is the policy's backend: "rules", "ipset" or "nftables".
 	Backend string
 	// sockDir holds ssh's ControlPath sockets: a Unix socket path must fit
 	// in 108 bytes, which a test's temp dir can exceed.
@@ -98,6 +98,18 @@ type Lab struct {
 	// LocalJail adds a jail "local" that bans on the mail host itself
 	// with fail2ban's own iptables action (see UpStream).
 	LocalJail bool
+	// HideFirewallPrograms runs the proxy's sshd in a private mount
+	// namespace where iptables, ip6tables, their -save/-restore and
+	// xtables-* variants and ipset are replaced by a tripwire that fails
+	// and logs the call (see nft.go): what a proxy without them is, for
+	// the nftables backend. Admin and ProxyExec run in it too.
+	HideFirewallPrograms bool
+	// Strace runs the shim of every ssh session under
+	// "strace -f -e trace=execve" (see StraceExecs). Root mode only: a
+	// binary with file capabilities loses them under an unprivileged
+	// tracer.
+	Strace bool
+	sshd   *exec.Cmd
 }
 
 // RepoRoot is the f2b-shim checkout this package lives in.
@@ -133,7 +145,15 @@ func UpBench(shim, backend string) (*Lab, error) {
 	return up(&Lab{Mode: UserMode, Backend: backend, bench: true}, shim)
 }
 
+// UpLab builds the hosts that l's exported fields describe (Mode,
+// Backend, Fail2banTree, ActionParams, Stream, HideFirewallPrograms,
+// Strace); Dir, Shim and the namespaces are filled in.
+func UpLab(shim string, l *Lab) (*Lab, error) { return up(l, shim) }
+
 func up(l *Lab, shim string) (_ *Lab, err error) {
+	if l.Strace && l.Mode != RootMode {
+		return nil, errors.New("lab: Strace needs RootMode: the shim's file capabilities do not survive an unprivileged tracer")
+	}
 	dir, err := os.MkdirTemp("", netns.Prefix+"lab-")
 	if err != nil {
 		return nil, err
@@ -149,6 +169,9 @@ func up(l *Lab, shim string) (_ *Lab, err error) {
 		return l, err
 	}
 	if l.Shim, err = l.installShim(shim); err != nil {
+		return l, err
+	}
+	if err := l.nftFiles(); err != nil {
 		return l, err
 	}
 	steps := []func() error{l.network, l.proxyFiles, l.startProxy, l.startMailService}
@@ -176,6 +199,13 @@ func (l *Lab) installShim(src string) (string, error) {
 	if err := os.WriteFile(bin, data, 0o755); err != nil {
 		return "", err
 	}
+	// "f2b-shim metrics" runs its helper from beside the binary, as
+	// scripts/install puts it.
+	if helper, err := os.ReadFile(filepath.Join(filepath.Dir(src), "f2b-shim-metrics")); err == nil {
+		if err := os.WriteFile(l.path("f2b-shim-metrics"), helper, 0o755); err != nil {
+			return "", err
+		}
+	}
 	if l.Mode == UserMode {
 		if out, err := exec.Command("setcap", "cap_net_admin,cap_net_raw+ep", bin).CombinedOutput(); err != nil {
 			return "", fmt.Errorf("setcap: %v: %s", err, out)
@@ -201,6 +231,11 @@ func (l *Lab) network() error {
 		{l.Proxy.Name, "ip", "link", "add", "pxm0", "type", "veth", "peer", "name", "mail0", "netns", l.Mail.Name},
 		{l.Attacker.Name, "ip", "addr", "add", AttackerV4 + "/24", "dev", "att0"},
 		{l.Attacker.Name, "ip", "addr", "add", AttackerV6 + "/64", "dev", "att0", "nodad"},
+		{l.Attacker.Name, "ip", "addr", "add", BystanderV4 + "/24", "dev", "att0"},
+		// Deprecated at once (preferred_lft 0): never the source the
+		// kernel picks, so Connect still comes from AttackerV6; Reach binds
+		// it explicitly. (BystanderV4 is a secondary address: never picked.)
+		{l.Attacker.Name, "ip", "addr", "add", BystanderV6 + "/64", "dev", "att0", "nodad", "preferred_lft", "0"},
 		{l.Proxy.Name, "ip", "addr", "add", ProxyOutV4 + "/24", "dev", "pxa0"},
 		{l.Proxy.Name, "ip", "addr", "add", ProxyOutV6 + "/64", "dev", "pxa0", "nodad"},
 		{l.Proxy.Name, "ip", "addr", "add", ProxyInV4 + "/24", "dev", "pxm0"},
@@ -253,7 +288,7 @@ func (l *Lab) proxyFiles() error {
 		return err
 	}
 	// The line from examples/ssh/authorized_keys, with this lab's paths.
-	keyLine := fmt.Sprintf("restrict,from=%q,command=\"%s --policy %s\" %s", MailV4, l.Shim, l.path("policy.toml"), pub)
+	keyLine := fmt.Sprintf("restrict,from=%q,command=\"%s --policy %s\" %s", MailV4, l.forcedShim(), l.path("policy.toml"), pub)
 	rootLogin := "forced-commands-only"
 	if l.Mode == UserMode && !l.bench {
 		rootLogin = "no"
@@ -361,19 +396,36 @@ func (l *Lab) start(ns *netns.NS, log string, name string, args ...string) error
 
 func (l *Lab) startProxy() error {
 	sshd := []string{"/usr/sbin/sshd", "-D", "-e", "-f", l.path("sshd_config")}
+	var script []string
 	if l.Mode == UserMode {
-		script := fmt.Sprintf("for f in passwd group shadow; do mount --bind %s/etc-$f /etc/$f; done\nexec \"$@\"", l.Dir)
-		sshd = append([]string{"unshare", "--mount", "--propagation", "private", "sh", "-euc", script, "sh"}, sshd...)
+		script = append(script, fmt.Sprintf("for f in passwd group shadow; do mount --bind %s/etc-$f /etc/$f; done", l.Dir))
+	}
+	if l.HideFirewallPrograms {
+		hide, err := l.hideScript()
+		if err != nil {
+			return err
+		}
+		script = append(script, hide...)
+	}
+	if script != nil {
+		script = append(script, `exec "$@"`)
+		sshd = append([]string{"unshare", "--mount", "--propagation", "private", "sh", "-euc", strings.Join(script, "\n"), "sh"}, sshd...)
 	}
 	if err := l.start(l.Proxy, "sshd.log", sshd[0], sshd[1:]...); err != nil {
 		return err
 	}
+	// ip netns exec, unshare and sh each exec the next: this is sshd's
+	// pid, the way into its mount namespace (ProxyExec).
+	l.sshd = l.procs[len(l.procs)-1]
 	// socat stands in for the reverse proxy: IMAP from the attacker's side
 	// goes on to the mail host.
 	if err := l.start(l.Proxy, "socat4.log", "socat", "TCP4-LISTEN:"+IMAPPort+",bind="+ProxyOutV4+",fork,reuseaddr", "TCP4:"+MailV4+":"+IMAPPort); err != nil {
 		return err
 	}
 	if err := l.start(l.Proxy, "socat6.log", "socat", "TCP6-LISTEN:"+IMAPPort+",bind=["+ProxyOutV6+"],fork,reuseaddr,ipv6only=1", "TCP4:"+MailV4+":"+IMAPPort); err != nil {
+		return err
+	}
+	if err := l.startOtherPort(); err != nil {
 		return err
 	}
 	var lastErr error
@@ -440,20 +492,7 @@ socket = %s
 pidfile = %s
 dbfile = %s
 `, l.path("fail2ban.log"), l.path("fail2ban.sock"), l.path("fail2ban.pid"), l.path("fail2ban.sqlite3"))
-	jail := fmt.Sprintf(`[DEFAULT]
-backend = polling
-[%s]
-enabled = true
-filter = lab-imap
-logpath = %s
-maxretry = 3
-findtime = 10m
-bantime = 1h
-action = proxy-iptables[name=%s, %s, ssh_config="%s", ssh_key="%s"]
-`, Jail, l.path("mail.log"), Jail, cmp.Or(l.ActionParams, `port="imap,imaps", protocol=tcp`), l.path("ssh_config"), l.path("id_ed25519"))
-	if l.Stream {
-		jail = strings.Replace(jail, "action = proxy-iptables[name="+Jail+", ", "action = "+l.streamAction(), 1)
-	}
+	jail := l.jailConf()
 	if l.twoProxies {
 		sshConfig += strings.Replace(strings.Replace(sshConfig, "Host f2b-proxy\n", "Host f2b-proxy2\n", 1), "HostName "+ProxyInV4, "HostName "+Proxy2V4, 1)
 	}
@@ -476,6 +515,37 @@ action = proxy-iptables[name=%s, %s, ssh_config="%s", ssh_key="%s"]
 		os.WriteFile(filepath.Join(f2b, "jail.conf"), []byte(jail), 0o644),
 		os.WriteFile(filepath.Join(f2b, "filter.d", "lab-imap.conf"), []byte(filter), 0o644),
 	)
+}
+
+// jailConf is the mail host's jail.conf: the jail with the shipped
+// action and the lab's ActionParams.
+func (l *Lab) jailConf() string {
+	jail := fmt.Sprintf(`[DEFAULT]
+backend = polling
+[%s]
+enabled = true
+filter = lab-imap
+logpath = %s
+maxretry = 3
+findtime = 10m
+bantime = 1h
+action = proxy-iptables[name=%s, %s, ssh_config="%s", ssh_key="%s"]
+`, Jail, l.path("mail.log"), Jail, cmp.Or(l.ActionParams, `port="imap,imaps", protocol=tcp`), l.path("ssh_config"), l.path("id_ed25519"))
+	if l.Stream {
+		jail = strings.Replace(jail, "action = proxy-iptables[name="+Jail+", ", "action = "+l.streamAction(), 1)
+	}
+	return jail
+}
+
+// SetActionParams rewrites the jail's action parameters (see
+// ActionParams); fail2ban reads them at its next start or reload. Not
+// with LocalJail.
+func (l *Lab) SetActionParams(params string) error {
+	if l.LocalJail {
+		return errors.New("lab: SetActionParams would drop the local jail")
+	}
+	l.ActionParams = params
+	return os.WriteFile(filepath.Join(l.path("fail2ban"), "jail.conf"), []byte(l.jailConf()), 0o644)
 }
 
 // Fail2ban runs fail2ban-client with the lab's config on the mail host.
@@ -546,8 +616,16 @@ func (l *Lab) Connect(v6 bool) error {
 }
 
 // Rules is the proxy's "iptables -S" (or ip6tables) of the filter table.
+//
+// With the nftables backend it is "nft list ruleset" whatever bin is.
 func (l *Lab) Rules(bin string) string {
+	if l.Backend == "nftables" {
+		bin = "nft"
+	}
 	out, err := l.Proxy.Run(bin, "-S")
+	if bin == "nft" {
+		out, err = l.Proxy.Run("nft", "list", "ruleset")
+	}
 	if err != nil {
 		return err.Error()
 	}
@@ -562,6 +640,9 @@ func (l *Lab) Banned(ip string) bool {
 	fam, bin, with := policy.IPv4, "iptables", "icmp-port-unreachable"
 	if a.Is6() {
 		fam, bin, with = policy.IPv6, "ip6tables", "icmp6-port-unreachable"
+	}
+	if l.Backend == "nftables" {
+		return l.nftBanned(l.Proxy, a)
 	}
 	if l.Backend == "ipset" {
 		set := firewall.SetName(fam, Chain, policy.Target{Kind: policy.Reject, RejectWith: with})
@@ -598,6 +679,9 @@ func (l *Lab) ProxyBans() []string { return l.bansIn(l.Proxy) }
 func (l *Lab) Proxy2Bans() []string { return l.bansIn(l.Proxy2) }
 
 func (l *Lab) bansIn(ns *netns.NS) []string {
+	if l.Backend == "nftables" {
+		return l.nftBans(ns)
+	}
 	var out []string
 	for _, bin := range []string{"iptables", "ip6tables"} {
 		rules, err := ns.Run(bin, "-S")
@@ -687,15 +771,19 @@ func (l *Lab) Admin(args ...string) (int, string) {
 	args = append([]string{args[0], "--policy", l.path("policy.toml")}, args[1:]...)
 	if l.Mode == UserMode {
 		args = append([]string{fmt.Sprintf("--reuid=%d", UserID), fmt.Sprintf("--regid=%d", UserID), "--clear-groups", l.Shim}, args...)
-		return exitCode(l.Proxy.Command("setpriv", args...))
+		return exitCode(l.proxyCommand("setpriv", args...))
 	}
-	return exitCode(l.Proxy.Command(l.Shim, args...))
+	return exitCode(l.proxyCommand(l.Shim, args...))
 }
 
 // FlushProxy empties the proxy's firewall, both families and its ipsets,
 // as a reboot or an admin's "iptables -F; iptables -X" would, behind
-// fail2ban's back.
+// fail2ban's back. With the nftables backend it is "nft flush ruleset".
 func (l *Lab) FlushProxy() error {
+	if l.Backend == "nftables" {
+		_, err := l.Proxy.Run("nft", "flush", "ruleset")
+		return err
+	}
 	for _, bin := range []string{"iptables", "ip6tables"} {
 		for _, flag := range []string{"-F", "-X"} {
 			if _, err := l.Proxy.Run(bin, flag); err != nil {

@@ -84,13 +84,16 @@ func (l *Lab) AdminAll(args ...string) (int, string) {
 	args = append(args, "--all", "--dir", l.Dir)
 	if l.Mode == UserMode {
 		args = append([]string{fmt.Sprintf("--reuid=%d", UserID), fmt.Sprintf("--regid=%d", UserID), "--clear-groups", l.Shim}, args...)
-		return exitCode(l.Proxy.Command("setpriv", args...))
+		return exitCode(l.proxyCommand("setpriv", args...))
 	}
-	return exitCode(l.Proxy.Command(l.Shim, args...))
+	return exitCode(l.proxyCommand(l.Shim, args...))
 }
 
 // Hooked reports whether both families' INPUT jump into the jail's chain.
 func (l *Lab) Hooked() bool {
+	if l.Backend == "nftables" {
+		return l.NFTHooked("tcp dport { 143, 993 }")
+	}
 	for _, bin := range []string{"iptables", "ip6tables"} {
 		if !strings.Contains(l.Rules(bin), "-A INPUT -p tcp -m multiport --dports 143,993 -j "+Chain) {
 			return false
