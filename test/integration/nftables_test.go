@@ -1774,3 +1774,27 @@ func TestNFTRandomSequencesWithWipes(t *testing.T) {
 		})
 	}
 }
+
+// TestNFTNoMaxBanTimeMeansNoTimeout: with max_ban_time = "0" bans stay
+// until they are lifted: no element has a timeout, made one-shot, made
+// again, or restored into a fresh namespace.
+func TestNFTNoMaxBanTimeMeansNoTimeout(t *testing.T) {
+	t.Parallel() // its own namespaces
+	ns, pol, _ := nftSetup(t, "max_ban_time = \"0\"\nban_prefix_v6 = 64\n")
+	nftRun(t, ns, pol, nftJailStart...)
+	nftRun(t, ns, pol, "iptables -w -I "+chain+" 1 -s 203.0.113.45 -j REJECT --reject-with icmp-port-unreachable")
+	rebooted := nstest.NewNetns(t)
+	r := admin(t, rebooted, pol, "restore")
+	require.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
+	for _, n := range []*nstest.Netns{ns, rebooted} {
+		assert.Equal(t, []string{"203.0.113.45/32"}, nftBanned(t, n, "iptables"))
+		assert.Equal(t, []string{"2001:db8:45::/64"}, nftBanned(t, n, "ip6tables"))
+		for _, fam := range []string{"iptables", "ip6tables"} {
+			for _, e := range nftBanElems(t, n, fam) {
+				assert.Zero(t, e.Timeout, "%s has no timeout", e.Prefix)
+			}
+		}
+	}
+	r = admin(t, rebooted, pol, "reconcile")
+	assert.Equal(t, 0, r.Code, r.Stdout)
+}
