@@ -1798,3 +1798,50 @@ func TestNFTNoMaxBanTimeMeansNoTimeout(t *testing.T) {
 	r = admin(t, rebooted, pol, "reconcile")
 	assert.Equal(t, 0, r.Code, r.Stdout)
 }
+
+// TestNFTTwoPoliciesEachWithItsTable: two policies on one proxy (two
+// mail hosts), each with its chain prefix and its own nftables table.
+// An admin command over both (--all, as the units run them) opens one
+// table after the other in one process, which google/nftables allows
+// only one at a time: after "nft flush ruleset", restore --all puts both
+// back, and status and reconcile --all see both, with no drift.
+func TestNFTTwoPoliciesEachWithItsTable(t *testing.T) {
+	t.Parallel() // its own namespace
+	nstest.RequireRoot(t, "nft")
+	dir := t.TempDir()
+	const other = "mail-remote-g2b-smtp"
+	pols := map[string]string{}
+	for _, p := range []struct{ name, prefix, table string }{{"one", "mail-remote-f2b-", "f2b_shim"}, {"two", "mail-remote-g2b-", "f2b_shim_two"}} {
+		pols[p.name] = filepath.Join(dir, p.name+".toml")
+		require.NoError(t, os.WriteFile(pols[p.name], []byte(fmt.Sprintf(
+			"name = %q\naudit_log = %q\nstate_dir = %q\nbackend = \"nftables\"\nchain_prefix = %q\nnftables_table = %q\n",
+			p.name, filepath.Join(dir, p.name+".jsonl"), filepath.Join(dir, "state-"+p.name), p.prefix, p.table)), 0o644))
+	}
+	ns := nstest.NewNetns(t)
+	nftRun(t, ns, pols["one"], nftJailStart...)
+	nftRun(t, ns, pols["two"],
+		"iptables -w -N "+other, "iptables -w -I INPUT -p tcp --dport 25 -j "+other,
+		"iptables -w -I "+other+" 1 -s 198.51.100.25 -j DROP")
+	tables := func() string {
+		return canonicalTable(shimTable(t, ns)) + "\n" + canonicalTable(nftTimes.ReplaceAllString(ns.MustRun(t, "nft", "list", "table", "inet", "f2b_shim_two"), ""))
+	}
+	before := tables()
+	require.Contains(t, before, "jump "+other)
+
+	ns.MustRun(t, "nft", "flush", "ruleset")
+	all := func(args ...string) nstest.Result {
+		cmd := ns.Command(shim, append(args, "--all", "--dir", dir)...)
+		cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
+		return nstest.RunCmd(t, cmd)
+	}
+	r := all("status")
+	assert.Equal(t, 1, r.Code, "both tables are gone:\n%s", r.Stdout)
+	r = all("restore")
+	require.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
+	assert.Equal(t, before, tables(), "restore --all puts both tables back")
+	assert.Contains(t, ns.MustRun(t, "nft", "list", "set", "inet", "f2b_shim_two", other+"-v4-addr"), "198.51.100.25")
+	r = all("reconcile")
+	assert.Equal(t, 0, r.Code, "no drift in either:\n%s%s", r.Stdout, r.Stderr)
+	r = all("status")
+	assert.Equal(t, 0, r.Code, "status --all:\n%s", r.Stdout)
+}
