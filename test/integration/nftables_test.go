@@ -1845,3 +1845,42 @@ func TestNFTTwoPoliciesEachWithItsTable(t *testing.T) {
 	r = all("status")
 	assert.Equal(t, 0, r.Code, "status --all:\n%s", r.Stdout)
 }
+
+// TestNFTNarrowerBansOutliveAWiderOne: an interval set cannot hold
+// overlapping elements, so a ban of a prefix that covers bans already in
+// the chain (an admin's /16 over fail2ban's widened /24s, a /48 over
+// /64s) holds them in its one element. When the wider ban is lifted,
+// the narrower ones, which the state still holds and fail2ban has not
+// lifted, must stay in force, as they do with iptables rules: a check
+// answers for them and the table still covers them.
+func TestNFTNarrowerBansOutliveAWiderOne(t *testing.T) {
+	for _, order := range []string{"narrower first", "wider first"} {
+		t.Run(order, func(t *testing.T) {
+			t.Parallel() // each in its own namespace
+			ns, pol, _ := nftSetup(t, "min_prefix_v4 = 16\nmin_prefix_v6 = 32\n")
+			ban := func(fam, p string) string { return fam + " -w -I " + chain + " 1 -s " + p + " -j DROP" }
+			unban := func(fam, p string) string { return fam + " -w -D " + chain + " -s " + p + " -j DROP" }
+			nftRun(t, ns, pol, "iptables -w -N "+chain, "ip6tables -w -N "+chain)
+			narrow := []string{ban("iptables", "198.51.100.0/24"), ban("ip6tables", "2001:db8:1:2::/64")}
+			wide := []string{ban("iptables", "198.51.0.0/16"), ban("ip6tables", "2001:db8:1::/48")}
+			if order == "narrower first" {
+				nftRun(t, ns, pol, append(narrow, wide...)...)
+			} else {
+				nftRun(t, ns, pol, append(wide, narrow...)...)
+			}
+			nftRun(t, ns, pol, unban("iptables", "198.51.0.0/16"), unban("ip6tables", "2001:db8:1::/48"))
+
+			for _, c := range []struct{ fam, p, in string }{{"iptables", "198.51.100.0/24", "198.51.100.7"}, {"ip6tables", "2001:db8:1:2::/64", "2001:db8:1:2::7"}} {
+				r := ns.Shim(t, shim, pol, strings.Replace(strings.Replace(ban(c.fam, c.p), " -I ", " -C ", 1), " 1 -s ", " -s ", 1))
+				assert.Equal(t, 0, r.Code, "%s is still banned: %s", c.p, r.Stderr)
+				covered := false
+				for _, e := range nftBanElems(t, ns, c.fam) {
+					covered = covered || e.Prefix.Contains(netip.MustParseAddr(c.in))
+				}
+				assert.True(t, covered, "the table still stops %s: %v", c.in, nftBanned(t, ns, c.fam))
+			}
+			r := admin(t, ns, pol, "reconcile")
+			assert.Equal(t, 0, r.Code, "state and table agree:\n%s", r.Stdout)
+		})
+	}
+}
