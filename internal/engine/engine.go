@@ -109,7 +109,7 @@ func (e *Engine) Open(fam policy.Family, rec firewall.Record, batch BatchKind) (
 		n := &nft{e: e, fam: fam, b: fb, kind: batch}
 		if batch != NoBatch {
 			n.b.NFTQueue = &firewall.NFTQueue{Queue: batch == LiftBatch}
-			n.b.SetsInUse = map[string]bool{}
+			n.b.SetsInUse, n.b.NFTVerdicts = map[string]bool{}, map[string]policy.Target{}
 		}
 		return n, nil
 	}

@@ -215,3 +215,25 @@ func (r *nftRig) live4(c string) int {
 	}
 	return n
 }
+
+// TestNFTablesKeepsOneTargetPerChainPart: a chain part has one verdict
+// rule for all its bans, so a ban with another target would change every
+// ban's; it is refused until the chain is flushed (a jail's restart).
+func TestNFTablesKeepsOneTargetPerChainPart(t *testing.T) {
+	r := newNFTRig(t)
+	r.start(2)
+	drop := "iptables -w -I " + chain + " 1 -s 203.0.113.50 -j DROP"
+	_, err := r.serve(drop)
+	require.Error(t, err)
+	assert.ErrorIs(t, err, firewall.ErrLimit)
+	assert.Contains(t, err.Error(), "one target per chain")
+	assert.Equal(t, 2, r.recorded(policy.IPv4))
+	assert.Contains(t, r.ns.MustRun(t, "nft", "list", "chain", "inet", nftables.DefaultTable, chain), "reject", "the chain's bans keep their target")
+
+	_, err = r.serve("iptables -w -F " + chain)
+	require.NoError(t, err)
+	out, err := r.serve(drop)
+	require.NoError(t, err)
+	assert.Equal(t, firewall.Applied, out, "after a flush any target goes")
+	assert.Contains(t, r.ns.MustRun(t, "nft", "list", "chain", "inet", nftables.DefaultTable, chain), "drop")
+}

@@ -78,6 +78,9 @@ type Backend struct {
 	// gathers a stream batch's bans into one transaction.
 	NFT      NFT
 	NFTQueue *NFTQueue
+	// NFTVerdicts, when set, remembers each chain part's target for a
+	// stream batch, which holds the lock.
+	NFTVerdicts map[string]policy.Target
 }
 
 // Record is what Apply asks of the shim's record.

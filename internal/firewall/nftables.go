@@ -20,6 +20,8 @@ type NFT interface {
 	// Matched answers whether each set of the part has its verdict
 	// rule, reading no element.
 	Matched(chain policy.Chain, fam policy.Family) (bool, error)
+	// Verdict reads the target of the part's verdict rule.
+	Verdict(chain policy.Chain, fam policy.Family) (policy.Target, bool, error)
 	Hooks() ([]nftables.Hook, error)
 	Check(chain policy.Chain, p netip.Prefix) (nftables.Element, bool, error)
 	ReadBack() (*nftables.Snapshot, error)
@@ -178,6 +180,7 @@ func applyNFT(b Backend, op policy.Operation) (Outcome, error) {
 			return Unchanged, err
 		}
 		delete(b.SetsInUse, string(chain)+" "+fam.String())
+		delete(b.NFTVerdicts, string(chain)+" "+fam.String())
 		return Applied, nftDo(b, func(x *nftables.Batch) {
 			if op.Kind == policy.FlushChain {
 				x.FlushChain(chain, fam)
@@ -251,6 +254,36 @@ func nftPart(b Backend, chain policy.Chain, fam policy.Family) (bool, error) {
 	return ok, err
 }
 
+// oneTarget refuses a ban whose target differs from the one the chain's
+// bans of the family already have: a chain part has one verdict rule (all
+// its bans are in one set), so the new target would change every ban's.
+// fail2ban bans a jail's addresses with one blocktype; changing it means
+// a restart, whose stop flushes the chain, after which any target goes.
+func oneTarget(b Backend, op policy.Operation) error {
+	chain, fam := op.Chain, op.Family
+	key := string(chain) + " " + fam.String()
+	cur, ok := b.NFTVerdicts[key]
+	if !ok {
+		var err error
+		if cur, ok, err = b.NFT.Verdict(chain, fam); err != nil {
+			return err
+		}
+	}
+	if ok && cur != op.Target && b.Record != nil {
+		n, err := b.Record.BanCount(fam, chain)
+		if err != nil {
+			return err
+		}
+		if n > 0 {
+			return fmt.Errorf("ban %w: the %s bans of chain %q have the target %s, and the nftables backend keeps one target per chain and family; to change it, restart the jail (its stop flushes the chain), or use backend \"ipset\"", ErrLimit, fam, chain, cur)
+		}
+	}
+	if b.NFTVerdicts != nil {
+		b.NFTVerdicts[key] = op.Target
+	}
+	return nil
+}
+
 func noChain(chain policy.Chain, fam policy.Family) error {
 	return fmt.Errorf("chain %q does not exist in the %s part of the nftables table; fail2ban creates it (-N) when the jail starts", chain, fam)
 }
@@ -283,6 +316,11 @@ func addBanNFT(b Backend, op policy.Operation) (Outcome, error) {
 			err = noChain(chain, fam)
 		}
 		return 0, err
+	}
+	if !had {
+		if err := oneTarget(b, op); err != nil {
+			return 0, err
+		}
 	}
 	if b.NFTQueue != nil && b.NFTQueue.Queue {
 		b.NFTQueue.add(b, op)

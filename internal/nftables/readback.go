@@ -373,6 +373,25 @@ func (t *Table) Matched(chain policy.Chain, fam policy.Family) (bool, error) {
 	return true, nil
 }
 
+// Verdict reads the target of the family's verdict rule of a chain;
+// found is false when the part has no verdict rule (no ban yet, or
+// flushed). It reads the chain's rules, not its elements.
+func (t *Table) Verdict(chain policy.Chain, fam policy.Family) (target policy.Target, found bool, err error) {
+	if err := errors.Join(checkChain(chain), checkFamily(fam)); err != nil {
+		return policy.Target{}, false, err
+	}
+	verdicts, _, err := t.familyPart(chain, fam)
+	if err != nil {
+		return policy.Target{}, false, err
+	}
+	for _, r := range verdicts {
+		if _, _, tg, ok := decodeVerdict(chain, r.Exprs); ok {
+			return tg, true, nil
+		}
+	}
+	return policy.Target{}, false, nil
+}
+
 // Hooks reads the hooks of the base chain; rules it does not recognise
 // are left out (ReadBack lists them as foreign).
 func (t *Table) Hooks() ([]Hook, error) {
