@@ -1253,12 +1253,19 @@ func TestNFTPartialWipesHeal(t *testing.T) {
 // checks of a few addresses (so that repeats happen), IPv6 ones widened
 // to /64 by the policy. Each chain and family keeps one target, as a
 // jail's action does.
-func randomFail2banLine(rng *rand.Rand) string {
+func randomFail2banLine(rng *rand.Rand) string { return randomLine(rng, false) }
+
+// randomLine is randomFail2banLine; with mixed, a ban's target is REJECT
+// or DROP at random, as after a change of the jail's blocktype.
+func randomLine(rng *rand.Rand, mixed bool) string {
 	chains := []string{chain, "mail-remote-f2b-smtp"}
 	c := chains[rng.IntN(len(chains))]
 	bin, addr, target := "iptables", fmt.Sprintf("198.51.100.%d", 1+rng.IntN(6)), "REJECT --reject-with icmp-port-unreachable"
 	if rng.IntN(2) == 0 {
 		bin, addr, target = "ip6tables", fmt.Sprintf("2001:db8:1:%d::%d", 1+rng.IntN(2), 1+rng.IntN(3)), "DROP"
+	}
+	if mixed && rng.IntN(3) == 0 {
+		target = map[string]string{"iptables": "DROP", "ip6tables": "REJECT --reject-with icmp6-adm-prohibited"}[bin]
 	}
 	hook := "-p tcp -m multiport --dports imap,imaps -j " + c
 	switch n := rng.IntN(100); {
@@ -1292,6 +1299,9 @@ func randomFail2banLine(rng *rand.Rand) string {
 // namespace makes the same table.
 func TestNFTRandomSequencesKeepStateAndTable(t *testing.T) {
 	for seed := range uint64(4) {
+		// Odd seeds mix targets in a chain part, as a changed blocktype
+		// does: the shim refuses a second target (exit 3).
+		mixed := seed%2 == 1
 		t.Run(fmt.Sprintf("seed %d", seed), func(t *testing.T) {
 			t.Parallel() // each in its own namespace
 			ns, pol, _ := nftSetup(t, "ban_prefix_v6 = 64\n")
@@ -1301,7 +1311,7 @@ func TestNFTRandomSequencesKeepStateAndTable(t *testing.T) {
 				if rng.IntN(3) == 0 {
 					var batch []string
 					for range 1 + rng.IntN(12) {
-						batch = append(batch, randomFail2banLine(rng))
+						batch = append(batch, randomLine(rng, mixed))
 					}
 					r := ns.Stream(t, shim, pol, strings.Join(batch, "\n")+"\n")
 					require.Equal(t, 0, r.Code, r.Stderr)
@@ -1309,10 +1319,10 @@ func TestNFTRandomSequencesKeepStateAndTable(t *testing.T) {
 						played = append(played, fmt.Sprintf("stream %s -> %s", batch[i], rep))
 					}
 				} else {
-					line := randomFail2banLine(rng)
+					line := randomLine(rng, mixed)
 					r := ns.Shim(t, shim, pol, line)
 					played = append(played, fmt.Sprintf("one-shot %s -> %d %s", line, r.Code, strings.TrimSpace(r.Stderr)))
-					require.Contains(t, []int{0, 1, 4}, r.Code, "step %d: %s\n%s", step, line, strings.Join(played, "\n"))
+					require.Contains(t, []int{0, 1, 3, 4}, r.Code, "step %d: %s\n%s", step, line, strings.Join(played, "\n"))
 				}
 				r := admin(t, ns, pol, "reconcile")
 				require.Equal(t, 0, r.Code, "step %d: state and table disagree:\n%s%s\nplayed:\n%s\ntable:\n%s", step, r.Stdout, r.Stderr, strings.Join(played, "\n"), shimTable(t, ns))
@@ -1339,7 +1349,8 @@ func TestNFTRandomSequencesKeepStateAndTable(t *testing.T) {
 // target (refuse it, or keep each ban's own), the table must do what the
 // state says: every ban it accepted answers its own check (a check with
 // another target may answer too: TestAdminCommandsOnNftables), and
-// reconcile finds no drift, before and after --fix (the timer's).
+// reconcile finds no drift, before and after --fix (the timer's), and
+// after unbans with the other target.
 func TestNFTBansWithAnotherTargetInOneChain(t *testing.T) {
 	t.Parallel() // its own namespace
 	ns, pol, _ := nftSetup(t, "")
@@ -1365,6 +1376,16 @@ func TestNFTBansWithAnotherTargetInOneChain(t *testing.T) {
 	check()
 	r := admin(t, ns, pol, "reconcile", "--fix")
 	assert.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
+	check()
+
+	// An unban with another target than the ban's lifts nothing, as
+	// "iptables -D" with it matches no rule: the ban stays in force.
+	for addr, target := range accepted {
+		other := map[string]string{reject: drop, drop: reject}[target]
+		r := ns.Shim(t, shim, pol, "iptables -w -D "+chain+" -s "+addr+" "+other)
+		assert.Equal(t, 0, r.Code, r.Stderr)
+		assert.Contains(t, nftBanned(t, ns, "iptables"), addr+"/32", "an unban with %s leaves %s's ban with %s", other, addr, target)
+	}
 	check()
 }
 
