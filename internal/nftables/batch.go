@@ -490,22 +490,32 @@ func (t *Table) familyPart(chain policy.Chain, fam policy.Family) (verdicts []*n
 			verdicts = append(verdicts, r)
 		}
 	}
+	sets, err = t.familySets(chain, fam)
+	if err != nil {
+		return nil, nil, err
+	}
+	return verdicts, sets, nil
+}
+
+// familySets lists the family's sets of the chain that the table holds,
+// reading no rule and no element.
+func (t *Table) familySets(chain policy.Chain, fam policy.Family) (sets []string, err error) {
 	exists, err := t.tableExists()
 	if err != nil || !exists {
-		return verdicts, nil, err
+		return nil, err
 	}
 	libraryMu.Lock()
 	defer libraryMu.Unlock()
 	all, err := t.conn.GetSets(t.table)
 	if err != nil {
-		return nil, nil, t.readErr("the sets", err)
+		return nil, t.readErr("the sets", err)
 	}
 	for _, s := range all {
 		if slices.Contains(setNames(chain, fam), s.Name) {
 			sets = append(sets, s.Name)
 		}
 	}
-	return verdicts, sets, nil
+	return sets, nil
 }
 
 func checkFamily(fam policy.Family) error {

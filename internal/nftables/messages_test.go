@@ -161,6 +161,59 @@ func TestMessages(t *testing.T) {
 		}
 	})
 
+	t.Run("a new ban is a plain add, and a ban that may be there is added, deleted and added again", func(t *testing.T) {
+		// A delete makes the process wait for an RCU grace period when it
+		// closes its socket (AddNewBans): a one-shot ban the record does
+		// not hold sends none.
+		for _, addr := range []bool{false, true} {
+			var opts []Option
+			if addr {
+				opts = append(opts, WithAddressSets())
+			}
+			for _, tc := range []struct {
+				fresh bool
+				want  []string
+			}{
+				{true, []string{"BATCH_BEGIN", "NEWSETELEM", "BATCH_END"}},
+				{false, []string{"BATCH_BEGIN", "NEWSETELEM", "DELSETELEM", "NEWSETELEM", "BATCH_END"}},
+			} {
+				rec := &recorder{}
+				tbl, err := Open("", append(opts, WithTestDial(rec.dial))...)
+				require.NoError(t, err)
+				require.NoError(t, tbl.Do(func(b *Batch) {
+					if tc.fresh {
+						b.AddNewBans("c", bans(time.Hour, "192.0.2.1/32"))
+					} else {
+						b.AddBans("c", bans(time.Hour, "192.0.2.1/32"))
+					}
+				}))
+				require.NoError(t, tbl.Close())
+				txs := rec.transactions()
+				require.Len(t, txs, 1)
+				var got []string
+				for _, m := range txs[0] {
+					got = append(got, msgName(m))
+				}
+				assert.Equal(t, tc.want, got, "address sets %v, new %v", addr, tc.fresh)
+			}
+		}
+	})
+
+	t.Run("whether a chain's part exists is read from the sets alone, without its chains or rules", func(t *testing.T) {
+		// Part runs twice in every one-shot request (the heal's check,
+		// the ban's): each dump is a round trip to the kernel.
+		tbl, rec := recordedTable(t)
+		_, err := tbl.Part("c", policy.IPv4)
+		require.NoError(t, err)
+		require.NotEmpty(t, rec.sends)
+		for _, send := range rec.sends {
+			for _, m := range send {
+				typ := uint16(m.Header.Type) & 0xff
+				assert.NotContains(t, []uint16{unix.NFT_MSG_GETCHAIN, unix.NFT_MSG_GETRULE}, typ, "Part read the chains or rules")
+			}
+		}
+	})
+
 	t.Run("100,000 bans are one transaction of messages under the 16-bit attribute limit", func(t *testing.T) {
 		tbl, rec := recordedTable(t)
 		many := make([]Ban, 100_000)

@@ -12,7 +12,6 @@ package main
 
 import (
 	"encoding/json"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -29,7 +28,6 @@ import (
 
 	"github.com/f2b-shim/f2b-shim/internal/state"
 	"github.com/f2b-shim/f2b-shim/policy"
-	"github.com/f2b-shim/f2b-shim/test/e2e/lab"
 	"github.com/f2b-shim/f2b-shim/test/netns"
 	"github.com/f2b-shim/f2b-shim/test/nstest"
 )
@@ -56,10 +54,24 @@ type config struct {
 	// and the sizes of its floods.
 	baseline                  string
 	floodRebans, floodRetries int
+	// The sshd part's blocks: its rows alternate in this many rounds.
+	sshBlocks int
+	// The nftables part (nftables.go): the backends, the bans in place,
+	// its rounds, and the stream's bans.
+	nftVariants              []variant
+	nftNs                    []int
+	nftRounds, nftStreamBans int
+	// Per round: one-shot bans, and checks and unbans of some of them,
+	// per namespace; and one run of the connection loop this long.
+	nftBans, nftChecks int
+	nftConnTime        time.Duration
 }
 
-// runs reports whether the part is to run.
-func (c config) runs(part string) bool { return c.only == "" || c.only == part }
+// runs reports whether the part is to run. "--only nftables" runs the
+// sshd part too, whose table has the nftables backend's one-shot rows.
+func (c config) runs(part string) bool {
+	return c.only == "" || c.only == part || (c.only == "nftables" && part == "sshd")
+}
 
 func main() {
 	if len(os.Args) > 1 {
@@ -74,12 +86,14 @@ func main() {
 			os.Exit(sshloop(os.Args[2:]))
 		case "healmeasure":
 			os.Exit(healMeasure(os.Args[2:]))
+		case "nftload":
+			os.Exit(nftLoad(os.Args[2:]))
 		}
 	}
 	quick := flag.Bool("quick", false, "a short run, as a smoke test: N = 0 and 100, few repetitions")
 	out := flag.String("out", "bench-out", "directory for results.md and latency.png")
-	only := flag.String("only", "", "run one part: latency, sshd, packets, hooks, stream, streambounds or heal")
-	baseline := flag.String("baseline", "", "streambounds and heal: an f2b-shim binary to measure side by side with this build")
+	only := flag.String("only", "", "run one part: latency, sshd, packets, hooks, stream, streambounds, heal or nftables (rules, ipset and nftables side by side: sshd, stream, N bans in place)")
+	baseline := flag.String("baseline", "", "streambounds, heal and the sshd part's nftables rows: an f2b-shim binary to measure side by side with this build")
 	healN := flag.Int("heal-bans", 1000, "heal: bans in place")
 	flag.Parse()
 	c := config{ns: []int{0, 1000, 10000, 50000}, reps: 15, e2eBans: 50, connTime: 2 * time.Second, connRuns: 3, out: *out,
@@ -89,6 +103,14 @@ func main() {
 			streamBans: 1000, streamRuns: 1, plainBurst: 20, streamBurst: 200, singleBans: 3, burstRuns: 1, floodRebans: 1000, floodRetries: 2}
 	}
 	c.only, c.baseline = *only, *baseline
+	c.sshBlocks, c.nftVariants, c.nftNs, c.nftRounds, c.nftStreamBans = 25, nftVariants, []int{0, 10000, 50000}, 10, 10000
+	c.nftBans, c.nftChecks, c.nftConnTime = 4, 1, time.Second
+	if *quick {
+		// The smoke run: the nftables backend alone (rules and ipset
+		// have their smoke runs in the other parts), small.
+		c.sshBlocks, c.nftVariants, c.nftNs, c.nftRounds, c.nftStreamBans = 1, []variant{{"", "nftables"}}, []int{0, 100}, 1, 1000
+		c.nftBans, c.nftChecks, c.nftConnTime = 3, 1, 300*time.Millisecond
+	}
 	c.healBans, c.healRuns, c.healStream = *healN, 5, 1000
 	if *quick {
 		c.healBans, c.healRuns, c.healStream = 100, 1, 100
@@ -134,7 +156,7 @@ func run(c config) error {
 	}
 	var md strings.Builder
 	host, _ := os.Hostname()
-	fmt.Fprintf(&md, "Measured %s on %s (%d CPUs), medians of %d runs each, times in milliseconds.\n\n", time.Now().Format("2006-01-02"), host, numCPU(), c.reps)
+	fmt.Fprintf(&md, "Measured %s on %s (%d CPUs; load average %s at the start), medians of %d runs each, times in milliseconds.\n\n", time.Now().Format("2006-01-02"), host, numCPU(), loadAverage(), c.reps)
 
 	if c.runs("latency") {
 		lat, err := latencies(c, tmp, shim, self)
@@ -147,23 +169,11 @@ func run(c config) error {
 		}
 	}
 	if c.runs("sshd") {
-		r, err := throughput(c, shim, self)
+		rows, err := throughput(c, shim, self)
 		if err != nil {
 			return err
 		}
-		fmt.Fprintf(&md, "\n### One ban per ssh session through the same sshd (ControlMaster, every login's shell /bin/sh; median of %d sessions each)\n\n| via | ms per session | over the floor | bans/s | ratio to raw iptables |\n|---|---|---|---|---|\n", c.e2eBans)
-		for _, row := range []struct {
-			name string
-			ms   float64
-		}{
-			{"floor: `command=\"/bin/true\"` (root)", r.floor},
-			{"raw `iptables -I` (root)", r.raw},
-			{"f2b-shim, rule backend (f2b-shim user)", r.shim},
-			{"f2b-shim, set backend", r.shimSets},
-			{"f2b-shim, set backend, 50,000 bans in the set", r.shimSets50k},
-		} {
-			fmt.Fprintf(&md, "| %s | %.1f | %.1f | %.1f | %.2f |\n", row.name, row.ms, row.ms-r.floor, 1000/row.ms, r.raw/row.ms)
-		}
+		writeThroughput(&md, c, rows)
 	}
 	if c.runs("packets") {
 		if err := packets(c, &md, tmp, shim, self); err != nil {
@@ -185,11 +195,17 @@ func run(c config) error {
 			return err
 		}
 	}
+	if c.runs("nftables") {
+		if err := nftBench(c, &md, tmp, shim, self); err != nil {
+			return err
+		}
+	}
 	if c.runs("streambounds") {
 		if err := streamBounds(c, &md, tmp, shim); err != nil {
 			return err
 		}
 	}
+	fmt.Fprintf(&md, "\nLoad average at the end: %s.\n", loadAverage())
 	fmt.Print(md.String())
 	return os.WriteFile(filepath.Join(c.out, "results.md"), []byte(md.String()), 0o644)
 }
@@ -202,7 +218,12 @@ func numCPU() int {
 // variant is one iptables backend with one ban backend.
 type variant struct{ ipt, bans string }
 
-func (v variant) String() string { return v.ipt + "/" + v.bans }
+func (v variant) String() string {
+	if v.ipt == "" { // the nftables backend runs no iptables
+		return v.bans
+	}
+	return v.ipt + "/" + v.bans
+}
 
 var variants = []variant{{"nft", "rules"}, {"nft", "ipset"}, {"legacy", "rules"}, {"legacy", "ipset"}}
 
@@ -235,8 +256,12 @@ func newNS(role string) (*netns.NS, error) {
 
 func writePolicy(dir string, v variant) (string, error) {
 	p := filepath.Join(dir, "policy.toml")
-	return p, os.WriteFile(p, []byte(fmt.Sprintf("name = \"bench\"\naudit_log = %q\nstate_dir = %q\niptables_backend = %q\nbackend = %q\nmax_bans_per_chain = 100000\nlock_timeout = \"50s\"\n",
-		filepath.Join(dir, "audit.jsonl"), filepath.Join(dir, "state"), v.ipt, v.bans)), 0o644)
+	ipt := ""
+	if v.ipt != "" {
+		ipt = fmt.Sprintf("iptables_backend = %q\n", v.ipt)
+	}
+	return p, os.WriteFile(p, []byte(fmt.Sprintf("name = \"bench\"\naudit_log = %q\nstate_dir = %q\n%sbackend = %q\nmax_bans_per_chain = 100000\nlock_timeout = \"50s\"\n",
+		filepath.Join(dir, "audit.jsonl"), filepath.Join(dir, "state"), ipt, v.bans)), 0o644)
 }
 
 func benchAddr(i int) string { return fmt.Sprintf("10.%d.%d.%d", i>>16&255, i>>8&255, i&255) }
@@ -341,45 +366,88 @@ func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
 // measure runs inside the namespace: reps shim and raw calls of each
 // kind, each on another address, and prints their medians as JSON.
+// args: who (shim, raw or rawnft), shim, policy, iptables backend, reps,
+// and optionally the first address's index (rounds that alternate with
+// other namespaces use fresh addresses), "samples" to print every sample
+// rather than the medians, and how many of the reps to check and unban
+// (all by default: where those cost a second each, fewer).
 func measure(args []string) int {
 	who, shim, pol, ipt := args[0], args[1], args[2], args[3]
-	var reps int
+	var reps, offset int
 	fmt.Sscan(args[4], &reps)
-	median := func(call func(i int) *exec.Cmd) float64 {
-		var samples []float64
-		for i := range reps {
-			cmd := call(i)
+	if len(args) > 5 {
+		fmt.Sscan(args[5], &offset)
+	}
+	checks := reps
+	if len(args) > 7 {
+		fmt.Sscan(args[7], &checks)
+	}
+	s := measureSamples(who, shim, pol, ipt, reps, min(reps, checks), offset)
+	if len(args) > 6 && args[6] == "samples" {
+		json.NewEncoder(os.Stdout).Encode(s)
+		return 0
+	}
+	var r result
+	if who == "shim" {
+		r.ShimBan, r.ShimCheck, r.ShimUnban = median(s.Ban), median(s.Check), median(s.Unban)
+	} else {
+		r.RawBan, r.RawCheck, r.RawUnban = median(s.Ban), median(s.Check), median(s.Unban)
+	}
+	json.NewEncoder(os.Stdout).Encode(r)
+	return 0
+}
+
+// samples are the times of single calls, in milliseconds.
+type samples struct{ Ban, Check, Unban []float64 }
+
+// measureSamples times reps bans, then checks and unbans of the first
+// checks of them, of the addresses 203.0.(offset+i).1: through the shim
+// ("shim"), raw iptables on rawChain ("raw"), or raw nft on the address
+// set of chain ("rawnft", see rawNFTArgs).
+func measureSamples(who, shim, pol, ipt string, reps, checks, offset int) samples {
+	n := reps
+	times := func(call func(i int) *exec.Cmd) []float64 {
+		var out []float64
+		for i := range n {
+			cmd := call(offset + i)
 			start := time.Now()
 			_ = cmd.Run() // a check's "false" is an exit status of 1, not a failure
-			samples = append(samples, ms(time.Since(start)))
+			out = append(out, ms(time.Since(start)))
 		}
-		slices.Sort(samples)
-		return samples[len(samples)/2]
+		return out
 	}
-	shimOp := func(format string) float64 {
-		return median(func(i int) *exec.Cmd {
+	shimOp := func(format string) []float64 {
+		return times(func(i int) *exec.Cmd {
 			cmd := exec.Command(shim, "--policy", pol)
 			cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "SSH_ORIGINAL_COMMAND=" + fmt.Sprintf(format, i)}
 			return cmd
 		})
 	}
-	rawOp := func(format string) float64 {
-		return median(func(i int) *exec.Cmd {
+	rawOp := func(format string) []float64 {
+		return times(func(i int) *exec.Cmd {
 			return exec.Command("/usr/sbin/iptables-"+ipt, strings.Fields(fmt.Sprintf(format, i))...)
 		})
 	}
-	var r result
-	if who == "shim" {
-		r.ShimBan = shimOp("iptables -w -I " + chain + " 1 -s 203.0.%d.1 -j DROP")
-		r.ShimCheck = shimOp("iptables -w -C " + chain + " -s 203.0.%d.1 -j DROP")
-		r.ShimUnban = shimOp("iptables -w -D " + chain + " -s 203.0.%d.1 -j DROP")
-	} else {
-		r.RawBan = rawOp("-w -I " + rawChain + " 1 -s 203.0.%d.1 -j DROP")
-		r.RawCheck = rawOp("-w -C " + rawChain + " -s 203.0.%d.1 -j DROP")
-		r.RawUnban = rawOp("-w -D " + rawChain + " -s 203.0.%d.1 -j DROP")
+	nftOp := func(verb string, timeout bool) []float64 {
+		return times(func(i int) *exec.Cmd {
+			return exec.Command("/usr/sbin/nft", rawNFTArgs(verb, chain, fmt.Sprintf("203.0.%d.1", i), timeout)...)
+		})
 	}
-	json.NewEncoder(os.Stdout).Encode(r)
-	return 0
+	var s samples
+	switch who {
+	case "shim":
+		s.Ban, n = shimOp("iptables -w -I "+chain+" 1 -s 203.0.%d.1 -j DROP"), checks
+		s.Check = shimOp("iptables -w -C " + chain + " -s 203.0.%d.1 -j DROP")
+		s.Unban = shimOp("iptables -w -D " + chain + " -s 203.0.%d.1 -j DROP")
+	case "rawnft":
+		s.Ban, n = nftOp("add", true), checks
+		s.Check, s.Unban = nftOp("get", false), nftOp("delete", false)
+	default:
+		s.Ban, n = rawOp("-w -I "+rawChain+" 1 -s 203.0.%d.1 -j DROP"), checks
+		s.Check = rawOp("-w -C " + rawChain + " -s 203.0.%d.1 -j DROP")
+		s.Unban = rawOp("-w -D " + rawChain + " -s 203.0.%d.1 -j DROP")
+	}
+	return s
 }
 
 func writeLatency(md *strings.Builder, c config, rs []result) {
@@ -453,94 +521,21 @@ func plot(c config, rs []result) error {
 	return nil
 }
 
-// sshResult is the median time of one ssh session through the same
-// sshd with ControlMaster, per key.
-type sshResult struct {
-	floor, raw, shim, shimSets, shimSets50k float64
-}
-
-// throughput measures one ssh session per ban, as fail2ban sends them,
-// through the same sshd and ControlMaster: the floor (a root key whose
-// command is /bin/true), raw iptables (a root key that runs the command),
-// and the shim's key, which logs into the f2b-shim user as the shipped
-// install does, with the rule and the set backend, and with 50,000 bans
-// in the set. Every login's shell is /bin/sh (the lab gives root /bin/sh
-// in the proxy's own copy of /etc/passwd): a shell that reads rc files
-// would cost more than the shim and hide its cost. The loop runs inside
-// the mail host's namespace, so no "ip netns exec" is timed.
-func throughput(c config, shim, self string) (sshResult, error) {
-	var res sshResult
-	l, err := lab.UpBench(shim, "rules")
-	if err != nil {
-		return res, err
-	}
-	cleanups = append(cleanups, l.Down)
-	if err := errors.Join(l.AddRawKey(), l.AddFloorKey()); err != nil {
-		return res, err
-	}
-	const setChain = "mail-remote-f2b-set"
-	for _, line := range []string{"iptables -w -N " + chain, "iptables -w -A " + chain + " -j RETURN"} {
-		if code, out := l.SSH("f2b-proxy", line); code != 0 {
-			return res, fmt.Errorf("%s: %s", line, out)
-		}
-	}
-	if _, err := l.Proxy.Run("iptables", "-N", rawChain); err != nil {
-		return res, err
-	}
-	loop := func(key, template string) (float64, error) {
-		args := append([]string{"sshloop", strconv.Itoa(c.e2eBans), template}, l.SSHArgs(key)...)
-		out, err := l.Mail.Command(self, args...).Output()
-		if err != nil {
-			return 0, fmt.Errorf("sshloop %s: %v", key, err)
-		}
-		var ms []float64
-		for _, f := range strings.Fields(string(out)) {
-			v, _ := strconv.ParseFloat(f, 64)
-			ms = append(ms, v)
-		}
-		slices.Sort(ms)
-		return ms[len(ms)/2], nil
-	}
-	if res.floor, err = loop("floor", "f2b-proxy true %d"); err != nil {
-		return res, err
-	}
-	if res.raw, err = loop("raw", "f2b-proxy iptables -w -I "+rawChain+" 1 -s 198.51.%d -j DROP"); err != nil {
-		return res, err
-	}
-	if res.shim, err = loop("", "f2b-proxy iptables -w -I "+chain+" 1 -s 198.51.%d -j DROP"); err != nil {
-		return res, err
-	}
-	// The same key with the set backend: the policy is read per request.
-	if err := errors.Join(l.SetPolicy("backend", `"ipset"`), l.SetPolicy("max_bans_per_chain", "100000")); err != nil {
-		return res, err
-	}
-	for _, line := range []string{"iptables -w -N " + setChain, "iptables -w -A " + setChain + " -j RETURN", "iptables -w -I " + setChain + " 1 -s 192.0.2.99 -j DROP"} {
-		if code, out := l.SSH("f2b-proxy", line); code != 0 {
-			return res, fmt.Errorf("%s: %s", line, out)
-		}
-	}
-	if res.shimSets, err = loop("", "f2b-proxy iptables -w -I "+setChain+" 1 -s 198.51.%d -j DROP"); err != nil {
-		return res, err
-	}
-	if err := l.Preload(setChain, 50000); err != nil {
-		return res, err
-	}
-	if res.shimSets50k, err = loop("", "f2b-proxy iptables -w -I "+setChain+" 1 -s 203.0.%d -j DROP"); err != nil {
-		return res, err
-	}
-	return res, nil
-}
-
-// sshloop runs "ssh ARGS... TARGET" n times, after one that opens the
-// shared connection, with %d in the template standing for "x.y" of a
-// fresh address, and prints each session's time in milliseconds. It runs
-// inside the mail host's namespace.
+// sshloop runs "ssh ARGS... TARGET" n times, with %d in the template
+// standing for "x.y" of a fresh address (the offset-th on: a block of
+// sessions that alternates with others' gives its first), and prints each
+// session's time in milliseconds. With "warm", an untimed session first
+// opens the shared connection (the address offset+n). It runs inside the
+// mail host's namespace.
+//
+//	sshloop N OFFSET warm|- TEMPLATE SSH-ARGS...
 func sshloop(args []string) int {
-	if len(args) < 2 {
+	if len(args) < 4 {
 		return 2
 	}
 	n, _ := strconv.Atoi(args[0])
-	template, sshArgs := args[1], args[2:]
+	offset, _ := strconv.Atoi(args[1])
+	warm, template, sshArgs := args[2] == "warm", args[3], args[4:]
 	run := func(i int) (time.Duration, error) {
 		words := strings.Fields(strings.ReplaceAll(template, "%d", fmt.Sprintf("%d.%d", 100+i/250, i%250+1)))
 		start := time.Now()
@@ -550,12 +545,14 @@ func sshloop(args []string) int {
 		}
 		return time.Since(start), nil
 	}
-	if _, err := run(n + 1); err != nil { // opens the shared connection
-		fmt.Fprintln(os.Stderr, err)
-		return 1
+	if warm {
+		if _, err := run(offset + n); err != nil { // opens the shared connection
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
 	}
-	for i := range min(n, 50000) {
-		d, err := run(i)
+	for i := range min(n, 30000) { // 198.51.(100+i/250) stays an address
+		d, err := run(offset + i)
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			return 1

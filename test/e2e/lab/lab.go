@@ -51,6 +51,15 @@ const (
 // /etc/passwd, /etc/group and /etc/shadow; the host's are left alone.
 const UserID = 64123
 
+// RawNFTUser is the benchmark's second unprivileged account (UpBench
+// only), the same kind as the f2b-shim user: a key with a forced command
+// that runs a copy of nft holding cap_net_admin, as the shim holds it.
+// uid and gid RawNFTUserID, in the proxy's own copy of /etc/passwd.
+const (
+	RawNFTUser   = "f2b-nft"
+	RawNFTUserID = UserID + 1
+)
+
 // Mode says which account the mail host's key logs into on the proxy.
 type Mode string
 
@@ -110,6 +119,8 @@ type Lab struct {
 	// tracer.
 	Strace bool
 	sshd   *exec.Cmd
+	// builds are UseShim's copies of the binaries it switches between.
+	builds map[string]string
 }
 
 // RepoRoot is the f2b-shim checkout this package lives in.
@@ -187,6 +198,37 @@ func up(l *Lab, shim string) (_ *Lab, err error) {
 }
 
 func (l *Lab) path(name string) string { return filepath.Join(l.Dir, name) }
+
+// UseShim makes the shim's path run the binary src, for the benchmark,
+// which measures two builds through the same sshd in turn: each is copied
+// once beside it (with the capabilities), and the path becomes a symbolic
+// link to it, renamed into place, so that no binary is written (and no
+// page cache flushed) between the sessions it times.
+func (l *Lab) UseShim(src string) error {
+	if l.builds == nil {
+		l.builds = map[string]string{}
+	}
+	bin, ok := l.builds[src]
+	if !ok {
+		data, err := os.ReadFile(src)
+		if err != nil {
+			return err
+		}
+		bin = fmt.Sprintf("%s.%d", l.Shim, len(l.builds))
+		if err := os.WriteFile(bin, data, 0o755); err != nil {
+			return err
+		}
+		if l.Mode == UserMode {
+			if out, err := exec.Command("setcap", "cap_net_admin,cap_net_raw+ep", bin).CombinedOutput(); err != nil {
+				return fmt.Errorf("setcap: %v: %s", err, out)
+			}
+		}
+		l.builds[src] = bin
+	}
+	link := l.Shim + ".link"
+	_ = os.Remove(link)
+	return errors.Join(os.Symlink(bin, link), os.Rename(link, l.Shim))
+}
 
 // installShim puts the binary where sshd will run it, as scripts/install
 // does: in user mode with cap_net_admin,cap_net_raw+ep.
@@ -317,6 +359,15 @@ func (l *Lab) proxyFiles() error {
 			"/etc/f2b-shim/authorized_keys", l.path("authorized_keys.f2b-shim"),
 			"/usr/local/sbin/f2b-shim --policy /etc/f2b-shim/policy.toml", l.Shim+" --policy "+l.path("policy.toml"),
 		).Replace(string(example))
+		if l.bench {
+			// The raw nft user gets the shipped block too, with nft's
+			// command in place of the shim's (see AddRawNFTKey).
+			sshd += "\n" + strings.NewReplacer(
+				"Match User f2b-shim", "Match User "+RawNFTUser,
+				"/etc/f2b-shim/authorized_keys", l.path("authorized_keys."+RawNFTUser),
+				"/usr/local/sbin/f2b-shim --policy /etc/f2b-shim/policy.toml", l.rawNFTCommand(),
+			).Replace(string(example))
+		}
 	}
 	policy := fmt.Sprintf("name = \"lab\"\naudit_log = %q\nstate_dir = %q\nbackend = %q\n", l.path("log/audit.jsonl"), l.path("state"), l.Backend)
 	owner := 0
@@ -343,8 +394,15 @@ func (l *Lab) proxyFiles() error {
 	}
 	// The f2b-shim user, as scripts/install makes it: a real shell (sshd
 	// runs command= through it) and "*" for a password that never matches.
-	return l.accounts(fmt.Sprintf("f2b-shim:x:%d:%d:f2b-shim forced command:%s:/bin/sh\n", UserID, UserID, l.path("state")),
-		fmt.Sprintf("f2b-shim:x:%d:\n", UserID), "f2b-shim:*:20000:0:99999:7:::\n")
+	passwd := fmt.Sprintf("f2b-shim:x:%d:%d:f2b-shim forced command:%s:/bin/sh\n", UserID, UserID, l.path("state"))
+	group := fmt.Sprintf("f2b-shim:x:%d:\n", UserID)
+	shadow := "f2b-shim:*:20000:0:99999:7:::\n"
+	if l.bench {
+		passwd += fmt.Sprintf("%s:x:%d:%d:raw nft baseline:%s:/bin/sh\n", RawNFTUser, RawNFTUserID, RawNFTUserID, l.Dir)
+		group += fmt.Sprintf("%s:x:%d:\n", RawNFTUser, RawNFTUserID)
+		shadow += RawNFTUser + ":*:20000:0:99999:7:::\n"
+	}
+	return l.accounts(passwd, group, shadow)
 }
 
 // accounts writes the proxy's copies of the account files: the host's,
@@ -828,6 +886,18 @@ func (l *Lab) SetPolicy(key, value string) error {
 // Preload records n bans (10.x.y.z) in chain in the proxy's state and
 // puts them in place with "f2b-shim restore": a proxy with n bans.
 func (l *Lab) Preload(chain string, n int) error {
+	if err := l.Record(chain, n); err != nil {
+		return err
+	}
+	if code, out := l.Admin("restore"); code != 0 {
+		return fmt.Errorf("restore: %s", out)
+	}
+	return nil
+}
+
+// Record records n bans (10.x.y.z) in chain in the proxy's state only,
+// for a caller that puts them in the firewall itself.
+func (l *Lab) Record(chain string, n int) error {
 	data, err := os.ReadFile(l.path("policy.toml"))
 	if err != nil {
 		return err
@@ -849,13 +919,7 @@ func (l *Lab) Preload(chain string, n int) error {
 		}
 		ops = append(ops, op)
 	}
-	if err := errors.Join(s.RecordBatch(ops, time.Now()), s.Close()); err != nil {
-		return err
-	}
-	if code, out := l.Admin("restore"); code != 0 {
-		return fmt.Errorf("restore: %s", out)
-	}
-	return nil
+	return errors.Join(s.RecordBatch(ops, time.Now()), s.Close())
 }
 
 // AddRawKey gives the mail host a second key to the proxy's root, one
@@ -875,6 +939,47 @@ func (l *Lab) AddRawKey() error {
 func (l *Lab) AddFloorKey() error { return l.addRootKey("floor", "/bin/true") }
 
 func (l *Lab) addRootKey(name, command string) error {
+	return l.addKey("root", name, fmt.Sprintf("restrict,command=%q", command))
+}
+
+// rawNFTCommand is the raw nft user's forced command: the client's words
+// as nft's arguments, through the user's /bin/sh as sshd runs every
+// forced command, the shim's included (sh forks once for it, as it does
+// for the shim's command; no exec, so that both pay the same).
+func (l *Lab) rawNFTCommand() string { return l.path("nft") + " $SSH_ORIGINAL_COMMAND" }
+
+// AddRawNFTKey gives the mail host a key to the raw nft user (UpBench
+// only), for the benchmark's baseline of the nftables backend: the same
+// sshd, the same kind of account (unprivileged, /bin/sh, the shipped
+// Match block and key options), and a copy of nft with
+// cap_net_admin+ep, as the shim has it, in place of the shim. The key
+// runs nothing but nft, inside the proxy's namespace; use it with
+// SSHArgs(RawNFTUser).
+func (l *Lab) AddRawNFTKey() error {
+	if !l.bench {
+		return fmt.Errorf("the raw nft key exists only in a benchmark lab (UpBench)")
+	}
+	nft, err := exec.LookPath("nft")
+	if err != nil {
+		return err
+	}
+	data, err := os.ReadFile(nft)
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(l.path("nft"), data, 0o755); err != nil {
+		return err
+	}
+	if out, err := exec.Command("setcap", "cap_net_admin+ep", l.path("nft")).CombinedOutput(); err != nil {
+		return fmt.Errorf("setcap: %v: %s", err, out)
+	}
+	return l.addKey(RawNFTUser, RawNFTUser, fmt.Sprintf("restrict,from=%q,command=%q", MailV4, l.rawNFTCommand()))
+}
+
+// addKey makes a key pair id_NAME, appends its line with options to
+// user's authorized_keys in Dir, and writes ssh_config_NAME, which logs
+// in as user with it over its own shared connection.
+func (l *Lab) addKey(user, name, options string) error {
 	if err := l.keygen("id_" + name); err != nil {
 		return err
 	}
@@ -882,24 +987,24 @@ func (l *Lab) addRootKey(name, command string) error {
 	if err != nil {
 		return err
 	}
-	f, err := os.OpenFile(l.path("authorized_keys.root"), os.O_APPEND|os.O_WRONLY|os.O_CREATE, 0o644)
+	f, err := os.OpenFile(l.path("authorized_keys."+user), os.O_APPEND|os.O_WRONLY|os.O_CREATE, 0o644)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
-	if _, err := fmt.Fprintf(f, "restrict,command=%q %s", command, pub); err != nil {
+	if _, err := fmt.Fprintf(f, "%s %s", options, pub); err != nil {
 		return err
 	}
 	cfg, err := os.ReadFile(l.path("ssh_config"))
 	if err != nil {
 		return err
 	}
-	conf := strings.NewReplacer(l.path("id_ed25519"), l.path("id_"+name), "f2b-shim-%C", name+"-%C", "User "+string(l.Mode), "User root").Replace(string(cfg))
+	conf := strings.NewReplacer(l.path("id_ed25519"), l.path("id_"+name), "f2b-shim-%C", name+"-%C", "User "+string(l.Mode), "User "+user).Replace(string(cfg))
 	return l.write("ssh_config_"+name, conf, 0o644)
 }
 
 // SSHArgs is how the mail host runs ssh with one of the lab's keys: ""
-// (the shim's), "raw" or "floor"; for a loop that runs inside the mail
+// (the shim's), "raw", "floor" or RawNFTUser; for a loop that runs inside the mail
 // host's namespace, so that "ip netns exec" is not timed.
 func (l *Lab) SSHArgs(key string) []string {
 	if key == "" {
@@ -952,8 +1057,10 @@ func (l *Lab) Down() {
 		if l.twoProxies {
 			l.SSH("-O", "exit", "f2b-proxy2")
 		}
-		if _, err := os.Stat(l.path("ssh_config_raw")); err == nil {
-			l.RawSSH("-O", "exit", "f2b-proxy")
+		for _, key := range []string{"raw", "floor", RawNFTUser} {
+			if _, err := os.Stat(l.path("ssh_config_" + key)); err == nil {
+				exitCode(l.Mail.Command("ssh", append(l.SSHArgs(key), "-O", "exit", "f2b-proxy")...))
+			}
 		}
 	}
 	killPidFile(l.path("fail2ban.pid"))
