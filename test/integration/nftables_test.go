@@ -1467,9 +1467,9 @@ func TestNFTOneExecvePerRequest(t *testing.T) {
 
 // TestNFTConcurrentOneShotsAndStreams runs 100 one-shot shims at once
 // (bans and unbans of a few addresses in two chains and both families)
-// beside three stream sessions of 300 bans each: every request is
-// served, each stream's bans all land, and state and table agree at the
-// end. The policy's lock orders them; each process has its own netlink
+// beside three stream sessions of 300 bans each and the timer's
+// reconcile --fix and expire: every request is served, each stream's
+// bans all land, and state and table agree at the end. The policy's lock orders them; each process has its own netlink
 // socket.
 func TestNFTConcurrentOneShotsAndStreams(t *testing.T) {
 	t.Parallel() // its own namespace
@@ -1501,6 +1501,15 @@ func TestNFTConcurrentOneShotsAndStreams(t *testing.T) {
 			assert.Equal(t, 0, r.Code, "%s: %s", line, r.Stderr)
 		})
 	}
+	// The timer's repair and expire run meanwhile, under the same lock.
+	wg.Go(func() {
+		for range 3 {
+			for _, args := range [][]string{{"reconcile", "--fix", "--quiet"}, {"expire"}} {
+				r := admin(t, ns, pol, args...)
+				assert.Equal(t, 0, r.Code, "%v: %s%s", args, r.Stdout, r.Stderr)
+			}
+		}
+	})
 	for s := range 3 {
 		wg.Go(func() {
 			r := ns.Stream(t, shim, pol, strings.Join(nftBanLines(300, 1000*s), "\n")+"\n")
