@@ -17,9 +17,9 @@ type NFT interface {
 	// Part answers whether the family's part of a chain exists, reading
 	// no element.
 	Part(chain policy.Chain, fam policy.Family) (bool, error)
-	// Matched answers whether each set of the part has its verdict
-	// rule, reading no element.
-	Matched(chain policy.Chain, fam policy.Family) (bool, error)
+	// Matched answers Part, and whether each set of the part has its
+	// verdict rule, reading no element.
+	Matched(chain policy.Chain, fam policy.Family) (part, matched bool, err error)
 	// Verdict reads the target of the part's verdict rule.
 	Verdict(chain policy.Chain, fam policy.Family) (policy.Target, bool, error)
 	Hooks() ([]nftables.Hook, error)

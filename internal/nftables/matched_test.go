@@ -25,8 +25,9 @@ func TestSystemMatched(t *testing.T) {
 				b.AddBans("mail-remote-f2b-imap", bans(time.Hour, "192.0.2.7/32", "2001:db8::/64"))
 			}))
 			for _, fam := range []policy.Family{policy.IPv4, policy.IPv6} {
-				ok, err := tbl.Matched("mail-remote-f2b-imap", fam)
+				part, ok, err := tbl.Matched("mail-remote-f2b-imap", fam)
 				require.NoError(t, err)
+				assert.True(t, part, "%s: the part is there", fam)
 				assert.True(t, ok, "%s: each set has its verdict", fam)
 			}
 			ns.MustRun(t, "nft", "flush", "chain", "inet", DefaultTable, "mail-remote-f2b-imap")
@@ -34,14 +35,19 @@ func TestSystemMatched(t *testing.T) {
 				part, err := tbl.Part("mail-remote-f2b-imap", fam)
 				require.NoError(t, err)
 				assert.True(t, part, "%s: the sets are still there", fam)
-				ok, err := tbl.Matched("mail-remote-f2b-imap", fam)
+				part, ok, err := tbl.Matched("mail-remote-f2b-imap", fam)
 				require.NoError(t, err)
+				assert.True(t, part, "%s: Matched says so too", fam)
 				assert.False(t, ok, "%s: their verdict rules are not", fam)
 			}
 			require.NoError(t, tbl.Do(func(b *Batch) { b.SetVerdict("mail-remote-f2b-imap", policy.IPv6, drop) }))
-			ok, err := tbl.Matched("mail-remote-f2b-imap", policy.IPv6)
+			_, ok, err := tbl.Matched("mail-remote-f2b-imap", policy.IPv6)
 			require.NoError(t, err)
 			assert.True(t, ok, "SetVerdict puts them back")
+			require.NoError(t, tbl.Do(func(b *Batch) { b.DeleteChain("mail-remote-f2b-imap", policy.IPv6) }))
+			part, _, err := tbl.Matched("mail-remote-f2b-imap", policy.IPv6)
+			require.NoError(t, err)
+			assert.False(t, part, "a part that is gone is no part")
 		})
 	}
 }
