@@ -351,8 +351,8 @@ func (t *Table) Part(chain policy.Chain, fam policy.Family) (bool, error) {
 }
 
 // Matched reports whether the family's part of a ban chain exists (as
-// Part does) and whether each of its sets has its verdict rule: a set
-// without one holds bans that stop nothing ("nft flush chain inet
+// Part does) and whether it is whole: each set of the layout there, each
+// with its verdict rule. A set without one holds bans that stop nothing ("nft flush chain inet
 // f2b_shim CHAIN" takes both families' rules and leaves the sets). A part
 // that never held a ban has no verdict rule either: ask for a part the
 // record says holds bans. One read of the sets and the chain's rules, no
@@ -365,6 +365,17 @@ func (t *Table) Matched(chain policy.Chain, fam policy.Family) (part, matched bo
 	verdicts, sets, err := t.familyPart(chain, fam)
 	if err != nil || len(sets) == 0 {
 		return false, false, err
+	}
+	// Each set the layout keeps bans in: a ban into one deleted by hand
+	// fails its whole transaction.
+	want := []string{SetName(chain, fam)}
+	if t.addrSets {
+		want = append(want, AddrSetName(chain, fam))
+	}
+	for _, name := range want {
+		if !slices.Contains(sets, name) {
+			return true, false, nil
+		}
 	}
 	for _, name := range sets {
 		if !slices.ContainsFunc(verdicts, func(r *nftables.Rule) bool {
