@@ -1205,14 +1205,27 @@ func TestNFTFlushDuringAStreamSessionHeals(t *testing.T) {
 // so a flushed set is the timer's. "reconcile --fix" (the timer) heals
 // every one of them, and says nothing is left.
 func TestNFTPartialWipesHeal(t *testing.T) {
+	nft := func(cmd string) func(t *testing.T, ns *nstest.Netns) {
+		return func(t *testing.T, ns *nstest.Netns) { ns.MustRun(t, "nft", strings.Fields(cmd)...) }
+	}
 	wipes := []struct {
-		name, wipe   string
+		name         string
+		wipe         func(t *testing.T, ns *nstest.Netns)
 		healedByABan bool
 	}{
-		{"the ban chain flushed", "flush chain inet f2b_shim " + chain, true},
-		{"the base chain flushed", "flush chain inet f2b_shim input", true},
-		{"the table deleted", "delete table inet f2b_shim", true},
-		{"the addresses' set flushed", "flush set inet f2b_shim " + chain + "-v4-addr", false},
+		{"the ban chain flushed", nft("flush chain inet f2b_shim " + chain), true},
+		{"the base chain flushed", nft("flush chain inet f2b_shim input"), true},
+		{"the table deleted", nft("delete table inet f2b_shim"), true},
+		{"the addresses' set flushed", nft("flush set inet f2b_shim " + chain + "-v4-addr"), false},
+		{"the addresses' set deleted, its rule first", func(t *testing.T, ns *nstest.Netns) {
+			for _, line := range strings.Split(ns.MustRun(t, "nft", "-a", "list", "chain", "inet", nftTable, chain), "\n") {
+				if strings.Contains(line, "@"+chain+"-v4-addr") {
+					_, handle, _ := strings.Cut(line, "# handle ")
+					ns.MustRun(t, "nft", "delete", "rule", "inet", nftTable, chain, "handle", strings.TrimSpace(handle))
+				}
+			}
+			ns.MustRun(t, "nft", "delete", "set", "inet", nftTable, chain+"-v4-addr")
+		}, true},
 	}
 	for _, c := range wipes {
 		for _, by := range []string{"a ban", "the timer"} {
@@ -1224,7 +1237,7 @@ func TestNFTPartialWipesHeal(t *testing.T) {
 				ns, pol, _ := nftSetup(t, "")
 				nftRun(t, ns, pol, nftJailStart...)
 				table := shimTable(t, ns)
-				ns.MustRun(t, "nft", strings.Fields(c.wipe)...)
+				c.wipe(t, ns)
 				r := admin(t, ns, pol, "status")
 				assert.Equal(t, 1, r.Code, "status sees the wipe:\n%s", r.Stdout)
 
