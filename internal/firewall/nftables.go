@@ -17,8 +17,10 @@ type NFT interface {
 	// Part answers whether the family's part of a chain exists, reading
 	// no element.
 	Part(chain policy.Chain, fam policy.Family) (bool, error)
-	// Matched answers Part, and whether each set of the part has its
-	// verdict rule, reading no element.
+	// Whole answers Part, and whether the part has every set of its
+	// layout; Matched also whether each set has its verdict rule. Neither
+	// reads an element.
+	Whole(chain policy.Chain, fam policy.Family) (part, whole bool, err error)
 	Matched(chain policy.Chain, fam policy.Family) (part, matched bool, err error)
 	// Verdict reads the target of the part's verdict rule.
 	Verdict(chain policy.Chain, fam policy.Family) (policy.Target, bool, error)

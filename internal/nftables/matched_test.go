@@ -60,6 +60,13 @@ func TestSystemMatched(t *testing.T) {
 				require.NoError(t, err)
 				assert.True(t, part)
 				assert.False(t, ok, "a set of the layout is missing")
+				part, ok, err = tbl.Whole("mail-remote-f2b-imap", policy.IPv6)
+				require.NoError(t, err)
+				assert.True(t, part)
+				assert.False(t, ok, "Whole says so too")
+				part, ok, err = tbl.Whole("mail-remote-f2b-imap", policy.IPv4)
+				require.NoError(t, err)
+				assert.True(t, part && ok, "the other family's part is whole")
 			}
 			require.NoError(t, tbl.Do(func(b *Batch) { b.DeleteChain("mail-remote-f2b-imap", policy.IPv6) }))
 			part, _, err := tbl.Matched("mail-remote-f2b-imap", policy.IPv6)

@@ -366,16 +366,8 @@ func (t *Table) Matched(chain policy.Chain, fam policy.Family) (part, matched bo
 	if err != nil || len(sets) == 0 {
 		return false, false, err
 	}
-	// Each set the layout keeps bans in: a ban into one deleted by hand
-	// fails its whole transaction.
-	want := []string{SetName(chain, fam)}
-	if t.addrSets {
-		want = append(want, AddrSetName(chain, fam))
-	}
-	for _, name := range want {
-		if !slices.Contains(sets, name) {
-			return true, false, nil
-		}
+	if !t.whole(chain, fam, sets) {
+		return true, false, nil
 	}
 	for _, name := range sets {
 		if !slices.ContainsFunc(verdicts, func(r *nftables.Rule) bool {
@@ -405,6 +397,34 @@ func (t *Table) Verdict(chain policy.Chain, fam policy.Family) (target policy.Ta
 		}
 	}
 	return policy.Target{}, false, nil
+}
+
+// Whole reports whether the family's part of a ban chain exists (as Part
+// does) and has every set of its layout: a ban into a set deleted by hand
+// fails its whole transaction. It reads what Part reads.
+func (t *Table) Whole(chain policy.Chain, fam policy.Family) (part, whole bool, err error) {
+	if err := errors.Join(checkChain(chain), checkFamily(fam)); err != nil {
+		return false, false, err
+	}
+	sets, err := t.familySets(chain, fam)
+	if err != nil || len(sets) == 0 {
+		return false, false, err
+	}
+	return true, t.whole(chain, fam, sets), nil
+}
+
+// whole reports whether sets holds each set the layout keeps bans in.
+func (t *Table) whole(chain policy.Chain, fam policy.Family, sets []string) bool {
+	want := []string{SetName(chain, fam)}
+	if t.addrSets {
+		want = append(want, AddrSetName(chain, fam))
+	}
+	for _, name := range want {
+		if !slices.Contains(sets, name) {
+			return false
+		}
+	}
+	return true
 }
 
 // Hooks reads the hooks of the base chain; rules it does not recognise
