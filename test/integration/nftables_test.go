@@ -1934,3 +1934,20 @@ func TestNFTNarrowerBansOutliveAWiderOne(t *testing.T) {
 		})
 	}
 }
+
+// TestNFTSetDeletedFromAChainWithoutBans: a chain part that holds no ban
+// yet loses its address set (deleted by hand, its rule first). Its first
+// ban must heal the part and land, not fail its transaction each time.
+func TestNFTSetDeletedFromAChainWithoutBans(t *testing.T) {
+	t.Parallel() // its own namespace
+	ns, pol, _ := nftSetup(t, "")
+	nftRun(t, ns, pol, nftJailStart[:3]...)
+	ns.MustRun(t, "nft", "delete", "set", "inet", nftTable, chain+"-v4-addr")
+	for i := range 2 {
+		r := ns.Shim(t, shim, pol, fmt.Sprintf("iptables -w -I %s 1 -s 203.0.113.%d -j REJECT --reject-with icmp-port-unreachable", chain, 70+i))
+		assert.Equal(t, 0, r.Code, "ban %d: %s", i, r.Stderr)
+	}
+	assert.Equal(t, []string{"203.0.113.70/32", "203.0.113.71/32"}, nftBanned(t, ns, "iptables"))
+	r := admin(t, ns, pol, "status")
+	assert.Equal(t, 0, r.Code, r.Stdout)
+}
