@@ -1951,3 +1951,52 @@ func TestNFTSetDeletedFromAChainWithoutBans(t *testing.T) {
 	r := admin(t, ns, pol, "status")
 	assert.Equal(t, 0, r.Code, r.Stdout)
 }
+
+// TestNFTStreamStoppedBySIGTERMMidBatch: sshd's SIGHUP or a systemd stop
+// (SIGTERM) while a stream session applies a batch on the nftables
+// backend: the session ends, each reply it wrote is true of the table
+// (an "applied" line's ban is in it), and state and table agree.
+func TestNFTStreamStoppedBySIGTERMMidBatch(t *testing.T) {
+	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGHUP} {
+		t.Run(sig.String(), func(t *testing.T) {
+			t.Parallel() // each in its own namespace
+			ns, pol, _ := nftSetup(t, "max_new_bans_per_minute = 50000\nstream_max_batch = 2000\n")
+			nftRun(t, ns, pol, nftJailStart...)
+			lines := nftBanLines(8000, 0)
+			cmd := ns.Command(shim, "--policy", pol)
+			cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "SSH_ORIGINAL_COMMAND=f2b-shim stream", "SSH_CONNECTION=192.0.2.10 50022 192.0.2.7 22"}
+			stdin, err := cmd.StdinPipe()
+			require.NoError(t, err)
+			var out strings.Builder
+			cmd.Stdout = &out
+			require.NoError(t, cmd.Start())
+			go func() { _, _ = io.WriteString(stdin, strings.Join(lines, "\n")+"\n") }()
+			time.Sleep(100 * time.Millisecond)
+			require.NoError(t, cmd.Process.Signal(sig))
+			done := make(chan error, 1)
+			go func() { done <- cmd.Wait() }()
+			select {
+			case <-done:
+			case <-time.After(2 * time.Minute): // a guard, not a measured time
+				_ = cmd.Process.Kill()
+				t.Fatalf("the session did not end after %s", sig)
+			}
+			_ = stdin.Close()
+			applied := strings.Count(out.String(), " 0 applied\n")
+			t.Logf("%s: %d of 8,000 bans answered applied", sig, applied)
+			got := strings.Join(nftBanned(t, ns, "iptables"), " ")
+			for _, rep := range strings.Split(strings.TrimSuffix(out.String(), "\n"), "\n") {
+				var n int
+				if _, err := fmt.Sscanf(rep, "%d 0 applied", &n); err == nil {
+					addr := strings.Fields(lines[n-1])[6]
+					if !strings.Contains(got, addr+"/32") {
+						t.Errorf("line %d answered applied, and %s is not in the table", n, addr)
+						break
+					}
+				}
+			}
+			r := admin(t, ns, pol, "reconcile")
+			assert.Equal(t, 0, r.Code, "state and table agree:\n%.2000s%s", r.Stdout, r.Stderr)
+		})
+	}
+}
