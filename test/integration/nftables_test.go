@@ -441,6 +441,8 @@ func TestNFTBanExpiresInTheKernel(t *testing.T) {
 
 	r = admin(t, ns, pol, "reconcile")
 	assert.Equal(t, 0, r.Code, "a ban the kernel lifted on time is not drift:\n%s%s", r.Stdout, r.Stderr)
+	r = admin(t, ns, pol, "status")
+	assert.Equal(t, 0, r.Code, "nor for status:\n%s", r.Stdout)
 	r = admin(t, ns, pol, "expire")
 	assert.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
 	r = admin(t, ns, pol, "list")
