@@ -2002,3 +2002,39 @@ func TestNFTStreamStoppedBySIGTERMMidBatch(t *testing.T) {
 		})
 	}
 }
+
+// TestNFTWidenedBanExpiresInTheKernel: a widened ban (a /64 for IPv6, a
+// /24 for IPv4) is one interval element with max_ban_time as its timeout;
+// the kernel lifts it on time with no shim running, and what the
+// interval set keeps until its next garbage collection is no drift for
+// reconcile or status.
+func TestNFTWidenedBanExpiresInTheKernel(t *testing.T) {
+	t.Parallel() // its own namespace
+	ns, pol, _ := nftSetup(t, "max_ban_time = \"3s\"\nban_prefix_v6 = 64\nban_prefix_v4 = 24\n")
+	nftRun(t, ns, pol, "iptables -w -N "+chain, "ip6tables -w -N "+chain,
+		"iptables -w -I "+chain+" 1 -s 198.51.100.7 -j DROP", "iptables -w -I "+chain+" 1 -s 198.51.100.8 -j DROP",
+		"ip6tables -w -I "+chain+" 1 -s 2001:db8:1:2::7 -j DROP", "ip6tables -w -I "+chain+" 1 -s 2001:db8:1:2::8 -j DROP")
+	assert.Equal(t, []string{"198.51.100.0/24"}, nftBanned(t, ns, "iptables"))
+	assert.Equal(t, []string{"2001:db8:1:2::/64"}, nftBanned(t, ns, "ip6tables"))
+	for _, c := range []struct{ fam, p string }{{"iptables", "198.51.100.0/24"}, {"ip6tables", "2001:db8:1:2::/64"}} {
+		if e, ok := nftElemOf(t, ns, c.fam, c.p); assert.True(t, ok, c.p) {
+			assert.Equal(t, 3*time.Second, e.Timeout, c.p)
+		}
+	}
+	require.NoError(t, nstest.WaitFor(15*time.Second, func() bool {
+		return len(nftBanElems(t, ns, "iptables")) == 0 && len(nftBanElems(t, ns, "ip6tables")) == 0
+	}), "the kernel lifts the widened bans")
+	nftNoProcess(t, ns)
+	r := admin(t, ns, pol, "reconcile")
+	assert.Equal(t, 0, r.Code, "no drift:\n%s%s", r.Stdout, r.Stderr)
+	r = admin(t, ns, pol, "status")
+	assert.Equal(t, 0, r.Code, "no drift for status:\n%s", r.Stdout)
+	r = admin(t, ns, pol, "expire")
+	assert.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
+	r = admin(t, ns, pol, "list")
+	assert.NotContains(t, r.Stdout, "198.51.100.0/24", "expire forgets them")
+	assert.NotContains(t, r.Stdout, "2001:db8:1:2::/64")
+	// A member banned again makes the prefix anew.
+	nftRun(t, ns, pol, "ip6tables -w -I "+chain+" 1 -s 2001:db8:1:2::7 -j DROP")
+	assert.Equal(t, []string{"2001:db8:1:2::/64"}, nftBanned(t, ns, "ip6tables"))
+}
