@@ -1589,8 +1589,8 @@ func portLab(t *testing.T, ns *nstest.Netns, proxies []string, ports []int) func
 }
 
 // TestNFTEnforcesWhatItWasAsked: through the shim, IPv4 and IPv6 bans in
-// a chain hooked on two ports (multiport) and in one hooked on one port,
-// with REJECT and DROP: a banned client is refused (REJECT) or gets no
+// a chain hooked on two ports (multiport, and for IPv4 a second hook with
+// a port range) and in one hooked on one port, with REJECT and DROP: a banned client is refused (REJECT) or gets no
 // answer (DROP) on the hooked ports only, other clients connect, and an
 // unban lets the client in again.
 func TestNFTEnforcesWhatItWasAsked(t *testing.T) {
@@ -1602,6 +1602,8 @@ func TestNFTEnforcesWhatItWasAsked(t *testing.T) {
 	for _, bin := range []string{"iptables", "ip6tables"} {
 		nftRun(t, ns, pol, bin+" -w -N "+smtp, bin+" -w -I INPUT -p tcp --dport 25 -j "+smtp)
 	}
+	// A second hook into the imap chain, with a port range.
+	nftRun(t, ns, pol, "iptables -w -I INPUT -p tcp -m multiport --dports 1000:1010,4190 -j "+chain)
 	bans := []string{
 		"iptables -w -I " + chain + " 1 -s 198.51.100.7 -j REJECT --reject-with icmp-port-unreachable",
 		"ip6tables -w -I " + chain + " 1 -s 2001:db8:1:2::7 -j DROP",
@@ -1611,7 +1613,7 @@ func TestNFTEnforcesWhatItWasAsked(t *testing.T) {
 	nftRun(t, ns, pol, bans...)
 
 	clients := []string{"198.51.100.7/32", "198.51.100.17/32", "198.51.100.8/32", "2001:db8:1:2::7/128", "2001:db8:1:2::17/128", "2001:db8:9::8/128"}
-	dial := portLab(t, ns, []string{"192.0.2.1/32", "2001:db8::1/128"}, []int{25, 143, 587, 993})
+	dial := portLab(t, ns, []string{"192.0.2.1/32", "2001:db8::1/128"}, []int{25, 143, 587, 993, 1005, 1011, 4190})
 	for _, a := range clients {
 		ns.MustRun(t, "ip", "addr", "add", a, "dev", "lo", "nodad")
 	}
@@ -1625,6 +1627,10 @@ func TestNFTEnforcesWhatItWasAsked(t *testing.T) {
 		{"198.51.100.7", "192.0.2.1", 143, "refused"},
 		{"198.51.100.7", "192.0.2.1", 993, "refused"},
 		{"198.51.100.7", "192.0.2.1", 587, "ok"},
+		{"198.51.100.7", "192.0.2.1", 1005, "refused"},
+		{"198.51.100.7", "192.0.2.1", 4190, "refused"},
+		{"198.51.100.7", "192.0.2.1", 1011, "ok"},
+		{"2001:db8:1:2::7", "2001:db8::1", 1005, "ok"}, // that hook is IPv4's alone
 		{"198.51.100.7", "192.0.2.1", 25, "ok"},
 		{"198.51.100.17", "192.0.2.1", 25, "unanswered"},
 		{"198.51.100.17", "192.0.2.1", 143, "ok"},
