@@ -15,6 +15,7 @@ import (
 	"maps"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"syscall"
@@ -420,6 +421,14 @@ func coalesceKind(r Record) string {
 		// state is not, and the quota bounds these.
 		return ""
 	}
+	if changedOnItsOwn(r.State) {
+		// The request changed nothing, but the shim did before it: a
+		// repair after a wipe, or the record of a change a killed shim
+		// left. Those are changes; the mail host cannot cause them at
+		// will (it can wipe no firewall, kill no shim), so they do not
+		// need the bound.
+		return ""
+	}
 	switch {
 	case r.Decision == Deny && r.Result == "denied":
 		return kindDenied
@@ -435,6 +444,24 @@ func coalesceKind(r Record) string {
 	}
 	return ""
 }
+
+// changedOnItsOwn reports whether a state note says the shim changed the
+// firewall or the record before the request: a note of its own starts
+// with "repaired: " (heal on contact) or says an earlier change was cut
+// short (engine.FinishCutShort). Only the start of each "; "-separated
+// part counts: a part's text may quote a chain's name, which the client
+// chose.
+func changedOnItsOwn(state Text) bool {
+	for part := range strings.SplitSeq(string(state), "; ") {
+		if strings.HasPrefix(part, "repaired: ") || strings.HasPrefix(part, "an earlier change ") || earlierChanges.MatchString(part) {
+			return true
+		}
+	}
+	return false
+}
+
+// earlierChanges starts the note of several changes cut short.
+var earlierChanges = regexp.MustCompile(`^[0-9]+ earlier changes \(first `)
 
 // limitKeys are the policy keys a limit's reason can name. A kind must
 // come from this closed set: a reason also quotes the client's chain, and

@@ -395,3 +395,40 @@ func TestARotationDuringABatchKeepsTheChain(t *testing.T) {
 	assert.Nil(t, brk, "the chain holds across the rotation")
 	assert.Equal(t, 4, n)
 }
+
+// TestChangesTheShimMadeOnItsOwnAreNotCoalesced: an "unchanged" re-ban
+// that healed a wiped firewall first, or finished the record of a change
+// a killed shim left, carries a change in its state note; coalesced with
+// the client's other unchanged requests of that second, the change left
+// no line in the log. A note that merely quotes those words (a chain's
+// name) is coalesced as before.
+func TestChangesTheShimMadeOnItsOwnAreNotCoalesced(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.jsonl")
+	l, err := Open(path)
+	require.NoError(t, err)
+	defer l.Close()
+	t0 := time.Date(2026, 12, 1, 6, 0, 0, 0, time.UTC)
+	notes := []string{
+		"",
+		"repaired: ipv4 mail-remote-f2b-imap had lost its chain or return rule; put back the chain (1 ban in the record) and 1 hook(s)",
+		"an earlier change (iptables -w -I mail-remote-f2b-imap 1 -s 203.0.113.60/32 -j DROP) was cut short; ipv4 mail-remote-f2b-imap was read back from the firewall",
+		"3 earlier changes (first iptables -w -I mail-remote-f2b-imap 1 -s 203.0.113.60/32 -j DROP) were cut short; 1 chain(s) were read back from the firewall",
+		"203.0.113.0/24 stays banned for other addresses in it (mail-remote-f2b-repaired: ; 2 earlier changes)",
+	}
+	var batch []Record
+	for i, note := range notes {
+		batch = append(batch, Record{Time: t0.Add(time.Duration(i) * time.Millisecond), Policy: "p", ClientIP: "192.0.2.10",
+			Decision: Allow, Result: "unchanged", State: Text(note)})
+	}
+	require.NoError(t, l.WriteBatch(batch))
+	entries, bad, err := Read(path)
+	require.NoError(t, err)
+	require.Empty(t, bad)
+	var written []string
+	for _, e := range entries {
+		if e.Record.Result != "coalesced" {
+			written = append(written, string(e.Record.State))
+		}
+	}
+	assert.Equal(t, notes[:4], written, "the first unchanged line, and each change the shim made on its own")
+}

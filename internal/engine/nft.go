@@ -63,7 +63,18 @@ func (n *nft) Read(live *state.State, chain policy.Chain) (Read, error) {
 // puts back a ban the firewall lost. A set emptied by hand is found by
 // reconcile (the timer), as with the set backend.
 func (n *nft) Missing(chain policy.Chain, shape state.Shape, hooks []policy.Operation, _ *policy.Operation) ([]string, error) {
-	ok, err := n.b.NFT.Part(chain, n.fam)
+	var ok, matched bool
+	var err error
+	if shape.Bans > 0 {
+		// A flushed ban chain keeps its sets: the bans are there, and
+		// without their verdict rules they stop nothing. One read tells
+		// both, and whether each set is there.
+		ok, matched, err = n.b.NFT.Matched(chain, n.fam)
+	} else {
+		// No ban, so no verdict rule yet; but a set deleted by hand
+		// would fail the first ban's transaction.
+		ok, matched, err = n.b.NFT.Whole(chain, n.fam)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -71,16 +82,8 @@ func (n *nft) Missing(chain policy.Chain, shape state.Shape, hooks []policy.Oper
 		return []string{"chain or return rule"}, nil
 	}
 	var missing []string
-	if shape.Bans > 0 {
-		// A flushed ban chain keeps its sets: the bans are there, and
-		// without their verdict rules they stop nothing.
-		matched, err := n.b.NFT.Matched(chain, n.fam)
-		if err != nil {
-			return nil, err
-		}
-		if !matched {
-			missing = append(missing, "verdict rule")
-		}
+	if !matched {
+		missing = append(missing, "set or verdict rule")
 	}
 	if len(hooks) == 0 {
 		return missing, nil

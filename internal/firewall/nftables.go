@@ -17,9 +17,11 @@ type NFT interface {
 	// Part answers whether the family's part of a chain exists, reading
 	// no element.
 	Part(chain policy.Chain, fam policy.Family) (bool, error)
-	// Matched answers whether each set of the part has its verdict
-	// rule, reading no element.
-	Matched(chain policy.Chain, fam policy.Family) (bool, error)
+	// Whole answers Part, and whether the part has every set of its
+	// layout; Matched also whether each set has its verdict rule. Neither
+	// reads an element.
+	Whole(chain policy.Chain, fam policy.Family) (part, whole bool, err error)
+	Matched(chain policy.Chain, fam policy.Family) (part, matched bool, err error)
 	// Verdict reads the target of the part's verdict rule.
 	Verdict(chain policy.Chain, fam policy.Family) (policy.Target, bool, error)
 	Hooks() ([]nftables.Hook, error)
@@ -252,6 +254,15 @@ func applyNFT(b Backend, op policy.Operation) (Outcome, error) {
 				return 0, err
 			}
 		}
+		if !was {
+			// The part's bans all have its verdict's target: an unban
+			// with another matches none of them, as "iptables -D" with
+			// it matches no rule. Removing the element lifted a ban the
+			// record keeps.
+			if other, err := otherTarget(b, op); err != nil || other {
+				return Unchanged, err
+			}
+		}
 		if b.NFTQueue != nil && b.NFTQueue.Queue {
 			b.NFTQueue.add(b, op, false)
 		} else if err := nftDo(b, func(x *nftables.Batch) { x.RemoveBans(chain, []netip.Prefix{op.Source}) }); err != nil {
@@ -267,7 +278,13 @@ func applyNFT(b Backend, op policy.Operation) (Outcome, error) {
 		}
 		el, ok, err := b.NFT.Check(chain, op.Source)
 		// A check asks for this ban, not for a wider one that covers it,
-		// as "iptables -C" does.
+		// nor for one with another target, as "iptables -C" does.
+		if err == nil && ok && el.Prefix == op.Source {
+			var other bool
+			if other, err = otherTarget(b, op); other {
+				ok = false
+			}
+		}
 		return checkOutcome(ok && el.Prefix == op.Source, err)
 	}
 	return 0, fmt.Errorf("operation %v is not supported by the nftables backend", op.Kind)
@@ -316,6 +333,19 @@ func oneTarget(b Backend, op policy.Operation) error {
 		b.NFTVerdicts[key] = op.Target
 	}
 	return nil
+}
+
+// otherTarget reports whether the chain part's verdict has another
+// target than op's (and so none of its bans is op's ban).
+func otherTarget(b Backend, op policy.Operation) (bool, error) {
+	cur, ok := b.NFTVerdicts[string(op.Chain)+" "+op.Family.String()]
+	if !ok {
+		var err error
+		if cur, ok, err = b.NFT.Verdict(op.Chain, op.Family); err != nil {
+			return false, err
+		}
+	}
+	return ok && cur != op.Target, nil
 }
 
 func noChain(chain policy.Chain, fam policy.Family) error {

@@ -1,6 +1,7 @@
 package nftables
 
 import (
+	"strings"
 	"testing"
 	"time"
 
@@ -25,8 +26,9 @@ func TestSystemMatched(t *testing.T) {
 				b.AddBans("mail-remote-f2b-imap", bans(time.Hour, "192.0.2.7/32", "2001:db8::/64"))
 			}))
 			for _, fam := range []policy.Family{policy.IPv4, policy.IPv6} {
-				ok, err := tbl.Matched("mail-remote-f2b-imap", fam)
+				part, ok, err := tbl.Matched("mail-remote-f2b-imap", fam)
 				require.NoError(t, err)
+				assert.True(t, part, "%s: the part is there", fam)
 				assert.True(t, ok, "%s: each set has its verdict", fam)
 			}
 			ns.MustRun(t, "nft", "flush", "chain", "inet", DefaultTable, "mail-remote-f2b-imap")
@@ -34,14 +36,42 @@ func TestSystemMatched(t *testing.T) {
 				part, err := tbl.Part("mail-remote-f2b-imap", fam)
 				require.NoError(t, err)
 				assert.True(t, part, "%s: the sets are still there", fam)
-				ok, err := tbl.Matched("mail-remote-f2b-imap", fam)
+				part, ok, err := tbl.Matched("mail-remote-f2b-imap", fam)
 				require.NoError(t, err)
+				assert.True(t, part, "%s: Matched says so too", fam)
 				assert.False(t, ok, "%s: their verdict rules are not", fam)
 			}
 			require.NoError(t, tbl.Do(func(b *Batch) { b.SetVerdict("mail-remote-f2b-imap", policy.IPv6, drop) }))
-			ok, err := tbl.Matched("mail-remote-f2b-imap", policy.IPv6)
+			_, ok, err := tbl.Matched("mail-remote-f2b-imap", policy.IPv6)
 			require.NoError(t, err)
 			assert.True(t, ok, "SetVerdict puts them back")
+			if layout.opts != nil {
+				// The hash set deleted by hand, with its rule first: the
+				// next single-address ban would fail its transaction.
+				rules := ns.MustRun(t, "nft", "-a", "list", "chain", "inet", DefaultTable, "mail-remote-f2b-imap")
+				for _, line := range strings.Split(rules, "\n") {
+					if strings.Contains(line, "@mail-remote-f2b-imap-v6-addr") {
+						_, handle, _ := strings.Cut(line, "# handle ")
+						ns.MustRun(t, "nft", "delete", "rule", "inet", DefaultTable, "mail-remote-f2b-imap", "handle", strings.TrimSpace(handle))
+					}
+				}
+				ns.MustRun(t, "nft", "delete", "set", "inet", DefaultTable, "mail-remote-f2b-imap-v6-addr")
+				part, ok, err := tbl.Matched("mail-remote-f2b-imap", policy.IPv6)
+				require.NoError(t, err)
+				assert.True(t, part)
+				assert.False(t, ok, "a set of the layout is missing")
+				part, ok, err = tbl.Whole("mail-remote-f2b-imap", policy.IPv6)
+				require.NoError(t, err)
+				assert.True(t, part)
+				assert.False(t, ok, "Whole says so too")
+				part, ok, err = tbl.Whole("mail-remote-f2b-imap", policy.IPv4)
+				require.NoError(t, err)
+				assert.True(t, part && ok, "the other family's part is whole")
+			}
+			require.NoError(t, tbl.Do(func(b *Batch) { b.DeleteChain("mail-remote-f2b-imap", policy.IPv6) }))
+			part, _, err := tbl.Matched("mail-remote-f2b-imap", policy.IPv6)
+			require.NoError(t, err)
+			assert.False(t, part, "a part that is gone is no part")
 		})
 	}
 }

@@ -350,29 +350,34 @@ func (t *Table) Part(chain policy.Chain, fam policy.Family) (bool, error) {
 	return len(sets) > 0, err
 }
 
-// Matched reports whether each set of the family's part of a ban chain
-// has its verdict rule: a set without one holds bans that stop nothing
-// ("nft flush chain inet f2b_shim CHAIN" takes both families' rules and
-// leaves the sets). A part that never held a ban has no verdict rule
-// either: ask for a part the record says holds bans. It reads the
-// chain's rules and the table's sets, no element.
-func (t *Table) Matched(chain policy.Chain, fam policy.Family) (bool, error) {
+// Matched reports whether the family's part of a ban chain exists (as
+// Part does) and whether it is whole: each set of the layout there, each
+// with its verdict rule. A set without one holds bans that stop nothing ("nft flush chain inet
+// f2b_shim CHAIN" takes both families' rules and leaves the sets). A part
+// that never held a ban has no verdict rule either: ask for a part the
+// record says holds bans. One read of the sets and the chain's rules, no
+// element, where Part and then a read of the rules would read the sets
+// twice.
+func (t *Table) Matched(chain policy.Chain, fam policy.Family) (part, matched bool, err error) {
 	if err := errors.Join(checkChain(chain), checkFamily(fam)); err != nil {
-		return false, err
+		return false, false, err
 	}
 	verdicts, sets, err := t.familyPart(chain, fam)
-	if err != nil {
-		return false, err
+	if err != nil || len(sets) == 0 {
+		return false, false, err
+	}
+	if !t.whole(chain, fam, sets) {
+		return true, false, nil
 	}
 	for _, name := range sets {
 		if !slices.ContainsFunc(verdicts, func(r *nftables.Rule) bool {
 			_, set, _, ok := decodeVerdict(chain, r.Exprs)
 			return ok && set == name
 		}) {
-			return false, nil
+			return true, false, nil
 		}
 	}
-	return true, nil
+	return true, true, nil
 }
 
 // Verdict reads the target of the family's verdict rule of a chain;
@@ -394,6 +399,34 @@ func (t *Table) Verdict(chain policy.Chain, fam policy.Family) (target policy.Ta
 		}
 	}
 	return policy.Target{}, false, nil
+}
+
+// Whole reports whether the family's part of a ban chain exists (as Part
+// does) and has every set of its layout: a ban into a set deleted by hand
+// fails its whole transaction. It reads what Part reads.
+func (t *Table) Whole(chain policy.Chain, fam policy.Family) (part, whole bool, err error) {
+	if err := errors.Join(checkChain(chain), checkFamily(fam)); err != nil {
+		return false, false, err
+	}
+	sets, err := t.familySets(chain, fam)
+	if err != nil || len(sets) == 0 {
+		return false, false, err
+	}
+	return true, t.whole(chain, fam, sets), nil
+}
+
+// whole reports whether sets holds each set the layout keeps bans in.
+func (t *Table) whole(chain policy.Chain, fam policy.Family, sets []string) bool {
+	want := []string{SetName(chain, fam)}
+	if t.addrSets {
+		want = append(want, AddrSetName(chain, fam))
+	}
+	for _, name := range want {
+		if !slices.Contains(sets, name) {
+			return false
+		}
+	}
+	return true
 }
 
 // Hooks reads the hooks of the base chain; rules it does not recognise

@@ -441,6 +441,8 @@ func TestNFTBanExpiresInTheKernel(t *testing.T) {
 
 	r = admin(t, ns, pol, "reconcile")
 	assert.Equal(t, 0, r.Code, "a ban the kernel lifted on time is not drift:\n%s%s", r.Stdout, r.Stderr)
+	r = admin(t, ns, pol, "status")
+	assert.Equal(t, 0, r.Code, "nor for status:\n%s", r.Stdout)
 	r = admin(t, ns, pol, "expire")
 	assert.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
 	r = admin(t, ns, pol, "list")
@@ -574,7 +576,8 @@ func TestNFTRestoreIntoAFreshNamespace(t *testing.T) {
 		"iptables -w -I "+chain+" 1 -s 203.0.113.47 -j REJECT --reject-with icmp-port-unreachable",
 		"iptables -w -D "+chain+" -s 203.0.113.47 -j REJECT --reject-with icmp-port-unreachable",
 		"ip6tables -w -I "+chain+" 1 -s 2001:db8:1:2::7 -j DROP",
-		"ip6tables -w -I INPUT -p tcp --dport 4190 -j "+chain)
+		"ip6tables -w -I INPUT -p tcp --dport 4190 -j "+chain,
+		"iptables -w -I INPUT -p udp -m multiport --dports 1000:1010,53 -j "+chain)
 	table, bans4, bans6 := nftParts(t, ns)
 	require.Contains(t, table, "jump "+chain)
 	assert.Equal(t, []string{"203.0.113.45/32", "203.0.113.46/32"}, bans4)
@@ -1198,46 +1201,65 @@ func TestNFTFlushDuringAStreamSessionHeals(t *testing.T) {
 }
 
 // TestNFTPartialWipesHeal: an admin's nft command takes part of the
-// shim's table away. status sees it at once; a new ban heals what heal
+// shim's table away. status sees it at once. A new ban heals what heal
 // on contact checks (the table, the chains, the verdict rules, the
 // hooks); a set's elements are not read on the hot path (docs/nftables.md),
-// so a flushed set is the timer's: "reconcile --fix" puts them back.
+// so a flushed set is the timer's. "reconcile --fix" (the timer) heals
+// every one of them, and says nothing is left.
 func TestNFTPartialWipesHeal(t *testing.T) {
-	for _, c := range []struct {
-		name, wipe   string
+	nft := func(cmd string) func(t *testing.T, ns *nstest.Netns) {
+		return func(t *testing.T, ns *nstest.Netns) { ns.MustRun(t, "nft", strings.Fields(cmd)...) }
+	}
+	wipes := []struct {
+		name         string
+		wipe         func(t *testing.T, ns *nstest.Netns)
 		healedByABan bool
 	}{
-		{"the ban chain flushed", "flush chain inet f2b_shim " + chain, true},
-		{"the base chain flushed", "flush chain inet f2b_shim input", true},
-		{"the table deleted", "delete table inet f2b_shim", true},
-		{"the addresses' set flushed", "flush set inet f2b_shim " + chain + "-v4-addr", false},
-	} {
-		t.Run(c.name, func(t *testing.T) {
-			t.Parallel() // each in its own namespace
-			ns, pol, _ := nftSetup(t, "")
-			nftRun(t, ns, pol, nftJailStart...)
-			table := shimTable(t, ns)
-			ns.MustRun(t, "nft", strings.Fields(c.wipe)...)
-			r := admin(t, ns, pol, "status")
-			assert.Equal(t, 1, r.Code, "status sees the wipe:\n%s", r.Stdout)
-
-			nftRun(t, ns, pol, "iptables -w -I "+chain+" 1 -s 203.0.113.60 -j REJECT --reject-with icmp-port-unreachable")
-			if !c.healedByABan {
-				assert.Equal(t, []string{"203.0.113.60/32"}, nftBanned(t, ns, "iptables"), "the set's elements are not read on contact")
-				r = admin(t, ns, pol, "reconcile", "--fix")
-				assert.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
-			}
-			assert.Equal(t, []string{"203.0.113.45/32", "203.0.113.60/32"}, nftBanned(t, ns, "iptables"))
-			assert.Equal(t, []string{"2001:db8:45::1/128"}, nftBanned(t, ns, "ip6tables"))
-			got := shimTable(t, ns)
-			for _, line := range strings.Split(table, "\n") {
-				if strings.Contains(line, "jump ") || strings.Contains(line, " saddr @") {
-					assert.Contains(t, got, line, "the hooks and verdicts are back")
+		{"the ban chain flushed", nft("flush chain inet f2b_shim " + chain), true},
+		{"the base chain flushed", nft("flush chain inet f2b_shim input"), true},
+		{"the table deleted", nft("delete table inet f2b_shim"), true},
+		{"the addresses' set flushed", nft("flush set inet f2b_shim " + chain + "-v4-addr"), false},
+		{"the addresses' set deleted, its rule first", func(t *testing.T, ns *nstest.Netns) {
+			for _, line := range strings.Split(ns.MustRun(t, "nft", "-a", "list", "chain", "inet", nftTable, chain), "\n") {
+				if strings.Contains(line, "@"+chain+"-v4-addr") {
+					_, handle, _ := strings.Cut(line, "# handle ")
+					ns.MustRun(t, "nft", "delete", "rule", "inet", nftTable, chain, "handle", strings.TrimSpace(handle))
 				}
 			}
-			r = admin(t, ns, pol, "status")
-			assert.Equal(t, 0, r.Code, "healed:\n%s", r.Stdout)
-		})
+			ns.MustRun(t, "nft", "delete", "set", "inet", nftTable, chain+"-v4-addr")
+		}, true},
+	}
+	for _, c := range wipes {
+		for _, by := range []string{"a ban", "the timer"} {
+			if by == "a ban" && !c.healedByABan {
+				continue
+			}
+			t.Run(c.name+", healed by "+by, func(t *testing.T) {
+				t.Parallel() // each in its own namespace
+				ns, pol, _ := nftSetup(t, "")
+				nftRun(t, ns, pol, nftJailStart...)
+				table := shimTable(t, ns)
+				c.wipe(t, ns)
+				r := admin(t, ns, pol, "status")
+				assert.Equal(t, 1, r.Code, "status sees the wipe:\n%s", r.Stdout)
+
+				if by == "the timer" {
+					r = admin(t, ns, pol, "reconcile", "--fix")
+					assert.Equal(t, 0, r.Code, "nothing is left after the fix:\n%s%s", r.Stdout, r.Stderr)
+				}
+				nftRun(t, ns, pol, "iptables -w -I "+chain+" 1 -s 203.0.113.60 -j REJECT --reject-with icmp-port-unreachable")
+				assert.Equal(t, []string{"203.0.113.45/32", "203.0.113.60/32"}, nftBanned(t, ns, "iptables"))
+				assert.Equal(t, []string{"2001:db8:45::1/128"}, nftBanned(t, ns, "ip6tables"))
+				got := shimTable(t, ns)
+				for _, line := range strings.Split(table, "\n") {
+					if strings.Contains(line, "jump ") || strings.Contains(line, " saddr @") {
+						assert.Contains(t, got, line, "the hooks and verdicts are back")
+					}
+				}
+				r = admin(t, ns, pol, "status")
+				assert.Equal(t, 0, r.Code, "healed:\n%s", r.Stdout)
+			})
+		}
 	}
 }
 
@@ -1246,12 +1268,19 @@ func TestNFTPartialWipesHeal(t *testing.T) {
 // checks of a few addresses (so that repeats happen), IPv6 ones widened
 // to /64 by the policy. Each chain and family keeps one target, as a
 // jail's action does.
-func randomFail2banLine(rng *rand.Rand) string {
+func randomFail2banLine(rng *rand.Rand) string { return randomLine(rng, false) }
+
+// randomLine is randomFail2banLine; with mixed, a ban's target is REJECT
+// or DROP at random, as after a change of the jail's blocktype.
+func randomLine(rng *rand.Rand, mixed bool) string {
 	chains := []string{chain, "mail-remote-f2b-smtp"}
 	c := chains[rng.IntN(len(chains))]
 	bin, addr, target := "iptables", fmt.Sprintf("198.51.100.%d", 1+rng.IntN(6)), "REJECT --reject-with icmp-port-unreachable"
 	if rng.IntN(2) == 0 {
 		bin, addr, target = "ip6tables", fmt.Sprintf("2001:db8:1:%d::%d", 1+rng.IntN(2), 1+rng.IntN(3)), "DROP"
+	}
+	if mixed && rng.IntN(3) == 0 {
+		target = map[string]string{"iptables": "DROP", "ip6tables": "REJECT --reject-with icmp6-adm-prohibited"}[bin]
 	}
 	hook := "-p tcp -m multiport --dports imap,imaps -j " + c
 	switch n := rng.IntN(100); {
@@ -1285,6 +1314,9 @@ func randomFail2banLine(rng *rand.Rand) string {
 // namespace makes the same table.
 func TestNFTRandomSequencesKeepStateAndTable(t *testing.T) {
 	for seed := range uint64(4) {
+		// Odd seeds mix targets in a chain part, as a changed blocktype
+		// does: the shim refuses a second target (exit 3).
+		mixed := seed%2 == 1
 		t.Run(fmt.Sprintf("seed %d", seed), func(t *testing.T) {
 			t.Parallel() // each in its own namespace
 			ns, pol, _ := nftSetup(t, "ban_prefix_v6 = 64\n")
@@ -1294,7 +1326,7 @@ func TestNFTRandomSequencesKeepStateAndTable(t *testing.T) {
 				if rng.IntN(3) == 0 {
 					var batch []string
 					for range 1 + rng.IntN(12) {
-						batch = append(batch, randomFail2banLine(rng))
+						batch = append(batch, randomLine(rng, mixed))
 					}
 					r := ns.Stream(t, shim, pol, strings.Join(batch, "\n")+"\n")
 					require.Equal(t, 0, r.Code, r.Stderr)
@@ -1302,10 +1334,10 @@ func TestNFTRandomSequencesKeepStateAndTable(t *testing.T) {
 						played = append(played, fmt.Sprintf("stream %s -> %s", batch[i], rep))
 					}
 				} else {
-					line := randomFail2banLine(rng)
+					line := randomLine(rng, mixed)
 					r := ns.Shim(t, shim, pol, line)
 					played = append(played, fmt.Sprintf("one-shot %s -> %d %s", line, r.Code, strings.TrimSpace(r.Stderr)))
-					require.Contains(t, []int{0, 1, 4}, r.Code, "step %d: %s\n%s", step, line, strings.Join(played, "\n"))
+					require.Contains(t, []int{0, 1, 3, 4}, r.Code, "step %d: %s\n%s", step, line, strings.Join(played, "\n"))
 				}
 				r := admin(t, ns, pol, "reconcile")
 				require.Equal(t, 0, r.Code, "step %d: state and table disagree:\n%s%s\nplayed:\n%s\ntable:\n%s", step, r.Stdout, r.Stderr, strings.Join(played, "\n"), shimTable(t, ns))
@@ -1332,7 +1364,8 @@ func TestNFTRandomSequencesKeepStateAndTable(t *testing.T) {
 // target (refuse it, or keep each ban's own), the table must do what the
 // state says: every ban it accepted answers its own check (a check with
 // another target may answer too: TestAdminCommandsOnNftables), and
-// reconcile finds no drift, before and after --fix (the timer's).
+// reconcile finds no drift, before and after --fix (the timer's), and
+// after unbans with the other target.
 func TestNFTBansWithAnotherTargetInOneChain(t *testing.T) {
 	t.Parallel() // its own namespace
 	ns, pol, _ := nftSetup(t, "")
@@ -1358,6 +1391,16 @@ func TestNFTBansWithAnotherTargetInOneChain(t *testing.T) {
 	check()
 	r := admin(t, ns, pol, "reconcile", "--fix")
 	assert.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
+	check()
+
+	// An unban with another target than the ban's lifts nothing, as
+	// "iptables -D" with it matches no rule: the ban stays in force.
+	for addr, target := range accepted {
+		other := map[string]string{reject: drop, drop: reject}[target]
+		r := ns.Shim(t, shim, pol, "iptables -w -D "+chain+" -s "+addr+" "+other)
+		assert.Equal(t, 0, r.Code, r.Stderr)
+		assert.Contains(t, nftBanned(t, ns, "iptables"), addr+"/32", "an unban with %s leaves %s's ban with %s", other, addr, target)
+	}
 	check()
 }
 
@@ -1439,9 +1482,9 @@ func TestNFTOneExecvePerRequest(t *testing.T) {
 
 // TestNFTConcurrentOneShotsAndStreams runs 100 one-shot shims at once
 // (bans and unbans of a few addresses in two chains and both families)
-// beside three stream sessions of 300 bans each: every request is
-// served, each stream's bans all land, and state and table agree at the
-// end. The policy's lock orders them; each process has its own netlink
+// beside three stream sessions of 300 bans each and the timer's
+// reconcile --fix and expire: every request is served, each stream's
+// bans all land, and state and table agree at the end. The policy's lock orders them; each process has its own netlink
 // socket.
 func TestNFTConcurrentOneShotsAndStreams(t *testing.T) {
 	t.Parallel() // its own namespace
@@ -1473,6 +1516,15 @@ func TestNFTConcurrentOneShotsAndStreams(t *testing.T) {
 			assert.Equal(t, 0, r.Code, "%s: %s", line, r.Stderr)
 		})
 	}
+	// The timer's repair and expire run meanwhile, under the same lock.
+	wg.Go(func() {
+		for range 3 {
+			for _, args := range [][]string{{"reconcile", "--fix", "--quiet"}, {"expire"}} {
+				r := admin(t, ns, pol, args...)
+				assert.Equal(t, 0, r.Code, "%v: %s%s", args, r.Stdout, r.Stderr)
+			}
+		}
+	})
 	for s := range 3 {
 		wg.Go(func() {
 			r := ns.Stream(t, shim, pol, strings.Join(nftBanLines(300, 1000*s), "\n")+"\n")
@@ -1537,8 +1589,8 @@ func portLab(t *testing.T, ns *nstest.Netns, proxies []string, ports []int) func
 }
 
 // TestNFTEnforcesWhatItWasAsked: through the shim, IPv4 and IPv6 bans in
-// a chain hooked on two ports (multiport) and in one hooked on one port,
-// with REJECT and DROP: a banned client is refused (REJECT) or gets no
+// a chain hooked on two ports (multiport, and for IPv4 a second hook with
+// a port range) and in one hooked on one port, with REJECT and DROP: a banned client is refused (REJECT) or gets no
 // answer (DROP) on the hooked ports only, other clients connect, and an
 // unban lets the client in again.
 func TestNFTEnforcesWhatItWasAsked(t *testing.T) {
@@ -1550,6 +1602,8 @@ func TestNFTEnforcesWhatItWasAsked(t *testing.T) {
 	for _, bin := range []string{"iptables", "ip6tables"} {
 		nftRun(t, ns, pol, bin+" -w -N "+smtp, bin+" -w -I INPUT -p tcp --dport 25 -j "+smtp)
 	}
+	// A second hook into the imap chain, with a port range.
+	nftRun(t, ns, pol, "iptables -w -I INPUT -p tcp -m multiport --dports 1000:1010,4190 -j "+chain)
 	bans := []string{
 		"iptables -w -I " + chain + " 1 -s 198.51.100.7 -j REJECT --reject-with icmp-port-unreachable",
 		"ip6tables -w -I " + chain + " 1 -s 2001:db8:1:2::7 -j DROP",
@@ -1559,7 +1613,7 @@ func TestNFTEnforcesWhatItWasAsked(t *testing.T) {
 	nftRun(t, ns, pol, bans...)
 
 	clients := []string{"198.51.100.7/32", "198.51.100.17/32", "198.51.100.8/32", "2001:db8:1:2::7/128", "2001:db8:1:2::17/128", "2001:db8:9::8/128"}
-	dial := portLab(t, ns, []string{"192.0.2.1/32", "2001:db8::1/128"}, []int{25, 143, 587, 993})
+	dial := portLab(t, ns, []string{"192.0.2.1/32", "2001:db8::1/128"}, []int{25, 143, 587, 993, 1005, 1011, 4190})
 	for _, a := range clients {
 		ns.MustRun(t, "ip", "addr", "add", a, "dev", "lo", "nodad")
 	}
@@ -1573,6 +1627,10 @@ func TestNFTEnforcesWhatItWasAsked(t *testing.T) {
 		{"198.51.100.7", "192.0.2.1", 143, "refused"},
 		{"198.51.100.7", "192.0.2.1", 993, "refused"},
 		{"198.51.100.7", "192.0.2.1", 587, "ok"},
+		{"198.51.100.7", "192.0.2.1", 1005, "refused"},
+		{"198.51.100.7", "192.0.2.1", 4190, "refused"},
+		{"198.51.100.7", "192.0.2.1", 1011, "ok"},
+		{"2001:db8:1:2::7", "2001:db8::1", 1005, "ok"}, // that hook is IPv4's alone
 		{"198.51.100.7", "192.0.2.1", 25, "ok"},
 		{"198.51.100.17", "192.0.2.1", 25, "unanswered"},
 		{"198.51.100.17", "192.0.2.1", 143, "ok"},
@@ -1663,4 +1721,326 @@ func TestNFTStreamKilledMidBatchIsReadBack(t *testing.T) {
 			assert.Equal(t, 0, r.Code, "no drift:\n%.3000s%s", r.Stdout, r.Stderr)
 		})
 	}
+}
+
+// TestNFTChangeCutShortIsReadBack: a shim killed between the table and
+// its record leaves its intent in the state, and the element in the
+// table; the next request reads the chain back from the table, so the
+// ban is neither lost from the state nor doubled, as
+// TestChangeCutShortIsReadBack shows for the other backends.
+func TestNFTChangeCutShortIsReadBack(t *testing.T) {
+	t.Parallel() // its own namespace
+	ns, pol, audit := nftSetup(t, "")
+	nftRun(t, ns, pol, nftJailStart...)
+	cut := decideOp(t, "iptables -w -I "+chain+" 1 -s 203.0.113.60 -j REJECT --reject-with icmp-port-unreachable")
+	ns.MustRun(t, "nft", "add", "element", "inet", nftTable, chain+"-v4-addr", "{ 203.0.113.60 timeout 30d }")
+	setIntent(t, pol, cut)
+	r := admin(t, ns, pol, "list")
+	require.Equal(t, 0, r.Code, r.Stderr)
+	assert.NotContains(t, r.Stdout, "203.0.113.60", "not recorded yet")
+
+	nftRun(t, ns, pol, cut.CommandLine())
+	// Its line is written in full though the same client had an
+	// unchanged line in the same second: the read-back changed the record.
+	assert.Contains(t, lastAudit(t, audit)["state"], "was cut short")
+	assert.Equal(t, "unchanged", lastAudit(t, audit)["result"], "the ban is not doubled")
+	assert.Equal(t, []string{"203.0.113.45/32", "203.0.113.60/32"}, nftBanned(t, ns, "iptables"))
+	r = admin(t, ns, pol, "list")
+	assert.Contains(t, r.Stdout, "203.0.113.60/32", "and it is in the state now")
+	r = admin(t, ns, pol, "reconcile")
+	assert.Equal(t, 0, r.Code, r.Stdout)
+}
+
+// nftWipes are what an admin or a reload might do to the shim's table
+// behind its back.
+var nftWipes = [][]string{
+	{"flush", "ruleset"},
+	{"delete", "table", "inet", nftTable},
+	{"flush", "chain", "inet", nftTable, "input"},
+	{"flush", "chain", "inet", nftTable, chain},
+}
+
+// TestNFTRandomSequencesWithWipes plays random sequences of fail2ban's
+// requests, with bans widened in both families (ban_prefix_v4 = 24,
+// ban_prefix_v6 = 64), and now and then a wipe of part of the table.
+// After each wipe a request that changes the firewall (a ban, the heal
+// on contact) or "reconcile --fix" (the timer) brings state and table
+// back into agreement, and the requests go on from there.
+func TestNFTRandomSequencesWithWipes(t *testing.T) {
+	for seed := range uint64(3) {
+		t.Run(fmt.Sprintf("seed %d", seed), func(t *testing.T) {
+			t.Parallel() // each in its own namespace
+			ns, pol, _ := nftSetup(t, "ban_prefix_v6 = 64\nban_prefix_v4 = 24\nmin_prefix_v4 = 16\n")
+			rng := rand.New(rand.NewPCG(seed, 2323))
+			var played []string
+			for step := range 40 {
+				switch n := rng.IntN(10); {
+				case n == 0:
+					w := nftWipes[rng.IntN(len(nftWipes))]
+					if _, err := ns.Run("nft", w...); err == nil {
+						played = append(played, "nft "+strings.Join(w, " "))
+					}
+					if rng.IntN(2) == 0 {
+						// --fix's own exit is TestNFTPartialWipesHeal's:
+						// here, the agreement it leaves.
+						r := admin(t, ns, pol, "reconcile", "--fix")
+						played = append(played, fmt.Sprintf("reconcile --fix -> %d", r.Code))
+						r = admin(t, ns, pol, "reconcile")
+						require.Equal(t, 0, r.Code, "step %d: no drift after reconcile --fix:\n%s%s\nplayed:\n%s", step, r.Stdout, r.Stderr, strings.Join(played, "\n"))
+					}
+				case n < 4:
+					var batch []string
+					for range 1 + rng.IntN(12) {
+						batch = append(batch, randomFail2banLine(rng))
+					}
+					r := ns.Stream(t, shim, pol, strings.Join(batch, "\n")+"\n")
+					require.Equal(t, 0, r.Code, r.Stderr)
+					for i, rep := range strings.Split(strings.TrimSuffix(r.Stdout, "\n"), "\n") {
+						played = append(played, fmt.Sprintf("stream %s -> %s", batch[i], rep))
+					}
+				default:
+					line := randomFail2banLine(rng)
+					r := ns.Shim(t, shim, pol, line)
+					played = append(played, fmt.Sprintf("one-shot %s -> %d %s", line, r.Code, strings.TrimSpace(r.Stderr)))
+					require.Contains(t, []int{0, 1, 4}, r.Code, "step %d: %s\n%s", step, line, strings.Join(played, "\n"))
+				}
+			}
+			// Whatever the last wipe left, the timer puts it back.
+			admin(t, ns, pol, "reconcile", "--fix")
+			r := admin(t, ns, pol, "reconcile")
+			require.Equal(t, 0, r.Code, "no drift after --fix:\n%s%s\nplayed:\n%s\ntable:\n%s", r.Stdout, r.Stderr, strings.Join(played, "\n"), shimTable(t, ns))
+			r = admin(t, ns, pol, "status")
+			assert.Equal(t, 0, r.Code, "status:\n%s", r.Stdout)
+			table, bans4, bans6 := nftParts(t, ns)
+			rebooted := nstest.NewNetns(t)
+			r = admin(t, rebooted, pol, "restore")
+			require.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
+			got, got4, got6 := nftParts(t, rebooted)
+			if table == "" {
+				return
+			}
+			assert.Equal(t, table, got, "restore makes the same table\nplayed:\n%s", strings.Join(played, "\n"))
+			assert.Equal(t, bans4, got4)
+			assert.Equal(t, bans6, got6)
+		})
+	}
+}
+
+// TestNFTNoMaxBanTimeMeansNoTimeout: with max_ban_time = "0" bans stay
+// until they are lifted: no element has a timeout, made one-shot, made
+// again, or restored into a fresh namespace.
+func TestNFTNoMaxBanTimeMeansNoTimeout(t *testing.T) {
+	t.Parallel() // its own namespaces
+	ns, pol, _ := nftSetup(t, "max_ban_time = \"0\"\nban_prefix_v6 = 64\n")
+	nftRun(t, ns, pol, nftJailStart...)
+	nftRun(t, ns, pol, "iptables -w -I "+chain+" 1 -s 203.0.113.45 -j REJECT --reject-with icmp-port-unreachable")
+	rebooted := nstest.NewNetns(t)
+	r := admin(t, rebooted, pol, "restore")
+	require.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
+	for _, n := range []*nstest.Netns{ns, rebooted} {
+		assert.Equal(t, []string{"203.0.113.45/32"}, nftBanned(t, n, "iptables"))
+		assert.Equal(t, []string{"2001:db8:45::/64"}, nftBanned(t, n, "ip6tables"))
+		for _, fam := range []string{"iptables", "ip6tables"} {
+			for _, e := range nftBanElems(t, n, fam) {
+				assert.Zero(t, e.Timeout, "%s has no timeout", e.Prefix)
+			}
+		}
+	}
+	r = admin(t, rebooted, pol, "reconcile")
+	assert.Equal(t, 0, r.Code, r.Stdout)
+}
+
+// TestNFTTwoPoliciesEachWithItsTable: two policies on one proxy (two
+// mail hosts), each with its chain prefix and its own nftables table.
+// An admin command over both (--all, as the units run them) opens one
+// table after the other in one process, which google/nftables allows
+// only one at a time: after "nft flush ruleset", restore --all puts both
+// back, and status and reconcile --all see both, with no drift.
+func TestNFTTwoPoliciesEachWithItsTable(t *testing.T) {
+	t.Parallel() // its own namespace
+	nstest.RequireRoot(t, "nft")
+	dir := t.TempDir()
+	const other = "mail-remote-g2b-smtp"
+	pols := map[string]string{}
+	for _, p := range []struct{ name, prefix, table string }{{"one", "mail-remote-f2b-", "f2b_shim"}, {"two", "mail-remote-g2b-", "f2b_shim_two"}} {
+		pols[p.name] = filepath.Join(dir, p.name+".toml")
+		require.NoError(t, os.WriteFile(pols[p.name], []byte(fmt.Sprintf(
+			"name = %q\naudit_log = %q\nstate_dir = %q\nbackend = \"nftables\"\nchain_prefix = %q\nnftables_table = %q\n",
+			p.name, filepath.Join(dir, p.name+".jsonl"), filepath.Join(dir, "state-"+p.name), p.prefix, p.table)), 0o644))
+	}
+	ns := nstest.NewNetns(t)
+	nftRun(t, ns, pols["one"], nftJailStart...)
+	nftRun(t, ns, pols["two"],
+		"iptables -w -N "+other, "iptables -w -I INPUT -p tcp --dport 25 -j "+other,
+		"iptables -w -I "+other+" 1 -s 198.51.100.25 -j DROP")
+	tables := func() string {
+		return canonicalTable(shimTable(t, ns)) + "\n" + canonicalTable(nftTimes.ReplaceAllString(ns.MustRun(t, "nft", "list", "table", "inet", "f2b_shim_two"), ""))
+	}
+	before := tables()
+	require.Contains(t, before, "jump "+other)
+
+	ns.MustRun(t, "nft", "flush", "ruleset")
+	all := func(args ...string) nstest.Result {
+		cmd := ns.Command(shim, append(args, "--all", "--dir", dir)...)
+		cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
+		return nstest.RunCmd(t, cmd)
+	}
+	r := all("status")
+	assert.Equal(t, 1, r.Code, "both tables are gone:\n%s", r.Stdout)
+	r = all("restore")
+	require.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
+	assert.Equal(t, before, tables(), "restore --all puts both tables back")
+	assert.Contains(t, ns.MustRun(t, "nft", "list", "set", "inet", "f2b_shim_two", other+"-v4-addr"), "198.51.100.25")
+	r = all("reconcile")
+	assert.Equal(t, 0, r.Code, "no drift in either:\n%s%s", r.Stdout, r.Stderr)
+	r = all("status")
+	assert.Equal(t, 0, r.Code, "status --all:\n%s", r.Stdout)
+}
+
+// TestNFTNarrowerBansOutliveAWiderOne: an interval set cannot hold
+// overlapping elements, so a ban of a prefix that covers bans already in
+// the chain (an admin's /16 over fail2ban's widened /24s, a /48 over
+// /64s) holds them in its one element (nftables.BanAdjustment.Replaced).
+// When the wider ban is lifted, the narrower ones, which the state still
+// holds and fail2ban has not lifted, are not in the table until the
+// timer's "reconcile --fix" puts them back, as docs/nftables.md says:
+// status shows the drift meanwhile, and after the fix each answers its
+// check and the table stops it. (With iptables rules they would never
+// have gone: the gap is the timer's period, or for ever without it.)
+func TestNFTNarrowerBansOutliveAWiderOne(t *testing.T) {
+	for _, order := range []string{"narrower first", "wider first"} {
+		t.Run(order, func(t *testing.T) {
+			t.Parallel() // each in its own namespace
+			ns, pol, _ := nftSetup(t, "min_prefix_v4 = 16\nmin_prefix_v6 = 32\n")
+			ban := func(fam, p string) string { return fam + " -w -I " + chain + " 1 -s " + p + " -j DROP" }
+			unban := func(fam, p string) string { return fam + " -w -D " + chain + " -s " + p + " -j DROP" }
+			nftRun(t, ns, pol, "iptables -w -N "+chain, "ip6tables -w -N "+chain)
+			narrow := []string{ban("iptables", "198.51.100.0/24"), ban("ip6tables", "2001:db8:1:2::/64")}
+			wide := []string{ban("iptables", "198.51.0.0/16"), ban("ip6tables", "2001:db8:1::/48")}
+			if order == "narrower first" {
+				nftRun(t, ns, pol, append(narrow, wide...)...)
+			} else {
+				nftRun(t, ns, pol, append(wide, narrow...)...)
+			}
+			nftRun(t, ns, pol, unban("iptables", "198.51.0.0/16"), unban("ip6tables", "2001:db8:1::/48"))
+			r := admin(t, ns, pol, "status")
+			assert.Equal(t, 1, r.Code, "status shows the narrower bans missing:\n%s", r.Stdout)
+			r = admin(t, ns, pol, "reconcile", "--fix")
+			assert.Equal(t, 0, r.Code, "the timer puts them back:\n%s%s", r.Stdout, r.Stderr)
+
+			for _, c := range []struct{ fam, p, in string }{{"iptables", "198.51.100.0/24", "198.51.100.7"}, {"ip6tables", "2001:db8:1:2::/64", "2001:db8:1:2::7"}} {
+				r := ns.Shim(t, shim, pol, strings.Replace(strings.Replace(ban(c.fam, c.p), " -I ", " -C ", 1), " 1 -s ", " -s ", 1))
+				assert.Equal(t, 0, r.Code, "%s is banned again: %s", c.p, r.Stderr)
+				covered := false
+				for _, e := range nftBanElems(t, ns, c.fam) {
+					covered = covered || e.Prefix.Contains(netip.MustParseAddr(c.in))
+				}
+				assert.True(t, covered, "the table stops %s again: %v", c.in, nftBanned(t, ns, c.fam))
+			}
+			r = admin(t, ns, pol, "reconcile")
+			assert.Equal(t, 0, r.Code, "state and table agree:\n%s", r.Stdout)
+		})
+	}
+}
+
+// TestNFTSetDeletedFromAChainWithoutBans: a chain part that holds no ban
+// yet loses its address set (deleted by hand, its rule first). Its first
+// ban must heal the part and land, not fail its transaction each time.
+func TestNFTSetDeletedFromAChainWithoutBans(t *testing.T) {
+	t.Parallel() // its own namespace
+	ns, pol, _ := nftSetup(t, "")
+	nftRun(t, ns, pol, nftJailStart[:3]...)
+	ns.MustRun(t, "nft", "delete", "set", "inet", nftTable, chain+"-v4-addr")
+	for i := range 2 {
+		r := ns.Shim(t, shim, pol, fmt.Sprintf("iptables -w -I %s 1 -s 203.0.113.%d -j REJECT --reject-with icmp-port-unreachable", chain, 70+i))
+		assert.Equal(t, 0, r.Code, "ban %d: %s", i, r.Stderr)
+	}
+	assert.Equal(t, []string{"203.0.113.70/32", "203.0.113.71/32"}, nftBanned(t, ns, "iptables"))
+	r := admin(t, ns, pol, "status")
+	assert.Equal(t, 0, r.Code, r.Stdout)
+}
+
+// TestNFTStreamStoppedBySIGTERMMidBatch: sshd's SIGHUP or a systemd stop
+// (SIGTERM) while a stream session applies a batch on the nftables
+// backend: the session ends, each reply it wrote is true of the table
+// (an "applied" line's ban is in it), and state and table agree.
+func TestNFTStreamStoppedBySIGTERMMidBatch(t *testing.T) {
+	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGHUP} {
+		t.Run(sig.String(), func(t *testing.T) {
+			t.Parallel() // each in its own namespace
+			ns, pol, _ := nftSetup(t, "max_new_bans_per_minute = 50000\nstream_max_batch = 2000\n")
+			nftRun(t, ns, pol, nftJailStart...)
+			lines := nftBanLines(8000, 0)
+			cmd := ns.Command(shim, "--policy", pol)
+			cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "SSH_ORIGINAL_COMMAND=f2b-shim stream", "SSH_CONNECTION=192.0.2.10 50022 192.0.2.7 22"}
+			stdin, err := cmd.StdinPipe()
+			require.NoError(t, err)
+			var out strings.Builder
+			cmd.Stdout = &out
+			require.NoError(t, cmd.Start())
+			go func() { _, _ = io.WriteString(stdin, strings.Join(lines, "\n")+"\n") }()
+			time.Sleep(100 * time.Millisecond)
+			require.NoError(t, cmd.Process.Signal(sig))
+			done := make(chan error, 1)
+			go func() { done <- cmd.Wait() }()
+			select {
+			case <-done:
+			case <-time.After(2 * time.Minute): // a guard, not a measured time
+				_ = cmd.Process.Kill()
+				t.Fatalf("the session did not end after %s", sig)
+			}
+			_ = stdin.Close()
+			applied := strings.Count(out.String(), " 0 applied\n")
+			t.Logf("%s: %d of 8,000 bans answered applied", sig, applied)
+			got := strings.Join(nftBanned(t, ns, "iptables"), " ")
+			for _, rep := range strings.Split(strings.TrimSuffix(out.String(), "\n"), "\n") {
+				var n int
+				if _, err := fmt.Sscanf(rep, "%d 0 applied", &n); err == nil {
+					addr := strings.Fields(lines[n-1])[6]
+					if !strings.Contains(got, addr+"/32") {
+						t.Errorf("line %d answered applied, and %s is not in the table", n, addr)
+						break
+					}
+				}
+			}
+			r := admin(t, ns, pol, "reconcile")
+			assert.Equal(t, 0, r.Code, "state and table agree:\n%.2000s%s", r.Stdout, r.Stderr)
+		})
+	}
+}
+
+// TestNFTWidenedBanExpiresInTheKernel: a widened ban (a /64 for IPv6, a
+// /24 for IPv4) is one interval element with max_ban_time as its timeout;
+// the kernel lifts it on time with no shim running, and what the
+// interval set keeps until its next garbage collection is no drift for
+// reconcile or status.
+func TestNFTWidenedBanExpiresInTheKernel(t *testing.T) {
+	t.Parallel() // its own namespace
+	ns, pol, _ := nftSetup(t, "max_ban_time = \"3s\"\nban_prefix_v6 = 64\nban_prefix_v4 = 24\n")
+	nftRun(t, ns, pol, "iptables -w -N "+chain, "ip6tables -w -N "+chain,
+		"iptables -w -I "+chain+" 1 -s 198.51.100.7 -j DROP", "iptables -w -I "+chain+" 1 -s 198.51.100.8 -j DROP",
+		"ip6tables -w -I "+chain+" 1 -s 2001:db8:1:2::7 -j DROP", "ip6tables -w -I "+chain+" 1 -s 2001:db8:1:2::8 -j DROP")
+	assert.Equal(t, []string{"198.51.100.0/24"}, nftBanned(t, ns, "iptables"))
+	assert.Equal(t, []string{"2001:db8:1:2::/64"}, nftBanned(t, ns, "ip6tables"))
+	for _, c := range []struct{ fam, p string }{{"iptables", "198.51.100.0/24"}, {"ip6tables", "2001:db8:1:2::/64"}} {
+		if e, ok := nftElemOf(t, ns, c.fam, c.p); assert.True(t, ok, c.p) {
+			assert.Equal(t, 3*time.Second, e.Timeout, c.p)
+		}
+	}
+	require.NoError(t, nstest.WaitFor(15*time.Second, func() bool {
+		return len(nftBanElems(t, ns, "iptables")) == 0 && len(nftBanElems(t, ns, "ip6tables")) == 0
+	}), "the kernel lifts the widened bans")
+	nftNoProcess(t, ns)
+	r := admin(t, ns, pol, "reconcile")
+	assert.Equal(t, 0, r.Code, "no drift:\n%s%s", r.Stdout, r.Stderr)
+	r = admin(t, ns, pol, "status")
+	assert.Equal(t, 0, r.Code, "no drift for status:\n%s", r.Stdout)
+	r = admin(t, ns, pol, "expire")
+	assert.Equal(t, 0, r.Code, r.Stdout+r.Stderr)
+	r = admin(t, ns, pol, "list")
+	assert.NotContains(t, r.Stdout, "198.51.100.0/24", "expire forgets them")
+	assert.NotContains(t, r.Stdout, "2001:db8:1:2::/64")
+	// A member banned again makes the prefix anew.
+	nftRun(t, ns, pol, "ip6tables -w -I "+chain+" 1 -s 2001:db8:1:2::7 -j DROP")
+	assert.Equal(t, []string{"2001:db8:1:2::/64"}, nftBanned(t, ns, "ip6tables"))
 }
