@@ -208,9 +208,10 @@ func runBanUnban(verb string, args []string, stdout, stderr io.Writer, deps Deps
 			}
 		}
 		if a.pol.Backend == "nftables" && len(liveOnly) > 0 {
-			// The table holds one verdict per chain and family: a check
-			// finds the address under every target, and one removal lifts
-			// it whatever the target. Only a ban the state lacks is news.
+			// The table holds one verdict per chain and family: only the
+			// chain's own target finds the address, and when the state
+			// holds a ban of it, that removal lifts the element. Only a
+			// ban the state lacks is news.
 			liveOnly = liveOnly[:1]
 			if len(ops) > 0 {
 				liveOnly = nil

@@ -326,7 +326,7 @@ func oneTarget(b Backend, op policy.Operation) error {
 			return err
 		}
 		if n > 0 {
-			return fmt.Errorf("ban %w: the %s bans of chain %q have the target %s, and the nftables backend keeps one target per chain and family; to change it, restart the jail (its stop flushes the chain), or use backend \"ipset\"", ErrLimit, fam, chain, cur)
+			return fmt.Errorf("the %s bans of chain %q have the target %s, and the nftables backend keeps one target per chain and family (%w); to change it, restart the jail (its stop flushes the chain), or use backend \"ipset\"", fam, chain, cur, ErrLimit)
 		}
 	}
 	if b.NFTVerdicts != nil {
