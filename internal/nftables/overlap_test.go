@@ -64,3 +64,30 @@ func TestSystemOverlappingBans(t *testing.T) {
 		})
 	}
 }
+
+// With address sets an address's ban is in the hash set and a prefix over
+// it in the interval set: both are bans of their own, and a check asks
+// for one of them. Check read the interval set first and answered with
+// the prefix, so "iptables -C CHAIN -s ADDR" of a ban the state holds
+// and the table enforces said no once a /24 over it was banned too.
+func TestSystemCheckFindsAnAddressUnderABannedPrefix(t *testing.T) {
+	tbl, _ := nsTable(t, WithAddressSets())
+	require.NoError(t, tbl.Do(func(b *Batch) {
+		ensureBoth(b, "c")
+		b.AddBans("c", bans(0, "198.51.100.7/32", "198.51.100.0/24", "2001:db8::7/128", "2001:db8::/64"))
+	}))
+	for _, tt := range []struct{ name, check, want string }{
+		{"the address finds its own ban", "198.51.100.7/32", "198.51.100.7/32"},
+		{"the prefix finds its own ban", "198.51.100.0/24", "198.51.100.0/24"},
+		{"another address finds the prefix over it", "198.51.100.8/32", "198.51.100.0/24"},
+		{"an IPv6 address finds its own ban", "2001:db8::7/128", "2001:db8::7/128"},
+		{"another IPv6 address finds the /64", "2001:db8::8/128", "2001:db8::/64"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			e, found, err := tbl.Check("c", netip.MustParsePrefix(tt.check))
+			require.NoError(t, err)
+			require.True(t, found)
+			assert.Equal(t, tt.want, e.Prefix.String())
+		})
+	}
+}

@@ -299,10 +299,14 @@ func compareElements(a, b nftables.SetElement) int {
 	return 1
 }
 
-// Check reports the ban of the chain that covers p: p itself, or a wider
-// prefix that holds it. It reads the family's whole set, so it costs as
-// much as the set is large; the shim's checks are rare (fail2ban's
-// actioncheck asks about hooks, not bans).
+// Check reports the ban of the chain that covers p: p itself, or else a
+// wider prefix that holds it. p itself wins wherever it is: with address
+// sets an address is banned in the hash set and may also be covered by a
+// prefix in the interval set, which is read first, and a check of the
+// address, which asks for its own ban, would not find it. It reads the
+// family's whole set, so it costs as much as the set is large; the
+// shim's checks are rare (fail2ban's actioncheck asks about hooks, not
+// bans).
 func (t *Table) Check(chain policy.Chain, p netip.Prefix) (Element, bool, error) {
 	if err := checkChain(chain); err != nil {
 		return Element{}, false, err
@@ -318,6 +322,8 @@ func (t *Table) Check(chain policy.Chain, p netip.Prefix) (Element, bool, error)
 	if err != nil {
 		return Element{}, false, t.readErr("the sets", err)
 	}
+	var wider Element
+	var found bool
 	for _, s := range sets {
 		c, f, addr, ok := chainOfSet(s.Name)
 		if !ok || c != chain || f != fam || addr && p.Bits() != p.Addr().BitLen() {
@@ -328,12 +334,15 @@ func (t *Table) Check(chain policy.Chain, p netip.Prefix) (Element, bool, error)
 			return Element{}, false, err
 		}
 		for _, b := range bans {
-			if b.Prefix.Bits() <= p.Bits() && b.Prefix.Contains(p.Addr()) {
+			if b.Prefix == p {
 				return b, true, nil
+			}
+			if !found && b.Prefix.Bits() <= p.Bits() && b.Prefix.Contains(p.Addr()) {
+				wider, found = b, true
 			}
 		}
 	}
-	return Element{}, false, nil
+	return wider, found, nil
 }
 
 // Part reports whether the family's part of a ban chain exists: its set,
