@@ -266,3 +266,46 @@ func TestABatchThatFailsInPartTakesBackOnlyItsFailures(t *testing.T) {
 	assert.Equal(t, 2, r.recorded(policy.IPv4), "the record holds exactly what reached the firewall")
 	assert.Equal(t, 1, r.fw.Count("Flush"), "one batch, one flush")
 }
+
+// A request that finds an earlier change cut short, and cannot read its
+// chain back (the firewall does not answer), goes on with its own change.
+// Its intent replaced the earlier one, and the audit line cleared it, so
+// the ban the killed shim put into the firewall was never read back: the
+// firewall held a ban the state did not.
+func TestAnIntentThatCouldNotBeReadBackOutlivesTheNextRequest(t *testing.T) {
+	r := newRig(t)
+	r.start(2)
+	r.store.KeepIntent = true
+	// Killed between the firewall and the record.
+	cut := r.op(ban(9))
+	require.NoError(t, r.store.SetIntent(cut))
+	r.fw.Live.Apply(cut, time.Time{})
+
+	// The next request, as one-shot mode serves it, while reads fail.
+	r.fw.FailRead = true
+	note := r.e.FinishCutShort(r.store)
+	assert.Contains(t, note, "unreadable")
+	next := r.op(ban(10))
+	b, err := r.e.Open(policy.IPv4, r.store, engine.NoBatch)
+	require.NoError(t, err)
+	require.NoError(t, r.store.SetIntent(next))
+	var rec audit.Record
+	_, err = r.e.Serve(r.store, b, next, &rec, r.now)
+	require.NoError(t, err)
+	require.NoError(t, r.store.SettleIntent(), "its audit line is written")
+
+	// The one after, once the firewall answers again.
+	r.fw.FailRead = false
+	r.store.Close()
+	again, err := state.Open(r.e.Pol, r.e.Ctx.LookupPort, time.Second)
+	require.NoError(t, err)
+	t.Cleanup(func() { again.Close() })
+	r.store = again
+	assert.Contains(t, r.e.FinishCutShort(r.store), "cut short")
+	has, err := r.store.HasBan(cut)
+	require.NoError(t, err)
+	assert.True(t, has, "the ban the killed shim made is in the record")
+	intent, err := r.store.Intent(r.e.Ctx)
+	require.NoError(t, err)
+	assert.Empty(t, intent, "read back, the intent is gone")
+}

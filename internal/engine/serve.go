@@ -190,11 +190,15 @@ func checkMembers(store *state.Store, pol *policy.Policy, op policy.Operation, r
 func (e *Engine) FinishCutShort(store *state.Store) string {
 	ops, err := store.Intent(e.Ctx)
 	if err != nil {
+		store.HoldIntent()
 		return "state: " + err.Error()
 	}
 	if len(ops) == 0 {
 		return ""
 	}
+	// Until the intent is cleared below it stays for the next request,
+	// also past this request's own change (held): this request's intent
+	// is added to it, not put in its place.
 	done := map[FamChain]bool{}
 	for _, op := range ops {
 		fc := FamChain{op.Family, op.BanChain()}
@@ -203,17 +207,20 @@ func (e *Engine) FinishCutShort(store *state.Store) string {
 		}
 		done[fc] = true
 		if note := e.readBack(store, fc.Fam, fc.Chain, ops); note != "" {
+			store.HoldIntent()
 			return note
 		}
 	}
 	for _, op := range ops {
 		if op.Kind == policy.AddBan || op.Kind == policy.DeleteBan {
 			if err := store.Unsettle(op); err != nil {
+				store.HoldIntent()
 				return "state: " + err.Error()
 			}
 		}
 	}
 	if err := store.ClearIntent(); err != nil {
+		store.HoldIntent()
 		return "state: " + err.Error()
 	}
 	if len(ops) == 1 {

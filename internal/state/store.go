@@ -253,10 +253,14 @@ func setCount(c *bolt.Bucket, n int) error {
 //
 // A stream's batch sets the intents of all its changes at once, one line
 // each, before its batch transaction begins.
+//
+// An intent held (HoldIntent) before this, such as an earlier request's
+// that could not be read back, is kept, and the new lines are added to
+// it: replacing it would forget the chain that still has to be read back.
 func (s *Store) SetIntent(ops ...policy.Operation) error {
-	lines := make([]string, len(ops))
-	for i, op := range ops {
-		lines[i] = op.CommandLine()
+	lines := make([]string, 0, len(ops))
+	for _, op := range ops {
+		lines = append(lines, op.CommandLine())
 	}
 	s.db.NoSync = true
 	defer func() { s.db.NoSync = false }()
@@ -264,6 +268,15 @@ func (s *Store) SetIntent(ops ...policy.Operation) error {
 		m, err := tx.CreateBucketIfNotExists(metaBucket)
 		if err != nil {
 			return err
+		}
+		if old := m.Get(intentKey); s.held && len(old) > 0 {
+			kept := strings.Split(string(old), "\n")
+			for _, l := range lines {
+				if !slices.Contains(kept, l) {
+					kept = append(kept, l)
+				}
+			}
+			lines = kept
 		}
 		return m.Put(intentKey, []byte(strings.Join(lines, "\n")))
 	})
@@ -339,7 +352,7 @@ func (s *Store) recordTx(op policy.Operation, applied bool, at time.Time, quota 
 				return err
 			}
 		}
-		if m := tx.Bucket(metaBucket); m != nil && !s.KeepIntent {
+		if m := tx.Bucket(metaBucket); m != nil && !s.KeepIntent && !s.held {
 			if err := m.Delete(intentKey); err != nil {
 				return err
 			}

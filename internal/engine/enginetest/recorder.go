@@ -30,6 +30,8 @@ type Firewall struct {
 	// FailFlush fails a batch's Flush for the gathered operations whose
 	// source it names.
 	FailFlush map[string]bool
+	// FailRead fails every Read, as an unreadable firewall does.
+	FailRead bool
 }
 
 // New is an empty firewall.
@@ -159,6 +161,9 @@ func (r *Recorder) Flush() map[int]error {
 // Read copies the fake firewall's chain (or all of it) into live.
 func (r *Recorder) Read(live *state.State, chain policy.Chain) (engine.Read, error) {
 	r.log("Read %s", chain)
+	if r.f.FailRead {
+		return engine.Read{}, ErrFailed
+	}
 	t := r.table()
 	var out engine.Read
 	for _, name := range t.ChainNames() {
