@@ -186,6 +186,25 @@ func TestKeptIntentOutlivesTheRecord(t *testing.T) {
 	assert.Empty(t, got)
 }
 
+// TestAHeldIntentIsNotCleared: a request that cannot read back an earlier
+// change holds its intent; its own change failing with nothing changed
+// (a denial) must not clear the earlier one with it.
+func TestAHeldIntentIsNotCleared(t *testing.T) {
+	pol := testPolicy(t)
+	s := open(t, pol)
+	s.KeepIntent = true
+	earlier := op(t, "iptables -I "+chain+" 1 -s 203.0.113.1 -j DROP")
+	require.NoError(t, s.SetIntent(earlier))
+	s.HoldIntent()
+	denied := op(t, "iptables -I "+chain+" 1 -s 203.0.113.2 -j DROP")
+	require.NoError(t, s.SetIntent(denied))
+	require.NoError(t, s.ClearIntent())
+	require.NoError(t, s.SettleIntent())
+	got, err := s.Intent(ctx)
+	require.NoError(t, err)
+	assert.Contains(t, got, earlier, "the earlier change still needs reading back")
+}
+
 // TestBatchIsOneTransaction: a batch's reads see its own changes, nothing
 // of it is on disk before Commit, and a batch that is never committed (a
 // killed stream) leaves the store as it was, with its intents.

@@ -283,8 +283,12 @@ func (s *Store) SetIntent(ops ...policy.Operation) error {
 }
 
 // ClearIntent forgets the change in flight: when it changed nothing, or
-// (KeepIntent) once its audit line is written.
+// (KeepIntent) once its audit line is written. A held intent
+// (HoldIntent) stays: it names changes that still need reading back.
 func (s *Store) ClearIntent() error {
+	if s.held {
+		return nil
+	}
 	s.db.NoSync = true
 	defer func() { s.db.NoSync = false }()
 	return s.update(func(tx *bolt.Tx) error {
